@@ -1,0 +1,477 @@
+//! Local clusters: `quern cluster init|up|status|down`.
+//!
+//! `up` starts the namenode and datanodes as background processes of this
+//! binary, records them in `DIR/cluster.json` (with the exact arguments, so
+//! a later `up` restarts any that died on the same addresses) and writes
+//! `DIR/client.toml`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use quern_client::Client;
+use quern_proto::config::ClientConfig;
+use quern_proto::msg::NodeState;
+use quern_proto::tls::{init_cluster_dir, ClusterFiles};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Make a cluster CA and certificates under DIR/tls.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Start (or restart) a local cluster in the background.
+    Up(UpArgs),
+    /// Show the cluster's processes and datanodes.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every process of the cluster (SIGTERM, then SIGKILL after 10 s).
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    pub datanodes: usize,
+    /// Datanode heartbeat interval.
+    #[arg(long, default_value = "3s")]
+    pub heartbeat: String,
+    #[arg(long, default_value = "30s")]
+    pub dead_timeout: String,
+    #[arg(long, default_value = "60s")]
+    pub lease_timeout: String,
+    #[arg(long, default_value = "3s")]
+    pub replication_interval: String,
+    #[arg(long, default_value = "30s")]
+    pub safemode_wait: String,
+    #[arg(long, default_value = "60s")]
+    pub report_interval: String,
+    /// How long to wait for every datanode to register.
+    #[arg(long, default_value = "30s", value_parser = crate::duration::parse)]
+    pub wait: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Process {
+    pub role: String,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    /// Arguments after the binary, with the bound address made explicit.
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub dir: PathBuf,
+    pub namenode: Process,
+    pub datanodes: Vec<Process>,
+}
+
+impl ClusterFile {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("cluster.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<ClusterFile>> {
+        let p = Self::path(dir);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => Ok(Some(
+                serde_json::from_str(&t).with_context(|| format!("reading {}", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    fn save(&self) -> Result<()> {
+        let p = Self::path(&self.dir);
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+    }
+}
+
+pub async fn run(cmd: ClusterCommand) -> Result<i32> {
+    match cmd {
+        ClusterCommand::Init { dir } => {
+            let files = init_cluster_dir(&dir)?;
+            println!(
+                "cluster CA and certificates written to {}",
+                files.ca.parent().unwrap_or(&dir).display()
+            );
+            Ok(0)
+        }
+        ClusterCommand::Up(a) => up(a).await.map(|_| 0),
+        ClusterCommand::Status { dir, json } => status(&dir, json).await,
+        ClusterCommand::Down { dir } => down(&dir).map(|_| 0),
+    }
+}
+
+/// True when `pid` is a running quern process (not a reused pid).
+pub fn alive(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // A zombie has exited; only its parent has not reaped it yet.
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        {
+            return false;
+        }
+    }
+    // The command line reads empty while the process is between fork and
+    // exec; that is still our process starting.
+    cmdline.is_empty() || String::from_utf8_lossy(&cmdline).contains("quern")
+}
+
+fn spawn(role: &str, data_dir: &Path, log: &Path, args: &[String]) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the quern binary")?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    let err = out.try_clone()?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let child = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Own process group: a Ctrl-C in the shell that ran `up` must not
+        // take the cluster down with it.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting the {role}"))?;
+    Ok(child)
+}
+
+async fn wait_addr(
+    file: &Path,
+    child: &mut std::process::Child,
+    role: &str,
+    log: &Path,
+) -> Result<SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(file) {
+            if let Ok(a) = t.trim().parse() {
+                return Ok(a);
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the {role} exited during start-up ({status}); see {}:\n{}",
+                log.display(),
+                tail(log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {role} did not start within 20 s; see {}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+async fn start_process(
+    dir: &Path,
+    role: &str,
+    name: &str,
+    mut args: Vec<String>,
+) -> Result<Process> {
+    let data_dir = dir.join(name);
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log = logs.join(format!("{name}.log"));
+    let addr_file = data_dir.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut spawn_args = args.clone();
+    spawn_args.extend(["--addr-file".into(), addr_file.display().to_string()]);
+    let mut child = spawn(role, &data_dir, &log, &spawn_args)?;
+    let pid = child.id();
+    let addr = wait_addr(&addr_file, &mut child, role, &log).await?;
+    // Restarts reuse the address the process actually bound.
+    if let Some(i) = args.iter().position(|a| a == "--listen") {
+        args[i + 1] = addr.to_string();
+    }
+    Ok(Process {
+        role: role.into(),
+        addr,
+        pid,
+        data_dir,
+        log,
+        args,
+    })
+}
+
+async fn restart(p: &mut Process, dir: &Path) -> Result<()> {
+    let name = p
+        .data_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("bad data dir {}", p.data_dir.display()))?
+        .to_string();
+    let np = start_process(dir, &p.role, &name, p.args.clone()).await?;
+    *p = np;
+    Ok(())
+}
+
+pub async fn up(a: UpArgs) -> Result<ClusterFile> {
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let dir = a
+        .dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", a.dir.display()))?;
+    let files = ClusterFiles::in_dir(&dir);
+    if !files.exist() {
+        init_cluster_dir(&dir)?;
+    }
+    let tls = dir.join("tls").display().to_string();
+    let mut cluster = match ClusterFile::load(&dir)? {
+        Some(mut c) => {
+            if !alive(c.namenode.pid) {
+                restart(&mut c.namenode, &dir).await?;
+            }
+            for d in c.datanodes.iter_mut() {
+                if !alive(d.pid) {
+                    restart(d, &dir).await?;
+                }
+            }
+            c
+        }
+        None => {
+            let args = vec![
+                "namenode".into(),
+                "--dir".into(),
+                dir.join("namenode").display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--tls".into(),
+                tls.clone(),
+                "--dead-timeout".into(),
+                a.dead_timeout.clone(),
+                "--lease-timeout".into(),
+                a.lease_timeout.clone(),
+                "--replication-interval".into(),
+                a.replication_interval.clone(),
+                "--safemode-wait".into(),
+                a.safemode_wait.clone(),
+            ];
+            let namenode = start_process(&dir, "namenode", "namenode", args).await?;
+            ClusterFile {
+                dir: dir.clone(),
+                namenode,
+                datanodes: Vec::new(),
+            }
+        }
+    };
+    cluster.save()?;
+    while cluster.datanodes.len() < a.datanodes {
+        let name = format!("datanode-{}", cluster.datanodes.len() + 1);
+        let args = vec![
+            "datanode".into(),
+            "--dir".into(),
+            dir.join(&name).display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--namenode".into(),
+            cluster.namenode.addr.to_string(),
+            "--tls".into(),
+            tls.clone(),
+            "--heartbeat".into(),
+            a.heartbeat.clone(),
+            "--report-interval".into(),
+            a.report_interval.clone(),
+        ];
+        let p = start_process(&dir, "datanode", &name, args).await?;
+        cluster.datanodes.push(p);
+        cluster.save()?;
+    }
+    let client_cfg = ClientConfig {
+        namenode: cluster.namenode.addr,
+        ca: files.ca.clone(),
+        cert: files.client_cert.clone(),
+        key: files.client_key.clone(),
+        rpc_timeout_secs: None,
+    };
+    let cfg_path = dir.join("client.toml");
+    client_cfg.save(&cfg_path)?;
+    let client = Client::from_config(&client_cfg)?;
+    let want: Vec<SocketAddr> = cluster.datanodes.iter().map(|d| d.addr).collect();
+    let deadline = Instant::now() + a.wait;
+    loop {
+        let report = client.report().await;
+        if let Ok(r) = &report {
+            let live = want
+                .iter()
+                .filter(|addr| {
+                    r.datanodes
+                        .iter()
+                        .any(|d| d.node.addr == **addr && d.state == NodeState::Live)
+                })
+                .count();
+            if live == want.len() && r.safe_mode.is_none() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{live} of {} datanodes registered within {:?}{}; see the logs in {}",
+                    want.len(),
+                    a.wait,
+                    r.safe_mode
+                        .as_ref()
+                        .map(|s| format!(" ({s})"))
+                        .unwrap_or_default(),
+                    dir.join("logs").display()
+                );
+            }
+        } else if Instant::now() > deadline {
+            bail!(
+                "the namenode did not answer: {}",
+                report.err().map(|e| e.to_string()).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "cluster up in {}: namenode {}, {} datanodes live",
+        dir.display(),
+        cluster.namenode.addr,
+        cluster.datanodes.len()
+    );
+    println!("export QUERN_CONFIG={}", cfg_path.display());
+    Ok(cluster)
+}
+
+async fn status(dir: &Path, json: bool) -> Result<i32> {
+    let cluster = ClusterFile::load(dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} holds no cluster.json; start one with `quern cluster up --dir {}`",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let procs: Vec<&Process> = std::iter::once(&cluster.namenode)
+        .chain(cluster.datanodes.iter())
+        .collect();
+    let cfg = ClientConfig::load(&dir.join("client.toml"))?;
+    let client = Client::from_config(&cfg)?;
+    let report = if alive(cluster.namenode.pid) {
+        client.report().await.ok()
+    } else {
+        None
+    };
+    let all_up = procs.iter().all(|p| alive(p.pid));
+    if json {
+        let v = serde_json::json!({
+            "dir": cluster.dir,
+            "processes": procs.iter().map(|p| serde_json::json!({
+                "role": p.role, "addr": p.addr, "pid": p.pid, "running": alive(p.pid),
+                "data_dir": p.data_dir, "log": p.log,
+            })).collect::<Vec<_>>(),
+            "report": report,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<10} {:<22} {:>8} {:<8} DATA DIR",
+            "ROLE", "ADDRESS", "PID", "STATE"
+        );
+        for p in &procs {
+            println!(
+                "{:<10} {:<22} {:>8} {:<8} {}",
+                p.role,
+                p.addr,
+                p.pid,
+                if alive(p.pid) { "running" } else { "stopped" },
+                p.data_dir.display()
+            );
+        }
+        match &report {
+            Some(r) => {
+                let live = r
+                    .datanodes
+                    .iter()
+                    .filter(|d| d.state == NodeState::Live)
+                    .count();
+                println!(
+                    "namenode reports {live} live of {} datanodes",
+                    r.datanodes.len()
+                );
+                if let Some(s) = &r.safe_mode {
+                    println!("{s}");
+                }
+            }
+            None => println!("namenode not reachable"),
+        }
+    }
+    Ok(if all_up { 0 } else { 1 })
+}
+
+pub fn down(dir: &Path) -> Result<()> {
+    let cluster = ClusterFile::load(dir)?
+        .ok_or_else(|| anyhow!("{} holds no cluster.json: nothing to stop", dir.display()))?;
+    let procs: Vec<&Process> = cluster
+        .datanodes
+        .iter()
+        .chain(std::iter::once(&cluster.namenode))
+        .collect();
+    for p in &procs {
+        if alive(p.pid) {
+            // SAFETY: plain signal delivery to a pid we started.
+            unsafe { libc::kill(p.pid as i32, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procs.iter().any(|p| alive(p.pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut killed = 0;
+    for p in &procs {
+        if alive(p.pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    println!(
+        "cluster in {} stopped ({} processes{})",
+        dir.display(),
+        procs.len(),
+        if killed > 0 {
+            format!(", {killed} killed after 10 s")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! The quern client library: namespace calls, chunk streaming with replica
+//! failover and digest checks, and file writers with atomic visibility.
+
+mod read;
+mod write;
+
+pub use read::ChunkSource;
+pub use write::{FileWriter, WriteOptions};
+
+use quern_proto::config::ClientConfig;
+use quern_proto::msg::*;
+use quern_proto::tls::Identity;
+use quern_proto::transport::{Endpoint, Tuning};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Proto(#[from] quern_proto::Error),
+    #[error("{path}: chunk {index} ({chunk}) could not be read from any replica: {tried}")]
+    Unreadable {
+        path: String,
+        index: u32,
+        chunk: quern_proto::ChunkId,
+        tried: String,
+    },
+    #[error("{path}: chunk {index} could not be stored: {tried}")]
+    Unwritable {
+        path: String,
+        index: u32,
+        tried: String,
+    },
+    #[error("{context}: {cause}")]
+    Io {
+        context: String,
+        cause: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The namenode's error code, when the namenode refused the request.
+    pub fn code(&self) -> Option<quern_proto::ErrorCode> {
+        match self {
+            Error::Proto(p) => p.code(),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A connection to a cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    namenode: SocketAddr,
+}
+
+impl Client {
+    pub fn new(identity: &Identity, namenode: SocketAddr, rpc_timeout: Duration) -> Result<Client> {
+        let endpoint = Endpoint::client(identity, Tuning::tuned())?.with_rpc_timeout(rpc_timeout);
+        Ok(Client {
+            inner: Arc::new(Inner { endpoint, namenode }),
+        })
+    }
+
+    pub fn from_config(cfg: &ClientConfig) -> Result<Client> {
+        let timeout = Duration::from_secs(cfg.rpc_timeout_secs.unwrap_or(30));
+        Client::new(&cfg.identity()?, cfg.namenode, timeout)
+    }
+
+    pub fn namenode(&self) -> SocketAddr {
+        self.inner.namenode
+    }
+
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// One namenode RPC; a failure to reach it names the namenode.
+    pub async fn call<R: Rpc<Envelope = NameRequest>>(&self, req: R) -> Result<R::Response> {
+        self.inner
+            .endpoint
+            .call(self.inner.namenode, req)
+            .await
+            .map_err(|e| match e {
+                quern_proto::Error::Connect { peer, reason } => quern_proto::Error::Connect {
+                    peer: format!("namenode {peer}"),
+                    reason,
+                }
+                .into(),
+                quern_proto::Error::Timeout { peer, what, secs } => quern_proto::Error::Timeout {
+                    peer: format!("namenode {peer}"),
+                    what,
+                    secs,
+                }
+                .into(),
+                other => other.into(),
+            })
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<FileStatus> {
+        self.call(Stat { path: path.into() }).await
+    }
+
+    /// `None` when the path does not exist.
+    pub async fn try_stat(&self, path: &str) -> Result<Option<FileStatus>> {
+        match self.stat(path).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.code() == Some(quern_proto::ErrorCode::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list(&self, path: &str) -> Result<Vec<FileStatus>> {
+        self.call(List { path: path.into() }).await
+    }
+
+    pub async fn mkdir(&self, path: &str, parents: bool) -> Result<()> {
+        self.call(Mkdir {
+            path: path.into(),
+            parents,
+        })
+        .await
+    }
+
+    pub async fn delete(&self, path: &str, recursive: bool) -> Result<()> {
+        self.call(Delete {
+            path: path.into(),
+            recursive,
+        })
+        .await
+    }
+
+    pub async fn rename(&self, src: &str, dst: &str, replace: bool) -> Result<()> {
+        self.call(Rename {
+            src: src.into(),
+            dst: dst.into(),
+            replace,
+        })
+        .await
+    }
+
+    pub async fn set_replication(&self, path: &str, replication: u8) -> Result<()> {
+        self.call(SetReplication {
+            path: path.into(),
+            replication,
+        })
+        .await
+    }
+
+    pub async fn set_attr(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        mtime_ms: Option<i64>,
+    ) -> Result<()> {
+        self.call(SetAttr {
+            path: path.into(),
+            mode,
+            mtime_ms,
+        })
+        .await
+    }
+
+    pub async fn summary(&self, path: &str) -> Result<ContentSummary> {
+        self.call(Summary { path: path.into() }).await
+    }
+
+    pub async fn locate(&self, path: &str) -> Result<FileLocations> {
+        self.call(Locate { path: path.into() }).await
+    }
+
+    pub async fn fsck(&self, path: &str) -> Result<FsckReport> {
+        self.call(Fsck { path: path.into() }).await
+    }
+
+    pub async fn report(&self) -> Result<ClusterReport> {
+        self.call(Report).await
+    }
+}

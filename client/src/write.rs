@@ -1,0 +1,263 @@
+//! Writing a file: chunks are buffered, hashed, sent down a datanode
+//! pipeline and committed; the file appears only at `close`.
+
+use crate::{Client, Error, Result};
+use bytes::Bytes;
+use quern_proto::msg::*;
+use quern_proto::{Digest, FileId, NodeId};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    pub replication: u8,
+    pub chunk_size: u64,
+    pub overwrite: bool,
+    pub mode: u32,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            replication: 3,
+            chunk_size: 64 << 20,
+            overwrite: false,
+            mode: 0o644,
+        }
+    }
+}
+
+/// Attempts per chunk, each on a pipeline without the nodes that failed.
+const CHUNK_ATTEMPTS: usize = 3;
+const PIECE: usize = 1 << 20;
+
+pub struct FileWriter {
+    client: Client,
+    path: String,
+    file: FileId,
+    chunk_size: usize,
+    buf: Vec<u8>,
+    index: u32,
+    written: u64,
+    /// The previous chunk's upload; one runs while the next is filled.
+    inflight: Option<JoinHandle<Result<()>>>,
+    renewer: JoinHandle<()>,
+}
+
+impl Client {
+    /// Starts a file. Nothing is visible at `path` until [`FileWriter::close`].
+    pub async fn create(&self, path: &str, opts: WriteOptions) -> Result<FileWriter> {
+        let file = self
+            .call(CreateFile {
+                path: path.into(),
+                replication: opts.replication,
+                chunk_size: opts.chunk_size,
+                mode: opts.mode,
+                overwrite: opts.overwrite,
+            })
+            .await?;
+        let renew_client = self.clone();
+        let renewer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if renew_client.call(RenewLease { file }).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(FileWriter {
+            client: self.clone(),
+            path: path.into(),
+            file,
+            chunk_size: opts.chunk_size as usize,
+            buf: Vec::new(),
+            index: 0,
+            written: 0,
+            inflight: None,
+            renewer,
+        })
+    }
+}
+
+impl FileWriter {
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(self.chunk_size);
+            }
+            let room = self.chunk_size - self.buf.len();
+            let n = room.min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            self.written += n as u64;
+            if self.buf.len() == self.chunk_size {
+                self.flush_chunk().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_chunk(&mut self) -> Result<()> {
+        self.wait_inflight().await?;
+        let data = Bytes::from(std::mem::take(&mut self.buf));
+        let client = self.client.clone();
+        let path = self.path.clone();
+        let (file, index) = (self.file, self.index);
+        self.index += 1;
+        self.inflight = Some(tokio::spawn(async move {
+            upload_chunk(&client, &path, file, index, data).await
+        }));
+        Ok(())
+    }
+
+    async fn wait_inflight(&mut self) -> Result<()> {
+        if let Some(h) = self.inflight.take() {
+            h.await.map_err(|e| Error::Unwritable {
+                path: self.path.clone(),
+                index: self.index.saturating_sub(1),
+                tried: format!("upload task failed: {e}"),
+            })??;
+        }
+        Ok(())
+    }
+
+    /// Uploads what is left and makes the file visible atomically.
+    pub async fn close(mut self) -> Result<FileStatus> {
+        let result = async {
+            if !self.buf.is_empty() {
+                self.flush_chunk().await?;
+            }
+            self.wait_inflight().await?;
+            self.client.call(Complete { file: self.file }).await
+        }
+        .await;
+        self.renewer.abort();
+        if result.is_err() {
+            let _ = self.client.call(Abandon { file: self.file }).await;
+        }
+        result
+    }
+
+    /// Gives the file up; nothing becomes visible and its chunks are freed.
+    pub async fn abort(mut self) {
+        self.renewer.abort();
+        if let Some(h) = self.inflight.take() {
+            h.abort();
+        }
+        let _ = self.client.call(Abandon { file: self.file }).await;
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        // Without close the lease lapses and the namenode reclaims chunks.
+        self.renewer.abort();
+    }
+}
+
+fn digest(data: &[u8]) -> Digest {
+    if data.len() >= 1 << 20 {
+        let mut h = blake3::Hasher::new();
+        h.update_rayon(data);
+        h.finalize().into()
+    } else {
+        Digest::of(data)
+    }
+}
+
+async fn upload_chunk(
+    client: &Client,
+    path: &str,
+    file: FileId,
+    index: u32,
+    data: Bytes,
+) -> Result<()> {
+    let hashed = data.clone();
+    let digest = tokio::task::spawn_blocking(move || digest(&hashed))
+        .await
+        .map_err(|e| Error::Unwritable {
+            path: path.into(),
+            index,
+            tried: format!("hashing failed: {e}"),
+        })?;
+    let mut exclude: Vec<NodeId> = Vec::new();
+    let mut tried = Vec::new();
+    for _ in 0..CHUNK_ATTEMPTS {
+        let alloc = client
+            .call(AllocateChunk {
+                file,
+                index,
+                exclude: exclude.clone(),
+            })
+            .await?;
+        let meta = ChunkMeta {
+            id: alloc.chunk,
+            size: data.len() as u64,
+            digest,
+        };
+        match send_pipeline(client, meta, &alloc.targets, data.clone()).await {
+            Ok(ack) => {
+                for (node, why) in &ack.failed {
+                    tracing::warn!(node = %node.id, addr = %node.addr, "replica not written: {why}");
+                }
+                client
+                    .call(CommitChunk {
+                        file,
+                        index,
+                        meta,
+                        stored_on: ack.stored_on,
+                    })
+                    .await?;
+                return Ok(());
+            }
+            Err(e) => {
+                let first = alloc.targets[0];
+                tracing::warn!(node = %first.id, addr = %first.addr, "chunk {index} of {path}: {e}; retrying on other datanodes");
+                tried.push(format!("{} ({}): {e}", first.id, first.addr));
+                exclude.push(first.id);
+            }
+        }
+    }
+    Err(Error::Unwritable {
+        path: path.into(),
+        index,
+        tried: tried.join("; "),
+    })
+}
+
+async fn send_pipeline(
+    client: &Client,
+    meta: ChunkMeta,
+    targets: &[NodeAddr],
+    data: Bytes,
+) -> Result<WriteAck, quern_proto::Error> {
+    let first = targets[0];
+    let mut s = client.endpoint().open(first.addr).await?;
+    s.send(&DataRequest::WriteChunk(WriteChunk {
+        meta,
+        pipeline: targets[1..].to_vec(),
+    }))
+    .await?;
+    let mut off = 0;
+    while off < data.len() {
+        let end = (off + PIECE).min(data.len());
+        s.send
+            .write_chunk(data.slice(off..end))
+            .await
+            .map_err(|e| quern_proto::Error::Stream {
+                peer: first.addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        off = end;
+    }
+    s.finish()?;
+    s.reply::<WriteAck>().await
+}

@@ -1,0 +1,10 @@
+//! The quern datanode: stores chunks with blake3 digests, takes pipelined
+//! writes, serves reads and follows the namenode's commands.
+
+mod heartbeat;
+mod service;
+mod store;
+mod transfer;
+
+pub use service::{Datanode, DatanodeConfig};
+pub use store::{ChunkStore, StoreError};

@@ -1,0 +1,416 @@
+//! Datanode requests: pipelined chunk writes, chunk reads, ping.
+
+use crate::store::{ChunkInfo, ChunkStore, StoreError};
+use crate::transfer::{disk_writer, read_pieces, PIECE};
+use quern_proto::msg::*;
+use quern_proto::transport::{serve, Endpoint, RequestStream, ServerStream, Service, Tuning};
+use quern_proto::{tls::Identity, Digest, ErrorCode, NodeId, WireError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest chunk a datanode accepts; checked before anything is allocated.
+pub const MAX_CHUNK: u64 = 1 << 30;
+
+#[derive(Debug, Clone)]
+pub struct DatanodeConfig {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Address others use to reach this node; the listen address when unset
+    /// (with 127.0.0.1 for an unspecified IP).
+    pub advertise: Option<SocketAddr>,
+    pub namenode: SocketAddr,
+    pub heartbeat: Duration,
+    /// How often the full chunk report is sent besides registration.
+    pub report_interval: Duration,
+}
+
+impl DatanodeConfig {
+    pub fn new(dir: PathBuf, listen: SocketAddr, namenode: SocketAddr) -> DatanodeConfig {
+        DatanodeConfig {
+            dir,
+            listen,
+            advertise: None,
+            namenode,
+            heartbeat: Duration::from_secs(3),
+            report_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+pub(crate) struct Node {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+    pub cfg: DatanodeConfig,
+    pub store: Arc<ChunkStore>,
+    pub endpoint: Arc<Endpoint>,
+}
+
+impl Node {
+    fn describe(&self) -> String {
+        format!("datanode {} ({})", self.id, self.addr)
+    }
+
+    fn store_error(&self, e: &StoreError) -> WireError {
+        if e.is_disk_full() {
+            WireError::new(
+                ErrorCode::NoSpace,
+                format!(
+                    "{}: disk full ({e}); free space or add datanodes",
+                    self.describe()
+                ),
+            )
+        } else if let StoreError::Missing(_) = e {
+            WireError::new(ErrorCode::NotFound, format!("{}: {e}", self.describe()))
+        } else {
+            WireError::new(ErrorCode::Io, format!("{}: {e}", self.describe()))
+        }
+    }
+
+    /// Tells the namenode a replica arrived, so it is readable at once.
+    pub fn announce(self: &Arc<Self>, chunk: StoredChunk) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let req = ChunkReceived {
+                node: node.id,
+                chunk,
+            };
+            if let Err(e) = node.endpoint.call(node.cfg.namenode, req).await {
+                tracing::debug!("could not announce {}: {e}", chunk.id);
+            }
+        });
+    }
+}
+
+pub struct Datanode {
+    node: Arc<Node>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("datanode directory {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Net(#[from] quern_proto::Error),
+}
+
+impl Datanode {
+    pub async fn start(cfg: DatanodeConfig, identity: &Identity) -> Result<Datanode, StartError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| StartError::Dir(cfg.dir.clone(), e))?;
+        let id = node_id(&cfg.dir)?;
+        let store = Arc::new(ChunkStore::open(&cfg.dir)?);
+        let endpoint = Arc::new(Endpoint::server(identity, cfg.listen, Tuning::tuned())?);
+        let mut addr = cfg.advertise.unwrap_or(endpoint.local_addr()?);
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let node = Arc::new(Node {
+            id,
+            addr,
+            cfg,
+            store,
+            endpoint: endpoint.clone(),
+        });
+        tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
+        let tasks = vec![
+            tokio::spawn(serve(
+                endpoint,
+                Arc::new(DataService { node: node.clone() }),
+            )),
+            tokio::spawn(crate::heartbeat::run(node.clone())),
+        ];
+        Ok(Datanode { node, tasks })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.node.id
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.node.addr
+    }
+
+    pub fn store(&self) -> &ChunkStore {
+        &self.node.store
+    }
+
+    /// Stops at once, as a crash would (no goodbye to the namenode).
+    pub fn shutdown(self) {
+        self.node.endpoint.close();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn node_id(dir: &std::path::Path) -> Result<NodeId, StartError> {
+    let path = dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16)
+            .map(NodeId)
+            .map_err(|_| {
+                StartError::Dir(
+                    path.clone(),
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "node_id is not a hex number; restore it or remove the directory",
+                    ),
+                )
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = NodeId(rand::random::<u64>() | 1);
+            std::fs::write(&path, format!("{:016x}\n", id.0))
+                .map_err(|e| StartError::Dir(path.clone(), e))?;
+            Ok(id)
+        }
+        Err(e) => Err(StartError::Dir(path, e)),
+    }
+}
+
+struct DataService {
+    node: Arc<Node>,
+}
+
+impl Service for DataService {
+    type Request = DataRequest;
+
+    fn role(&self) -> &'static str {
+        "datanode"
+    }
+
+    async fn handle(self: Arc<Self>, req: DataRequest, mut stream: ServerStream) {
+        let result = match req {
+            DataRequest::WriteChunk(r) => {
+                let reply = write_chunk(&self.node, r, &mut stream).await;
+                stream.reply(&reply).await
+            }
+            DataRequest::ReadChunk(r) => read_chunk(&self.node, r, &mut stream).await,
+            DataRequest::Ping(_) => stream.reply(&Ok(self.node.id)).await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %stream.peer, "request ended early: {e}");
+        }
+    }
+}
+
+/// Receives a chunk, forwards it down the pipeline while writing it, checks
+/// the digest, commits it, and gathers the downstream acknowledgement.
+async fn write_chunk(
+    node: &Arc<Node>,
+    req: WriteChunk,
+    stream: &mut ServerStream,
+) -> Result<WriteAck, WireError> {
+    let meta = req.meta;
+    if meta.size > MAX_CHUNK {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{}: {} of {} bytes exceeds the {MAX_CHUNK}-byte chunk limit",
+                node.describe(),
+                meta.id,
+                meta.size
+            ),
+        ));
+    }
+    let mut failed = Vec::new();
+    let mut downstream: Option<(NodeAddr, RequestStream)> = None;
+    if let Some(next) = req.pipeline.first() {
+        match open_downstream(node, meta, &req.pipeline).await {
+            Ok(s) => downstream = Some((*next, s)),
+            Err(e) => failed.push((*next, e.to_string())),
+        }
+    }
+    let part = node
+        .store
+        .create(meta.id)
+        .map_err(|e| node.store_error(&e))?;
+    let (to_disk, disk) = disk_writer(part);
+    let mut hasher = blake3::Hasher::new();
+    let mut left = meta.size;
+    let mut receive_error = None;
+    while left > 0 {
+        let want = left.min(PIECE as u64) as usize;
+        let piece = match stream.recv.read_chunk(want, true).await {
+            Ok(Some(c)) => c.bytes,
+            Ok(None) => {
+                receive_error = Some(format!(
+                    "stream ended {left} bytes before the end of {}",
+                    meta.id
+                ));
+                break;
+            }
+            Err(e) => {
+                receive_error = Some(format!("receiving {}: {e}", meta.id));
+                break;
+            }
+        };
+        left -= piece.len() as u64;
+        hasher.update(&piece);
+        if let Some((next, ds)) = &mut downstream {
+            if let Err(e) = ds.send.write_chunk(piece.clone()).await {
+                failed.push((*next, format!("forwarding failed: {e}")));
+                downstream = None;
+            }
+        }
+        if to_disk.send(piece).await.is_err() {
+            break;
+        }
+    }
+    drop(to_disk);
+    let part = match disk.await {
+        Ok(Ok(p)) => p,
+        Ok(Err((p, e))) => {
+            p.discard();
+            return Err(node.store_error(&e));
+        }
+        Err(e) => {
+            return Err(WireError::new(
+                ErrorCode::Internal,
+                format!("{}: disk writer failed: {e}", node.describe()),
+            ))
+        }
+    };
+    if let Some(why) = receive_error {
+        part.discard();
+        return Err(WireError::new(
+            ErrorCode::Io,
+            format!("{}: {why}", node.describe()),
+        ));
+    }
+    let digest = Digest::from(hasher.finalize());
+    if digest != meta.digest {
+        part.discard();
+        return Err(WireError::new(
+            ErrorCode::ChecksumMismatch,
+            format!(
+                "{}: {} arrived with digest {} but the writer declared {}; the data was damaged \
+                 in transit, write it again",
+                node.describe(),
+                meta.id,
+                digest,
+                meta.digest
+            ),
+        ));
+    }
+    let store = node.store.clone();
+    let info = ChunkInfo {
+        size: meta.size,
+        digest,
+    };
+    tokio::task::spawn_blocking(move || store.commit(part, info))
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| node.store_error(&e))?;
+    node.announce(StoredChunk {
+        id: meta.id,
+        size: meta.size,
+    });
+    let mut stored_on = vec![node.id];
+    if let Some((next, mut ds)) = downstream {
+        let ack = async {
+            ds.finish()?;
+            ds.reply::<WriteAck>().await
+        };
+        match ack.await {
+            Ok(a) => {
+                stored_on.extend(a.stored_on);
+                failed.extend(a.failed);
+            }
+            Err(e) => failed.push((next, e.to_string())),
+        }
+    }
+    Ok(WriteAck { stored_on, failed })
+}
+
+async fn open_downstream(
+    node: &Node,
+    meta: ChunkMeta,
+    pipeline: &[NodeAddr],
+) -> Result<RequestStream, quern_proto::Error> {
+    let mut s = node.endpoint.open(pipeline[0].addr).await?;
+    s.send(&DataRequest::WriteChunk(WriteChunk {
+        meta,
+        pipeline: pipeline[1..].to_vec(),
+    }))
+    .await?;
+    Ok(s)
+}
+
+/// Streams a chunk (or a range of it) back. A whole-chunk read is hashed as
+/// it goes; a mismatch is reported to the namenode as a corrupt replica.
+async fn read_chunk(
+    node: &Arc<Node>,
+    req: ReadChunk,
+    stream: &mut ServerStream,
+) -> Result<(), quern_proto::Error> {
+    let Some(info) = node.store.get(req.chunk) else {
+        let err = node.store_error(&StoreError::Missing(req.chunk));
+        return stream.reply::<ReadHeader>(&Err(err)).await;
+    };
+    if req.offset > info.size {
+        let err = WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "offset {} is past the end of {} ({} bytes)",
+                req.offset, req.chunk, info.size
+            ),
+        );
+        return stream.reply::<ReadHeader>(&Err(err)).await;
+    }
+    let len = req.len.unwrap_or(u64::MAX).min(info.size - req.offset);
+    let (mut pieces, info) = match read_pieces(node.store.clone(), req.chunk, req.offset, len) {
+        Ok(p) => p,
+        Err(e) => return stream.reply::<ReadHeader>(&Err(node.store_error(&e))).await,
+    };
+    stream
+        .reply_header(&Ok(ReadHeader {
+            chunk_size: info.size,
+            digest: info.digest,
+            len,
+        }))
+        .await?;
+    let whole = req.offset == 0 && len == info.size;
+    let mut hasher = whole.then(blake3::Hasher::new);
+    while let Some(piece) = pieces.recv().await {
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("{}: {e}", node.describe());
+                let _ = stream.send.reset(1u32.into());
+                return Ok(());
+            }
+        };
+        if let Some(h) = hasher.as_mut() {
+            h.update(&piece);
+        }
+        stream
+            .send
+            .write_chunk(piece)
+            .await
+            .map_err(|e| quern_proto::Error::Stream {
+                peer: stream.peer.to_string(),
+                reason: e.to_string(),
+            })?;
+    }
+    let _ = stream.send.finish();
+    if let Some(h) = hasher {
+        if Digest::from(h.finalize()) != info.digest {
+            tracing::warn!(chunk = %req.chunk, "local replica fails its digest check");
+            let node = node.clone();
+            let chunk = req.chunk;
+            tokio::spawn(async move {
+                let report = ReportBadReplica {
+                    chunk,
+                    node: node.id,
+                    reason: "digest mismatch found by the datanode while serving a read".into(),
+                };
+                let _ = node.endpoint.call(node.cfg.namenode, report).await;
+            });
+        }
+    }
+    Ok(())
+}

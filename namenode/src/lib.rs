@@ -1,0 +1,9 @@
+//! The quern namenode: the namespace (in sled), the chunk map, the datanode
+//! registry, placement, leases, safe mode and the replication monitor.
+
+mod cluster;
+mod monitor;
+mod namespace;
+mod service;
+
+pub use service::{Namenode, NamenodeConfig};

@@ -1,0 +1,28 @@
+//! The quern wire protocol and the pieces every node shares: ids, remote
+//! paths, errors, framing over QUIC streams, TLS material and client
+//! configuration.
+
+pub mod config;
+pub mod error;
+pub mod frame;
+pub mod ids;
+pub mod msg;
+pub mod path;
+pub mod size;
+pub mod tls;
+pub mod transport;
+
+pub use error::{Error, ErrorCode, Result, WireError};
+pub use ids::{ChunkId, Digest, FileId, NodeId};
+pub use path::RemotePath;
+
+/// Protocol number every request stream starts with; a peer speaking
+/// another number is refused with a message naming both.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN token negotiated by every quern QUIC connection.
+pub const ALPN: &[u8] = b"quern";
+
+/// TLS server name every node certificate carries: peers are identified by
+/// the cluster CA, not by DNS.
+pub const SERVER_NAME: &str = "quern-node";

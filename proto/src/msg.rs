@@ -1,0 +1,409 @@
+//! Every request and its response type.
+//!
+//! Each request is its own struct and names its response through [`Rpc`];
+//! the per-server envelope enums ([`NameRequest`], [`DataRequest`]) are what
+//! travels. A response travels as `Result<Response, WireError>`.
+
+use crate::error::WireError;
+use crate::ids::{ChunkId, Digest, FileId, NodeId};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// A request that has one response type.
+pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
+    type Response: Serialize + DeserializeOwned + Send + 'static;
+    type Envelope: Serialize + DeserializeOwned + Send + 'static;
+    fn wrap(self) -> Self::Envelope;
+}
+
+pub type Reply<T> = Result<T, WireError>;
+
+macro_rules! rpcs {
+    ($envelope:ident { $($variant:ident($req:ty) -> $resp:ty,)* }) => {
+        #[derive(Debug, Serialize, Deserialize)]
+        pub enum $envelope { $($variant($req),)* }
+
+        $(impl Rpc for $req {
+            type Response = $resp;
+            type Envelope = $envelope;
+            fn wrap(self) -> $envelope { $envelope::$variant(self) }
+        })*
+    };
+}
+
+// ---------------------------------------------------------------- shared types
+
+/// A datanode and where to reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeAddr {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStatus {
+    pub path: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub replication: u8,
+    pub chunk_size: u64,
+    pub mode: u32,
+    pub mtime_ms: i64,
+    pub chunks: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkMeta {
+    pub id: ChunkId,
+    pub size: u64,
+    pub digest: Digest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaState {
+    Live,
+    Dead,
+    Corrupt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub node: NodeAddr,
+    pub state: ReplicaState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocatedChunk {
+    pub index: u32,
+    pub offset: u64,
+    pub meta: ChunkMeta,
+    /// Live replicas first (least loaded first), then dead and corrupt ones.
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLocations {
+    pub status: FileStatus,
+    pub chunks: Vec<LocatedChunk>,
+}
+
+/// Health, ordered from best to worst so that `max` picks the summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Health {
+    Healthy,
+    UnderReplicated,
+    Corrupt,
+    Missing,
+}
+
+impl Health {
+    pub fn word(self) -> &'static str {
+        match self {
+            Health::Healthy => "HEALTHY",
+            Health::UnderReplicated => "UNDER_REPLICATED",
+            Health::Corrupt => "CORRUPT",
+            Health::Missing => "MISSING",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckFile {
+    pub path: String,
+    pub health: Health,
+    pub size: u64,
+    pub chunks: u32,
+    pub replication: u8,
+    /// One line per problem, naming the chunk and the replica.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckReport {
+    pub path: String,
+    pub health: Health,
+    pub files: Vec<FsckFile>,
+    pub dirs: u64,
+    pub chunks: u64,
+    pub under_replicated_chunks: u64,
+    pub corrupt_replicas: u64,
+    pub missing_chunks: u64,
+    pub live_datanodes: u32,
+    pub safe_mode: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Live,
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatanodeReport {
+    pub node: NodeAddr,
+    pub state: NodeState,
+    pub capacity: u64,
+    pub used: u64,
+    pub available: u64,
+    pub chunks: u64,
+    pub since_heartbeat_secs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterReport {
+    pub datanodes: Vec<DatanodeReport>,
+    /// Why the namenode is in safe mode, when it is.
+    pub safe_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentSummary {
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    /// Bytes times each file's replication target.
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredChunk {
+    pub id: ChunkId,
+    pub size: u64,
+}
+
+/// Work the namenode hands a datanode in a heartbeat reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DatanodeCommand {
+    /// Remove these chunks: orphans, over-replicated or corrupt replicas.
+    Delete(Vec<ChunkId>),
+    /// Copy a chunk this node holds to the targets (pipelined).
+    Replicate {
+        chunk: ChunkMeta,
+        targets: Vec<NodeAddr>,
+    },
+    /// The namenode does not know this node (it restarted): register again
+    /// with a full chunk report.
+    Reregister,
+}
+
+// ---------------------------------------------------------------- namenode
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stat {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct List {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mkdir {
+    pub path: String,
+    pub parents: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delete {
+    pub path: String,
+    pub recursive: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rename {
+    pub src: String,
+    pub dst: String,
+    /// Replace an existing file at `dst` (POSIX rename semantics).
+    pub replace: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateFile {
+    pub path: String,
+    pub replication: u8,
+    pub chunk_size: u64,
+    pub mode: u32,
+    /// Replace an existing file atomically when the new one completes.
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AllocateChunk {
+    pub file: FileId,
+    pub index: u32,
+    /// Datanodes that failed for this chunk already.
+    pub exclude: Vec<NodeId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkAllocation {
+    pub chunk: ChunkId,
+    /// Pipeline order: the client writes to the first.
+    pub targets: Vec<NodeAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitChunk {
+    pub file: FileId,
+    pub index: u32,
+    pub meta: ChunkMeta,
+    pub stored_on: Vec<NodeId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Complete {
+    pub file: FileId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Abandon {
+    pub file: FileId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewLease {
+    pub file: FileId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Locate {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportBadReplica {
+    pub chunk: ChunkId,
+    pub node: NodeId,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetReplication {
+    pub path: String,
+    pub replication: u8,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub path: String,
+    pub mode: Option<u32>,
+    pub mtime_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Fsck {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Register {
+    pub node: NodeAddr,
+    pub capacity: u64,
+    pub available: u64,
+    pub chunks: Vec<StoredChunk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: NodeId,
+    pub capacity: u64,
+    pub available: u64,
+    pub used: u64,
+    pub chunks: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkReport {
+    pub node: NodeId,
+    pub chunks: Vec<StoredChunk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkReceived {
+    pub node: NodeId,
+    pub chunk: StoredChunk,
+}
+
+rpcs!(NameRequest {
+    Stat(Stat) -> FileStatus,
+    List(List) -> Vec<FileStatus>,
+    Mkdir(Mkdir) -> (),
+    Delete(Delete) -> (),
+    Rename(Rename) -> (),
+    CreateFile(CreateFile) -> FileId,
+    AllocateChunk(AllocateChunk) -> ChunkAllocation,
+    CommitChunk(CommitChunk) -> (),
+    Complete(Complete) -> FileStatus,
+    Abandon(Abandon) -> (),
+    RenewLease(RenewLease) -> (),
+    Locate(Locate) -> FileLocations,
+    ReportBadReplica(ReportBadReplica) -> (),
+    SetReplication(SetReplication) -> (),
+    SetAttr(SetAttr) -> (),
+    Summary(Summary) -> ContentSummary,
+    Fsck(Fsck) -> FsckReport,
+    Report(Report) -> ClusterReport,
+    Register(Register) -> Vec<DatanodeCommand>,
+    Heartbeat(Heartbeat) -> Vec<DatanodeCommand>,
+    ChunkReport(ChunkReport) -> Vec<DatanodeCommand>,
+    ChunkReceived(ChunkReceived) -> (),
+});
+
+// ---------------------------------------------------------------- datanode
+
+/// Header of a chunk write; exactly `meta.size` raw bytes follow it on the
+/// stream. The receiver forwards to `pipeline[0]` with the rest of the
+/// pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteChunk {
+    pub meta: ChunkMeta,
+    pub pipeline: Vec<NodeAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteAck {
+    /// Every node of the pipeline that stored and verified the chunk.
+    pub stored_on: Vec<NodeId>,
+    /// Nodes further down the pipeline that failed, with the reason.
+    pub failed: Vec<(NodeAddr, String)>,
+}
+
+/// Read `len` bytes (to the end when `None`) from `offset` of a chunk. The
+/// reply header is followed by exactly `ReadHeader::len` raw bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadChunk {
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub len: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadHeader {
+    pub chunk_size: u64,
+    pub digest: Digest,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ping;
+
+rpcs!(DataRequest {
+    WriteChunk(WriteChunk) -> WriteAck,
+    ReadChunk(ReadChunk) -> ReadHeader,
+    Ping(Ping) -> NodeId,
+});

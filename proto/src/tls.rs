@@ -1,0 +1,294 @@
+//! Cluster CA and mutual TLS.
+//!
+//! `quern cluster init` makes a CA; every node and client presents a
+//! certificate signed by it and verifies its peer against it. Certificates
+//! name [`crate::SERVER_NAME`] so peers are identified by the CA, not DNS.
+
+use crate::error::{Error, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A CA certificate and its key, PEM encoded.
+pub struct ClusterCa {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A certificate and key issued by the cluster CA, PEM encoded.
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn ca_params() -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "quern cluster CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+fn tls_err(e: impl std::fmt::Display) -> Error {
+    Error::Tls(e.to_string())
+}
+
+impl ClusterCa {
+    pub fn generate() -> Result<ClusterCa> {
+        let key = KeyPair::generate().map_err(tls_err)?;
+        let cert = ca_params()?.self_signed(&key).map_err(tls_err)?;
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate usable both as TLS server and client (datanodes
+    /// are both), with `name` as its common name.
+    pub fn issue(&self, name: &str) -> Result<IssuedCert> {
+        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(tls_err)?;
+        // The issuer is rebuilt from the same fixed parameters as the CA so a
+        // CA loaded from disk can sign without parsing its certificate.
+        let issuer = Issuer::new(ca_params()?, ca_key);
+        let key = KeyPair::generate().map_err(tls_err)?;
+        let mut params =
+            CertificateParams::new(vec![crate::SERVER_NAME.to_string(), "localhost".into()])
+                .map_err(tls_err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).map_err(tls_err)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    pub fn load(dir: &Path) -> Result<ClusterCa> {
+        Ok(ClusterCa {
+            cert_pem: read_text(&dir.join("ca.pem"))?,
+            key_pem: read_text(&dir.join("ca.key"))?,
+        })
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))
+}
+
+/// The files `quern cluster init` writes.
+#[derive(Debug, Clone)]
+pub struct ClusterFiles {
+    pub ca: PathBuf,
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl ClusterFiles {
+    pub fn in_dir(dir: &Path) -> ClusterFiles {
+        let tls = dir.join("tls");
+        ClusterFiles {
+            ca: tls.join("ca.pem"),
+            node_cert: tls.join("node.pem"),
+            node_key: tls.join("node.key"),
+            client_cert: tls.join("client.pem"),
+            client_key: tls.join("client.key"),
+        }
+    }
+
+    pub fn exist(&self) -> bool {
+        self.ca.exists() && self.node_cert.exists() && self.client_cert.exists()
+    }
+
+    pub fn node_identity(&self) -> Result<Identity> {
+        Identity::load(&self.ca, &self.node_cert, &self.node_key)
+    }
+
+    pub fn client_identity(&self) -> Result<Identity> {
+        Identity::load(&self.ca, &self.client_cert, &self.client_key)
+    }
+}
+
+/// Makes a new CA plus a node and a client certificate under `dir/tls`.
+/// Refuses to overwrite an existing CA, which would lock every node out.
+pub fn init_cluster_dir(dir: &Path) -> Result<ClusterFiles> {
+    let files = ClusterFiles::in_dir(dir);
+    let tls = dir.join("tls");
+    if tls.join("ca.key").exists() {
+        return Err(Error::Config(format!(
+            "{} already holds a cluster CA; remove it first to make a new cluster",
+            tls.display()
+        )));
+    }
+    std::fs::create_dir_all(&tls)
+        .map_err(|e| Error::io(format!("creating {}", tls.display()), e))?;
+    let ca = ClusterCa::generate()?;
+    write_file(&tls.join("ca.pem"), &ca.cert_pem, false)?;
+    write_file(&tls.join("ca.key"), &ca.key_pem, true)?;
+    let node = ca.issue("quern node")?;
+    write_file(&files.node_cert, &node.cert_pem, false)?;
+    write_file(&files.node_key, &node.key_pem, true)?;
+    let client = ca.issue("quern client")?;
+    write_file(&files.client_cert, &client.cert_pem, false)?;
+    write_file(&files.client_key, &client.key_pem, true)?;
+    Ok(files)
+}
+
+fn write_file(path: &Path, text: &str, secret: bool) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// What a node or client presents and trusts.
+#[derive(Clone)]
+pub struct Identity {
+    pub ca: Vec<CertificateDer<'static>>,
+    /// `None` only for a client that presents no certificate (which every
+    /// quern server refuses; kept so that refusal can be tested).
+    pub cert: Option<(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
+}
+
+impl Identity {
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Identity> {
+        let ca_certs = load_certs(ca)?;
+        let certs = load_certs(cert)?;
+        let key_bytes = std::fs::read(key)
+            .map_err(|e| Error::io(format!("reading key {}", key.display()), e))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_bytes)
+            .map_err(|e| Error::Tls(format!("{}: not a PEM private key ({e})", key.display())))?;
+        Ok(Identity {
+            ca: ca_certs,
+            cert: Some((certs, Arc::new(key))),
+        })
+    }
+
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Identity> {
+        let parse = |pem: &str| {
+            CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(tls_err)
+        };
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(tls_err)?;
+        Ok(Identity {
+            ca: parse(ca_pem)?,
+            cert: Some((parse(cert_pem)?, Arc::new(key))),
+        })
+    }
+
+    pub fn without_certificate(self) -> Identity {
+        Identity {
+            ca: self.ca,
+            cert: None,
+        }
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone()).map_err(tls_err)?;
+        }
+        Ok(roots)
+    }
+
+    pub fn server_config(&self) -> Result<rustls::ServerConfig> {
+        let provider = provider();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(tls_err)?;
+        let (certs, key) = self
+            .cert
+            .as_ref()
+            .ok_or_else(|| Error::Tls("a server needs a certificate".into()))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(tls_err)?;
+        cfg.alpn_protocols = vec![crate::ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    pub fn client_config(&self) -> Result<rustls::ClientConfig> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(self.roots()?);
+        let mut cfg = match &self.cert {
+            Some((certs, key)) => builder
+                .with_client_auth_cert(certs.clone(), key.clone_key())
+                .map_err(tls_err)?,
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![crate::ALPN.to_vec()];
+        Ok(cfg)
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(format!("reading certificate {}", path.display()), e))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("{}: not a PEM certificate ({e})", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!(
+            "{}: holds no certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_loadable_identities_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = init_cluster_dir(dir.path()).unwrap();
+        let node = files.node_identity().unwrap();
+        node.server_config().unwrap();
+        files.client_identity().unwrap().client_config().unwrap();
+        let err = init_cluster_dir(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("already holds a cluster CA"));
+    }
+}

@@ -1,0 +1,504 @@
+//! QUIC endpoints, connection reuse and request streams.
+//!
+//! Every transport setting lives in [`Tuning`] so the benchmark can compare
+//! quinn's defaults with ours. A request is one bidirectional stream: the
+//! opener writes the protocol version, then a request frame (and, for bulk
+//! requests, raw bytes); the server answers with a reply frame (and raw
+//! bytes for reads).
+
+use crate::error::{Error, Result, WireError};
+use crate::frame;
+use crate::msg::{Reply, Rpc};
+use crate::tls::Identity;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Transport knobs, measured by `quern bench io`.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// UDP socket send/receive buffer; loopback drops packets with the
+    /// kernel default (~200 KiB) at QUIC's burst sizes.
+    pub socket_buffer: usize,
+    /// `None` keeps quinn's default flow-control windows.
+    pub stream_window: Option<u32>,
+    pub connection_window: Option<u32>,
+    pub send_window: Option<u64>,
+    pub initial_mtu: Option<u16>,
+    pub max_udp_payload: Option<u16>,
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+}
+
+impl Tuning {
+    /// What quern runs with.
+    pub fn tuned() -> Tuning {
+        Tuning {
+            socket_buffer: 8 << 20,
+            stream_window: None,
+            connection_window: None,
+            send_window: None,
+            initial_mtu: None,
+            max_udp_payload: None,
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(2),
+        }
+    }
+
+    /// quinn's own defaults with the kernel's socket buffers (the baseline).
+    pub fn quinn_defaults() -> Tuning {
+        Tuning {
+            socket_buffer: 0,
+            stream_window: None,
+            connection_window: None,
+            send_window: None,
+            initial_mtu: None,
+            max_udp_payload: None,
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(2),
+        }
+    }
+
+    fn transport_config(&self) -> quinn::TransportConfig {
+        let mut t = quinn::TransportConfig::default();
+        if let Some(w) = self.stream_window {
+            t.stream_receive_window(w.into());
+        }
+        if let Some(w) = self.connection_window {
+            t.receive_window(w.into());
+        }
+        if let Some(w) = self.send_window {
+            t.send_window(w);
+        }
+        if let Some(m) = self.initial_mtu {
+            t.initial_mtu(m);
+        }
+        t.max_concurrent_bidi_streams(1024u32.into());
+        t.max_concurrent_uni_streams(0u32.into());
+        if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
+            t.max_idle_timeout(Some(idle));
+        }
+        t.keep_alive_interval(Some(self.keep_alive));
+        t
+    }
+
+    fn endpoint_config(&self) -> quinn::EndpointConfig {
+        let mut e = quinn::EndpointConfig::default();
+        if let Some(p) = self.max_udp_payload {
+            // Only fails below the QUIC minimum, which no setting here uses.
+            let _ = e.max_udp_payload_size(p);
+        }
+        e
+    }
+
+    fn bind(&self, addr: SocketAddr) -> Result<std::net::UdpSocket> {
+        let domain = socket2::Domain::for_address(addr);
+        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+            .map_err(|e| Error::io(format!("creating a UDP socket for {addr}"), e))?;
+        if self.socket_buffer > 0 {
+            set_buffer(&sock, self.socket_buffer);
+        }
+        sock.bind(&addr.into())
+            .map_err(|e| Error::io(format!("binding {addr} (is another process using it?)"), e))?;
+        Ok(sock.into())
+    }
+}
+
+/// Sets both socket buffers, beyond `net.core.rmem_max` when privileged.
+fn set_buffer(sock: &socket2::Socket, size: usize) {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let val = size as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // SAFETY: fd is a live socket owned by `sock`; val outlives the call.
+        let forced = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                force,
+                &val as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } == 0;
+        if !forced {
+            // SAFETY: as above.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    plain,
+                    &val as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+}
+
+/// One QUIC endpoint: a server when given a listen address, always a client,
+/// with one reused connection per peer.
+pub struct Endpoint {
+    inner: quinn::Endpoint,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    rpc_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Endpoint {
+    pub fn server(identity: &Identity, listen: SocketAddr, tuning: Tuning) -> Result<Endpoint> {
+        let transport = Arc::new(tuning.transport_config());
+        let crypto = QuicServerConfig::try_from(identity.server_config()?)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport);
+        Self::build(identity, listen, Some(server), tuning)
+    }
+
+    pub fn client(identity: &Identity, tuning: Tuning) -> Result<Endpoint> {
+        Self::build(
+            identity,
+            "0.0.0.0:0".parse().expect("literal address"),
+            None,
+            tuning,
+        )
+    }
+
+    fn build(
+        identity: &Identity,
+        addr: SocketAddr,
+        server: Option<quinn::ServerConfig>,
+        tuning: Tuning,
+    ) -> Result<Endpoint> {
+        let socket = tuning.bind(addr)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| Error::Config("quinn needs a tokio runtime".into()))?;
+        let mut inner = quinn::Endpoint::new(tuning.endpoint_config(), server, socket, runtime)
+            .map_err(|e| Error::io(format!("starting QUIC on {addr}"), e))?;
+        let crypto = QuicClientConfig::try_from(identity.client_config()?)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(tuning.transport_config()));
+        inner.set_default_client_config(client);
+        Ok(Endpoint {
+            inner,
+            conns: Mutex::new(HashMap::new()),
+            rpc_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        })
+    }
+
+    pub fn with_rpc_timeout(mut self, timeout: Duration) -> Endpoint {
+        self.rpc_timeout = timeout;
+        self
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        self.rpc_timeout
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.inner
+            .local_addr()
+            .map_err(|e| Error::io("reading the local address", e))
+    }
+
+    pub fn quinn(&self) -> &quinn::Endpoint {
+        &self.inner
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn close(&self) {
+        self.inner.close(0u32.into(), b"shutting down");
+    }
+
+    /// A live connection to `peer`, reusing the cached one.
+    pub async fn connection(&self, peer: SocketAddr) -> Result<quinn::Connection> {
+        if let Some(c) = self.cached(peer) {
+            return Ok(c);
+        }
+        let connecting =
+            self.inner
+                .connect(peer, crate::SERVER_NAME)
+                .map_err(|e| Error::Connect {
+                    peer: peer.to_string(),
+                    reason: e.to_string(),
+                })?;
+        let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_) => {
+                return Err(Error::Connect {
+                    peer: peer.to_string(),
+                    reason: format!(
+                        "no answer within {} s; is it running? (`quern cluster status`)",
+                        self.connect_timeout.as_secs()
+                    ),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(Error::Connect {
+                    peer: peer.to_string(),
+                    reason: explain_connection_error(&e),
+                })
+            }
+            Ok(Ok(c)) => c,
+        };
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.insert(peer, conn.clone());
+        Ok(conn)
+    }
+
+    fn cached(&self, peer: SocketAddr) -> Option<quinn::Connection> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        match conns.get(&peer) {
+            Some(c) if c.close_reason().is_none() => Some(c.clone()),
+            Some(_) => {
+                conns.remove(&peer);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Forgets a connection that failed so the next call reconnects.
+    pub fn forget(&self, peer: SocketAddr) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = conns.remove(&peer) {
+            c.close(0u32.into(), b"forgotten after an error");
+        }
+    }
+
+    /// Opens a request stream and writes the protocol version.
+    pub async fn open(&self, peer: SocketAddr) -> Result<RequestStream> {
+        let conn = self.connection(peer).await?;
+        let (mut send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.forget(peer);
+                return Err(Error::Stream {
+                    peer: peer.to_string(),
+                    reason: explain_connection_error(&e),
+                });
+            }
+        };
+        send.write_all(&crate::PROTOCOL_VERSION.to_be_bytes())
+            .await
+            .map_err(|e| stream_error(peer, e))?;
+        Ok(RequestStream { peer, send, recv })
+    }
+
+    /// One request, one reply, within the RPC timeout.
+    pub async fn call<R: Rpc>(&self, peer: SocketAddr, req: R) -> Result<R::Response> {
+        let what = std::any::type_name::<R>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("request");
+        let fut = async {
+            let mut s = self.open(peer).await?;
+            s.send(&req.wrap()).await?;
+            s.finish()?;
+            s.reply::<R::Response>().await
+        };
+        match tokio::time::timeout(self.rpc_timeout, fut).await {
+            Ok(r) => {
+                if let Err(e) = &r {
+                    if e.is_peer_failure() {
+                        self.forget(peer);
+                    }
+                }
+                r
+            }
+            Err(_) => {
+                self.forget(peer);
+                Err(Error::Timeout {
+                    peer: peer.to_string(),
+                    what: what.to_string(),
+                    secs: self.rpc_timeout.as_secs(),
+                })
+            }
+        }
+    }
+
+    /// The next incoming connection; `None` once the endpoint is closed.
+    pub async fn accept(&self) -> Option<quinn::Incoming> {
+        self.inner.accept().await
+    }
+}
+
+fn stream_error(peer: SocketAddr, e: impl std::fmt::Display) -> Error {
+    Error::Stream {
+        peer: peer.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Turns quinn's connection errors into advice: a refused certificate is
+/// the common misconfiguration and deserves to be named as such.
+pub fn explain_connection_error(e: &quinn::ConnectionError) -> String {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("certificate")
+        || lower.contains("unknownissuer")
+        || lower.contains("bad cert")
+    {
+        format!(
+            "TLS refused ({text}): both sides need certificates signed by the same cluster CA; \
+             use the files `quern cluster init` wrote (client.toml names them)"
+        )
+    } else if lower.contains("no application protocol") {
+        format!("{text}: the peer is not a quern node")
+    } else {
+        text
+    }
+}
+
+/// The client half of a request stream.
+pub struct RequestStream {
+    pub peer: SocketAddr,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl RequestStream {
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<()> {
+        frame::write_frame(&mut self.send, msg)
+            .await
+            .map_err(|e| self.peer_error(e))
+    }
+
+    pub fn finish(&mut self) -> Result<()> {
+        self.send.finish().map_err(|e| stream_error(self.peer, e))
+    }
+
+    /// Reads the reply frame; a remote error becomes [`Error::Remote`].
+    pub async fn reply<T: DeserializeOwned>(&mut self) -> Result<T> {
+        let reply: Reply<T> = frame::expect_frame(&mut self.recv)
+            .await
+            .map_err(|e| self.peer_error(e))?;
+        reply.map_err(Error::Remote)
+    }
+
+    fn peer_error(&self, e: Error) -> Error {
+        match e {
+            Error::Io { cause: source, .. } => {
+                let reason = match source
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
+                {
+                    Some(quinn::ReadError::ConnectionLost(c)) => explain_connection_error(c),
+                    _ => source.to_string(),
+                };
+                stream_error(self.peer, reason)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The server half of a request stream, after the version check.
+pub struct ServerStream {
+    pub peer: SocketAddr,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl ServerStream {
+    /// Sends the reply and ends the stream.
+    pub async fn reply<T: Serialize>(&mut self, reply: &Reply<T>) -> Result<()> {
+        self.reply_header(reply).await?;
+        let _ = self.send.finish();
+        Ok(())
+    }
+
+    /// Sends the reply and leaves the stream open for raw bytes after it.
+    pub async fn reply_header<T: Serialize>(&mut self, reply: &Reply<T>) -> Result<()> {
+        frame::write_frame(&mut self.send, reply).await
+    }
+}
+
+/// A server's request handler.
+pub trait Service: Send + Sync + 'static {
+    type Request: DeserializeOwned + Send + 'static;
+    /// What this server is called in errors ("namenode", "datanode").
+    fn role(&self) -> &'static str;
+    fn handle(
+        self: Arc<Self>,
+        req: Self::Request,
+        stream: ServerStream,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Accepts connections and streams until the endpoint closes. Handshake
+/// and stream failures are logged and never stop the server.
+pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%peer, "refused connection: {}", explain_connection_error(&e));
+                    return;
+                }
+            };
+            loop {
+                let (send, recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(quinn::ConnectionError::ApplicationClosed(_))
+                    | Err(quinn::ConnectionError::LocallyClosed) => return,
+                    Err(e) => {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                        return;
+                    }
+                };
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let mut stream = ServerStream { peer, send, recv };
+                    match read_request::<S::Request>(&mut stream, service.role()).await {
+                        Ok(req) => service.handle(req, stream).await,
+                        Err(err) => {
+                            tracing::warn!(%peer, "bad request: {err}");
+                            let _ = stream.reply::<()>(&Err(err)).await;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn read_request<T: DeserializeOwned>(
+    s: &mut ServerStream,
+    role: &str,
+) -> Result<T, WireError> {
+    use crate::error::ErrorCode;
+    let mut version = [0u8; 4];
+    s.recv.read_exact(&mut version).await.map_err(|e| {
+        WireError::new(
+            ErrorCode::Protocol,
+            format!("no protocol version on the stream: {e}"),
+        )
+    })?;
+    let version = u32::from_be_bytes(version);
+    if version != crate::PROTOCOL_VERSION {
+        return Err(WireError::new(
+            ErrorCode::Protocol,
+            format!(
+                "protocol version mismatch: the client speaks version {version}, this {role} speaks \
+                 version {}; use the same quern release on every node and client",
+                crate::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    frame::expect_frame(&mut s.recv).await.map_err(|e| {
+        WireError::new(
+            ErrorCode::Protocol,
+            format!("{role} could not read the request: {e}"),
+        )
+    })
+}
