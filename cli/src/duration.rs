@@ -10,13 +10,14 @@ pub fn parse(raw: &str) -> Result<Duration, String> {
         (n, 1.0)
     } else if let Some(n) = s.strip_suffix('m') {
         (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
     } else {
         (s, 1.0)
     };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration {raw:?}: use seconds like 2, 2s, 500ms or 1m"))?;
+    let v: f64 = num.trim().parse().map_err(|_| {
+        format!("invalid duration {raw:?}: use seconds like 2, 2s, 500ms, 1m or 1h")
+    })?;
     if !v.is_finite() || v < 0.0 {
         return Err(format!(
             "invalid duration {raw:?}: must be a positive number"

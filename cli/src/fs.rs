@@ -347,7 +347,9 @@ async fn put(client: &Client, local: &str, remote: &str, opts: WriteOptions) -> 
     let mut buf = vec![0u8; 4 << 20];
     let result: Result<()> = async {
         loop {
-            let n = read_full(&mut input, &mut buf)
+            // Take what is there: a pipe's writer may pause for long.
+            let n = input
+                .read(&mut buf)
                 .await
                 .with_context(|| format!("put: reading {local}"))?;
             if n == 0 {
@@ -370,22 +372,6 @@ async fn put(client: &Client, local: &str, remote: &str, opts: WriteOptions) -> 
         b.finish_and_clear();
     }
     Ok(())
-}
-
-/// Fills `buf` unless the input ends first (stdin returns short reads).
-async fn read_full<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        let m = r.read(&mut buf[n..]).await?;
-        if m == 0 {
-            break;
-        }
-        n += m;
-    }
-    Ok(n)
 }
 
 async fn get(client: &Client, remote: &str, local: &str, force: bool) -> Result<()> {

@@ -55,14 +55,13 @@ pub fn read_pieces(
     Ok((rx, info))
 }
 
+/// The disk writer's outcome: the written partial chunk, or it with the
+/// error that stopped the writing (so the caller can discard it).
+pub type DiskWrite = tokio::task::JoinHandle<Result<PartialChunk, (PartialChunk, StoreError)>>;
+
 /// Writes pieces to a partial chunk on a blocking thread; the handle
 /// returns the partial chunk once the sender is dropped.
-pub fn disk_writer(
-    mut part: PartialChunk,
-) -> (
-    mpsc::Sender<Bytes>,
-    tokio::task::JoinHandle<Result<PartialChunk, (PartialChunk, StoreError)>>,
-) {
+pub fn disk_writer(mut part: PartialChunk) -> (mpsc::Sender<Bytes>, DiskWrite) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let handle = tokio::task::spawn_blocking(move || {
         while let Some(piece) = rx.blocking_recv() {

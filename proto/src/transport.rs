@@ -195,6 +195,8 @@ impl Endpoint {
 
     pub fn with_rpc_timeout(mut self, timeout: Duration) -> Endpoint {
         self.rpc_timeout = timeout;
+        // Connecting must give up first so its clearer error wins.
+        self.connect_timeout = self.connect_timeout.min(timeout * 2 / 3);
         self
     }
 

@@ -1,1 +1,351 @@
+//! Test harness: whole clusters inside one process (fast) and clusters of
+//! real `quern` processes (end to end).
 
+use quern_client::Client;
+use quern_datanode::{Datanode, DatanodeConfig};
+use quern_namenode::{Namenode, NamenodeConfig};
+use quern_proto::tls::{init_cluster_dir, ClusterFiles, Identity};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Settings for an in-process cluster; defaults keep time-based behaviour
+/// (dead nodes, leases, re-replication) out of the way unless a test asks.
+#[derive(Clone)]
+pub struct Options {
+    pub datanodes: usize,
+    pub heartbeat: Duration,
+    pub dead_timeout: Duration,
+    pub lease_timeout: Duration,
+    pub replication_interval: Duration,
+    pub report_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            datanodes: 3,
+            heartbeat: Duration::from_millis(200),
+            dead_timeout: Duration::from_secs(30),
+            lease_timeout: Duration::from_secs(60),
+            replication_interval: Duration::from_secs(3600),
+            report_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub files: ClusterFiles,
+    pub namenode: Option<Namenode>,
+    pub namenode_addr: SocketAddr,
+    pub datanodes: Vec<Option<Datanode>>,
+    pub opts: Options,
+}
+
+impl TestCluster {
+    pub async fn start(opts: Options) -> TestCluster {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = init_cluster_dir(dir.path()).expect("cluster init");
+        let identity = files.node_identity().expect("node identity");
+        let mut cfg =
+            NamenodeConfig::new(dir.path().join("namenode"), "127.0.0.1:0".parse().unwrap());
+        cfg.dead_timeout = opts.dead_timeout;
+        cfg.lease_timeout = opts.lease_timeout;
+        cfg.replication_interval = opts.replication_interval;
+        let nn = Namenode::start(cfg, &identity).await.expect("namenode");
+        let namenode_addr = nn.addr();
+        let mut c = TestCluster {
+            dir,
+            files,
+            namenode: Some(nn),
+            namenode_addr,
+            datanodes: Vec::new(),
+            opts: opts.clone(),
+        };
+        for _ in 0..opts.datanodes {
+            c.add_datanode().await;
+        }
+        c.wait_live(opts.datanodes).await;
+        c
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.files.node_identity().expect("node identity")
+    }
+
+    pub fn datanode_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("datanode-{}", i + 1))
+    }
+
+    pub async fn add_datanode(&mut self) -> usize {
+        let i = self.datanodes.len();
+        self.datanodes.push(None);
+        self.start_datanode(i).await;
+        i
+    }
+
+    pub async fn start_datanode(&mut self, i: usize) {
+        let mut cfg = DatanodeConfig::new(
+            self.datanode_dir(i),
+            "127.0.0.1:0".parse().unwrap(),
+            self.namenode_addr,
+        );
+        cfg.heartbeat = self.opts.heartbeat;
+        cfg.report_interval = self.opts.report_interval;
+        let dn = Datanode::start(cfg, &self.identity())
+            .await
+            .expect("datanode");
+        self.datanodes[i] = Some(dn);
+    }
+
+    /// Stops a datanode abruptly (no goodbye), as a crash would.
+    pub fn stop_datanode(&mut self, i: usize) {
+        if let Some(dn) = self.datanodes[i].take() {
+            dn.shutdown();
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(
+            &self.files.client_identity().expect("client identity"),
+            self.namenode_addr,
+            Duration::from_secs(20),
+        )
+        .expect("client")
+    }
+
+    pub async fn wait_live(&self, n: usize) {
+        let client = self.client();
+        wait_for(Duration::from_secs(20), "datanodes to register", || {
+            let client = client.clone();
+            async move {
+                client.report().await.is_ok_and(|r| {
+                    r.safe_mode.is_none()
+                        && r.datanodes
+                            .iter()
+                            .filter(|d| d.state == quern_proto::msg::NodeState::Live)
+                            .count()
+                            >= n
+                })
+            }
+        })
+        .await;
+    }
+
+    /// Every chunk file on the datanodes, as paths.
+    pub fn chunk_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for i in 0..self.datanodes.len() {
+            out.extend(chunk_files_in(&self.datanode_dir(i)));
+        }
+        out
+    }
+}
+
+pub fn chunk_files_in(dn_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dn_dir.join("chunks")) {
+        for e in rd.flatten() {
+            if e.path().extension().is_some_and(|x| x == "chunk") {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Polls `check` until it holds; panics naming `what` after `limit`.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+// ------------------------------------------------------------- real binary
+
+/// The `quern` binary built beside this test executable.
+pub fn quern_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_quern") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/quern
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("quern"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p quern)",
+        bin.display()
+    );
+    bin
+}
+
+/// A cluster of real processes started by `quern cluster up`; stopped (or
+/// killed) when dropped.
+pub struct BinCluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            status: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl BinCluster {
+    pub fn up(datanodes: usize, extra: &[&str]) -> BinCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BinCluster {
+            config: dir.path().join("client.toml"),
+            dir,
+        };
+        let n = datanodes.to_string();
+        let mut args = vec!["cluster", "up", "--datanodes", &n, "--heartbeat", "200ms"];
+        args.extend_from_slice(extra);
+        let r = c.run_in_dir(&args);
+        assert_eq!(r.status, 0, "cluster up failed: {}{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("export QUERN_CONFIG="), "{}", r.stdout);
+        c
+    }
+
+    fn run_in_dir(&self, args: &[&str]) -> Run {
+        let mut full: Vec<&str> = args.to_vec();
+        let dir = self.dir.path().display().to_string();
+        full.extend(["--dir", &dir]);
+        Command::new(quern_bin())
+            .args(&full)
+            .env_remove("QUERN_CONFIG")
+            .output()
+            .expect("run quern")
+            .into()
+    }
+
+    /// Runs `quern ARGS` with this cluster's client configuration.
+    pub fn quern(&self, args: &[&str]) -> Run {
+        self.command(args).output().expect("run quern").into()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(quern_bin());
+        cmd.args(args).env("QUERN_CONFIG", &self.config);
+        cmd
+    }
+
+    pub fn cluster_json(&self) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("cluster.json")).expect("cluster.json");
+        serde_json::from_str(&text).expect("cluster.json parses")
+    }
+
+    pub fn pid(&self, role: &str, index: usize) -> i32 {
+        let j = self.cluster_json();
+        let p = if role == "namenode" {
+            &j["namenode"]
+        } else {
+            &j["datanodes"][index]
+        };
+        p["pid"].as_i64().expect("pid") as i32
+    }
+
+    pub fn datanode_dir(&self, index: usize) -> PathBuf {
+        PathBuf::from(
+            self.cluster_json()["datanodes"][index]["data_dir"]
+                .as_str()
+                .expect("data_dir"),
+        )
+    }
+
+    pub fn sigkill(&self, role: &str, index: usize) {
+        let pid = self.pid(role, index);
+        // SAFETY: signal to a pid this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !is_zombie(pid)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `quern cluster up` again: restarts whatever is not running.
+    pub fn restart(&self) -> Run {
+        self.run_in_dir(&["cluster", "up", "--datanodes", "0"])
+    }
+
+    pub fn down(&self) -> Run {
+        self.run_in_dir(&["cluster", "down"])
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+impl Drop for BinCluster {
+    fn drop(&mut self) {
+        if self.dir.path().join("cluster.json").exists() {
+            let j = self.cluster_json();
+            let mut pids = vec![j["namenode"]["pid"].as_i64()];
+            if let Some(d) = j["datanodes"].as_array() {
+                pids.extend(d.iter().map(|p| p["pid"].as_i64()));
+            }
+            for pid in pids.into_iter().flatten() {
+                // SAFETY: signal to a pid this test started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}

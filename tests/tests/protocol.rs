@@ -1,0 +1,103 @@
+//! The wire: mutual TLS, protocol versions, oversized and malformed frames.
+
+use quern_proto::tls::{init_cluster_dir, ClusterFiles};
+use quern_proto::transport::{Endpoint, Tuning};
+use quern_tests::*;
+use std::time::Duration;
+
+async fn raw_exchange(c: &TestCluster, bytes: &[u8]) -> String {
+    let ep = Endpoint::client(&c.files.client_identity().unwrap(), Tuning::tuned()).unwrap();
+    let conn = ep.connection(c.namenode_addr).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    let reply = recv.read_to_end(1 << 20).await.unwrap();
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_cluster_certificate_are_refused() {
+    let c = TestCluster::start(Options {
+        datanodes: 1,
+        ..Default::default()
+    })
+    .await;
+    // No client certificate at all.
+    let anon = c.files.client_identity().unwrap().without_certificate();
+    let client = quern_client::Client::new(&anon, c.namenode_addr, Duration::from_secs(5)).unwrap();
+    let err = client.list("/").await.unwrap_err().to_string();
+    assert!(
+        err.contains("TLS refused") || err.contains("certificate"),
+        "{err}"
+    );
+    assert!(
+        err.contains("namenode") || err.contains(&c.namenode_addr.to_string()),
+        "{err}"
+    );
+
+    // A certificate from another cluster's CA.
+    let other = tempfile::tempdir().unwrap();
+    let files: ClusterFiles = init_cluster_dir(other.path()).unwrap();
+    let client = quern_client::Client::new(
+        &files.client_identity().unwrap(),
+        c.namenode_addr,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let err = client.list("/").await.unwrap_err().to_string();
+    assert!(err.contains("TLS refused"), "{err}");
+    assert!(err.contains("cluster CA"), "{err}");
+
+    // The real client still works, and nothing was created meanwhile.
+    assert!(c.client().list("/").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_protocol_version_and_bad_frames_get_clear_errors() {
+    let c = TestCluster::start(Options {
+        datanodes: 1,
+        ..Default::default()
+    })
+    .await;
+    let reply = raw_exchange(&c, &99u32.to_be_bytes()).await;
+    assert!(
+        reply.contains("protocol version mismatch: the client speaks version 99"),
+        "{reply}"
+    );
+    assert!(reply.contains("namenode speaks version 1"), "{reply}");
+
+    let mut oversized = quern_proto::PROTOCOL_VERSION.to_be_bytes().to_vec();
+    oversized.extend_from_slice(&u32::MAX.to_be_bytes());
+    let reply = raw_exchange(&c, &oversized).await;
+    assert!(reply.contains("exceeds the limit"), "{reply}");
+
+    let mut garbage = quern_proto::PROTOCOL_VERSION.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&4u32.to_be_bytes());
+    garbage.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    let reply = raw_exchange(&c, &garbage).await;
+    assert!(reply.contains("could not read the request"), "{reply}");
+
+    // The server is unharmed.
+    c.client().mkdir("/still-fine", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_namenode_is_named_in_the_error() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let files = init_cluster_dir(dir.path()).unwrap();
+    // Bind and drop a socket to get a port nobody listens on.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = quern_client::Client::new(
+        &files.client_identity().unwrap(),
+        port,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let err = client.list("/").await.unwrap_err().to_string();
+    assert!(err.contains(&format!("namenode {port}")), "{err}");
+    assert!(err.contains("is it running"), "{err}");
+}
