@@ -1,3 +1,329 @@
-pub async fn run(_dir: &std::path::Path, _size: u64, _files: usize) -> anyhow::Result<()> {
-    anyhow::bail!("bench io is not built yet")
+//! `quern bench io`: what the storage path achieves against what the
+//! machine allows, measured in one run on one machine.
+//!
+//! Figures: put and get of one file at R=1 and R=3 on a local 3-datanode
+//! cluster, create+complete and stat rates. Ceilings: the same bytes over
+//! one QUIC stream (quinn's defaults and quern's tuning), over one TCP
+//! loopback connection, and written to the datanodes' disk with fdatasync.
+
+use crate::cluster::{self, UpArgs};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use quern_client::{Client, WriteOptions};
+use quern_proto::config::ClientConfig;
+use quern_proto::tls::ClusterFiles;
+use quern_proto::transport::{Endpoint, Tuning};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BLOCK: usize = 64 << 20;
+
+fn mbps(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / t.as_secs_f64() / 1e6
+}
+
+struct Sink;
+
+impl tokio::io::AsyncWrite for Sink {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+pub async fn run(dir: &Path, size: u64, files: usize) -> Result<()> {
+    let size = size.max(BLOCK as u64) / BLOCK as u64 * BLOCK as u64;
+    eprintln!("starting a 3-datanode cluster in {}", dir.display());
+    let c = cluster::up(UpArgs {
+        dir: dir.to_path_buf(),
+        datanodes: 3,
+        heartbeat: "1s".into(),
+        dead_timeout: "30s".into(),
+        lease_timeout: "60s".into(),
+        replication_interval: "3s".into(),
+        safemode_wait: "30s".into(),
+        report_interval: "60s".into(),
+        wait: Duration::from_secs(30),
+    })
+    .await?;
+    let result = measure(dir, &c, size, files).await;
+    cluster::down(&c.dir)?;
+    result
+}
+
+async fn measure(dir: &Path, c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()> {
+    let cfg = ClientConfig::load(&c.dir.join("client.toml"))?;
+    let client = Client::from_config(&cfg)?;
+    let mut block = vec![0u8; BLOCK];
+    {
+        use rand::{RngCore, SeedableRng};
+        rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut block);
+    }
+    let block = Bytes::from(block);
+    let gib = size as f64 / (1u64 << 30) as f64;
+    println!(
+        "quern bench io: {gib:.2} GiB transfers, {files} files for metadata; MB/s = 10^6 bytes/s"
+    );
+
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    for r in [1u8, 3] {
+        let path = format!("/bench/r{r}.bin");
+        let _ = client.delete("/bench", true).await;
+        client.mkdir("/bench", true).await?;
+        let t = Instant::now();
+        let mut w = client
+            .create(
+                &path,
+                WriteOptions {
+                    replication: r,
+                    chunk_size: 64 << 20,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        for _ in 0..size / BLOCK as u64 {
+            w.write(&block).await?;
+        }
+        w.close().await?;
+        let put = mbps(size, t.elapsed());
+        let t = Instant::now();
+        let n = client.read_to(&path, &mut Sink, |_| {}).await?;
+        anyhow::ensure!(n == size, "get returned {n} bytes, expected {size}");
+        let get = mbps(size, t.elapsed());
+        println!("put R={r}: {put:>8.0} MB/s   get R={r}: {get:>8.0} MB/s");
+        rows.push((format!("put R={r}"), put));
+        rows.push((format!("get R={r}"), get));
+        client.delete("/bench", true).await?;
+    }
+
+    let (creates, stats) = metadata_rates(&client, files).await?;
+    println!("create+complete: {creates:>8.0} files/s   stat: {stats:>8.0} /s (32 in flight)");
+
+    let files_tls = ClusterFiles::in_dir(&c.dir);
+    let identity = files_tls.node_identity()?;
+    let quinn_default = quic_ceiling(&identity, Tuning::quinn_defaults(), size, &block).await?;
+    let quinn_tuned = quic_ceiling(&identity, Tuning::tuned(), size, &block).await?;
+    let tcp = tcp_ceiling(size, &block).await?;
+    let disk = disk_ceiling(&c.datanodes[0].data_dir, size, &block)?;
+    let _ = dir;
+    println!("ceilings: quinn 1 stream (quinn defaults) {quinn_default:.0} MB/s, (quern tuning) {quinn_tuned:.0} MB/s, TCP loopback {tcp:.0} MB/s, disk write+fdatasync {disk:.0} MB/s");
+
+    let get = |name: &str| {
+        rows.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0.0)
+    };
+    let put1_ceiling = quinn_tuned.min(disk);
+    println!();
+    println!(
+        "{:<34} {:>10} {:>12} {:>7} {:>7}",
+        "figure", "measured", "baseline", "ratio", "target"
+    );
+    let line = |name: &str, v: f64, base: f64, target: f64, base_name: &str| {
+        println!(
+            "{:<34} {:>10.0} {:>12.0} {:>7.2} {:>7.2}  (baseline: {base_name})",
+            name,
+            v,
+            base,
+            v / base,
+            target
+        );
+    };
+    line(
+        "get R=1 (MB/s)",
+        get("get R=1"),
+        quinn_tuned,
+        0.6,
+        "tuned quinn stream",
+    );
+    line(
+        "get R=3 (MB/s)",
+        get("get R=3"),
+        quinn_tuned,
+        0.6,
+        "tuned quinn stream",
+    );
+    line(
+        "put R=1 (MB/s)",
+        get("put R=1"),
+        put1_ceiling,
+        0.6,
+        "min(tuned quinn, disk)",
+    );
+    line(
+        "put R=3 (MB/s)",
+        get("put R=3"),
+        disk / 3.0,
+        0.6,
+        "disk / 3",
+    );
+    line(
+        "quinn tuning vs defaults (MB/s)",
+        quinn_tuned,
+        quinn_default,
+        1.0,
+        "quinn defaults",
+    );
+    println!(
+        "{:<34} {:>10.0} {:>12} {:>7} {:>7}",
+        "stat (/s)", stats, "-", "-", "10000"
+    );
+    println!(
+        "{:<34} {:>10.0} {:>12} {:>7} {:>7}",
+        "create+complete (files/s)", creates, "-", "-", "2000"
+    );
+    Ok(())
+}
+
+async fn metadata_rates(client: &Client, files: usize) -> Result<(f64, f64)> {
+    const INFLIGHT: usize = 32;
+    client.mkdir("/bench-meta", true).await?;
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..INFLIGHT {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let mut i = w;
+            while i < files {
+                let f = client
+                    .create(&format!("/bench-meta/f{i}"), WriteOptions::default())
+                    .await?;
+                f.close().await?;
+                i += INFLIGHT;
+            }
+            Ok::<_, quern_client::Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let creates = files as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for w in 0..INFLIGHT {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let mut i = w;
+            while i < files {
+                client.stat(&format!("/bench-meta/f{i}")).await?;
+                i += INFLIGHT;
+            }
+            Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let stats = files as f64 / t.elapsed().as_secs_f64();
+    client.delete("/bench-meta", true).await?;
+    Ok((creates, stats))
+}
+
+/// One stream, `size` bytes, no storage: the receiver discards and acks.
+async fn quic_ceiling(
+    identity: &quern_proto::tls::Identity,
+    tuning: Tuning,
+    size: u64,
+    block: &Bytes,
+) -> Result<f64> {
+    let server = Arc::new(Endpoint::server(identity, "127.0.0.1:0".parse()?, tuning)?);
+    let addr = server.local_addr()?;
+    let srv = server.clone();
+    let accept = tokio::spawn(async move {
+        let conn = srv.accept().await.context("no connection")?.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut got = 0u64;
+        while let Some(c) = recv.read_chunk(1 << 20, false).await? {
+            got += c.bytes.len() as u64;
+        }
+        send.write_all(&got.to_be_bytes()).await?;
+        send.finish()?;
+        let _ = send.stopped().await;
+        anyhow::Ok(got)
+    });
+    let client = Endpoint::client(identity, tuning)?;
+    let conn = client.connection(addr).await?;
+    let t = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut sent = 0u64;
+    while sent < size {
+        send.write_chunk(block.clone()).await?;
+        sent += block.len() as u64;
+    }
+    send.finish()?;
+    let mut ack = [0u8; 8];
+    recv.read_exact(&mut ack).await?;
+    let elapsed = t.elapsed();
+    let got = accept.await??;
+    anyhow::ensure!(got == size, "receiver got {got} of {size} bytes");
+    server.close();
+    client.close();
+    Ok(mbps(size, elapsed))
+}
+
+async fn tcp_ceiling(size: u64, block: &Bytes) -> Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accept = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        s.write_all(&got.to_be_bytes()).await?;
+        anyhow::Ok(got)
+    });
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut sent = 0u64;
+    while sent < size {
+        s.write_all(block).await?;
+        sent += block.len() as u64;
+    }
+    s.shutdown().await?;
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack).await?;
+    let elapsed = t.elapsed();
+    anyhow::ensure!(accept.await?? == size, "TCP receiver lost bytes");
+    Ok(mbps(size, elapsed))
+}
+
+fn disk_ceiling(dir: &Path, size: u64, block: &Bytes) -> Result<f64> {
+    use std::io::Write;
+    let path = dir.join("bench-disk.tmp");
+    let t = Instant::now();
+    let mut f =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let mut written = 0u64;
+    while written < size {
+        f.write_all(block)?;
+        written += block.len() as u64;
+    }
+    f.sync_data()?;
+    let elapsed = t.elapsed();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(mbps(size, elapsed))
 }

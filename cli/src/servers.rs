@@ -73,8 +73,7 @@ fn node_identity(dir: &Path, tls: Option<&Path>) -> Result<Identity> {
             }
         }
     };
-    let base = tls_dir.parent().unwrap_or(Path::new("."));
-    let files = ClusterFiles::in_dir(base);
+    let files = ClusterFiles::in_tls_dir(&tls_dir);
     files.node_identity().with_context(|| {
         format!(
             "loading node certificates from {} (make them with `quern cluster init --dir DIR`, or pass --tls)",

@@ -5,6 +5,7 @@ use crate::{Client, Error, Result};
 use bytes::Bytes;
 use quern_proto::msg::*;
 use quern_proto::{Digest, FileId, NodeId};
+use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
@@ -30,6 +31,7 @@ impl Default for WriteOptions {
 /// Attempts per chunk, each on a pipeline without the nodes that failed.
 const CHUNK_ATTEMPTS: usize = 3;
 const PIECE: usize = 1 << 20;
+const MAX_INFLIGHT: usize = 2;
 
 pub struct FileWriter {
     client: Client,
@@ -39,8 +41,9 @@ pub struct FileWriter {
     buf: Vec<u8>,
     index: u32,
     written: u64,
-    /// The previous chunk's upload; one runs while the next is filled.
-    inflight: Option<JoinHandle<Result<()>>>,
+    /// Uploads under way, oldest first. Two run while the next chunk
+    /// fills, so one chunk's fsync overlaps the next one's transfer.
+    inflight: VecDeque<JoinHandle<Result<()>>>,
     renewer: JoinHandle<()>,
 }
 
@@ -73,7 +76,7 @@ impl Client {
             buf: Vec::new(),
             index: 0,
             written: 0,
-            inflight: None,
+            inflight: VecDeque::new(),
             renewer,
         })
     }
@@ -106,20 +109,29 @@ impl FileWriter {
     }
 
     async fn flush_chunk(&mut self) -> Result<()> {
-        self.wait_inflight().await?;
+        while self.inflight.len() >= MAX_INFLIGHT {
+            self.wait_oldest().await?;
+        }
         let data = Bytes::from(std::mem::take(&mut self.buf));
         let client = self.client.clone();
         let path = self.path.clone();
         let (file, index) = (self.file, self.index);
         self.index += 1;
-        self.inflight = Some(tokio::spawn(async move {
+        self.inflight.push_back(tokio::spawn(async move {
             upload_chunk(&client, &path, file, index, data).await
         }));
         Ok(())
     }
 
     async fn wait_inflight(&mut self) -> Result<()> {
-        if let Some(h) = self.inflight.take() {
+        while !self.inflight.is_empty() {
+            self.wait_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<()> {
+        if let Some(h) = self.inflight.pop_front() {
             h.await.map_err(|e| Error::Unwritable {
                 path: self.path.clone(),
                 index: self.index.saturating_sub(1),
@@ -149,7 +161,7 @@ impl FileWriter {
     /// Gives the file up; nothing becomes visible and its chunks are freed.
     pub async fn abort(mut self) {
         self.renewer.abort();
-        if let Some(h) = self.inflight.take() {
+        for h in self.inflight.drain(..) {
             h.abort();
         }
         let _ = self.client.call(Abandon { file: self.file }).await;

@@ -12,6 +12,7 @@ use quern_proto::{ErrorCode, FileId, RemotePath, WireError};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const ROOT: u64 = 1;
 
@@ -151,6 +152,10 @@ pub struct Resolved {
 
 pub struct Namespace {
     db: sled::Db,
+    /// Mutations that asked to be durable, and how many of them are.
+    written: AtomicU64,
+    flushed: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
     inodes: sled::Tree,
     dirents: sled::Tree,
     pending: sled::Tree,
@@ -167,6 +172,9 @@ impl Namespace {
             dirents: db.open_tree("dirents")?,
             pending: db.open_tree("pending")?,
             db,
+            written: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            flush_lock: tokio::sync::Mutex::new(()),
         };
         if ns.inodes.get(ROOT.to_be_bytes())?.is_none() {
             ns.inodes
@@ -177,8 +185,23 @@ impl Namespace {
     }
 
     /// Makes every mutation so far survive a crash of this process.
+    ///
+    /// Group commit: sled's flush fsyncs, so concurrent callers share one
+    /// flush instead of queueing one each, and it runs on a blocking thread
+    /// so the async workers keep serving.
     pub async fn flush(&self) -> Res<()> {
-        self.db.flush_async().await.st()?;
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = self.flush_lock.lock().await;
+        if self.flushed.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("metadata flush: {e}")))?
+            .st()?;
+        self.flushed.store(upto, Ordering::SeqCst);
         Ok(())
     }
 

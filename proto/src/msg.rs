@@ -83,7 +83,8 @@ pub struct LocatedChunk {
     pub index: u32,
     pub offset: u64,
     pub meta: ChunkMeta,
-    /// Live replicas first (least loaded first), then dead and corrupt ones.
+    /// Live replicas first (rotated by chunk index so consecutive chunks
+    /// are read from different holders), then dead, then corrupt ones.
     pub replicas: Vec<ReplicaInfo>,
 }
 

@@ -104,8 +104,13 @@ pub struct ClusterFiles {
 }
 
 impl ClusterFiles {
+    /// The files of the cluster directory `dir` (they live in `dir/tls`).
     pub fn in_dir(dir: &Path) -> ClusterFiles {
-        let tls = dir.join("tls");
+        Self::in_tls_dir(&dir.join("tls"))
+    }
+
+    /// The files inside a certificate directory, whatever its name.
+    pub fn in_tls_dir(tls: &Path) -> ClusterFiles {
         ClusterFiles {
             ca: tls.join("ca.pem"),
             node_cert: tls.join("node.pem"),
