@@ -63,12 +63,12 @@ pub async fn run(dir: &Path, size: u64, files: usize) -> Result<()> {
         wait: Duration::from_secs(30),
     })
     .await?;
-    let result = measure(dir, &c, size, files).await;
+    let result = measure(&c, size, files).await;
     cluster::down(&c.dir)?;
     result
 }
 
-async fn measure(dir: &Path, c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()> {
+async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()> {
     let cfg = ClientConfig::load(&c.dir.join("client.toml"))?;
     let client = Client::from_config(&cfg)?;
     let mut block = vec![0u8; BLOCK];
@@ -122,7 +122,6 @@ async fn measure(dir: &Path, c: &cluster::ClusterFile, size: u64, files: usize) 
     let quinn_tuned = quic_ceiling(&identity, Tuning::tuned(), size, &block).await?;
     let tcp = tcp_ceiling(size, &block).await?;
     let disk = disk_ceiling(&c.datanodes[0].data_dir, size, &block)?;
-    let _ = dir;
     println!("ceilings: quinn 1 stream (quinn defaults) {quinn_default:.0} MB/s, (quern tuning) {quinn_tuned:.0} MB/s, TCP loopback {tcp:.0} MB/s, disk write+fdatasync {disk:.0} MB/s");
 
     let get = |name: &str| {

@@ -43,7 +43,13 @@ impl Client {
             let node = replica.node;
             match self.fetch(node, chunk).await {
                 Ok(bytes) => {
-                    let got = hash(&bytes).await;
+                    let hashed = bytes.clone();
+                    let got = tokio::task::spawn_blocking(move || Digest::of(&hashed))
+                        .await
+                        .map_err(|e| Error::Io {
+                            context: format!("verifying chunk {} of {path}", chunk.index),
+                            cause: std::io::Error::other(e.to_string()),
+                        })?;
                     if got == chunk.meta.digest && bytes.len() as u64 == chunk.meta.size {
                         return Ok((bytes, ChunkSource { node, skipped }));
                     }
@@ -171,19 +177,4 @@ impl Client {
         self.read_to(path, &mut out, |_| {}).await?;
         Ok(out)
     }
-}
-
-async fn hash(bytes: &Bytes) -> Digest {
-    let b = bytes.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut h = blake3::Hasher::new();
-        if b.len() >= 1 << 20 {
-            h.update_rayon(&b);
-        } else {
-            h.update(&b);
-        }
-        Digest::from(h.finalize())
-    })
-    .await
-    .unwrap_or(Digest([0; 32]))
 }

@@ -175,16 +175,6 @@ impl Drop for FileWriter {
     }
 }
 
-fn digest(data: &[u8]) -> Digest {
-    if data.len() >= 1 << 20 {
-        let mut h = blake3::Hasher::new();
-        h.update_rayon(data);
-        h.finalize().into()
-    } else {
-        Digest::of(data)
-    }
-}
-
 async fn upload_chunk(
     client: &Client,
     path: &str,
@@ -193,7 +183,7 @@ async fn upload_chunk(
     data: Bytes,
 ) -> Result<()> {
     let hashed = data.clone();
-    let digest = tokio::task::spawn_blocking(move || digest(&hashed))
+    let digest = tokio::task::spawn_blocking(move || Digest::of(&hashed))
         .await
         .map_err(|e| Error::Unwritable {
             path: path.into(),

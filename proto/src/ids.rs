@@ -37,7 +37,15 @@ pub struct Digest(pub [u8; 32]);
 
 impl Digest {
     pub fn of(bytes: &[u8]) -> Digest {
-        Digest(*blake3::hash(bytes).as_bytes())
+        let mut h = blake3::Hasher::new();
+        // Whole chunks are hashed on every core; small buffers are not
+        // worth the thread hand-off.
+        if bytes.len() >= 1 << 20 {
+            h.update_rayon(bytes);
+        } else {
+            h.update(bytes);
+        }
+        Digest(*h.finalize().as_bytes())
     }
 
     pub fn to_hex(&self) -> String {

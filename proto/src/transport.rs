@@ -34,17 +34,12 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    /// What quern runs with.
+    /// What quern runs with: quinn's defaults plus large socket buffers.
+    /// Larger flow-control windows measured slower here (DESIGN.md).
     pub fn tuned() -> Tuning {
         Tuning {
             socket_buffer: 8 << 20,
-            stream_window: None,
-            connection_window: None,
-            send_window: None,
-            initial_mtu: None,
-            max_udp_payload: None,
-            idle_timeout: Duration::from_secs(10),
-            keep_alive: Duration::from_secs(2),
+            ..Tuning::quinn_defaults()
         }
     }
 
