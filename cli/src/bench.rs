@@ -1,4 +1,4 @@
-//! `quern bench io`: figures for storage throughput and their ceilings.
+//! `quern bench`: benchmarks that print figures, baselines and ratios.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -18,10 +18,35 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2000)]
         files: usize,
     },
+    /// Dataset statistics by map tasks versus pulling every chunk to the
+    /// client, on a local 3-datanode cluster with Fashion-MNIST.
+    Stats {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(
+            long,
+            default_value = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+        )]
+        images: PathBuf,
+        #[arg(
+            long,
+            default_value = "/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"
+        )]
+        labels: PathBuf,
+        /// Repetitions; the best time of each is printed.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Io { dir, size, files } => crate::bench_io::run(&dir, size, files).await,
+        BenchCommand::Stats {
+            dir,
+            images,
+            labels,
+            rounds,
+        } => crate::bench_stats::run(&dir, &images, &labels, rounds).await,
     }
 }

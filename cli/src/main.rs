@@ -2,7 +2,9 @@
 
 mod bench;
 mod bench_io;
+mod bench_stats;
 mod cluster;
+mod dataset;
 mod duration;
 mod fs;
 mod servers;
@@ -37,6 +39,9 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Datasets of fixed-size records: import, info, stats, export.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
     #[command(flatten)]
     Fs(fs::FsCommand),
 }
@@ -84,6 +89,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Datanode(a) => servers::datanode(a).await.map(|_| 0),
         Command::Cluster(c) => cluster::run(c).await,
         Command::Bench(b) => bench::run(b).await.map(|_| 0),
+        Command::Dataset(d) => dataset::run(d, cli.config.as_deref()).await,
         Command::Fs(f) => fs::run(f, cli.config.as_deref()).await,
     }
 }

@@ -1,10 +1,16 @@
 //! The quern client library: namespace calls, chunk streaming with replica
 //! failover and digest checks, and file writers with atomic visibility.
 
+mod dataset;
+mod job;
 mod read;
+mod scheduler;
 mod write;
 
+pub use dataset::{Dataset, ImportOptions};
+pub use job::{JobOptions, JobSummary, Retry};
 pub use read::ChunkSource;
+pub use scheduler::{Assignment, Scheduler};
 pub use write::{FileWriter, WriteOptions};
 
 use quern_proto::config::ClientConfig;
@@ -32,6 +38,10 @@ pub enum Error {
         index: u32,
         tried: String,
     },
+    #[error("{0}")]
+    Job(String),
+    #[error("{0}")]
+    Dataset(String),
     #[error("{context}: {cause}")]
     Io {
         context: String,

@@ -1,1 +1,6 @@
-//! placeholder
+//! quern compute: record formats, map operators, layers and training.
+//! Nothing here touches the network; datanodes and the coordinator call in.
+
+pub mod import;
+pub mod ops;
+pub mod records;

@@ -4,6 +4,7 @@
 mod heartbeat;
 mod service;
 mod store;
+mod tasks;
 mod transfer;
 
 pub use service::{Datanode, DatanodeConfig};

@@ -1,4 +1,4 @@
-//! Datanode requests: pipelined chunk writes, chunk reads, ping.
+//! Datanode requests: pipelined chunk writes, chunk reads, map tasks, ping.
 
 use crate::store::{ChunkInfo, ChunkStore, StoreError};
 use crate::transfer::{disk_writer, read_pieces, PIECE};
@@ -45,14 +45,16 @@ pub(crate) struct Node {
     pub cfg: DatanodeConfig,
     pub store: Arc<ChunkStore>,
     pub endpoint: Arc<Endpoint>,
+    /// Map and gradient tasks running at once: one per core.
+    pub task_slots: tokio::sync::Semaphore,
 }
 
 impl Node {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!("datanode {} ({})", self.id, self.addr)
     }
 
-    fn store_error(&self, e: &StoreError) -> WireError {
+    pub(crate) fn store_error(&self, e: &StoreError) -> WireError {
         if e.is_disk_full() {
             WireError::new(
                 ErrorCode::NoSpace,
@@ -114,6 +116,9 @@ impl Datanode {
             cfg,
             store,
             endpoint: endpoint.clone(),
+            task_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         });
         tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
         let tasks = vec![
@@ -190,6 +195,10 @@ impl Service for DataService {
             }
             DataRequest::ReadChunk(r) => read_chunk(&self.node, r, &mut stream).await,
             DataRequest::Ping(_) => stream.reply(&Ok(self.node.id)).await,
+            DataRequest::RunTask(r) => {
+                let reply = crate::tasks::run_task(&self.node, r).await;
+                stream.reply(&reply).await
+            }
         };
         if let Err(e) = result {
             tracing::debug!(peer = %stream.peer, "request ended early: {e}");

@@ -23,7 +23,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn io(what: &'static str, path: &Path, source: std::io::Error) -> StoreError {
+    pub(crate) fn io(what: &'static str, path: &Path, source: std::io::Error) -> StoreError {
         StoreError::Io {
             what,
             path: path.to_path_buf(),

@@ -403,8 +403,32 @@ pub struct ReadHeader {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ping;
 
+/// Run a map task over one chunk. The datanode reads the chunk from its own
+/// disk; only when it holds no replica does it fetch the chunk from
+/// `sources` (the coordinator then counts the task as remote). `task` is an
+/// encoded `quern_compute::ops::Task`: the protocol does not know operators.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunTask {
+    pub chunk: ChunkMeta,
+    pub sources: Vec<NodeAddr>,
+    #[serde(with = "serde_bytes")]
+    pub task: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskOutput {
+    /// Encoded `quern_compute::ops::Partial`.
+    #[serde(with = "serde_bytes")]
+    pub partial: Vec<u8>,
+    /// Chunk bytes read from the datanode's own disk.
+    pub local_bytes: u64,
+    /// Chunk bytes fetched from another datanode (a remote task).
+    pub fetched_bytes: u64,
+}
+
 rpcs!(DataRequest {
     WriteChunk(WriteChunk) -> WriteAck,
     ReadChunk(ReadChunk) -> ReadHeader,
     Ping(Ping) -> NodeId,
+    RunTask(RunTask) -> TaskOutput,
 });

@@ -349,3 +349,100 @@ impl Drop for BinCluster {
         }
     }
 }
+
+/// An IDX file (unsigned bytes) with the given dimensions, as MNIST ships.
+pub fn idx_file(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+/// `n` random `rows x cols` images and labels below `classes`, as
+/// (images IDX, labels IDX, pixels, labels).
+pub fn random_idx(
+    n: usize,
+    rows: usize,
+    cols: usize,
+    classes: u8,
+    seed: u64,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let pixels = random_bytes(n * rows * cols, seed);
+    let labels: Vec<u8> = random_bytes(n, seed + 1)
+        .iter()
+        .map(|b| b % classes)
+        .collect();
+    (
+        idx_file(&[n as u32, rows as u32, cols as u32], &pixels),
+        idx_file(&[n as u32], &labels),
+        pixels,
+        labels,
+    )
+}
+
+/// Statistics computed directly, the slow obvious way, for comparison.
+pub struct DirectStats {
+    pub count: u64,
+    pub min: Vec<f32>,
+    pub max: Vec<f32>,
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    pub label_counts: Vec<u64>,
+}
+
+pub fn direct_stats(features: &[f32], labels: &[u32], width: usize) -> DirectStats {
+    let n = labels.len();
+    let mut s = DirectStats {
+        count: n as u64,
+        min: vec![f32::INFINITY; width],
+        max: vec![f32::NEG_INFINITY; width],
+        mean: vec![0.0; width],
+        std: vec![0.0; width],
+        label_counts: vec![0; labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0)],
+    };
+    for j in 0..width {
+        let col = (0..n).map(|i| features[i * width + j]);
+        let sum: f64 = col.clone().map(f64::from).sum();
+        let mean = sum / n as f64;
+        let var: f64 = col
+            .clone()
+            .map(|x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        s.mean[j] = mean;
+        s.std[j] = var.sqrt();
+        s.min[j] = col.clone().fold(f32::INFINITY, f32::min);
+        s.max[j] = col.fold(f32::NEG_INFINITY, f32::max);
+    }
+    for &l in labels {
+        s.label_counts[l as usize] += 1;
+    }
+    s
+}
+
+/// Asserts stored statistics equal the direct ones (exact for counts and
+/// extremes, to 1e-9 relative for moments, which differ only in rounding).
+pub fn assert_stats_eq(got: &quern_compute::ops::DatasetStats, want: &DirectStats) {
+    assert_eq!(got.count, want.count);
+    assert_eq!(got.label_counts, want.label_counts);
+    assert_eq!(got.min, want.min);
+    assert_eq!(got.max, want.max);
+    for j in 0..want.mean.len() {
+        let tol = 1e-9 * want.mean[j].abs().max(1.0);
+        assert!(
+            (got.mean[j] - want.mean[j]).abs() <= tol,
+            "mean[{j}] {} vs {}",
+            got.mean[j],
+            want.mean[j]
+        );
+        let tol = 1e-9 * want.std[j].abs().max(1.0);
+        assert!(
+            (got.std[j] - want.std[j]).abs() <= tol,
+            "std[{j}] {} vs {}",
+            got.std[j],
+            want.std[j]
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! The task executor: map tasks run here, next to the chunk they read, on a
+//! bounded pool so that tasks never starve reads and writes of CPU.
+
+use crate::service::Node;
+use bytes::{Bytes, BytesMut};
+use quern_proto::msg::*;
+use quern_proto::{Digest, ErrorCode, WireError};
+use std::io::Read;
+use std::sync::Arc;
+
+/// Runs one map task and returns its encoded partial result.
+pub(crate) async fn run_task(node: &Arc<Node>, req: RunTask) -> Result<TaskOutput, WireError> {
+    let _slot = node
+        .task_slots
+        .acquire()
+        .await
+        .map_err(|_| WireError::new(ErrorCode::Internal, "task pool closed"))?;
+    let meta = req.chunk;
+    let (bytes, local_bytes, fetched_bytes) = if node.store.get(meta.id).is_some() {
+        let bytes = read_local(node, meta).await?;
+        let n = bytes.len() as u64;
+        (bytes, n, 0)
+    } else if !req.sources.is_empty() {
+        let bytes = fetch_remote(node, meta, &req.sources).await?;
+        let n = bytes.len() as u64;
+        (bytes, 0, n)
+    } else {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!(
+                "{}: holds no replica of {} and was given no source to fetch it from",
+                node.describe(),
+                meta.id
+            ),
+        ));
+    };
+    let task = req.task;
+    let chunk = meta.id;
+    let partial =
+        tokio::task::spawn_blocking(move || quern_compute::ops::run_encoded(&task, &bytes))
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("task panicked: {e}")))?
+            .map_err(|e| {
+                WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("{}: task on {chunk} failed: {e}", node.describe()),
+                )
+            })?;
+    Ok(TaskOutput {
+        partial,
+        local_bytes,
+        fetched_bytes,
+    })
+}
+
+/// Reads a whole local replica and checks it against the digest the
+/// namenode knows; a bad replica is reported so it gets replaced.
+async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Bytes, WireError> {
+    let store = node.store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let (mut file, info) = store.open_chunk(meta.id)?;
+        let mut buf = Vec::with_capacity(info.size as usize);
+        file.read_to_end(&mut buf)
+            .map_err(|e| crate::store::StoreError::io("reading", &store.data_path(meta.id), e))?;
+        let digest = Digest::of(&buf);
+        Ok::<_, crate::store::StoreError>((Bytes::from(buf), digest))
+    })
+    .await
+    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+    let (bytes, digest) = read.map_err(|e| node.store_error(&e))?;
+    if digest != meta.digest || bytes.len() as u64 != meta.size {
+        let reason = format!(
+            "digest mismatch found by a map task: {} bytes with digest {digest}, expected {} bytes with {}",
+            bytes.len(),
+            meta.size,
+            meta.digest
+        );
+        tracing::warn!(chunk = %meta.id, "local replica fails its digest check; reporting it");
+        let report = ReportBadReplica {
+            chunk: meta.id,
+            node: node.id,
+            reason: reason.clone(),
+        };
+        let _ = node.endpoint.call(node.cfg.namenode, report).await;
+        return Err(WireError::new(
+            ErrorCode::ChecksumMismatch,
+            format!("{}: {} {reason}", node.describe(), meta.id),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A remote task: pull the chunk from the first source that serves it whole
+/// and intact.
+async fn fetch_remote(
+    node: &Arc<Node>,
+    meta: ChunkMeta,
+    sources: &[NodeAddr],
+) -> Result<Bytes, WireError> {
+    let mut tried = Vec::new();
+    for src in sources {
+        match fetch_from(node, meta, src.addr).await {
+            Ok(b) if Digest::of(&b) == meta.digest => return Ok(b),
+            Ok(_) => tried.push(format!("{}: digest mismatch", src.addr)),
+            Err(e) => tried.push(format!("{}: {e}", src.addr)),
+        }
+    }
+    Err(WireError::new(
+        ErrorCode::Io,
+        format!(
+            "{}: could not fetch {} for a remote task: {}",
+            node.describe(),
+            meta.id,
+            tried.join("; ")
+        ),
+    ))
+}
+
+async fn fetch_from(
+    node: &Node,
+    meta: ChunkMeta,
+    addr: std::net::SocketAddr,
+) -> Result<Bytes, quern_proto::Error> {
+    let mut s = node.endpoint.open(addr).await?;
+    s.send(&DataRequest::ReadChunk(ReadChunk {
+        chunk: meta.id,
+        offset: 0,
+        len: None,
+    }))
+    .await?;
+    s.finish()?;
+    let header: ReadHeader = s.reply().await?;
+    if header.len != meta.size {
+        return Err(quern_proto::Error::Malformed(format!(
+            "replica holds {} bytes, expected {}",
+            header.len, meta.size
+        )));
+    }
+    let mut buf = BytesMut::with_capacity(header.len as usize);
+    while (buf.len() as u64) < header.len {
+        let want = (header.len - buf.len() as u64).min(1 << 20) as usize;
+        match s.recv.read_chunk(want, true).await {
+            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            Ok(None) => {
+                return Err(quern_proto::Error::Malformed(format!(
+                    "stream ended after {} of {} bytes",
+                    buf.len(),
+                    header.len
+                )))
+            }
+            Err(e) => {
+                return Err(quern_proto::Error::Stream {
+                    peer: addr.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
