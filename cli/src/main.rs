@@ -7,6 +7,7 @@ mod cluster;
 mod dataset;
 mod duration;
 mod fs;
+mod model;
 mod servers;
 
 use anyhow::Result;
@@ -42,6 +43,9 @@ enum Command {
     /// Datasets of fixed-size records: import, info, stats, export.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Inspect, run and benchmark Keras-defined models locally.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     #[command(flatten)]
     Fs(fs::FsCommand),
 }
@@ -90,6 +94,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Cluster(c) => cluster::run(c).await,
         Command::Bench(b) => bench::run(b).await.map(|_| 0),
         Command::Dataset(d) => dataset::run(d, cli.config.as_deref()).await,
+        Command::Model(m) => model::run(m).map(|_| 0),
         Command::Fs(f) => fs::run(f, cli.config.as_deref()).await,
     }
 }

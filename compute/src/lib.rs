@@ -2,5 +2,6 @@
 //! Nothing here touches the network; datanodes and the coordinator call in.
 
 pub mod import;
+pub mod nn;
 pub mod ops;
 pub mod records;

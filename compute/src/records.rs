@@ -290,6 +290,46 @@ pub struct Encoded {
     pub bytes: Vec<u8>,
 }
 
+fn npy_descr(d: DType) -> &'static str {
+    match d {
+        DType::U8 => "|u1",
+        DType::U32 => "<u4",
+        DType::F32 => "<f4",
+    }
+}
+
+/// The records as an `.npz` with `x` (records x feature shape, in the
+/// stored dtype) and `y` (labels), as `np.savez` would write them.
+pub fn to_npz(layout: &RecordLayout, bytes: &[u8]) -> Result<Vec<u8>, RecordError> {
+    use std::io::Write;
+    let records = layout.view("dataset", bytes)?;
+    let n = records.len();
+    let fb = layout.feature_bytes();
+    let lb = layout.label_dtype.size();
+    let mut x = Vec::with_capacity(n * fb);
+    let mut y = Vec::with_capacity(n * lb);
+    for rec in bytes.chunks_exact(layout.record_size()) {
+        x.extend_from_slice(&rec[..fb]);
+        y.extend_from_slice(&rec[fb..]);
+    }
+    let mut shape = vec![n];
+    shape.extend_from_slice(&layout.feature_shape);
+    let zerr = |e: zip::result::ZipError| RecordError::Layout(format!("writing npz: {e}"));
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(x.len() > (1 << 31));
+    for (name, descr, shape, data) in [
+        ("x.npy", npy_descr(layout.feature_dtype), shape, x),
+        ("y.npy", npy_descr(layout.label_dtype), vec![n], y),
+    ] {
+        w.start_file(name, opts).map_err(zerr)?;
+        w.write_all(&crate::nn::npy::npy_bytes(descr, &shape, &data))
+            .map_err(|e| RecordError::Layout(format!("writing npz: {e}")))?;
+    }
+    Ok(w.finish().map_err(zerr)?.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,66 +366,3 @@ mod tests {
     }
 }
 
-/// An `.npy` file (format 1.0, little-endian, C order) around raw values.
-pub fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
-    const MAGIC: &[u8] = b"\x93NUMPY";
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let mut header =
-        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    // numpy pads the header so the data starts on a 64-byte boundary.
-    let unpadded = MAGIC.len() + 4 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
-    header.push('\n');
-    let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len() + data.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[1, 0]);
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-fn npy_descr(d: DType) -> &'static str {
-    match d {
-        DType::U8 => "|u1",
-        DType::U32 => "<u4",
-        DType::F32 => "<f4",
-    }
-}
-
-/// The records as an `.npz` with `x` (records x feature shape, in the
-/// stored dtype) and `y` (labels), as `np.savez` would write them.
-pub fn to_npz(layout: &RecordLayout, bytes: &[u8]) -> Result<Vec<u8>, RecordError> {
-    use std::io::Write;
-    let records = layout.view("dataset", bytes)?;
-    let n = records.len();
-    let fb = layout.feature_bytes();
-    let lb = layout.label_dtype.size();
-    let mut x = Vec::with_capacity(n * fb);
-    let mut y = Vec::with_capacity(n * lb);
-    for rec in bytes.chunks_exact(layout.record_size()) {
-        x.extend_from_slice(&rec[..fb]);
-        y.extend_from_slice(&rec[fb..]);
-    }
-    let mut shape = vec![n];
-    shape.extend_from_slice(&layout.feature_shape);
-    let zerr = |e: zip::result::ZipError| RecordError::Layout(format!("writing npz: {e}"));
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
-        .large_file(x.len() > (1 << 31));
-    for (name, descr, shape, data) in [
-        ("x.npy", npy_descr(layout.feature_dtype), shape, x),
-        ("y.npy", npy_descr(layout.label_dtype), vec![n], y),
-    ] {
-        w.start_file(name, opts).map_err(zerr)?;
-        w.write_all(&npy_bytes(descr, &shape, &data))
-            .map_err(|e| RecordError::Layout(format!("writing npz: {e}")))?;
-    }
-    Ok(w.finish().map_err(zerr)?.into_inner())
-}

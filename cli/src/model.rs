@@ -1,0 +1,103 @@
+//! `quern model`: inspect, run and benchmark Keras-defined models locally,
+//! without a cluster.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use quern_compute::nn::{self, Model};
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Print layers, output shapes and parameter counts as Keras does.
+    Summary {
+        /// `model.to_json()` file or `.keras` archive.
+        model: PathBuf,
+    },
+    /// Run inference on a float32 .npy batch and write the outputs as .npy.
+    Predict {
+        /// `model.to_json()` file or `.keras` archive.
+        #[arg(long)]
+        model: PathBuf,
+        /// Weights as saved by `np.savez(f, *model.get_weights())`; optional
+        /// when the .keras archive carries an .npz.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Input batch, shape (n, ...input shape).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write the outputs.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Time training steps (forward + backward + update) on random data.
+    Bench {
+        /// `model.to_json()` file or `.keras` archive.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        batch_size: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> Result<()> {
+    match cmd {
+        ModelCommand::Summary { model } => {
+            print!("{}", load(&model)?.summary());
+            Ok(())
+        }
+        ModelCommand::Predict {
+            model,
+            weights,
+            input,
+            output,
+        } => predict(&model, weights.as_deref(), &input, &output),
+        ModelCommand::Bench {
+            model,
+            batch_size,
+            iters,
+            threads,
+        } => {
+            let m = load(&model)?;
+            let r = nn::bench_train_step(&m, batch_size, iters, threads)
+                .with_context(|| format!("benchmarking {}", model.display()))?;
+            println!(
+                "{}: batch {} on {} threads, {} steps: {:.1} ms/step, {:.0} samples/s, {:.1} GFLOP/s",
+                m.name(),
+                r.batch_size,
+                r.threads,
+                r.iters,
+                r.seconds_per_step * 1e3,
+                r.samples_per_sec,
+                r.gflops
+            );
+            Ok(())
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Model> {
+    Ok(Model::load(path)?)
+}
+
+fn predict(model: &Path, weights: Option<&Path>, input: &Path, output: &Path) -> Result<()> {
+    let (m, params) = Model::load_with_weights(model, weights)?;
+    let x = nn::npy::load_npy(input)?;
+    let y = m
+        .predict(&params, x.view())
+        .with_context(|| format!("running {} on {}", model.display(), input.display()))?;
+    nn::npy::save_npy(output, &y.view())?;
+    eprintln!(
+        "wrote {} predictions of shape {:?} to {}",
+        y.shape()[0],
+        &y.shape()[1..],
+        output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,51 @@
+use std::path::Path;
+
+/// Everything that can go wrong importing, loading or running a model.
+///
+/// Messages name the thing at fault (layer, option, array, file) so that a
+/// user reading one line knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum NnError {
+    #[error("malformed model JSON: {0}")]
+    Json(String),
+    #[error("layer `{layer}` ({class}): {message}")]
+    Layer {
+        layer: String,
+        class: String,
+        message: String,
+    },
+    #[error("model: {0}")]
+    Model(String),
+    #[error("{name}: {message}")]
+    Array { name: String, message: String },
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("input: {0}")]
+    Input(String),
+    // The io error is in the message, not a `source`, so that `{:#}`
+    // chains do not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("{what}: not a readable zip archive: {message}")]
+    Zip { what: String, message: String },
+    #[error("optimizer: {0}")]
+    Optimizer(String),
+}
+
+pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+impl NnError {
+    pub(crate) fn io(path: &Path, error: std::io::Error) -> Self {
+        NnError::Io {
+            path: path.display().to_string(),
+            error,
+        }
+    }
+
+    pub(crate) fn array(name: &str, message: impl Into<String>) -> Self {
+        NnError::Array {
+            name: name.to_string(),
+            message: message.into(),
+        }
+    }
+}

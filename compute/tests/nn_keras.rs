@@ -1,0 +1,359 @@
+//! Parity with real Keras on the fixtures made by Keras 3 (see
+//! tests/fixtures/keras/README.md), model import, weights files and errors.
+
+use std::path::PathBuf;
+
+use ndarray::ArrayD;
+use quern_compute::nn::{npy, Model, NnError, Params};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/keras")
+        .join(name)
+}
+
+fn load(name: &str) -> (Model, Params) {
+    let model = Model::load(&fixture(&format!("{name}.json"))).expect("model loads");
+    let params = model
+        .load_params(&fixture(&format!("{name}.weights.npz")))
+        .expect("weights load");
+    (model, params)
+}
+
+fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_predict(name: &str) {
+    let (model, params) = load(name);
+    let x = npy::load_npy(&fixture(&format!("{name}.input.npy"))).unwrap();
+    let expected = npy::load_npy(&fixture(&format!("{name}.expected.npy"))).unwrap();
+    let got = model.predict(&params, x.view()).unwrap();
+    let d = max_abs_diff(&got, &expected);
+    assert!(d <= 1e-4, "{name}: predict differs from Keras by {d}");
+}
+
+#[test]
+fn predict_matches_keras_mlp() {
+    check_predict("mlp");
+}
+
+#[test]
+fn predict_matches_keras_seed_cnn() {
+    check_predict("seed_cnn");
+}
+
+#[test]
+fn layer_outputs_match_keras() {
+    for name in ["mlp", "seed_cnn"] {
+        let (model, params) = load(name);
+        let x = npy::load_npy(&fixture(&format!("{name}.input.npy"))).unwrap();
+        let expected = npy::load_npz(&fixture(&format!("{name}.layers.npz"))).unwrap();
+        let outs = model.layer_outputs(&params, x.view()).unwrap();
+        assert_eq!(outs.len(), model.layers().len());
+        for (layer, out) in model.layers().iter().zip(&outs) {
+            let (_, want) = expected
+                .iter()
+                .find(|(n, _)| *n == layer.name)
+                .unwrap_or_else(|| panic!("{name}: no Keras output for {}", layer.name));
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let d = max_abs_diff(out, want);
+            assert!(
+                d <= 1e-4 * scale,
+                "{name}/{}: differs from Keras by {d} (scale {scale})",
+                layer.name
+            );
+        }
+    }
+}
+
+#[test]
+fn gradients_match_keras() {
+    for name in ["mlp", "seed_cnn"] {
+        let (model, params) = load(name);
+        let x = npy::load_npy(&fixture(&format!("{name}.input.npy"))).unwrap();
+        let labels = npy::load_labels(&fixture(&format!("{name}.labels.npy"))).unwrap();
+        let expected = npy::load_npz(&fixture(&format!("{name}.grads.npz"))).unwrap();
+        let expected = model.params_from_arrays(&expected).unwrap();
+        let g = model
+            .loss_and_grad_sum(&params, x.view(), &labels, None)
+            .unwrap();
+        assert_eq!(g.count, labels.len() as u64);
+        let n = labels.len() as f32;
+        let mean = model
+            .params_from_flat(g.grad.iter().map(|v| v / n).collect())
+            .unwrap();
+        for (i, spec) in model.param_specs().iter().enumerate() {
+            let (a, b) = (mean.tensor(i), expected.tensor(i));
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = a
+                .iter()
+                .zip(b.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                d <= 1e-4 * scale.max(1e-3),
+                "{name} {}: gradient differs from Keras by {d} (max |g| {scale})",
+                spec.name
+            );
+        }
+    }
+}
+
+#[test]
+fn summary_matches_keras() {
+    for name in ["mlp", "seed_cnn"] {
+        let (model, _) = load(name);
+        let want = std::fs::read_to_string(fixture(&format!("{name}.summary.txt"))).unwrap();
+        assert_eq!(model.summary(), want, "{name}");
+    }
+    let (model, _) = load("seed_cnn");
+    assert_eq!(model.param_count(), 1_663_370);
+    assert_eq!(model.input_shape(), &[28, 28, 1]);
+    let s = model.summary();
+    assert!(s.contains("1,663,370"));
+    assert!(s.contains("(None, 7, 7, 64)"));
+}
+
+#[test]
+fn keras_archive_imports_config_and_refuses_h5_weights() {
+    let archive = Model::open_keras(&fixture("seed_cnn.keras")).unwrap();
+    assert!(archive.has_h5_weights);
+    assert!(archive.weights.is_none());
+    assert_eq!(archive.model.param_count(), 1_663_370);
+    let err = Model::load_with_weights(&fixture("seed_cnn.keras"), None).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(".h5") && msg.contains("np.savez"), "{msg}");
+    let (model, params) =
+        Model::load_with_weights(&fixture("mlp.keras"), Some(&fixture("mlp.weights.npz"))).unwrap();
+    assert_eq!(model.param_count(), params.len());
+}
+
+#[test]
+fn npz_round_trip_keeps_keras_order_and_shapes() {
+    let (model, params) = load("seed_cnn");
+    let bytes = params.to_npz_bytes().unwrap();
+    let back = model.params_from_npz_bytes(&bytes, "round trip").unwrap();
+    assert_eq!(back, params);
+    let arrays = npy::npz_to_arrays(&bytes, "round trip").unwrap();
+    let original = npy::load_npz(&fixture("seed_cnn.weights.npz")).unwrap();
+    assert_eq!(arrays.len(), original.len());
+    for ((n1, a1), (n2, a2)) in arrays.iter().zip(&original) {
+        assert_eq!(n1, n2);
+        assert_eq!(a1, a2);
+    }
+    let flat = params.clone().into_vec();
+    assert_eq!(flat.len(), 1_663_370);
+    assert_eq!(model.params_from_flat(flat).unwrap(), params);
+
+    let dir = tempdir();
+    let path = dir.join("w.npz");
+    params.save_npz(&path).unwrap();
+    assert_eq!(model.load_params(&path).unwrap(), params);
+    let x = npy::load_npy(&fixture("seed_cnn.input.npy")).unwrap();
+    let y = dir.join("x.npy");
+    npy::save_npy(&y, &x.view()).unwrap();
+    assert_eq!(npy::load_npy(&y).unwrap(), x);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("quern-nn-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn default_init_is_seeded_glorot_and_zero_bias() {
+    let (model, _) = load("seed_cnn");
+    let a = model.init_params(7);
+    let b = model.init_params(7);
+    let c = model.init_params(8);
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    // dense kernel (3136, 512): limit sqrt(6 / (3136 + 512))
+    let k = a.tensor(4);
+    let limit = (6.0f32 / (3136.0 + 512.0)).sqrt();
+    assert!(k.iter().all(|v| v.abs() <= limit));
+    assert!(k.iter().any(|v| v.abs() > 0.9 * limit));
+    assert!(a.tensor(5).iter().all(|v| *v == 0.0));
+}
+
+fn seed_cnn_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("seed_cnn.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn unknown_layer_is_refused_naming_layer_and_class() {
+    let mut v = seed_cnn_json();
+    v["config"]["layers"][2]["class_name"] = "LSTM".into();
+    let err = Model::from_keras_json(&v.to_string()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, NnError::Layer { .. }));
+    assert!(
+        msg.contains("LSTM") && msg.contains("max_pooling2d"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unsupported_option_is_refused_naming_it() {
+    let mut v = seed_cnn_json();
+    v["config"]["layers"][1]["config"]["dilation_rate"] = serde_json::json!([2, 2]);
+    let msg = Model::from_keras_json(&v.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("dilation_rate") && msg.contains("conv2d"),
+        "{msg}"
+    );
+
+    let mut v = seed_cnn_json();
+    v["config"]["layers"][1]["config"]["padding"] = "causal".into();
+    let msg = Model::from_keras_json(&v.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("padding") && msg.contains("causal"), "{msg}");
+
+    let mut v = seed_cnn_json();
+    v["config"]["layers"][6]["config"]["activation"] = "gelu".into();
+    let msg = Model::from_keras_json(&v.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("activation") && msg.contains("gelu") && msg.contains("dense"),
+        "{msg}"
+    );
+
+    let mut v = seed_cnn_json();
+    v["config"]["layers"][6]["config"]["kernel_regularizer"] =
+        serde_json::json!({"class_name": "L2"});
+    let msg = Model::from_keras_json(&v.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("kernel_regularizer"), "{msg}");
+}
+
+#[test]
+fn malformed_json_gives_a_clear_error() {
+    let err = Model::from_keras_json("{\"class_name\": \"Sequential\", ").unwrap_err();
+    assert!(err.to_string().starts_with("malformed model JSON"), "{err}");
+    let err = Model::from_keras_json("[1, 2]").unwrap_err();
+    assert!(err.to_string().contains("malformed model JSON"), "{err}");
+    let err =
+        Model::from_keras_json("{\"class_name\": \"Sequential\", \"config\": {}}").unwrap_err();
+    assert!(err.to_string().contains("config.layers"), "{err}");
+}
+
+#[test]
+fn npz_with_wrong_shape_names_array_and_both_shapes() {
+    let (model, params) = load("seed_cnn");
+    let mut arrays: Vec<(String, ArrayD<f32>)> = params
+        .to_arrays()
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| (format!("arr_{i}"), a))
+        .collect();
+    arrays[4].1 = ArrayD::zeros(ndarray::IxDyn(&[3136, 511]));
+    let views: Vec<_> = arrays.iter().map(|(n, a)| (n.clone(), a.view())).collect();
+    let bytes = npy::arrays_to_npz(&views).unwrap();
+    let msg = model
+        .params_from_npz_bytes(&bytes, "bad.npz")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("arr_4") && msg.contains("(3136, 512)") && msg.contains("(3136, 511)"),
+        "{msg}"
+    );
+    // Too few arrays.
+    let bytes = npy::arrays_to_npz(&views[..3]).unwrap();
+    let msg = model
+        .params_from_npz_bytes(&bytes, "short.npz")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("3 arrays given") && msg.contains("needs 8"),
+        "{msg}"
+    );
+    // Not a zip at all.
+    let msg = model
+        .params_from_npz_bytes(b"hello", "junk.npz")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("junk.npz"), "{msg}");
+}
+
+#[test]
+fn wrong_input_shape_is_refused() {
+    let (model, params) = load("mlp");
+    let x = ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 28, 28]));
+    let msg = model.predict(&params, x.view()).unwrap_err().to_string();
+    assert!(
+        msg.contains("(None, 28, 28, 1)") && msg.contains("(2, 28, 28)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn evaluation_counts_and_merges() {
+    let (model, params) = load("mlp");
+    let x = npy::load_npy(&fixture("mlp.input.npy")).unwrap();
+    let labels = npy::load_labels(&fixture("mlp.labels.npy")).unwrap();
+    let all = model.evaluate(&params, x.view(), &labels).unwrap();
+    assert_eq!(all.count, 8);
+    assert_eq!(all.confusion.iter().sum::<u64>(), 8);
+    let g = model
+        .loss_and_grad_sum(&params, x.view(), &labels, None)
+        .unwrap();
+    assert_eq!(g.correct, all.correct);
+    assert!((g.loss_sum - all.loss_sum).abs() < 1e-9);
+    let mut a = model
+        .evaluate(
+            &params,
+            x.slice(ndarray::s![..3, .., .., ..]).into_dyn(),
+            &labels[..3],
+        )
+        .unwrap();
+    let b = model
+        .evaluate(
+            &params,
+            x.slice(ndarray::s![3.., .., .., ..]).into_dyn(),
+            &labels[3..],
+        )
+        .unwrap();
+    a.merge(&b).unwrap();
+    assert_eq!(a.confusion, all.confusion);
+    assert_eq!(a.correct, all.correct);
+}
+
+#[test]
+fn functional_chain_imports_and_branches_are_refused() {
+    let inbound = |from: &str| {
+        serde_json::json!([{"args": [{"class_name": "__keras_tensor__",
+            "config": {"shape": [null, 4], "dtype": "float32", "keras_history": [from, 0, 0]}}],
+            "kwargs": {}}])
+    };
+    let model = |second_from: &str| {
+        serde_json::json!({"class_name": "Functional", "config": {"name": "f", "layers": [
+            {"class_name": "InputLayer", "name": "in", "config": {"batch_shape": [null, 4], "name": "in"}, "inbound_nodes": []},
+            {"class_name": "Dense", "name": "a", "config": {"name": "a", "units": 3, "activation": "relu"}, "inbound_nodes": inbound("in")},
+            {"class_name": "Dense", "name": "b", "config": {"name": "b", "units": 2, "activation": "softmax"}, "inbound_nodes": inbound(second_from)}
+        ]}})
+        .to_string()
+    };
+    let m = Model::from_keras_json(&model("a")).unwrap();
+    assert_eq!(m.param_count(), 4 * 3 + 3 + 3 * 2 + 2);
+    assert_eq!(m.output_shape(), &[2]);
+    let msg = Model::from_keras_json(&model("in"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("simple chains") && msg.contains("`b`"),
+        "{msg}"
+    );
+}
