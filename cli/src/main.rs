@@ -5,10 +5,13 @@ mod bench_io;
 mod bench_stats;
 mod cluster;
 mod dataset;
+mod demo;
 mod duration;
 mod fs;
 mod model;
+mod plot;
 mod servers;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -46,6 +49,12 @@ enum Command {
     /// Inspect, run and benchmark Keras-defined models locally.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// The main job: a local cluster, Fashion-MNIST, a CNN trained on the datanodes, a score.
+    Demo(demo::DemoArgs),
+    /// Train a Keras-defined model on a dataset with gradient tasks on the datanodes.
+    Train(train::TrainArgs),
+    /// Accuracy, loss and confusion matrix of a trained model, by map tasks.
+    Score(train::ScoreArgs),
     #[command(flatten)]
     Fs(fs::FsCommand),
 }
@@ -63,6 +72,12 @@ fn init_tracing() {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`quern ls | head`), as Unix tools do,
+    // instead of panicking in println!.
+    // SAFETY: restoring the default disposition of one signal at start-up.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -95,6 +110,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Bench(b) => bench::run(b).await.map(|_| 0),
         Command::Dataset(d) => dataset::run(d, cli.config.as_deref()).await,
         Command::Model(m) => model::run(m).map(|_| 0),
+        Command::Demo(d) => demo::run(d).await,
+        Command::Train(t) => train::train(t, cli.config.as_deref()).await,
+        Command::Score(s) => train::score(s, cli.config.as_deref()).await,
         Command::Fs(f) => fs::run(f, cli.config.as_deref()).await,
     }
 }

@@ -5,12 +5,14 @@ mod dataset;
 mod job;
 mod read;
 mod scheduler;
+mod train;
 mod write;
 
 pub use dataset::{Dataset, ImportOptions};
 pub use job::{JobOptions, JobSummary, Retry};
 pub use read::ChunkSource;
 pub use scheduler::{Assignment, Scheduler};
+pub use train::{TrainEvent, TrainOptions, TrainOutcome, TrainSummary};
 pub use write::{FileWriter, WriteOptions};
 
 use quern_proto::config::ClientConfig;

@@ -5,3 +5,4 @@ pub mod import;
 pub mod nn;
 pub mod ops;
 pub mod records;
+pub mod train;

@@ -267,6 +267,7 @@ operators! {
     Count(Count),
     FeatureStats(FeatureStats),
     LabelHistogram(LabelHistogram),
+    Score(crate::train::ScoreOp),
 }
 
 impl Operator {

@@ -365,4 +365,3 @@ mod tests {
         assert!(l.view("short", &b[..b.len() - 1]).is_err());
     }
 }
-

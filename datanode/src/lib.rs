@@ -5,6 +5,7 @@ mod heartbeat;
 mod service;
 mod store;
 mod tasks;
+mod train;
 mod transfer;
 
 pub use service::{Datanode, DatanodeConfig};

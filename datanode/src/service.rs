@@ -47,6 +47,7 @@ pub(crate) struct Node {
     pub endpoint: Arc<Endpoint>,
     /// Map and gradient tasks running at once: one per core.
     pub task_slots: tokio::sync::Semaphore,
+    pub jobs: crate::train::Jobs,
 }
 
 impl Node {
@@ -119,6 +120,7 @@ impl Datanode {
             task_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
+            jobs: Default::default(),
         });
         tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
         let tasks = vec![
@@ -198,6 +200,18 @@ impl Service for DataService {
             DataRequest::RunTask(r) => {
                 let reply = crate::tasks::run_task(&self.node, r).await;
                 stream.reply(&reply).await
+            }
+            DataRequest::TrainOpen(r) => {
+                let reply = crate::train::open(&self.node, r).await;
+                stream.reply(&reply).await
+            }
+            DataRequest::TrainStep(r) => {
+                let reply = crate::train::step(&self.node, r).await;
+                stream.reply(&reply).await
+            }
+            DataRequest::TrainClose(r) => {
+                crate::train::close(&self.node, r);
+                stream.reply(&Ok::<(), WireError>(())).await
             }
         };
         if let Err(e) = result {

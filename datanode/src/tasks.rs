@@ -55,7 +55,7 @@ pub(crate) async fn run_task(node: &Arc<Node>, req: RunTask) -> Result<TaskOutpu
 
 /// Reads a whole local replica and checks it against the digest the
 /// namenode knows; a bad replica is reported so it gets replaced.
-async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Bytes, WireError> {
+pub(crate) async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Bytes, WireError> {
     let store = node.store.clone();
     let read = tokio::task::spawn_blocking(move || {
         let (mut file, info) = store.open_chunk(meta.id)?;
@@ -92,7 +92,7 @@ async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Bytes, WireErro
 
 /// A remote task: pull the chunk from the first source that serves it whole
 /// and intact.
-async fn fetch_remote(
+pub(crate) async fn fetch_remote(
     node: &Arc<Node>,
     meta: ChunkMeta,
     sources: &[NodeAddr],

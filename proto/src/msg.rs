@@ -426,9 +426,54 @@ pub struct TaskOutput {
     pub fetched_bytes: u64,
 }
 
+/// Join (or extend) a training job: load these chunks (from local disk,
+/// or from `sources[i]` when this node holds no replica of chunk i), decode
+/// and keep their records in memory for the job's life. `spec` is an
+/// encoded `quern_compute::train::WorkerSpec`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOpen {
+    pub job: u64,
+    #[serde(with = "serde_bytes")]
+    pub spec: Vec<u8>,
+    pub chunks: Vec<ChunkMeta>,
+    pub sources: Vec<Vec<NodeAddr>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOpened {
+    /// Records this node now holds for the job.
+    pub records: u64,
+    pub local_bytes: u64,
+    pub fetched_bytes: u64,
+}
+
+/// One training step on this node's shard. `request` is an encoded
+/// `quern_compute::train::StepRequest`; the reply an encoded `StepResult`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainStep {
+    pub job: u64,
+    #[serde(with = "serde_bytes")]
+    pub request: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainStepOutput {
+    #[serde(with = "serde_bytes")]
+    pub result: Vec<u8>,
+}
+
+/// Forget a training job and free its records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainClose {
+    pub job: u64,
+}
+
 rpcs!(DataRequest {
     WriteChunk(WriteChunk) -> WriteAck,
     ReadChunk(ReadChunk) -> ReadHeader,
     Ping(Ping) -> NodeId,
     RunTask(RunTask) -> TaskOutput,
+    TrainOpen(TrainOpen) -> TrainOpened,
+    TrainStep(TrainStep) -> TrainStepOutput,
+    TrainClose(TrainClose) -> (),
 });

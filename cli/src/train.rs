@@ -1,0 +1,406 @@
+//! `quern train` and `quern score`: distributed training and scoring of
+//! Keras-defined models on datasets stored in quern.
+
+use crate::dataset::print_summary;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use quern_client::{Client, TrainEvent, TrainOptions, TrainOutcome};
+use quern_compute::nn::{Adam, Model, OptimizerConfig, Params, Sgd};
+use quern_compute::train::{ScaleKind, Scaler, Scores};
+use quern_proto::config::ClientConfig;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Clone)]
+pub struct TrainArgs {
+    /// Keras model: `model.to_json()` output or a `.keras` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Initial weights (`.npz` of `model.get_weights()`); else the
+    /// `.keras` file's, else Keras's initialisers with --seed.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Training dataset directory in quern.
+    #[arg(long)]
+    pub data: String,
+    /// Dataset scored after every epoch.
+    #[arg(long)]
+    pub validation: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u64,
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: u64,
+    /// Stop after this many iterations.
+    #[arg(long)]
+    pub max_iter: Option<u64>,
+    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adam"])]
+    pub optimizer: String,
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f32,
+    /// Nesterov momentum (SGD).
+    #[arg(long)]
+    pub nesterov: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Feature scaling fitted on the training set's statistics.
+    #[arg(long, default_value = "minmax")]
+    pub scale: ScaleKind,
+    /// Print progress every N iterations.
+    #[arg(long, default_value_t = 50)]
+    pub display: u64,
+    /// Checkpoint directory in quern (model.json, weights.npz, log.jsonl, train.json).
+    #[arg(long)]
+    pub out: String,
+    /// Replace an existing checkpoint directory.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Write an SVG of loss and accuracy per iteration and epoch.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Print the job summary as JSON on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// A checkpoint directory written by `quern train --out`.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub data: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn optimizer(a: &TrainArgs) -> Result<OptimizerConfig> {
+    if !(a.lr > 0.0 && a.lr.is_finite()) {
+        bail!("--lr {} must be a positive number", a.lr);
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    Ok(match a.optimizer.as_str() {
+        "adam" => {
+            if a.momentum != 0.0 || a.nesterov {
+                bail!("--momentum and --nesterov apply to sgd, not adam");
+            }
+            OptimizerConfig::Adam(Adam {
+                lr: a.lr,
+                ..Adam::default()
+            })
+        }
+        _ => {
+            if !(0.0..1.0).contains(&a.momentum) {
+                bail!("--momentum {} must be in [0, 1)", a.momentum);
+            }
+            if a.nesterov && a.momentum == 0.0 {
+                bail!("--nesterov needs a --momentum above 0");
+            }
+            OptimizerConfig::Sgd(Sgd {
+                lr: a.lr,
+                momentum: a.momentum,
+                nesterov: a.nesterov,
+            })
+        }
+    })
+}
+
+/// The model and its starting parameters.
+pub fn load_model(path: &Path, weights: Option<&Path>, seed: u64) -> Result<(Model, Params)> {
+    let model = Model::load(path)?;
+    let params = match weights {
+        Some(w) => model.load_params(w)?,
+        None => match Model::load_with_weights(path, None) {
+            Ok((_, p)) => p,
+            Err(_) => model.init_params(seed),
+        },
+    };
+    Ok((model, params))
+}
+
+pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
+    let opt = optimizer(&a)?;
+    let (model, params) = load_model(&a.model, a.weights.as_deref(), a.seed)?;
+    quern_proto::RemotePath::parse(&a.out).map_err(|e| anyhow::anyhow!("--out: {e}"))?;
+    let cfg = ClientConfig::discover(config)?;
+    let client = Client::from_config(&cfg)?;
+    if client.try_stat(&a.out).await?.is_some() && !a.force {
+        bail!(
+            "{}: exists; pass --force to replace the checkpoint or pick another --out",
+            a.out
+        );
+    }
+    let mut ds = client.open_dataset(&a.data).await?;
+    let val = match &a.validation {
+        Some(v) => Some(client.open_dataset(v).await?),
+        None => None,
+    };
+    let outcome = run_training(&client, &model, params, opt, &a, &mut ds, val.as_ref()).await?;
+    save_checkpoint(&client, &a, &model, &outcome).await?;
+    if let Some(p) = &a.plot {
+        crate::plot::write_svg(p, &outcome.events)?;
+        eprintln!("plot written to {}", p.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&outcome.summary)?);
+    }
+    Ok(0)
+}
+
+pub async fn run_training(
+    client: &Client,
+    model: &Model,
+    params: Params,
+    opt: OptimizerConfig,
+    a: &TrainArgs,
+    ds: &mut quern_client::Dataset,
+    val: Option<&quern_client::Dataset>,
+) -> Result<TrainOutcome> {
+    let opts = TrainOptions {
+        model_json: model.keras_json().to_string(),
+        init: params.into_vec(),
+        optimizer: opt,
+        epochs: a.epochs,
+        batch: a.batch_size,
+        max_iter: a.max_iter,
+        seed: a.seed,
+        scale: a.scale,
+        display: a.display,
+    };
+    let mut bar: Option<ProgressBar> = None;
+    let tty = std::io::stderr().is_terminal();
+    let outcome = client
+        .train(ds, val, &opts, |e| {
+            let line = describe(e);
+            match e {
+                TrainEvent::Started { iterations, .. } if tty => {
+                    let b = ProgressBar::new(*iterations);
+                    b.set_style(
+                        ProgressStyle::with_template("{bar:30} {pos}/{len} it {elapsed} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    bar = Some(b);
+                }
+                TrainEvent::Step { iteration, .. } => {
+                    if let Some(b) = &bar {
+                        b.set_position(*iteration);
+                    }
+                }
+                _ => {}
+            }
+            match &bar {
+                Some(b) => b.println(line),
+                None => eprintln!("{line}"),
+            }
+        })
+        .await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let s = &outcome.summary;
+    eprintln!(
+        "trained {} iterations ({} samples) in {:.1} s: {:.0} samples/s on {} workers; {} of parameters and gradients per step ({:.0}% of step time not computing); dataset bytes over the network: {}{}",
+        s.iterations,
+        s.samples,
+        s.wall_s,
+        s.samples_per_sec,
+        s.workers,
+        quern_proto::size::format_size(s.step_bytes_per_iteration),
+        s.wait_share * 100.0,
+        s.dataset_bytes_over_network,
+        if s.workers_lost > 0 {
+            format!("; {} worker(s) lost and replaced", s.workers_lost)
+        } else {
+            String::new()
+        }
+    );
+    Ok(outcome)
+}
+
+fn describe(e: &TrainEvent) -> String {
+    match e {
+        TrainEvent::Started {
+            workers,
+            records,
+            steps_per_epoch,
+            iterations,
+            ..
+        } => format!(
+            "training on {records} records over {} workers ({}); {steps_per_epoch} iterations per epoch, {iterations} in all",
+            workers.len(),
+            workers
+                .iter()
+                .map(|(a, n)| format!("{a}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        TrainEvent::Step {
+            iteration,
+            epoch,
+            loss,
+            accuracy,
+            samples_per_sec,
+        } => format!(
+            "iter {iteration:>6}  epoch {epoch:>3}  loss {loss:.4}  acc {accuracy:.4}  {samples_per_sec:.0} samples/s"
+        ),
+        TrainEvent::Epoch {
+            epoch,
+            loss,
+            accuracy,
+            val_loss,
+            val_accuracy,
+            seconds,
+            ..
+        } => {
+            let mut s = format!("epoch {epoch}: loss {loss:.4} acc {accuracy:.4} ({seconds:.1} s)");
+            if let (Some(l), Some(a)) = (val_loss, val_accuracy) {
+                s.push_str(&format!("  val_loss {l:.4} val_acc {a:.4}"));
+            }
+            s
+        }
+        TrainEvent::WorkerLost {
+            iteration,
+            worker,
+            error,
+            chunks_moved,
+        } => format!(
+            "worker {worker} lost at iteration {iteration} ({error}); its {chunks_moved} chunk(s) moved to other holders"
+        ),
+    }
+}
+
+async fn save_checkpoint(
+    client: &Client,
+    a: &TrainArgs,
+    model: &Model,
+    o: &TrainOutcome,
+) -> Result<()> {
+    let params = model.params_from_flat(o.params.clone())?;
+    let log: String = o
+        .events
+        .iter()
+        .filter_map(|e| serde_json::to_string(e).ok())
+        .map(|l| l + "\n")
+        .collect();
+    let train_json = serde_json::json!({
+        "data": a.data,
+        "validation": a.validation,
+        "epochs": a.epochs,
+        "batch_size": a.batch_size,
+        "max_iter": a.max_iter,
+        "optimizer": a.optimizer,
+        "lr": a.lr,
+        "momentum": a.momentum,
+        "nesterov": a.nesterov,
+        "seed": a.seed,
+        "scaler": o.scaler,
+        "summary": o.summary,
+    });
+    client.mkdir(&a.out, true).await?;
+    let files: [(&str, Vec<u8>); 4] = [
+        ("model.json", model.keras_json().as_bytes().to_vec()),
+        ("weights.npz", params.to_npz_bytes()?),
+        ("log.jsonl", log.into_bytes()),
+        ("train.json", serde_json::to_vec_pretty(&train_json)?),
+    ];
+    for (name, bytes) in files {
+        let path = format!("{}/{name}", a.out.trim_end_matches('/'));
+        client.write_small(&path, &bytes, 3, true).await?;
+    }
+    eprintln!(
+        "checkpoint written to {} (model.json, weights.npz, log.jsonl, train.json)",
+        a.out
+    );
+    Ok(())
+}
+
+/// A checkpoint read back from the filesystem.
+pub struct Checkpoint {
+    pub model: Model,
+    pub params: Params,
+    pub scaler: Scaler,
+}
+
+pub async fn load_checkpoint(client: &Client, dir: &str) -> Result<Checkpoint> {
+    let dir = dir.trim_end_matches('/');
+    let read = |name: &'static str| {
+        let path = format!("{dir}/{name}");
+        let client = client.clone();
+        async move {
+            client
+                .read_all(&path)
+                .await
+                .with_context(|| format!("{path}: not a checkpoint written by `quern train --out`"))
+        }
+    };
+    let json = String::from_utf8(read("model.json").await?).context("model.json is not UTF-8")?;
+    let model = Model::from_keras_json(&json)?;
+    let params =
+        model.params_from_npz_bytes(&read("weights.npz").await?, &format!("{dir}/weights.npz"))?;
+    let train: serde_json::Value = serde_json::from_slice(&read("train.json").await?)
+        .with_context(|| format!("{dir}/train.json"))?;
+    let scaler: Scaler = serde_json::from_value(train["scaler"].clone())
+        .with_context(|| format!("{dir}/train.json: scaler"))?;
+    Ok(Checkpoint {
+        model,
+        params,
+        scaler,
+    })
+}
+
+pub async fn score(a: ScoreArgs, config: Option<&Path>) -> Result<i32> {
+    let cfg = ClientConfig::discover(config)?;
+    let client = Client::from_config(&cfg)?;
+    let ck = load_checkpoint(&client, &a.model).await?;
+    let ds = client.open_dataset(&a.data).await?;
+    let (s, job) = client
+        .score(&ds, ck.model.keras_json(), ck.params.as_slice(), &ck.scaler)
+        .await?;
+    if a.json {
+        let doc = serde_json::json!({
+            "accuracy": s.accuracy(),
+            "loss": s.loss(),
+            "count": s.count,
+            "confusion": s.confusion.chunks(s.classes.max(1)).collect::<Vec<_>>(),
+            "job": job,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(0);
+    }
+    print_scores(&s, ds.manifest.class_names.as_deref());
+    print_summary("job", &job);
+    Ok(0)
+}
+
+pub fn print_scores(s: &Scores, names: Option<&[String]>) {
+    println!(
+        "accuracy  {:.4} ({} of {})",
+        s.accuracy(),
+        s.correct,
+        s.count
+    );
+    println!("loss      {:.4}", s.loss());
+    println!("confusion (rows: label, columns: predicted)");
+    let c = s.classes.max(1);
+    let mut head = String::from("        ");
+    for j in 0..c {
+        head.push_str(&format!("{j:>6}"));
+    }
+    println!("{head}");
+    for (i, row) in s.confusion.chunks(c).enumerate() {
+        let name = names
+            .and_then(|n| n.get(i))
+            .map(String::as_str)
+            .unwrap_or("");
+        let mut line = format!("{i:>3} {:<4}", name.chars().take(4).collect::<String>());
+        for v in row {
+            line.push_str(&format!("{v:>6}"));
+        }
+        println!("{line}");
+    }
+}

@@ -1,0 +1,572 @@
+//! The training coordinator: places a dataset's chunks on the datanodes
+//! that hold them, then runs synchronous data-parallel SGD, one round of
+//! TrainStep requests per step, summing gradients in worker order. A
+//! worker that fails hands its chunks to other holders and the step runs
+//! again.
+
+use crate::dataset::Dataset;
+use crate::job::JobOptions;
+use crate::scheduler::Scheduler;
+use crate::{Client, Error, Result};
+use quern_compute::nn::{Optimizer, OptimizerConfig};
+use quern_compute::ops::{self, Operator, Partial};
+use quern_compute::train::{
+    ScaleKind, Scaler, ScoreOp, Scores, StepPlan, StepRequest, StepResult, StepStats, StepSum,
+    WorkerSpec,
+};
+use quern_proto::msg::*;
+use quern_proto::{frame, NodeId};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub model_json: String,
+    /// Initial parameters, flat in Keras order.
+    pub init: Vec<f32>,
+    pub optimizer: OptimizerConfig,
+    pub epochs: u64,
+    pub batch: u64,
+    pub max_iter: Option<u64>,
+    pub seed: u64,
+    pub scale: ScaleKind,
+    /// Report every this many iterations (0: only at epoch ends).
+    pub display: u64,
+}
+
+/// What happens during a job, as it happens.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEvent {
+    Started {
+        workers: Vec<(String, u64)>,
+        /// Each worker's chunks, as indices into the dataset's chunks in
+        /// part order (what a replay in one process needs).
+        shards: Vec<Vec<usize>>,
+        records: u64,
+        steps_per_epoch: u64,
+        iterations: u64,
+    },
+    Step {
+        iteration: u64,
+        epoch: u64,
+        loss: f64,
+        accuracy: f64,
+        samples_per_sec: f64,
+    },
+    Epoch {
+        epoch: u64,
+        iterations: u64,
+        loss: f64,
+        accuracy: f64,
+        val_loss: Option<f64>,
+        val_accuracy: Option<f64>,
+        seconds: f64,
+    },
+    WorkerLost {
+        iteration: u64,
+        worker: String,
+        error: String,
+        chunks_moved: usize,
+    },
+}
+
+/// What a finished job reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrainSummary {
+    pub iterations: u64,
+    pub samples: u64,
+    pub wall_s: f64,
+    pub samples_per_sec: f64,
+    pub workers: usize,
+    /// Dataset bytes read from the workers' own disks / fetched over the network.
+    pub local_bytes: u64,
+    pub dataset_bytes_over_network: u64,
+    /// Parameters out and gradients back, on the wire.
+    pub step_bytes: u64,
+    pub step_bytes_per_iteration: u64,
+    /// Share of step time not spent computing on the slowest worker.
+    pub wait_share: f64,
+    pub workers_lost: usize,
+}
+
+pub struct TrainOutcome {
+    pub params: Vec<f32>,
+    pub scaler: Scaler,
+    pub events: Vec<TrainEvent>,
+    pub summary: TrainSummary,
+}
+
+struct WorkerState {
+    node: NodeAddr,
+    /// Indices into the job's chunk list, in order.
+    chunks: Vec<usize>,
+    records: u64,
+}
+
+struct Chunk {
+    meta: ChunkMeta,
+    holders: Vec<NodeAddr>,
+    all: Vec<NodeAddr>,
+}
+
+impl Client {
+    /// The scaler a job uses: fitted on the dataset's statistics, which
+    /// are computed by map tasks first when the manifest has none.
+    pub async fn scaler_for(&self, ds: &mut Dataset, kind: ScaleKind) -> Result<Scaler> {
+        if kind == ScaleKind::None {
+            return Ok(Scaler::none());
+        }
+        if ds.manifest.stats.is_none() {
+            self.dataset_stats(ds, &JobOptions::default()).await?;
+        }
+        let stats = ds
+            .manifest
+            .stats
+            .as_ref()
+            .ok_or_else(|| Error::Dataset(format!("{}: no statistics", ds.dir)))?;
+        Ok(Scaler::fit(kind, stats))
+    }
+
+    /// Scores a model on a dataset by map tasks.
+    pub async fn score(
+        &self,
+        ds: &Dataset,
+        model_json: &str,
+        params: &[f32],
+        scaler: &Scaler,
+    ) -> Result<(Scores, crate::JobSummary)> {
+        let op = Operator::Score(ScoreOp {
+            model_json: model_json.to_string(),
+            params: params.to_vec(),
+            scaler: scaler.clone(),
+        });
+        let (p, summary) = self
+            .run_map(
+                &ds.part_paths(),
+                &ds.manifest.layout,
+                op,
+                &JobOptions::default(),
+            )
+            .await?;
+        match p {
+            Partial::Score(s) => Ok((s, summary)),
+            other => Err(Error::Job(format!("scoring returned {}", other.name()))),
+        }
+    }
+
+    /// Trains on `ds`, validating on `val` after each epoch.
+    pub async fn train(
+        &self,
+        ds: &mut Dataset,
+        val: Option<&Dataset>,
+        opts: &TrainOptions,
+        mut on_event: impl FnMut(&TrainEvent) + Send,
+    ) -> Result<TrainOutcome> {
+        // Not generic below this line: the coordinator's hot loop is then
+        // compiled (and optimised) in this crate, not in the caller's.
+        self.train_job(ds, val, opts, &mut on_event).await
+    }
+
+    async fn train_job(
+        &self,
+        ds: &mut Dataset,
+        val: Option<&Dataset>,
+        opts: &TrainOptions,
+        on_event: &mut (dyn FnMut(&TrainEvent) + Send),
+    ) -> Result<TrainOutcome> {
+        let started = Instant::now();
+        let scaler = self.scaler_for(ds, opts.scale).await?;
+        let mut events = Vec::new();
+        let mut emit = |e: TrainEvent, events: &mut Vec<TrainEvent>| {
+            on_event(&e);
+            events.push(e);
+        };
+        let mut chunks = Vec::new();
+        for p in ds.part_paths() {
+            for c in self.locate(&p).await?.chunks {
+                chunks.push(Chunk {
+                    meta: c.meta,
+                    holders: c
+                        .replicas
+                        .iter()
+                        .filter(|r| r.state == ReplicaState::Live)
+                        .map(|r| r.node)
+                        .collect(),
+                    all: c
+                        .replicas
+                        .iter()
+                        .filter(|r| r.state != ReplicaState::Corrupt)
+                        .map(|r| r.node)
+                        .collect(),
+                });
+            }
+        }
+        if chunks.is_empty() {
+            return Err(Error::Dataset(format!("{}: holds no records", ds.dir)));
+        }
+        let live: Vec<NodeAddr> = self
+            .report()
+            .await?
+            .datanodes
+            .iter()
+            .filter(|d| d.state == NodeState::Live)
+            .map(|d| d.node)
+            .collect();
+        let mut sched = Scheduler::new(live);
+        let plan = sched.assign_all(&chunks.iter().map(|c| c.holders.clone()).collect::<Vec<_>>());
+        let mut workers: Vec<WorkerState> = Vec::new();
+        for (i, a) in plan.iter().enumerate() {
+            let a = a.ok_or_else(|| {
+                Error::Job(format!(
+                    "chunk {i} of {} has no live datanode to train on",
+                    ds.dir
+                ))
+            })?;
+            match workers.iter_mut().find(|w| w.node.id == a.node.id) {
+                Some(w) => w.chunks.push(i),
+                None => workers.push(WorkerState {
+                    node: a.node,
+                    chunks: vec![i],
+                    records: 0,
+                }),
+            }
+        }
+        let job: u64 = rand::random();
+        let spec = ops::encode(&WorkerSpec {
+            model_json: opts.model_json.clone(),
+            layout: ds.manifest.layout.clone(),
+            scaler: scaler.clone(),
+            seed: opts.seed,
+        })
+        .map_err(|e| Error::Job(e.to_string()))?;
+        let mut summary = TrainSummary::default();
+        let mut lost: HashSet<NodeId> = HashSet::new();
+        // Open every worker; one that fails to open is handled like one
+        // that fails a step.
+        let mut pending: Vec<(NodeAddr, Vec<usize>)> =
+            workers.iter().map(|w| (w.node, w.chunks.clone())).collect();
+        while let Some((node, idx)) = pending.pop() {
+            match self.open_worker(job, &spec, node, &idx, &chunks).await {
+                Ok(o) => {
+                    summary.local_bytes += o.local_bytes;
+                    summary.dataset_bytes_over_network += o.fetched_bytes;
+                    if let Some(w) = workers.iter_mut().find(|w| w.node.id == node.id) {
+                        w.records = o.records;
+                    }
+                }
+                Err(e) => {
+                    workers.retain(|w| w.node.id != node.id);
+                    let moved = self.reassign(
+                        &mut workers,
+                        &mut sched,
+                        &mut lost,
+                        node,
+                        &idx,
+                        &chunks,
+                        &e,
+                    )?;
+                    emit(
+                        TrainEvent::WorkerLost {
+                            iteration: 0,
+                            worker: node.addr.to_string(),
+                            error: e.to_string(),
+                            chunks_moved: idx.len(),
+                        },
+                        &mut events,
+                    );
+                    pending.extend(moved);
+                }
+            }
+        }
+        let mut params = opts.init.clone();
+        let mut opt = Optimizer::new(opts.optimizer, params.len());
+        let total: u64 = workers.iter().map(|w| w.records).sum();
+        let steps_per_epoch = total.div_ceil(opts.batch.max(1));
+        let iterations = opts
+            .max_iter
+            .unwrap_or(u64::MAX)
+            .min(steps_per_epoch * opts.epochs);
+        emit(
+            TrainEvent::Started {
+                workers: workers
+                    .iter()
+                    .map(|w| (w.node.addr.to_string(), w.records))
+                    .collect(),
+                shards: workers.iter().map(|w| w.chunks.clone()).collect(),
+                records: total,
+                steps_per_epoch,
+                iterations,
+            },
+            &mut events,
+        );
+        let mut iteration = 0u64;
+        let (mut wait_us, mut step_us) = (0u128, 0u128);
+        let mut window = (Instant::now(), 0u64);
+        for epoch in 0..opts.epochs {
+            let epoch_start = Instant::now();
+            let (mut e_loss, mut e_correct, mut e_count) = (0.0f64, 0u64, 0u64);
+            let mut i = 0;
+            while i < steps_per_epoch {
+                if iteration >= iterations {
+                    break;
+                }
+                let plan = StepPlan {
+                    shards: workers.iter().map(|w| w.records).collect(),
+                    batch: opts.batch,
+                };
+                let shares = plan.shares(i);
+                let t = Instant::now();
+                let mut set = tokio::task::JoinSet::new();
+                for (w, (worker, share)) in workers.iter().zip(shares).enumerate() {
+                    let req = StepRequest {
+                        epoch,
+                        iteration,
+                        worker: w as u32,
+                        share,
+                        params: params.clone(),
+                    };
+                    let client = self.clone();
+                    let node = worker.node;
+                    set.spawn(async move { (w, node, client.step_worker(job, node, &req).await) });
+                }
+                let mut results: Vec<Option<(StepResult, u64)>> =
+                    (0..workers.len()).map(|_| None).collect();
+                let mut failed: Option<(NodeAddr, Error)> = None;
+                while let Some(j) = set.join_next().await {
+                    let (w, node, r) =
+                        j.map_err(|e| Error::Job(format!("step task failed: {e}")))?;
+                    match r {
+                        Ok(x) => results[w] = Some(x),
+                        Err(e) => {
+                            failed.get_or_insert((node, e));
+                        }
+                    }
+                }
+                if let Some((node, e)) = failed {
+                    let Some(pos) = workers.iter().position(|w| w.node.id == node.id) else {
+                        return Err(e);
+                    };
+                    let gone = workers.remove(pos);
+                    let moved = self.reassign(
+                        &mut workers,
+                        &mut sched,
+                        &mut lost,
+                        node,
+                        &gone.chunks,
+                        &chunks,
+                        &e,
+                    )?;
+                    emit(
+                        TrainEvent::WorkerLost {
+                            iteration,
+                            worker: node.addr.to_string(),
+                            error: e.to_string(),
+                            chunks_moved: gone.chunks.len(),
+                        },
+                        &mut events,
+                    );
+                    let mut queue = moved;
+                    while let Some((n, idx)) = queue.pop() {
+                        match self.open_worker(job, &spec, n, &idx, &chunks).await {
+                            Ok(o) => {
+                                summary.local_bytes += o.local_bytes;
+                                summary.dataset_bytes_over_network += o.fetched_bytes;
+                                if let Some(w) = workers.iter_mut().find(|w| w.node.id == n.id) {
+                                    w.records = o.records;
+                                }
+                            }
+                            Err(e2) => {
+                                if let Some(p) = workers.iter().position(|w| w.node.id == n.id) {
+                                    let g = workers.remove(p);
+                                    queue.extend(self.reassign(
+                                        &mut workers,
+                                        &mut sched,
+                                        &mut lost,
+                                        n,
+                                        &g.chunks,
+                                        &chunks,
+                                        &e2,
+                                    )?);
+                                }
+                            }
+                        }
+                    }
+                    summary.workers_lost += 1;
+                    // The step runs again on the new split.
+                    continue;
+                }
+                let mut sum = StepSum::new(params.len());
+                let mut slowest = 0u64;
+                for (r, bytes) in results.iter().flatten() {
+                    sum.add(r).map_err(|e| Error::Job(e.to_string()))?;
+                    slowest = slowest.max(r.compute_us);
+                    summary.step_bytes += bytes;
+                }
+                let stats: StepStats = sum
+                    .apply(&mut opt, &mut params)
+                    .map_err(|e| Error::Job(e.to_string()))?;
+                let took = t.elapsed().as_micros();
+                step_us += took;
+                wait_us += took.saturating_sub(u128::from(slowest));
+                e_loss += stats.loss * stats.count as f64;
+                e_correct += (stats.accuracy * stats.count as f64).round() as u64;
+                e_count += stats.count;
+                summary.samples += stats.count;
+                window.1 += stats.count;
+                iteration += 1;
+                i += 1;
+                if opts.display > 0 && iteration.is_multiple_of(opts.display) {
+                    let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+                    emit(
+                        TrainEvent::Step {
+                            iteration,
+                            epoch: epoch + 1,
+                            loss: stats.loss,
+                            accuracy: stats.accuracy,
+                            samples_per_sec: window.1 as f64 / secs,
+                        },
+                        &mut events,
+                    );
+                    window = (Instant::now(), 0);
+                }
+            }
+            let train_secs = epoch_start.elapsed().as_secs_f64();
+            let (val_loss, val_accuracy) = match val {
+                Some(v) => {
+                    let (s, _) = self.score(v, &opts.model_json, &params, &scaler).await?;
+                    (Some(s.loss()), Some(s.accuracy()))
+                }
+                None => (None, None),
+            };
+            emit(
+                TrainEvent::Epoch {
+                    epoch: epoch + 1,
+                    iterations: iteration,
+                    loss: e_loss / e_count.max(1) as f64,
+                    accuracy: e_correct as f64 / e_count.max(1) as f64,
+                    val_loss,
+                    val_accuracy,
+                    seconds: train_secs,
+                },
+                &mut events,
+            );
+            if iteration >= iterations {
+                break;
+            }
+        }
+        for w in &workers {
+            let _ = self.endpoint().call(w.node.addr, TrainClose { job }).await;
+        }
+        summary.iterations = iteration;
+        summary.wall_s = started.elapsed().as_secs_f64();
+        summary.samples_per_sec = if step_us > 0 {
+            summary.samples as f64 / (step_us as f64 / 1e6)
+        } else {
+            0.0
+        };
+        summary.workers = workers.len();
+        summary.step_bytes_per_iteration = summary.step_bytes / iteration.max(1);
+        summary.wait_share = if step_us > 0 {
+            wait_us as f64 / step_us as f64
+        } else {
+            0.0
+        };
+        Ok(TrainOutcome {
+            params,
+            scaler,
+            events,
+            summary,
+        })
+    }
+
+    async fn open_worker(
+        &self,
+        job: u64,
+        spec: &[u8],
+        node: NodeAddr,
+        idx: &[usize],
+        chunks: &[Chunk],
+    ) -> Result<TrainOpened> {
+        let req = TrainOpen {
+            job,
+            spec: spec.to_vec(),
+            chunks: idx.iter().map(|&i| chunks[i].meta).collect(),
+            sources: idx.iter().map(|&i| chunks[i].all.clone()).collect(),
+        };
+        // Loading decodes every record: allow more than one RPC timeout.
+        let call = self.endpoint().call(node.addr, req);
+        match tokio::time::timeout(
+            self.endpoint().rpc_timeout() * 4 + Duration::from_secs(60),
+            call,
+        )
+        .await
+        {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Error::Job(format!(
+                "{}: loading the job's records timed out",
+                node.addr
+            ))),
+        }
+    }
+
+    /// One worker's step; returns its result and the bytes on the wire.
+    async fn step_worker(
+        &self,
+        job: u64,
+        node: NodeAddr,
+        req: &StepRequest,
+    ) -> Result<(StepResult, u64)> {
+        let request = ops::encode(req).map_err(|e| Error::Job(e.to_string()))?;
+        let msg = TrainStep { job, request };
+        let out_bytes = frame::encode(&DataRequest::TrainStep(msg.clone()))
+            .map(|v| v.len() as u64)
+            .unwrap_or(0);
+        let out = self.endpoint().call(node.addr, msg).await?;
+        let back = out.result.len() as u64 + 16;
+        let r: StepResult = ops::decode(&out.result)
+            .map_err(|e| Error::Job(format!("{}: bad step result: {e}", node.addr)))?;
+        Ok((r, out_bytes + back))
+    }
+
+    /// Moves a lost worker's chunks to other live holders (or, with none
+    /// alive, to any live node that will fetch them). Returns the opens to
+    /// send, grouped by node.
+    #[allow(clippy::too_many_arguments)]
+    fn reassign(
+        &self,
+        workers: &mut Vec<WorkerState>,
+        sched: &mut Scheduler,
+        lost: &mut HashSet<NodeId>,
+        node: NodeAddr,
+        idx: &[usize],
+        chunks: &[Chunk],
+        why: &Error,
+    ) -> Result<Vec<(NodeAddr, Vec<usize>)>> {
+        tracing::warn!(worker = %node.addr, "training worker lost, moving its {} chunks: {why}", idx.len());
+        lost.insert(node.id);
+        sched.forget(node.id);
+        let mut opens: Vec<(NodeAddr, Vec<usize>)> = Vec::new();
+        for &i in idx {
+            let a = sched.assign(&chunks[i].holders, lost).ok_or_else(|| {
+                Error::Job(format!(
+                    "chunk {i} has no live datanode left to train on (lost: {why})"
+                ))
+            })?;
+            match opens.iter_mut().find(|(n, _)| n.id == a.node.id) {
+                Some((_, v)) => v.push(i),
+                None => opens.push((a.node, vec![i])),
+            }
+            match workers.iter_mut().find(|w| w.node.id == a.node.id) {
+                Some(w) => w.chunks.push(i),
+                None => workers.push(WorkerState {
+                    node: a.node,
+                    chunks: vec![i],
+                    records: 0,
+                }),
+            }
+        }
+        Ok(opens)
+    }
+}

@@ -1,0 +1,613 @@
+//! Synchronous data-parallel minibatch SGD, the parts every participant
+//! shares: feature scaling, the per-step split of the global batch between
+//! workers, the worker's state and step, and an in-process trainer that
+//! runs the very same algorithm without a cluster (the reference the
+//! distributed run is tested against).
+//!
+//! Each worker holds a shard of records. Every epoch it shuffles its shard
+//! with (seed, epoch, worker index); step `i` of the epoch takes the next
+//! slice of that permutation, sized in proportion to the shard, so one
+//! epoch visits every record once. The coordinator adds the workers'
+//! gradient sums in worker order and divides by the examples actually used.
+
+use crate::nn::{DropoutRng, Model, NnError, Optimizer, OptimizerConfig, Params, SplitMix64};
+use crate::ops::DatasetStats;
+use crate::records::{RecordLayout, Records};
+use ndarray::{ArrayViewD, IxDyn};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Nn(#[from] NnError),
+    #[error(transparent)]
+    Records(#[from] crate::records::RecordError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+// ---------------------------------------------------------------- scaling
+
+/// How features are scaled before they reach the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleKind {
+    None,
+    /// (x - min) / (max - min), as sklearn's MinMaxScaler.
+    Minmax,
+    /// (x - mean) / std, as sklearn's StandardScaler.
+    Standard,
+}
+
+impl std::str::FromStr for ScaleKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(ScaleKind::None),
+            "minmax" => Ok(ScaleKind::Minmax),
+            "standard" => Ok(ScaleKind::Standard),
+            other => Err(format!(
+                "unknown scaling '{other}': use minmax, standard or none"
+            )),
+        }
+    }
+}
+
+/// x' = (x - offset) * factor, per feature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scaler {
+    pub kind: ScaleKind,
+    pub offset: Vec<f32>,
+    pub factor: Vec<f32>,
+}
+
+impl Scaler {
+    pub fn none() -> Scaler {
+        Scaler {
+            kind: ScaleKind::None,
+            offset: Vec::new(),
+            factor: Vec::new(),
+        }
+    }
+
+    /// Fitted on the training set's statistics. A constant feature gets
+    /// factor 1, as sklearn does, instead of a division by zero.
+    pub fn fit(kind: ScaleKind, stats: &DatasetStats) -> Scaler {
+        let (offset, factor) = match kind {
+            ScaleKind::None => (Vec::new(), Vec::new()),
+            ScaleKind::Minmax => stats
+                .min
+                .iter()
+                .zip(&stats.max)
+                .map(|(&lo, &hi)| {
+                    let range = hi - lo;
+                    (lo, if range > 0.0 { 1.0 / range } else { 1.0 })
+                })
+                .unzip(),
+            ScaleKind::Standard => stats
+                .mean
+                .iter()
+                .zip(&stats.std)
+                .map(|(&m, &s)| (m as f32, if s > 0.0 { (1.0 / s) as f32 } else { 1.0 }))
+                .unzip(),
+        };
+        Scaler {
+            kind,
+            offset,
+            factor,
+        }
+    }
+
+    pub fn apply(&self, x: &mut [f32]) {
+        if self.kind == ScaleKind::None {
+            return;
+        }
+        for ((v, o), f) in x.iter_mut().zip(&self.offset).zip(&self.factor) {
+            *v = (*v - o) * f;
+        }
+    }
+
+    fn check(&self, features: usize) -> Result<()> {
+        if self.kind != ScaleKind::None
+            && (self.offset.len() != features || self.factor.len() != features)
+        {
+            return Err(TrainError::Invalid(format!(
+                "the scaler was fitted on {} features but records have {features}",
+                self.offset.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes and scales every record of a chunk: (features, labels).
+pub fn decode_scaled(records: &Records, scaler: &Scaler) -> Result<(Vec<f32>, Vec<u32>)> {
+    let f = records.layout().features();
+    scaler.check(f)?;
+    let n = records.len();
+    let mut x = vec![0f32; n * f];
+    let mut y = Vec::with_capacity(n);
+    for (i, row) in x.chunks_exact_mut(f).enumerate() {
+        records.features_into(i, row);
+        scaler.apply(row);
+        y.push(records.label(i));
+    }
+    Ok((x, y))
+}
+
+// ---------------------------------------------------------------- the plan
+
+/// How the global batch is split between workers at each step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepPlan {
+    /// Records per worker, in worker order.
+    pub shards: Vec<u64>,
+    pub batch: u64,
+}
+
+/// One worker's part of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// Position in the worker's epoch permutation.
+    pub start: u64,
+    pub count: u64,
+    /// Position of the share's first example in the global batch (keys the
+    /// dropout masks, so a split batch gets the masks of the whole one).
+    pub first_sample: u64,
+}
+
+impl StepPlan {
+    pub fn total(&self) -> u64 {
+        self.shards.iter().sum()
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.total().div_ceil(self.batch.max(1))
+    }
+
+    /// Every worker's share of step `i` (0-based within the epoch).
+    pub fn shares(&self, i: u64) -> Vec<Share> {
+        let total = self.total().max(1) as u128;
+        let steps = self.steps_per_epoch();
+        let mut first = 0;
+        self.shards
+            .iter()
+            .map(|&n| {
+                let at = |k: u64| -> u64 {
+                    if k >= steps {
+                        n
+                    } else {
+                        ((k as u128 * self.batch as u128 * n as u128) / total).min(n as u128) as u64
+                    }
+                };
+                let (start, end) = (at(i), at(i + 1));
+                let s = Share {
+                    start,
+                    count: end - start,
+                    first_sample: first,
+                };
+                first += s.count;
+                s
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------- a worker
+
+/// Parameters and gradients travel as raw little-endian bytes: one copy,
+/// instead of one serde call per value.
+mod f32_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::serialize(&super::f32s_to_le(v), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
+        super::f32s_from_le(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+// Not generic on purpose: the conversions are compiled (optimised) here,
+// whichever crate instantiates the serde code around them.
+#[inline(never)]
+fn f32s_to_le(v: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes
+}
+
+#[inline(never)]
+fn f32s_from_le(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(format!(
+            "{} bytes is not a whole number of float32 values",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// What a worker needs to know to join a training job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub model_json: String,
+    pub layout: RecordLayout,
+    pub scaler: Scaler,
+    pub seed: u64,
+}
+
+/// One step's request to one worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRequest {
+    pub epoch: u64,
+    /// Global iteration (keys the dropout masks).
+    pub iteration: u64,
+    /// The worker's index in the coordinator's worker order.
+    pub worker: u32,
+    pub share: Share,
+    #[serde(with = "f32_bytes")]
+    pub params: Vec<f32>,
+}
+
+/// One worker's sums for one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub count: u64,
+    #[serde(with = "f32_bytes")]
+    pub grad: Vec<f32>,
+    /// Time the worker spent computing, for the coordinator's accounting
+    /// of how much of a step is waiting on the network.
+    pub compute_us: u64,
+}
+
+/// A worker's state for the life of a job: the model and its decoded,
+/// scaled records.
+pub struct Worker {
+    model: Model,
+    spec: WorkerSpec,
+    x: Vec<f32>,
+    y: Vec<u32>,
+    features: usize,
+    perm: Option<(u64, u32, Vec<u32>)>,
+    batch_x: Vec<f32>,
+    batch_y: Vec<u32>,
+}
+
+impl Worker {
+    pub fn new(spec: WorkerSpec) -> Result<Worker> {
+        let model = Model::from_keras_json(&spec.model_json)?;
+        let features = spec.layout.features();
+        let wants: usize = model.input_shape().iter().product();
+        if wants != features {
+            return Err(TrainError::Invalid(format!(
+                "model {} takes inputs of shape {:?} ({wants} values) but the records hold {:?} ({features})",
+                model.name(),
+                model.input_shape(),
+                spec.layout.feature_shape
+            )));
+        }
+        spec.scaler.check(features)?;
+        Ok(Worker {
+            model,
+            spec,
+            x: Vec::new(),
+            y: Vec::new(),
+            features,
+            perm: None,
+            batch_x: Vec::new(),
+            batch_y: Vec::new(),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Adds one chunk's records to the shard; returns the shard's size.
+    pub fn add_chunk(&mut self, bytes: &[u8]) -> Result<u64> {
+        let records = self.spec.layout.view("chunk", bytes)?;
+        let (x, y) = decode_scaled(&records, &self.spec.scaler)?;
+        self.x.extend_from_slice(&x);
+        self.y.extend_from_slice(&y);
+        self.perm = None;
+        Ok(self.records())
+    }
+
+    pub fn records(&self) -> u64 {
+        self.y.len() as u64
+    }
+
+    /// The shard's order in `epoch`: Fisher-Yates keyed by the job's seed,
+    /// the epoch and the worker's index.
+    fn permutation(&mut self, epoch: u64, worker: u32) -> &[u32] {
+        let fresh = !matches!(&self.perm, Some((e, w, p)) if *e == epoch && *w == worker && p.len() == self.y.len());
+        if fresh {
+            let mut p: Vec<u32> = (0..self.y.len() as u32).collect();
+            let mut rng = SplitMix64::derive(self.spec.seed, epoch, u64::from(worker));
+            for i in (1..p.len()).rev() {
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                p.swap(i, j);
+            }
+            self.perm = Some((epoch, worker, p));
+        }
+        match &self.perm {
+            Some((_, _, p)) => p,
+            None => &[],
+        }
+    }
+
+    /// The loss, correct count and gradient summed over this worker's share.
+    pub fn step(&mut self, req: &StepRequest) -> Result<StepResult> {
+        let n = self.y.len() as u64;
+        let Share {
+            start,
+            count,
+            first_sample,
+        } = req.share;
+        if start + count > n {
+            return Err(TrainError::Invalid(format!(
+                "share {start}..{} is past the end of this worker's {n} records",
+                start + count
+            )));
+        }
+        let started = std::time::Instant::now();
+        let params = self.model.params_from_flat(req.params.clone())?;
+        let f = self.features;
+        let (epoch, worker) = (req.epoch, req.worker);
+        let idx: Vec<u32> =
+            self.permutation(epoch, worker)[start as usize..(start + count) as usize].to_vec();
+        self.batch_x.clear();
+        self.batch_y.clear();
+        for &i in &idx {
+            let i = i as usize;
+            self.batch_x.extend_from_slice(&self.x[i * f..(i + 1) * f]);
+            self.batch_y.push(self.y[i]);
+        }
+        let mut dims = vec![count as usize];
+        dims.extend_from_slice(self.model.input_shape());
+        let xv = ArrayViewD::from_shape(IxDyn(&dims), &self.batch_x)
+            .map_err(|e| TrainError::Invalid(format!("batch shape: {e}")))?;
+        let dropout = DropoutRng {
+            seed: SplitMix64::derive(self.spec.seed, 0xd0, req.iteration).next_u64(),
+            first_sample,
+        };
+        let g = self
+            .model
+            .loss_and_grad_sum(&params, xv, &self.batch_y, Some(dropout))?;
+        Ok(StepResult {
+            loss_sum: g.loss_sum,
+            correct: g.correct,
+            count: g.count,
+            grad: g.grad,
+            compute_us: started.elapsed().as_micros() as u64,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- the coordinator's arithmetic
+
+/// Adds worker results in worker order, then averages and steps.
+pub struct StepSum {
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub count: u64,
+    pub grad: Vec<f32>,
+}
+
+impl StepSum {
+    pub fn new(params: usize) -> StepSum {
+        StepSum {
+            loss_sum: 0.0,
+            correct: 0,
+            count: 0,
+            grad: vec![0.0; params],
+        }
+    }
+
+    pub fn add(&mut self, r: &StepResult) -> Result<()> {
+        if r.grad.len() != self.grad.len() {
+            return Err(TrainError::Invalid(format!(
+                "a worker sent {} gradient values for {} parameters",
+                r.grad.len(),
+                self.grad.len()
+            )));
+        }
+        self.loss_sum += r.loss_sum;
+        self.correct += r.correct;
+        self.count += r.count;
+        for (a, b) in self.grad.iter_mut().zip(&r.grad) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    /// Divides by the examples used and applies the optimizer.
+    pub fn apply(mut self, opt: &mut Optimizer, params: &mut [f32]) -> Result<StepStats> {
+        if self.count == 0 {
+            return Err(TrainError::Invalid("a step with no examples".into()));
+        }
+        let inv = 1.0 / self.count as f32;
+        self.grad.iter_mut().for_each(|g| *g *= inv);
+        opt.step(params, &self.grad)?;
+        Ok(StepStats {
+            loss: self.loss_sum / self.count as f64,
+            accuracy: self.correct as f64 / self.count as f64,
+            count: self.count,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub count: u64,
+}
+
+/// The same algorithm in one process: `workers` play the datanodes.
+pub fn train_local(
+    workers: &mut [Worker],
+    params: &mut Params,
+    optimizer: OptimizerConfig,
+    batch: u64,
+    epochs: u64,
+    max_iter: Option<u64>,
+    mut on_step: impl FnMut(u64, &StepStats),
+) -> Result<()> {
+    let plan = StepPlan {
+        shards: workers.iter().map(Worker::records).collect(),
+        batch,
+    };
+    let mut opt = Optimizer::new(optimizer, params.len());
+    let mut iteration = 0;
+    for epoch in 0..epochs {
+        for i in 0..plan.steps_per_epoch() {
+            if max_iter.is_some_and(|m| iteration >= m) {
+                return Ok(());
+            }
+            let mut sum = StepSum::new(params.len());
+            for (w, (worker, share)) in workers.iter_mut().zip(plan.shares(i)).enumerate() {
+                let r = worker.step(&StepRequest {
+                    epoch,
+                    iteration,
+                    worker: w as u32,
+                    share,
+                    params: params.as_slice().to_vec(),
+                })?;
+                sum.add(&r)?;
+            }
+            let stats = sum.apply(&mut opt, params.as_mut_slice())?;
+            on_step(iteration, &stats);
+            iteration += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_every_record_once_per_epoch() {
+        for (shards, batch) in [
+            (vec![100, 50, 77], 32),
+            (vec![1, 1, 1], 2),
+            (vec![1000], 100),
+            (vec![10, 0, 5], 7),
+        ] {
+            let plan = StepPlan {
+                shards: shards.clone(),
+                batch,
+            };
+            let mut seen = vec![0u64; shards.len()];
+            for i in 0..plan.steps_per_epoch() {
+                let shares = plan.shares(i);
+                let total: u64 = shares.iter().map(|s| s.count).sum();
+                assert!(total <= batch + shards.len() as u64);
+                for (w, s) in shares.iter().enumerate() {
+                    assert_eq!(s.start, seen[w], "contiguous");
+                    seen[w] += s.count;
+                }
+            }
+            assert_eq!(seen, shards);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- scoring as a map task
+
+/// Loss, accuracy and confusion matrix of a model over records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoreOp {
+    pub model_json: String,
+    pub params: Vec<f32>,
+    pub scaler: Scaler,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    pub classes: usize,
+    pub count: u64,
+    pub correct: u64,
+    pub loss_sum: f64,
+    /// `confusion[label * classes + predicted]`.
+    pub confusion: Vec<u64>,
+}
+
+impl Scores {
+    pub fn accuracy(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.count as f64
+        }
+    }
+
+    pub fn loss(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.loss_sum / self.count as f64
+        }
+    }
+}
+
+impl crate::ops::MapOp for ScoreOp {
+    type Partial = Scores;
+
+    fn map(&self, records: &Records) -> Result<Scores, crate::ops::OpError> {
+        let fail = |e: String| crate::ops::OpError::Invalid(e);
+        let model = Model::from_keras_json(&self.model_json).map_err(|e| fail(e.to_string()))?;
+        let params = model
+            .params_from_flat(self.params.clone())
+            .map_err(|e| fail(e.to_string()))?;
+        let wants: usize = model.input_shape().iter().product();
+        if wants != records.layout().features() {
+            return Err(fail(format!(
+                "model {} takes {wants} input values but the records hold {}",
+                model.name(),
+                records.layout().features()
+            )));
+        }
+        let (x, y) = decode_scaled(records, &self.scaler).map_err(|e| fail(e.to_string()))?;
+        let mut dims = vec![y.len()];
+        dims.extend_from_slice(model.input_shape());
+        let xv = ArrayViewD::from_shape(IxDyn(&dims), &x).map_err(|e| fail(e.to_string()))?;
+        let e = model
+            .evaluate(&params, xv, &y)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Scores {
+            classes: e.classes,
+            count: e.count,
+            correct: e.correct,
+            loss_sum: e.loss_sum,
+            confusion: e.confusion,
+        })
+    }
+
+    fn combine(&self, mut a: Scores, b: Scores) -> Scores {
+        if a.count == 0 && a.confusion.is_empty() {
+            return b;
+        }
+        a.count += b.count;
+        a.correct += b.correct;
+        a.loss_sum += b.loss_sum;
+        for (x, y) in a.confusion.iter_mut().zip(&b.confusion) {
+            *x += y;
+        }
+        a
+    }
+}

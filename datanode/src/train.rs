@@ -1,0 +1,154 @@
+//! Training jobs on a datanode: the job's records stay decoded in memory
+//! between steps; each step receives parameters and returns gradient sums.
+
+use crate::service::Node;
+use crate::tasks::{fetch_remote, read_local};
+use quern_compute::ops;
+use quern_compute::train::{StepRequest, Worker, WorkerSpec};
+use quern_proto::msg::*;
+use quern_proto::{ErrorCode, WireError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A job nobody stepped for this long is dropped (its coordinator died).
+const IDLE_LIMIT: Duration = Duration::from_secs(1800);
+
+pub(crate) struct Job {
+    worker: Mutex<Worker>,
+    last_used: Mutex<Instant>,
+}
+
+#[derive(Default)]
+pub(crate) struct Jobs {
+    jobs: Mutex<HashMap<u64, Arc<Job>>>,
+}
+
+impl Jobs {
+    fn get(&self, id: u64) -> Option<Arc<Job>> {
+        let jobs = self.jobs.lock().ok()?;
+        let job = jobs.get(&id).cloned();
+        if let Some(j) = &job {
+            if let Ok(mut t) = j.last_used.lock() {
+                *t = Instant::now();
+            }
+        }
+        job
+    }
+
+    fn sweep(&self) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.retain(|id, j| {
+                let idle = j.last_used.lock().map(|t| t.elapsed()).unwrap_or_default();
+                if idle > IDLE_LIMIT {
+                    tracing::info!(job = id, "dropping an idle training job");
+                }
+                idle <= IDLE_LIMIT
+            });
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::Internal, e.to_string())
+}
+
+pub(crate) async fn open(node: &Arc<Node>, req: TrainOpen) -> Result<TrainOpened, WireError> {
+    node.jobs.sweep();
+    if req.sources.len() != req.chunks.len() {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            "TrainOpen: one source list per chunk",
+        ));
+    }
+    let job = match node.jobs.get(req.job) {
+        Some(j) => j,
+        None => {
+            let spec: WorkerSpec = ops::decode(&req.spec).map_err(|e| {
+                WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("training job spec: {e}"),
+                )
+            })?;
+            let worker = Worker::new(spec).map_err(|e| {
+                WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("{}: cannot join training job: {e}", node.describe()),
+                )
+            })?;
+            let job = Arc::new(Job {
+                worker: Mutex::new(worker),
+                last_used: Mutex::new(Instant::now()),
+            });
+            node.jobs
+                .jobs
+                .lock()
+                .map_err(internal)?
+                .entry(req.job)
+                .or_insert(job)
+                .clone()
+        }
+    };
+    let (mut local_bytes, mut fetched_bytes) = (0, 0);
+    let mut records = 0;
+    for (meta, sources) in req.chunks.iter().zip(&req.sources) {
+        let bytes = if node.store.get(meta.id).is_some() {
+            let b = read_local(node, *meta).await?;
+            local_bytes += b.len() as u64;
+            b
+        } else {
+            let b = fetch_remote(node, *meta, sources).await?;
+            fetched_bytes += b.len() as u64;
+            b
+        };
+        let job = job.clone();
+        records = tokio::task::spawn_blocking(move || {
+            let mut w = job.worker.lock().map_err(internal)?;
+            w.add_chunk(&bytes).map_err(|e| {
+                WireError::new(ErrorCode::InvalidArgument, format!("decoding records: {e}"))
+            })
+        })
+        .await
+        .map_err(internal)??;
+    }
+    Ok(TrainOpened {
+        records,
+        local_bytes,
+        fetched_bytes,
+    })
+}
+
+pub(crate) async fn step(node: &Arc<Node>, req: TrainStep) -> Result<TrainStepOutput, WireError> {
+    let job = node.jobs.get(req.job).ok_or_else(|| {
+        WireError::new(
+            ErrorCode::NotFound,
+            format!(
+                "{}: no training job {:016x} (expired or never opened)",
+                node.describe(),
+                req.job
+            ),
+        )
+    })?;
+    let request: StepRequest = ops::decode(&req.request)
+        .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("training step: {e}")))?;
+    let describe = node.describe();
+    tokio::task::spawn_blocking(move || {
+        let mut w = job.worker.lock().map_err(internal)?;
+        let r = w.step(&request).map_err(|e| {
+            WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("{describe}: training step failed: {e}"),
+            )
+        })?;
+        let result = ops::encode(&r).map_err(internal)?;
+        Ok(TrainStepOutput { result })
+    })
+    .await
+    .map_err(internal)?
+}
+
+pub(crate) fn close(node: &Node, req: TrainClose) {
+    if let Ok(mut jobs) = node.jobs.jobs.lock() {
+        jobs.remove(&req.job);
+    }
+}

@@ -1,0 +1,202 @@
+//! Distributed training on in-process clusters: the same losses as the
+//! one-process algorithm, bit-identical reruns, and a datanode lost
+//! mid-training.
+
+use quern_client::{Client, Dataset, ImportOptions, TrainEvent, TrainOptions};
+use quern_compute::import::parse_idx;
+use quern_compute::nn::{Model, OptimizerConfig, Sgd};
+use quern_compute::train::{train_local, ScaleKind, Scaler, Worker, WorkerSpec};
+use quern_tests::*;
+use std::path::Path;
+use std::sync::mpsc;
+
+/// The fixture MLP made small (16 and 8 hidden units) with a dropout
+/// layer, so that masks are part of what must agree.
+fn tiny_model() -> Model {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/keras/mlp.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let layers = j["config"]["layers"].as_array_mut().unwrap();
+    layers[2]["config"]["units"] = 16.into();
+    layers[3]["config"]["units"] = 8.into();
+    let mut dropout = layers[3].clone();
+    dropout["class_name"] = "Dropout".into();
+    dropout["config"] =
+        serde_json::json!({"name": "drop", "rate": 0.25, "trainable": true, "dtype": "float32"});
+    layers.insert(3, dropout);
+    Model::from_keras_json(&j.to_string()).expect("tiny model")
+}
+
+async fn dataset(client: &Client, n: usize, seed: u64) -> Dataset {
+    let (images, labels, _, _) = random_idx(n, 28, 28, 10, seed);
+    let data = parse_idx("images", &images, "labels", &labels).unwrap();
+    let opts = ImportOptions {
+        chunk_size: 785 * 40,
+        replication: 2,
+        ..ImportOptions::default()
+    };
+    client.import_dataset("/train", &data, &opts).await.unwrap()
+}
+
+fn options(model: &Model, seed: u64) -> TrainOptions {
+    TrainOptions {
+        model_json: model.keras_json().to_string(),
+        init: model.init_params(seed).into_vec(),
+        optimizer: OptimizerConfig::Sgd(Sgd {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+        }),
+        epochs: 3,
+        batch: 32,
+        max_iter: Some(20),
+        seed,
+        scale: ScaleKind::Minmax,
+        display: 1,
+    }
+}
+
+fn losses(events: &[TrainEvent]) -> Vec<f64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step { loss, .. } => Some(*loss),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_training_follows_the_one_process_algorithm() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 500, 3).await;
+    let model = tiny_model();
+    let opts = options(&model, 7);
+    let run = client
+        .train(&mut ds, None, &opts, |_| {})
+        .await
+        .expect("train");
+    let dist = losses(&run.events);
+    assert_eq!(dist.len(), 20);
+    assert_eq!(run.summary.dataset_bytes_over_network, 0, "data stays put");
+    let TrainEvent::Started { shards, .. } = &run.events[0] else {
+        panic!("first event is Started: {:?}", run.events[0]);
+    };
+    assert!(shards.len() >= 2, "work spread over datanodes: {shards:?}");
+
+    // Replay in one process with the same shards, the same chunk order.
+    let mut chunks = Vec::new();
+    for p in ds.part_paths() {
+        let loc = client.locate(&p).await.unwrap();
+        for ch in &loc.chunks {
+            chunks.push(client.read_chunk(&p, ch).await.unwrap().0);
+        }
+    }
+    let scaler = Scaler::fit(ScaleKind::Minmax, ds.manifest.stats.as_ref().unwrap());
+    assert_eq!(scaler, run.scaler);
+    let mut workers: Vec<Worker> = shards
+        .iter()
+        .map(|idx| {
+            let mut w = Worker::new(WorkerSpec {
+                model_json: opts.model_json.clone(),
+                layout: ds.manifest.layout.clone(),
+                scaler: scaler.clone(),
+                seed: opts.seed,
+            })
+            .unwrap();
+            for &i in idx {
+                w.add_chunk(&chunks[i]).unwrap();
+            }
+            w
+        })
+        .collect();
+    let mut params = model.params_from_flat(opts.init.clone()).unwrap();
+    let mut local = Vec::new();
+    train_local(
+        &mut workers,
+        &mut params,
+        opts.optimizer,
+        opts.batch,
+        opts.epochs,
+        opts.max_iter,
+        |_, s| local.push(s.loss),
+    )
+    .unwrap();
+    assert_eq!(local.len(), 20);
+    for (i, (d, l)) in dist.iter().zip(&local).enumerate() {
+        assert!(
+            (d - l).abs() <= 1e-5,
+            "step {i}: distributed {d} vs one process {l}"
+        );
+    }
+    assert_eq!(params.as_slice(), &run.params[..], "same final weights");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_seed_gives_the_same_weights() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 300, 5).await;
+    let model = tiny_model();
+    let opts = options(&model, 11);
+    let a = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
+    let b = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
+    assert_eq!(a.params, b.params, "bit-identical weights");
+    let other = TrainOptions { seed: 12, ..opts };
+    let c2 = client.train(&mut ds, None, &other, |_| {}).await.unwrap();
+    assert_ne!(a.params, c2.params, "another seed, another model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_datanode_hands_its_share_to_other_holders() {
+    let mut c = TestCluster::start(Options::default()).await;
+    let client = Client::new(
+        &c.files.client_identity().unwrap(),
+        c.namenode_addr,
+        std::time::Duration::from_secs(3),
+    )
+    .unwrap();
+    let mut ds = dataset(&client, 600, 9).await;
+    let model = tiny_model();
+    let opts = TrainOptions {
+        max_iter: Some(40),
+        ..options(&model, 3)
+    };
+    let (tx, rx) = mpsc::channel();
+    let job = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .train(&mut ds, None, &opts, move |e| {
+                    if let TrainEvent::Step { iteration: 5, .. } = e {
+                        let _ = tx.send(());
+                    }
+                    // Slow enough that the datanode stops mid-job.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    c.stop_datanode(1);
+    let run = job
+        .await
+        .unwrap()
+        .expect("training finishes without the datanode");
+    assert_eq!(losses(&run.events).len(), 40);
+    let lost: Vec<_> = run
+        .events
+        .iter()
+        .filter(|e| matches!(e, TrainEvent::WorkerLost { .. }))
+        .collect();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(run.summary.workers_lost, 1);
+    assert_eq!(
+        run.summary.dataset_bytes_over_network, 0,
+        "moved to holders, not fetched"
+    );
+}

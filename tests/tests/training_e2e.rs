@@ -1,0 +1,411 @@
+//! Models and training through the real `quern` binary: model summary and
+//! predict, a Fashion-MNIST slice trained and scored, a datanode SIGKILLed
+//! mid-training, and bad models and flags.
+
+use quern_compute::nn::npy;
+use quern_tests::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+fn ok(r: &Run) {
+    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/keras")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn fails_with(r: &Run, wants: &[&str]) {
+    assert_ne!(r.status, 0, "succeeded: {}", r.stdout);
+    for w in wants {
+        assert!(r.stderr.contains(w), "missing {w:?} in: {}", r.stderr);
+    }
+}
+
+/// A client configuration with a short RPC timeout, so that calls to a
+/// killed datanode give up quickly.
+fn short_timeout_config(c: &BinCluster, dir: &Path) -> PathBuf {
+    let src = c.cluster_json();
+    let _ = src;
+    let base = std::fs::read_to_string(c.dir.path().join("client.toml")).unwrap();
+    let p = dir.join("client-short.toml");
+    std::fs::write(&p, format!("{base}rpc_timeout_secs = 3\n")).unwrap();
+    p
+}
+
+#[test]
+fn model_summary_and_predict_match_keras() {
+    let r = run_quern(&["model", "summary", &fixture("seed_cnn.json")]);
+    ok(&r);
+    assert!(r.stdout.contains("1,663,370"), "{}", r.stdout);
+    assert!(r.stdout.contains("(None, 14, 14, 64)"), "{}", r.stdout);
+    let out = tempfile::tempdir().unwrap();
+    let y = out.path().join("y.npy");
+    ok(&run_quern(&[
+        "model",
+        "predict",
+        "--model",
+        &fixture("seed_cnn.json"),
+        "--weights",
+        &fixture("seed_cnn.weights.npz"),
+        "--input",
+        &fixture("seed_cnn.input.npy"),
+        "--output",
+        y.to_str().unwrap(),
+    ]));
+    let got = npy::load_npy(&y).unwrap();
+    let want = npy::load_npy(Path::new(&fixture("seed_cnn.expected.npy"))).unwrap();
+    assert_eq!(got.shape(), want.shape());
+    let diff = got
+        .iter()
+        .zip(want.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-4, "max difference from Keras {diff}");
+
+    let bad = out.path().join("bad.json");
+    std::fs::write(&bad, "{\"class_name\": \"Sequential\", ").unwrap();
+    fails_with(
+        &run_quern(&["model", "summary", bad.to_str().unwrap()]),
+        &["bad.json"],
+    );
+    let lstm = std::fs::read_to_string(fixture("mlp.json"))
+        .unwrap()
+        .replacen("\"Dense\"", "\"LSTM\"", 1);
+    std::fs::write(&bad, lstm).unwrap();
+    fails_with(
+        &run_quern(&["model", "summary", bad.to_str().unwrap()]),
+        &["LSTM"],
+    );
+    fails_with(
+        &run_quern(&[
+            "model",
+            "predict",
+            "--model",
+            &fixture("mlp.json"),
+            "--weights",
+            &fixture("seed_cnn.weights.npz"),
+            "--input",
+            &fixture("mlp.input.npy"),
+            "--output",
+            y.to_str().unwrap(),
+        ]),
+        &["seed_cnn.weights.npz"],
+    );
+}
+
+fn run_quern(args: &[&str]) -> Run {
+    std::process::Command::new(quern_bin())
+        .args(args)
+        .output()
+        .expect("run quern")
+        .into()
+}
+
+#[test]
+fn train_then_score_a_fashion_mnist_slice() {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    let images = dir.join("t10k-images-idx3-ubyte.gz");
+    if !images.exists() {
+        eprintln!("skipping: {} is not installed", images.display());
+        return;
+    }
+    let labels = dir.join("t10k-labels-idx1-ubyte.gz");
+    let c = BinCluster::up(3, &[]);
+    ok(&c.quern(&[
+        "dataset",
+        "import",
+        "idx",
+        "--images",
+        images.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "/fashion/slice",
+        "--chunk-size",
+        "1MiB",
+    ]));
+    let local = tempfile::tempdir().unwrap();
+    let svg = local.path().join("curves.svg");
+    let train = c.quern(&[
+        "train",
+        "--model",
+        &fixture("mlp.json"),
+        "--data",
+        "/fashion/slice",
+        "--validation",
+        "/fashion/slice",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--nesterov",
+        "--display",
+        "40",
+        "--out",
+        "/models/mlp",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--json",
+    ]);
+    ok(&train);
+    assert!(
+        train.stderr.contains("epoch 2:") && train.stderr.contains("val_acc"),
+        "{}",
+        train.stderr
+    );
+    let summary: serde_json::Value = serde_json::from_str(&train.stdout).unwrap();
+    assert_eq!(summary["iterations"], 400);
+    assert_eq!(summary["dataset_bytes_over_network"], 0);
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("accuracy"),
+        "an SVG plot"
+    );
+    let ls = c.quern(&["ls", "/models/mlp"]);
+    for f in ["model.json", "weights.npz", "log.jsonl", "train.json"] {
+        assert!(ls.stdout.contains(f), "{f} missing: {}", ls.stdout);
+    }
+    let log = c.quern(&["cat", "/models/mlp/log.jsonl"]);
+    assert!(
+        log.stdout
+            .lines()
+            .filter(|l| l.contains("\"event\":\"step\""))
+            .count()
+            >= 10
+    );
+
+    let score = c.quern(&[
+        "score",
+        "--model",
+        "/models/mlp",
+        "--data",
+        "/fashion/slice",
+        "--json",
+    ]);
+    ok(&score);
+    let s: serde_json::Value = serde_json::from_str(&score.stdout).unwrap();
+    let acc = s["accuracy"].as_f64().unwrap();
+    assert!(
+        acc > 0.6,
+        "accuracy {acc} is not clearly better than chance (0.1)"
+    );
+    assert_eq!(s["count"], 10000);
+    assert_eq!(s["confusion"].as_array().unwrap().len(), 10);
+    assert_eq!(s["job"]["remote"], 0);
+    let text = c.quern(&[
+        "score",
+        "--model",
+        "/models/mlp",
+        "--data",
+        "/fashion/slice",
+    ]);
+    ok(&text);
+    assert!(
+        text.stdout.contains("accuracy") && text.stdout.contains("confusion"),
+        "{}",
+        text.stdout
+    );
+
+    // The weights load back where they came from: predict with them locally.
+    let w = local.path().join("w.npz");
+    ok(&c.quern(&["get", "/models/mlp/weights.npz", w.to_str().unwrap()]));
+    ok(&run_quern(&[
+        "model",
+        "predict",
+        "--model",
+        &fixture("mlp.json"),
+        "--weights",
+        w.to_str().unwrap(),
+        "--input",
+        &fixture("mlp.input.npy"),
+        "--output",
+        local.path().join("p.npy").to_str().unwrap(),
+    ]));
+}
+
+#[test]
+fn training_survives_a_sigkilled_datanode() {
+    let c = BinCluster::up(3, &["--dead-timeout", "60s"]);
+    let local = tempfile::tempdir().unwrap();
+    let (images, labels, _, _) = random_idx(2000, 28, 28, 10, 4);
+    let img = local.path().join("img");
+    let lab = local.path().join("lab");
+    std::fs::write(&img, images).unwrap();
+    std::fs::write(&lab, labels).unwrap();
+    ok(&c.quern(&[
+        "dataset",
+        "import",
+        "idx",
+        "--images",
+        img.to_str().unwrap(),
+        "--labels",
+        lab.to_str().unwrap(),
+        "/rand",
+        "--chunk-size",
+        "64K",
+        "-r",
+        "2",
+    ]));
+    let cfg = short_timeout_config(&c, local.path());
+    let mut child = c
+        .command(&[
+            "train",
+            "--model",
+            &fixture("mlp.json"),
+            "--data",
+            "/rand",
+            "--epochs",
+            "50",
+            "--max-iter",
+            "300",
+            "--batch-size",
+            "64",
+            "--display",
+            "1",
+            "--out",
+            "/models/k",
+        ])
+        .env("QUERN_CONFIG", &cfg)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let at10 = line.contains("iter     10 ");
+        seen.push(line);
+        if at10 {
+            break;
+        }
+    }
+    c.sigkill("datanode", 1);
+    seen.extend(lines.map_while(Result::ok));
+    let status = child.wait().unwrap();
+    let all = seen.join("\n");
+    assert!(status.success(), "{all}");
+    assert!(all.contains("lost at iteration"), "{all}");
+    assert!(all.contains("iter    300 "), "{all}");
+    let log = c.quern(&["cat", "/models/k/log.jsonl"]);
+    assert!(
+        log.stdout.contains("\"event\":\"worker_lost\""),
+        "{}",
+        log.stdout
+    );
+}
+
+#[test]
+fn bad_flags_and_models_are_refused_clearly() {
+    let c = BinCluster::up(1, &[]);
+    let local = tempfile::tempdir().unwrap();
+    let (images, labels, _, _) = random_idx(100, 28, 28, 10, 1);
+    let img = local.path().join("img");
+    let lab = local.path().join("lab");
+    std::fs::write(&img, images).unwrap();
+    std::fs::write(&lab, labels).unwrap();
+    ok(&c.quern(&[
+        "dataset",
+        "import",
+        "idx",
+        "--images",
+        img.to_str().unwrap(),
+        "--labels",
+        lab.to_str().unwrap(),
+        "/d",
+        "-r",
+        "1",
+    ]));
+    let (small_img, small_lab, _, _) = random_idx(10, 8, 8, 3, 1);
+    std::fs::write(&img, small_img).unwrap();
+    std::fs::write(&lab, small_lab).unwrap();
+    ok(&c.quern(&[
+        "dataset",
+        "import",
+        "idx",
+        "--images",
+        img.to_str().unwrap(),
+        "--labels",
+        lab.to_str().unwrap(),
+        "/small",
+        "-r",
+        "1",
+    ]));
+    let mlp = fixture("mlp.json");
+    let base = ["train", "--model", &mlp, "--out", "/m"];
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--data", "/nope"], vec!["/nope", "no such dataset"]),
+        (vec!["--data", "/d", "--lr=-1"], vec!["--lr"]),
+        (
+            vec!["--data", "/d", "--batch-size", "0"],
+            vec!["--batch-size"],
+        ),
+        (
+            vec!["--data", "/d", "--nesterov"],
+            vec!["--nesterov", "--momentum"],
+        ),
+        (
+            vec!["--data", "/d", "--optimizer", "adam", "--momentum", "0.9"],
+            vec!["adam"],
+        ),
+        (
+            vec!["--data", "/d", "--scale", "max"],
+            vec!["unknown scaling"],
+        ),
+        (
+            vec!["--data", "/d", "--weights", "/no/w.npz"],
+            vec!["/no/w.npz"],
+        ),
+        (vec!["--data", "/small"], vec!["784", "64"]),
+    ];
+    for (extra, wants) in cases {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra.iter());
+        let r = c.quern(&args);
+        fails_with(&r, &wants);
+        assert!(
+            c.quern(&["stat", "/m"]).status != 0,
+            "{args:?} left a checkpoint"
+        );
+    }
+    ok(&c.quern(&[
+        "train",
+        "--model",
+        &mlp,
+        "--data",
+        "/d",
+        "--out",
+        "/m",
+        "--max-iter",
+        "2",
+    ]));
+    fails_with(
+        &c.quern(&[
+            "train",
+            "--model",
+            &mlp,
+            "--data",
+            "/d",
+            "--out",
+            "/m",
+            "--max-iter",
+            "2",
+        ]),
+        &["/m", "--force"],
+    );
+    fails_with(
+        &c.quern(&["score", "--model", "/d", "--data", "/d"]),
+        &["/d", "checkpoint"],
+    );
+}
