@@ -37,6 +37,24 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Distributed training versus one process, with --sync 1 and --sync K,
+    /// on a local 3-datanode cluster with Fashion-MNIST.
+    Train {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+        fashion: PathBuf,
+        /// A Keras model (default: the seed CNN).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        iters: u64,
+        #[arg(long, default_value_t = 100)]
+        batch_size: u64,
+        /// The K compared with exact SGD.
+        #[arg(long, default_value_t = 10)]
+        sync: u64,
+    },
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<()> {
@@ -48,5 +66,23 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             labels,
             rounds,
         } => crate::bench_stats::run(&dir, &images, &labels, rounds).await,
+        BenchCommand::Train {
+            dir,
+            fashion,
+            model,
+            iters,
+            batch_size,
+            sync,
+        } => {
+            crate::bench_train::run(crate::bench_train::BenchTrain {
+                dir: &dir,
+                fashion: &fashion,
+                model: model.as_deref(),
+                iters,
+                batch: batch_size,
+                sync,
+            })
+            .await
+        }
     }
 }

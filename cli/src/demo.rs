@@ -16,7 +16,7 @@ use quern_proto::config::ClientConfig;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SEED_CNN: &str = include_str!("../../tests/fixtures/keras/seed_cnn.json");
+pub const SEED_CNN: &str = include_str!("../../tests/fixtures/keras/seed_cnn.json");
 const FASHION_CLASSES: &str =
     "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot";
 
@@ -29,6 +29,9 @@ pub struct DemoArgs {
     max_iter: Option<u64>,
     #[arg(long, default_value_t = 100)]
     batch_size: u64,
+    /// Local steps per worker between model averages (1: exact SGD).
+    #[arg(long, default_value_t = 1)]
+    sync: u64,
     /// Where Debian's dataset-fashion-mnist puts the files.
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     fashion: PathBuf,
@@ -164,6 +167,7 @@ async fn demo(
         seed: 42,
         scale: ScaleKind::Minmax,
         display: 50,
+        sync: a.sync,
         out: "/models/seed_cnn".into(),
         force: true,
         plot: a.plot.clone(),

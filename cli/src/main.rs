@@ -3,6 +3,7 @@
 mod bench;
 mod bench_io;
 mod bench_stats;
+mod bench_train;
 mod cluster;
 mod dataset;
 mod demo;

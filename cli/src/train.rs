@@ -52,6 +52,10 @@ pub struct TrainArgs {
     /// Print progress every N iterations.
     #[arg(long, default_value_t = 50)]
     pub display: u64,
+    /// Local steps each worker takes before the coordinator averages the
+    /// models; 1 is exact synchronous minibatch SGD.
+    #[arg(long, default_value_t = 1)]
+    pub sync: u64,
     /// Checkpoint directory in quern (model.json, weights.npz, log.jsonl, train.json).
     #[arg(long)]
     pub out: String,
@@ -83,6 +87,9 @@ fn optimizer(a: &TrainArgs) -> Result<OptimizerConfig> {
     }
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
+    }
+    if a.sync == 0 {
+        bail!("--sync must be at least 1 (1 is exact minibatch SGD)");
     }
     Ok(match a.optimizer.as_str() {
         "adam" => {
@@ -171,6 +178,7 @@ pub async fn run_training(
         seed: a.seed,
         scale: a.scale,
         display: a.display,
+        sync: a.sync,
     };
     let mut bar: Option<ProgressBar> = None;
     let tty = std::io::stderr().is_terminal();
@@ -298,6 +306,7 @@ async fn save_checkpoint(
         "momentum": a.momentum,
         "nesterov": a.nesterov,
         "seed": a.seed,
+        "sync": a.sync,
         "scaler": o.scaler,
         "summary": o.summary,
     });

@@ -11,11 +11,11 @@ use crate::{Client, Error, Result};
 use quern_compute::nn::{Optimizer, OptimizerConfig};
 use quern_compute::ops::{self, Operator, Partial};
 use quern_compute::train::{
-    ScaleKind, Scaler, ScoreOp, Scores, StepPlan, StepRequest, StepResult, StepStats, StepSum,
-    WorkerSpec,
+    LocalStep, ModelAverage, ScaleKind, Scaler, ScoreOp, Scores, StepPlan, StepRequest, StepResult,
+    StepStats, StepSum, WorkerSpec,
 };
 use quern_proto::msg::*;
-use quern_proto::{frame, NodeId};
+use quern_proto::NodeId;
 use serde::Serialize;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -33,6 +33,9 @@ pub struct TrainOptions {
     pub scale: ScaleKind,
     /// Report every this many iterations (0: only at epoch ends).
     pub display: u64,
+    /// Local steps per worker between model averages; 1 is exact
+    /// synchronous minibatch SGD.
+    pub sync: u64,
 }
 
 /// What happens during a job, as it happens.
@@ -302,6 +305,7 @@ impl Client {
             &mut events,
         );
         let mut iteration = 0u64;
+        let sync = opts.sync.max(1);
         let (mut wait_us, mut step_us) = (0u128, 0u128);
         let mut window = (Instant::now(), 0u64);
         for epoch in 0..opts.epochs {
@@ -316,15 +320,23 @@ impl Client {
                     shards: workers.iter().map(|w| w.records).collect(),
                     batch: opts.batch,
                 };
-                let shares = plan.shares(i);
+                // A round is one step, or K local steps under --sync K
+                // (never across an epoch's end).
+                let round = sync.min(steps_per_epoch - i).min(iterations - iteration);
+                let shares: Vec<Vec<_>> = (0..round).map(|j| plan.shares(i + j)).collect();
                 let t = Instant::now();
                 let mut set = tokio::task::JoinSet::new();
-                for (w, (worker, share)) in workers.iter().zip(shares).enumerate() {
+                for (w, worker) in workers.iter().enumerate() {
                     let req = StepRequest {
-                        epoch,
-                        iteration,
                         worker: w as u32,
-                        share,
+                        steps: (0..round)
+                            .map(|j| LocalStep {
+                                epoch,
+                                iteration: iteration + j,
+                                share: shares[j as usize][w],
+                            })
+                            .collect(),
+                        local: (sync > 1).then_some(opts.optimizer),
                         params: params.clone(),
                     };
                     let client = self.clone();
@@ -397,16 +409,25 @@ impl Client {
                     // The step runs again on the new split.
                     continue;
                 }
-                let mut sum = StepSum::new(params.len());
                 let mut slowest = 0u64;
                 for (r, bytes) in results.iter().flatten() {
-                    sum.add(r).map_err(|e| Error::Job(e.to_string()))?;
                     slowest = slowest.max(r.compute_us);
                     summary.step_bytes += bytes;
                 }
-                let stats: StepStats = sum
-                    .apply(&mut opt, &mut params)
-                    .map_err(|e| Error::Job(e.to_string()))?;
+                let job_err = |e: quern_compute::train::TrainError| Error::Job(e.to_string());
+                let stats: StepStats = if sync > 1 {
+                    let mut avg = ModelAverage::new(params.len());
+                    for (r, _) in results.iter().flatten() {
+                        avg.add(r).map_err(job_err)?;
+                    }
+                    avg.apply(&mut params).map_err(job_err)?
+                } else {
+                    let mut sum = StepSum::new(params.len());
+                    for (r, _) in results.iter().flatten() {
+                        sum.add(r).map_err(job_err)?;
+                    }
+                    sum.apply(&mut opt, &mut params).map_err(job_err)?
+                };
                 let took = t.elapsed().as_micros();
                 step_us += took;
                 wait_us += took.saturating_sub(u128::from(slowest));
@@ -415,9 +436,10 @@ impl Client {
                 e_count += stats.count;
                 summary.samples += stats.count;
                 window.1 += stats.count;
-                iteration += 1;
-                i += 1;
-                if opts.display > 0 && iteration.is_multiple_of(opts.display) {
+                let before = iteration;
+                iteration += round;
+                i += round;
+                if opts.display > 0 && iteration / opts.display != before / opts.display {
                     let secs = window.0.elapsed().as_secs_f64().max(1e-9);
                     emit(
                         TrainEvent::Step {
@@ -519,10 +541,9 @@ impl Client {
         req: &StepRequest,
     ) -> Result<(StepResult, u64)> {
         let request = ops::encode(req).map_err(|e| Error::Job(e.to_string()))?;
+        // The payload plus the frame's length prefix, version and envelope.
+        let out_bytes = request.len() as u64 + 24;
         let msg = TrainStep { job, request };
-        let out_bytes = frame::encode(&DataRequest::TrainStep(msg.clone()))
-            .map(|v| v.len() as u64)
-            .unwrap_or(0);
         let out = self.endpoint().call(node.addr, msg).await?;
         let back = out.result.len() as u64 + 16;
         let r: StepResult = ops::decode(&out.result)

@@ -246,27 +246,39 @@ pub struct WorkerSpec {
     pub seed: u64,
 }
 
-/// One step's request to one worker.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepRequest {
+/// One iteration's part for one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalStep {
     pub epoch: u64,
     /// Global iteration (keys the dropout masks).
     pub iteration: u64,
+    pub share: Share,
+}
+
+/// One round's request to one worker: one step (exact minibatch SGD, the
+/// worker returns its gradient sum) or, with `local`, several steps the
+/// worker takes on its own with that optimizer before returning its
+/// parameters for the coordinator to average (`--sync K`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRequest {
     /// The worker's index in the coordinator's worker order.
     pub worker: u32,
-    pub share: Share,
+    pub steps: Vec<LocalStep>,
+    pub local: Option<OptimizerConfig>,
     #[serde(with = "f32_bytes")]
     pub params: Vec<f32>,
 }
 
-/// One worker's sums for one step.
+/// One worker's sums for one round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepResult {
     pub loss_sum: f64,
     pub correct: u64,
     pub count: u64,
+    /// The gradient sum (one step), or the worker's parameters after its
+    /// local steps.
     #[serde(with = "f32_bytes")]
-    pub grad: Vec<f32>,
+    pub values: Vec<f32>,
     /// Time the worker spent computing, for the coordinator's accounting
     /// of how much of a step is waiting on the network.
     pub compute_us: u64,
@@ -283,6 +295,8 @@ pub struct Worker {
     perm: Option<(u64, u32, Vec<u32>)>,
     batch_x: Vec<f32>,
     batch_y: Vec<u32>,
+    /// The worker's own optimizer state under `--sync K`, kept across rounds.
+    local_opt: Option<Optimizer>,
 }
 
 impl Worker {
@@ -308,6 +322,7 @@ impl Worker {
             perm: None,
             batch_x: Vec::new(),
             batch_y: Vec::new(),
+            local_opt: None,
         })
     }
 
@@ -348,26 +363,78 @@ impl Worker {
         }
     }
 
-    /// The loss, correct count and gradient summed over this worker's share.
+    /// One round: the gradient sum over the share (one step), or the
+    /// parameters after `steps.len()` local optimizer steps.
     pub fn step(&mut self, req: &StepRequest) -> Result<StepResult> {
+        let started = std::time::Instant::now();
+        let mut params = self.model.params_from_flat(req.params.clone())?;
+        let (mut loss_sum, mut correct, mut count) = (0.0, 0, 0);
+        let values = match (req.local, req.steps.as_slice()) {
+            (None, [one]) => {
+                let g = self.grad_sum(&params, req.worker, one)?;
+                (loss_sum, correct, count) = (g.loss_sum, g.correct, g.count);
+                g.grad
+            }
+            (None, steps) => {
+                return Err(TrainError::Invalid(format!(
+                    "{} steps in a round need a local optimizer",
+                    steps.len()
+                )))
+            }
+            (Some(cfg), steps) => {
+                let n = params.len();
+                let opt = self
+                    .local_opt
+                    .take()
+                    .filter(|o| o.config == cfg)
+                    .unwrap_or_else(|| Optimizer::new(cfg, n));
+                let mut opt = opt;
+                for s in steps {
+                    let mut g = self.grad_sum(&params, req.worker, s)?;
+                    loss_sum += g.loss_sum;
+                    correct += g.correct;
+                    count += g.count;
+                    if g.count > 0 {
+                        let inv = 1.0 / g.count as f32;
+                        g.grad.iter_mut().for_each(|v| *v *= inv);
+                        opt.step(params.as_mut_slice(), &g.grad)?;
+                    }
+                }
+                self.local_opt = Some(opt);
+                params.into_vec()
+            }
+        };
+        Ok(StepResult {
+            loss_sum,
+            correct,
+            count,
+            values,
+            compute_us: started.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// The loss, correct count and gradient summed over one share.
+    fn grad_sum(
+        &mut self,
+        params: &Params,
+        worker: u32,
+        step: &LocalStep,
+    ) -> Result<crate::nn::GradSum> {
         let n = self.y.len() as u64;
         let Share {
             start,
             count,
             first_sample,
-        } = req.share;
+        } = step.share;
         if start + count > n {
             return Err(TrainError::Invalid(format!(
                 "share {start}..{} is past the end of this worker's {n} records",
                 start + count
             )));
         }
-        let started = std::time::Instant::now();
-        let params = self.model.params_from_flat(req.params.clone())?;
         let f = self.features;
-        let (epoch, worker) = (req.epoch, req.worker);
         let idx: Vec<u32> =
-            self.permutation(epoch, worker)[start as usize..(start + count) as usize].to_vec();
+            self.permutation(step.epoch, worker)[start as usize..(start + count) as usize].to_vec();
         self.batch_x.clear();
         self.batch_y.clear();
         for &i in &idx {
@@ -380,19 +447,12 @@ impl Worker {
         let xv = ArrayViewD::from_shape(IxDyn(&dims), &self.batch_x)
             .map_err(|e| TrainError::Invalid(format!("batch shape: {e}")))?;
         let dropout = DropoutRng {
-            seed: SplitMix64::derive(self.spec.seed, 0xd0, req.iteration).next_u64(),
+            seed: SplitMix64::derive(self.spec.seed, 0xd0, step.iteration).next_u64(),
             first_sample,
         };
-        let g = self
+        Ok(self
             .model
-            .loss_and_grad_sum(&params, xv, &self.batch_y, Some(dropout))?;
-        Ok(StepResult {
-            loss_sum: g.loss_sum,
-            correct: g.correct,
-            count: g.count,
-            grad: g.grad,
-            compute_us: started.elapsed().as_micros() as u64,
-        })
+            .loss_and_grad_sum(params, xv, &self.batch_y, Some(dropout))?)
     }
 }
 
@@ -417,17 +477,17 @@ impl StepSum {
     }
 
     pub fn add(&mut self, r: &StepResult) -> Result<()> {
-        if r.grad.len() != self.grad.len() {
+        if r.values.len() != self.grad.len() {
             return Err(TrainError::Invalid(format!(
                 "a worker sent {} gradient values for {} parameters",
-                r.grad.len(),
+                r.values.len(),
                 self.grad.len()
             )));
         }
         self.loss_sum += r.loss_sum;
         self.correct += r.correct;
         self.count += r.count;
-        for (a, b) in self.grad.iter_mut().zip(&r.grad) {
+        for (a, b) in self.grad.iter_mut().zip(&r.values) {
             *a += b;
         }
         Ok(())
@@ -441,6 +501,60 @@ impl StepSum {
         let inv = 1.0 / self.count as f32;
         self.grad.iter_mut().for_each(|g| *g *= inv);
         opt.step(params, &self.grad)?;
+        Ok(StepStats {
+            loss: self.loss_sum / self.count as f64,
+            accuracy: self.correct as f64 / self.count as f64,
+            count: self.count,
+        })
+    }
+}
+
+/// Under `--sync K`: the workers' parameters averaged, weighted by the
+/// examples each one used, added in worker order.
+pub struct ModelAverage {
+    loss_sum: f64,
+    correct: u64,
+    count: u64,
+    sum: Vec<f64>,
+}
+
+impl ModelAverage {
+    pub fn new(params: usize) -> ModelAverage {
+        ModelAverage {
+            loss_sum: 0.0,
+            correct: 0,
+            count: 0,
+            sum: vec![0.0; params],
+        }
+    }
+
+    pub fn add(&mut self, r: &StepResult) -> Result<()> {
+        if r.values.len() != self.sum.len() {
+            return Err(TrainError::Invalid(format!(
+                "a worker sent {} parameters, the model has {}",
+                r.values.len(),
+                self.sum.len()
+            )));
+        }
+        self.loss_sum += r.loss_sum;
+        self.correct += r.correct;
+        self.count += r.count;
+        let w = r.count as f64;
+        for (a, b) in self.sum.iter_mut().zip(&r.values) {
+            *a += w * f64::from(*b);
+        }
+        Ok(())
+    }
+
+    /// Replaces `params` with the average.
+    pub fn apply(self, params: &mut [f32]) -> Result<StepStats> {
+        if self.count == 0 {
+            return Err(TrainError::Invalid("a round with no examples".into()));
+        }
+        let inv = 1.0 / self.count as f64;
+        for (p, s) in params.iter_mut().zip(&self.sum) {
+            *p = (s * inv) as f32;
+        }
         Ok(StepStats {
             loss: self.loss_sum / self.count as f64,
             accuracy: self.correct as f64 / self.count as f64,
@@ -480,10 +594,13 @@ pub fn train_local(
             let mut sum = StepSum::new(params.len());
             for (w, (worker, share)) in workers.iter_mut().zip(plan.shares(i)).enumerate() {
                 let r = worker.step(&StepRequest {
-                    epoch,
-                    iteration,
                     worker: w as u32,
-                    share,
+                    steps: vec![LocalStep {
+                        epoch,
+                        iteration,
+                        share,
+                    }],
+                    local: None,
                     params: params.as_slice().to_vec(),
                 })?;
                 sum.add(&r)?;

@@ -53,6 +53,7 @@ fn options(model: &Model, seed: u64) -> TrainOptions {
         seed,
         scale: ScaleKind::Minmax,
         display: 1,
+        sync: 1,
     }
 }
 
@@ -198,5 +199,37 @@ async fn a_lost_datanode_hands_its_share_to_other_holders() {
     assert_eq!(
         run.summary.dataset_bytes_over_network, 0,
         "moved to holders, not fetched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_steps_then_model_averaging() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 400, 6).await;
+    let model = tiny_model();
+    let exact = client
+        .train(&mut ds, None, &options(&model, 4), |_| {})
+        .await
+        .unwrap();
+    let k5 = TrainOptions {
+        sync: 5,
+        ..options(&model, 4)
+    };
+    let a = client.train(&mut ds, None, &k5, |_| {}).await.unwrap();
+    let b = client.train(&mut ds, None, &k5, |_| {}).await.unwrap();
+    assert_eq!(a.summary.iterations, 20);
+    assert_eq!(a.params, b.params, "--sync K is deterministic too");
+    assert_ne!(
+        a.params, exact.params,
+        "model averaging is not minibatch SGD"
+    );
+    assert!(a.params.iter().all(|p| p.is_finite()));
+    // Four rounds of five local steps: a quarter of the parameter traffic.
+    assert!(
+        a.summary.step_bytes * 3 < exact.summary.step_bytes,
+        "{} vs {}",
+        a.summary.step_bytes,
+        exact.summary.step_bytes
     );
 }

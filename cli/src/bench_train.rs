@@ -1,0 +1,135 @@
+//! `quern bench train`: distributed training throughput against the same
+//! model trained in one process, on the same machine in the same run, with
+//! `--sync 1` (exact minibatch SGD) and `--sync K` (local steps + model
+//! averaging): samples/s, parameter bytes per step, time not computing,
+//! and test accuracy after the same number of iterations.
+
+use crate::cluster::{self, UpArgs};
+use anyhow::{Context, Result};
+use quern_client::{Client, ImportOptions, TrainOptions};
+use quern_compute::import::parse_idx;
+use quern_compute::nn::{bench_train_step, Model, OptimizerConfig, Sgd};
+use quern_compute::train::ScaleKind;
+use quern_proto::config::ClientConfig;
+use quern_proto::size::format_size;
+use std::path::Path;
+use std::time::Duration;
+
+pub struct BenchTrain<'a> {
+    pub dir: &'a Path,
+    pub fashion: &'a Path,
+    pub model: Option<&'a Path>,
+    pub iters: u64,
+    pub batch: u64,
+    pub sync: u64,
+}
+
+pub async fn run(b: BenchTrain<'_>) -> Result<()> {
+    let model = match b.model {
+        Some(p) => Model::load(p)?,
+        None => Model::from_keras_json(crate::demo::SEED_CNN)?,
+    };
+    let read = |name: &str| {
+        let p = b.fashion.join(name);
+        std::fs::read(&p).with_context(|| format!("{}", p.display()))
+    };
+    let train = parse_idx(
+        "train images",
+        &read("train-images-idx3-ubyte.gz")?,
+        "train labels",
+        &read("train-labels-idx1-ubyte.gz")?,
+    )?;
+    let test = parse_idx(
+        "test images",
+        &read("t10k-images-idx3-ubyte.gz")?,
+        "test labels",
+        &read("t10k-labels-idx1-ubyte.gz")?,
+    )?;
+    println!(
+        "quern bench train: {} ({} parameters), batch {}, {} iterations per run, Fashion-MNIST",
+        model.name(),
+        model.param_count(),
+        b.batch,
+        b.iters
+    );
+    let single = tokio::task::spawn_blocking({
+        let model = model.clone();
+        let batch = b.batch as usize;
+        move || bench_train_step(&model, batch, 10, None)
+    })
+    .await??;
+    println!(
+        "one process (forward+backward+update, all cores): {:>7.0} samples/s",
+        single.samples_per_sec
+    );
+    eprintln!("starting a 3-datanode cluster in {}", b.dir.display());
+    let c = cluster::up(UpArgs {
+        dir: b.dir.to_path_buf(),
+        datanodes: 3,
+        heartbeat: "1s".into(),
+        dead_timeout: "30s".into(),
+        lease_timeout: "60s".into(),
+        replication_interval: "3s".into(),
+        safemode_wait: "30s".into(),
+        report_interval: "60s".into(),
+        wait: Duration::from_secs(30),
+    })
+    .await?;
+    let result = measure(&c.dir, &b, &model, &train, &test, single.samples_per_sec).await;
+    cluster::down(&c.dir)?;
+    result
+}
+
+async fn measure(
+    dir: &Path,
+    b: &BenchTrain<'_>,
+    model: &Model,
+    train: &quern_compute::records::Encoded,
+    test: &quern_compute::records::Encoded,
+    single: f64,
+) -> Result<()> {
+    let client = Client::from_config(&ClientConfig::load(&dir.join("client.toml"))?)?;
+    for (path, data) in [("/bench/train", train), ("/bench/test", test)] {
+        if client.try_stat(path).await?.is_none() {
+            client
+                .import_dataset(path, data, &ImportOptions::default())
+                .await?;
+        }
+    }
+    let mut ds = client.open_dataset("/bench/train").await?;
+    let test = client.open_dataset("/bench/test").await?;
+    for sync in [1, b.sync] {
+        let opts = TrainOptions {
+            model_json: model.keras_json().to_string(),
+            init: model.init_params(42).into_vec(),
+            optimizer: OptimizerConfig::Sgd(Sgd {
+                lr: 0.01,
+                momentum: 0.9,
+                nesterov: true,
+            }),
+            epochs: 1000,
+            batch: b.batch,
+            max_iter: Some(b.iters),
+            seed: 42,
+            scale: ScaleKind::Minmax,
+            display: 0,
+            sync,
+        };
+        let run = client.train(&mut ds, None, &opts, |_| {}).await?;
+        let (scores, _) = client
+            .score(&test, model.keras_json(), &run.params, &run.scaler)
+            .await?;
+        let s = &run.summary;
+        println!(
+            "3 datanodes, --sync {sync:<3}: {:>7.0} samples/s ({:.2} x one process), {} per iteration on the wire, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}",
+            s.samples_per_sec,
+            s.samples_per_sec / single,
+            format_size(s.step_bytes_per_iteration),
+            s.wait_share * 100.0,
+            s.dataset_bytes_over_network,
+            s.iterations,
+            scores.accuracy()
+        );
+    }
+    Ok(())
+}
