@@ -2,7 +2,7 @@
 //! blake3 digest, fall back to the next replica and report bad ones.
 
 use crate::{Client, Error, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use quern_proto::msg::*;
 use quern_proto::Digest;
 use std::collections::VecDeque;
@@ -106,27 +106,7 @@ impl Client {
                 header.len, chunk.meta.size
             )));
         }
-        let mut buf = BytesMut::with_capacity(header.len as usize);
-        while (buf.len() as u64) < header.len {
-            let want = (header.len - buf.len() as u64).min(1 << 20) as usize;
-            match s.recv.read_chunk(want, true).await {
-                Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-                Ok(None) => {
-                    return Err(quern_proto::Error::Malformed(format!(
-                        "stream ended after {} of {} bytes",
-                        buf.len(),
-                        header.len
-                    )))
-                }
-                Err(e) => {
-                    return Err(quern_proto::Error::Stream {
-                        peer: node.addr.to_string(),
-                        reason: e.to_string(),
-                    })
-                }
-            }
-        }
-        Ok(buf.freeze())
+        quern_proto::transport::read_raw(&mut s.recv, header.len, node.addr).await
     }
 
     /// Streams a whole file to `out`, fetching ahead; `progress` gets the

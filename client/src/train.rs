@@ -11,8 +11,8 @@ use crate::{Client, Error, Result};
 use quern_compute::nn::{Optimizer, OptimizerConfig};
 use quern_compute::ops::{self, Operator, Partial};
 use quern_compute::train::{
-    LocalStep, ModelAverage, ScaleKind, Scaler, ScoreOp, Scores, StepPlan, StepRequest, StepResult,
-    StepStats, StepSum, WorkerSpec,
+    f32s_from_le, f32s_to_le, LocalStep, ModelAverage, ScaleKind, Scaler, ScoreOp, Scores,
+    StepPlan, StepRequest, StepResult, StepStats, StepSum, WorkerSpec,
 };
 use quern_proto::msg::*;
 use quern_proto::NodeId;
@@ -325,6 +325,8 @@ impl Client {
                 let round = sync.min(steps_per_epoch - i).min(iterations - iteration);
                 let shares: Vec<Vec<_>> = (0..round).map(|j| plan.shares(i + j)).collect();
                 let t = Instant::now();
+                // Encoded once, shared by every worker's stream.
+                let raw_params = bytes::Bytes::from(f32s_to_le(&params));
                 let mut set = tokio::task::JoinSet::new();
                 for (w, worker) in workers.iter().enumerate() {
                     let req = StepRequest {
@@ -337,11 +339,14 @@ impl Client {
                             })
                             .collect(),
                         local: (sync > 1).then_some(opts.optimizer),
-                        params: params.clone(),
+                        params: Vec::new(),
                     };
                     let client = self.clone();
                     let node = worker.node;
-                    set.spawn(async move { (w, node, client.step_worker(job, node, &req).await) });
+                    let raw = raw_params.clone();
+                    set.spawn(
+                        async move { (w, node, client.step_worker(job, node, &req, raw).await) },
+                    );
                 }
                 let mut results: Vec<Option<(StepResult, u64)>> =
                     (0..workers.len()).map(|_| None).collect();
@@ -539,15 +544,46 @@ impl Client {
         job: u64,
         node: NodeAddr,
         req: &StepRequest,
+        params: bytes::Bytes,
     ) -> Result<(StepResult, u64)> {
         let request = ops::encode(req).map_err(|e| Error::Job(e.to_string()))?;
-        // The payload plus the frame's length prefix, version and envelope.
-        let out_bytes = request.len() as u64 + 24;
-        let msg = TrainStep { job, request };
-        let out = self.endpoint().call(node.addr, msg).await?;
-        let back = out.result.len() as u64 + 16;
-        let r: StepResult = ops::decode(&out.result)
+        let msg = TrainStep {
+            job,
+            request,
+            params_len: params.len() as u64,
+        };
+        let out_bytes = quern_proto::frame::encode(&DataRequest::TrainStep(msg.clone()))
+            .map(|v| v.len() as u64)
+            .unwrap_or(0)
+            + params.len() as u64;
+        let ep = self.endpoint();
+        let exchange = async {
+            let mut s = ep.open(node.addr).await?;
+            s.send(&DataRequest::TrainStep(msg)).await?;
+            s.send
+                .write_chunk(params)
+                .await
+                .map_err(|e| quern_proto::Error::Stream {
+                    peer: node.addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+            s.finish()?;
+            let out: TrainStepOutput = s.reply().await?;
+            let raw =
+                quern_proto::transport::read_raw(&mut s.recv, out.values_len, node.addr).await?;
+            Ok::<_, quern_proto::Error>((out, raw))
+        };
+        let (out, raw) = tokio::time::timeout(ep.rpc_timeout(), exchange)
+            .await
+            .map_err(|_| quern_proto::Error::Timeout {
+                peer: node.addr.to_string(),
+                what: "TrainStep".into(),
+                secs: ep.rpc_timeout().as_secs(),
+            })??;
+        let back = out.result.len() as u64 + 24 + raw.len() as u64;
+        let mut r: StepResult = ops::decode(&out.result)
             .map_err(|e| Error::Job(format!("{}: bad step result: {e}", node.addr)))?;
+        r.values = f32s_from_le(&raw).map_err(|e| Error::Job(format!("{}: {e}", node.addr)))?;
         Ok((r, out_bytes + back))
     }
 

@@ -197,25 +197,10 @@ impl StepPlan {
 
 // ---------------------------------------------------------------- a worker
 
-/// Parameters and gradients travel as raw little-endian bytes: one copy,
-/// instead of one serde call per value.
-mod f32_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
-        serde_bytes::serialize(&super::f32s_to_le(v), s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-        let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
-        super::f32s_from_le(&bytes).map_err(serde::de::Error::custom)
-    }
-}
-
-// Not generic on purpose: the conversions are compiled (optimised) here,
-// whichever crate instantiates the serde code around them.
-#[inline(never)]
-fn f32s_to_le(v: &[f32]) -> Vec<u8> {
+/// Parameters and gradients travel as raw little-endian bytes after the
+/// request and reply frames (not through serde, which would copy them
+/// value by value).
+pub fn f32s_to_le(v: &[f32]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(v.len() * 4);
     for x in v {
         bytes.extend_from_slice(&x.to_le_bytes());
@@ -223,8 +208,7 @@ fn f32s_to_le(v: &[f32]) -> Vec<u8> {
     bytes
 }
 
-#[inline(never)]
-fn f32s_from_le(bytes: &[u8]) -> Result<Vec<f32>, String> {
+pub fn f32s_from_le(bytes: &[u8]) -> Result<Vec<f32>, String> {
     if !bytes.len().is_multiple_of(4) {
         return Err(format!(
             "{} bytes is not a whole number of float32 values",
@@ -265,7 +249,8 @@ pub struct StepRequest {
     pub worker: u32,
     pub steps: Vec<LocalStep>,
     pub local: Option<OptimizerConfig>,
-    #[serde(with = "f32_bytes")]
+    /// Sent as raw bytes after the request frame.
+    #[serde(skip)]
     pub params: Vec<f32>,
 }
 
@@ -277,7 +262,8 @@ pub struct StepResult {
     pub count: u64,
     /// The gradient sum (one step), or the worker's parameters after its
     /// local steps.
-    #[serde(with = "f32_bytes")]
+    /// Sent as raw bytes after the reply frame.
+    #[serde(skip)]
     pub values: Vec<f32>,
     /// Time the worker spent computing, for the coordinator's accounting
     /// of how much of a step is waiting on the network.
@@ -365,9 +351,11 @@ impl Worker {
 
     /// One round: the gradient sum over the share (one step), or the
     /// parameters after `steps.len()` local optimizer steps.
-    pub fn step(&mut self, req: &StepRequest) -> Result<StepResult> {
+    pub fn step(&mut self, mut req: StepRequest) -> Result<StepResult> {
         let started = std::time::Instant::now();
-        let mut params = self.model.params_from_flat(req.params.clone())?;
+        let mut params = self
+            .model
+            .params_from_flat(std::mem::take(&mut req.params))?;
         let (mut loss_sum, mut correct, mut count) = (0.0, 0, 0);
         let values = match (req.local, req.steps.as_slice()) {
             (None, [one]) => {
@@ -593,7 +581,7 @@ pub fn train_local(
             }
             let mut sum = StepSum::new(params.len());
             for (w, (worker, share)) in workers.iter_mut().zip(plan.shares(i)).enumerate() {
-                let r = worker.step(&StepRequest {
+                let r = worker.step(StepRequest {
                     worker: w as u32,
                     steps: vec![LocalStep {
                         epoch,

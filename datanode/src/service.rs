@@ -205,10 +205,7 @@ impl Service for DataService {
                 let reply = crate::train::open(&self.node, r).await;
                 stream.reply(&reply).await
             }
-            DataRequest::TrainStep(r) => {
-                let reply = crate::train::step(&self.node, r).await;
-                stream.reply(&reply).await
-            }
+            DataRequest::TrainStep(r) => crate::train::step(&self.node, r, &mut stream).await,
             DataRequest::TrainClose(r) => {
                 crate::train::close(&self.node, r);
                 stream.reply(&Ok::<(), WireError>(())).await

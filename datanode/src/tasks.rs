@@ -2,7 +2,7 @@
 //! bounded pool so that tasks never starve reads and writes of CPU.
 
 use crate::service::Node;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use quern_proto::msg::*;
 use quern_proto::{Digest, ErrorCode, WireError};
 use std::io::Read;
@@ -136,25 +136,5 @@ async fn fetch_from(
             header.len, meta.size
         )));
     }
-    let mut buf = BytesMut::with_capacity(header.len as usize);
-    while (buf.len() as u64) < header.len {
-        let want = (header.len - buf.len() as u64).min(1 << 20) as usize;
-        match s.recv.read_chunk(want, true).await {
-            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-            Ok(None) => {
-                return Err(quern_proto::Error::Malformed(format!(
-                    "stream ended after {} of {} bytes",
-                    buf.len(),
-                    header.len
-                )))
-            }
-            Err(e) => {
-                return Err(quern_proto::Error::Stream {
-                    peer: addr.to_string(),
-                    reason: e.to_string(),
-                })
-            }
-        }
-    }
-    Ok(buf.freeze())
+    quern_proto::transport::read_raw(&mut s.recv, header.len, addr).await
 }

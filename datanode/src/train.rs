@@ -4,8 +4,9 @@
 use crate::service::Node;
 use crate::tasks::{fetch_remote, read_local};
 use quern_compute::ops;
-use quern_compute::train::{StepRequest, Worker, WorkerSpec};
+use quern_compute::train::{f32s_from_le, f32s_to_le, StepRequest, Worker, WorkerSpec};
 use quern_proto::msg::*;
+use quern_proto::transport::{read_raw, ServerStream};
 use quern_proto::{ErrorCode, WireError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -118,7 +119,45 @@ pub(crate) async fn open(node: &Arc<Node>, req: TrainOpen) -> Result<TrainOpened
     })
 }
 
-pub(crate) async fn step(node: &Arc<Node>, req: TrainStep) -> Result<TrainStepOutput, WireError> {
+/// One round: parameters arrive as raw bytes after the frame; the result
+/// goes back as a frame followed by the raw gradient (or parameters).
+pub(crate) async fn step(
+    node: &Arc<Node>,
+    req: TrainStep,
+    stream: &mut ServerStream,
+) -> Result<(), quern_proto::Error> {
+    let outcome = run_step(node, req, stream).await;
+    match outcome {
+        Ok((out, values)) => {
+            stream.reply_header(&Ok(out)).await?;
+            stream
+                .send
+                .write_chunk(values)
+                .await
+                .map_err(|e| quern_proto::Error::Stream {
+                    peer: stream.peer.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let _ = stream.send.finish();
+            Ok(())
+        }
+        Err(e) => stream.reply::<TrainStepOutput>(&Err(e)).await,
+    }
+}
+
+async fn run_step(
+    node: &Arc<Node>,
+    req: TrainStep,
+    stream: &mut ServerStream,
+) -> Result<(TrainStepOutput, bytes::Bytes), WireError> {
+    let raw = read_raw(&mut stream.recv, req.params_len, stream.peer)
+        .await
+        .map_err(|e| {
+            WireError::new(
+                ErrorCode::Protocol,
+                format!("training step parameters: {e}"),
+            )
+        })?;
     let job = node.jobs.get(req.job).ok_or_else(|| {
         WireError::new(
             ErrorCode::NotFound,
@@ -129,19 +168,28 @@ pub(crate) async fn step(node: &Arc<Node>, req: TrainStep) -> Result<TrainStepOu
             ),
         )
     })?;
-    let request: StepRequest = ops::decode(&req.request)
+    let mut request: StepRequest = ops::decode(&req.request)
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("training step: {e}")))?;
     let describe = node.describe();
     tokio::task::spawn_blocking(move || {
+        request.params = f32s_from_le(&raw)
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("parameters: {e}")))?;
         let mut w = job.worker.lock().map_err(internal)?;
-        let r = w.step(&request).map_err(|e| {
+        let mut r = w.step(request).map_err(|e| {
             WireError::new(
                 ErrorCode::InvalidArgument,
                 format!("{describe}: training step failed: {e}"),
             )
         })?;
+        let values = bytes::Bytes::from(f32s_to_le(&std::mem::take(&mut r.values)));
         let result = ops::encode(&r).map_err(internal)?;
-        Ok(TrainStepOutput { result })
+        Ok((
+            TrainStepOutput {
+                result,
+                values_len: values.len() as u64,
+            },
+            values,
+        ))
     })
     .await
     .map_err(internal)?

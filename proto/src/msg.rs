@@ -447,19 +447,25 @@ pub struct TrainOpened {
     pub fetched_bytes: u64,
 }
 
-/// One training step on this node's shard. `request` is an encoded
-/// `quern_compute::train::StepRequest`; the reply an encoded `StepResult`.
+/// One training round on this node's shard. `request` is an encoded
+/// `quern_compute::train::StepRequest`; `params_len` raw bytes follow the
+/// frame (the parameters, little-endian f32), so the large part of every
+/// step is not copied through the encoder. The reply is a
+/// [`TrainStepOutput`] followed by `values_len` raw bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainStep {
     pub job: u64,
     #[serde(with = "serde_bytes")]
     pub request: Vec<u8>,
+    pub params_len: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainStepOutput {
+    /// Encoded `quern_compute::train::StepResult`.
     #[serde(with = "serde_bytes")]
     pub result: Vec<u8>,
+    pub values_len: u64,
 }
 
 /// Forget a training job and free its records.

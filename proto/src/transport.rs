@@ -499,3 +499,40 @@ async fn read_request<T: DeserializeOwned>(
         )
     })
 }
+
+/// Largest raw payload read after a frame in one piece (a chunk, a model's
+/// parameters); checked before anything is allocated.
+pub const MAX_RAW: u64 = 1 << 30;
+
+/// Reads exactly `len` raw bytes that follow a frame on `recv`.
+pub async fn read_raw(
+    recv: &mut quinn::RecvStream,
+    len: u64,
+    peer: SocketAddr,
+) -> Result<bytes::Bytes> {
+    if len > MAX_RAW {
+        return Err(Error::Malformed(format!(
+            "{peer} announced {len} raw bytes, more than the {MAX_RAW}-byte limit"
+        )));
+    }
+    let mut buf = bytes::BytesMut::with_capacity(len as usize);
+    while (buf.len() as u64) < len {
+        let want = (len - buf.len() as u64).min(1 << 20) as usize;
+        match recv.read_chunk(want, true).await {
+            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            Ok(None) => {
+                return Err(Error::Malformed(format!(
+                    "stream from {peer} ended after {} of {len} bytes",
+                    buf.len()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Stream {
+                    peer: peer.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
