@@ -249,7 +249,6 @@ async fn write_chunk(
         .create(meta.id)
         .map_err(|e| node.store_error(&e))?;
     let (to_disk, disk) = disk_writer(part);
-    let mut hasher = blake3::Hasher::new();
     let mut left = meta.size;
     let mut receive_error = None;
     // QUIC hands over packet-sized pieces; gathering them into 1 MiB
@@ -279,7 +278,6 @@ async fn write_chunk(
             continue;
         }
         let piece = std::mem::replace(&mut block, bytes::BytesMut::with_capacity(PIECE)).freeze();
-        hasher.update(&piece);
         if let Some((next, ds)) = &mut downstream {
             if let Err(e) = ds.send.write_chunk(piece.clone()).await {
                 failed.push((*next, format!("forwarding failed: {e}")));
@@ -291,7 +289,7 @@ async fn write_chunk(
         }
     }
     drop(to_disk);
-    let part = match disk.await {
+    let (part, digest) = match disk.await {
         Ok(Ok(p)) => p,
         Ok(Err((p, e))) => {
             p.discard();
@@ -311,7 +309,6 @@ async fn write_chunk(
             format!("{}: {why}", node.describe()),
         ));
     }
-    let digest = Digest::from(hasher.finalize());
     if digest != meta.digest {
         part.discard();
         return Err(WireError::new(

@@ -55,21 +55,26 @@ pub fn read_pieces(
     Ok((rx, info))
 }
 
-/// The disk writer's outcome: the written partial chunk, or it with the
-/// error that stopped the writing (so the caller can discard it).
-pub type DiskWrite = tokio::task::JoinHandle<Result<PartialChunk, (PartialChunk, StoreError)>>;
+/// The disk writer's outcome: the written partial chunk and the digest of
+/// everything written, or the chunk with the error that stopped the
+/// writing (so the caller can discard it).
+pub type DiskWrite =
+    tokio::task::JoinHandle<Result<(PartialChunk, Digest), (PartialChunk, StoreError)>>;
 
-/// Writes pieces to a partial chunk on a blocking thread; the handle
-/// returns the partial chunk once the sender is dropped.
+/// Writes pieces to a partial chunk on a blocking thread, hashing them on
+/// the way (off the thread that receives them from the network); the
+/// handle returns once the sender is dropped.
 pub fn disk_writer(mut part: PartialChunk) -> (mpsc::Sender<Bytes>, DiskWrite) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let handle = tokio::task::spawn_blocking(move || {
+        let mut hasher = blake3::Hasher::new();
         while let Some(piece) = rx.blocking_recv() {
+            hasher.update(&piece);
             if let Err(e) = part.write(&piece) {
                 return Err((part, e));
             }
         }
-        Ok(part)
+        Ok((part, Digest::from(hasher.finalize())))
     });
     (tx, handle)
 }
