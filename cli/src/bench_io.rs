@@ -51,18 +51,7 @@ impl tokio::io::AsyncWrite for Sink {
 pub async fn run(dir: &Path, size: u64, files: usize) -> Result<()> {
     let size = size.max(BLOCK as u64) / BLOCK as u64 * BLOCK as u64;
     eprintln!("starting a 3-datanode cluster in {}", dir.display());
-    let c = cluster::up(UpArgs {
-        dir: dir.to_path_buf(),
-        datanodes: 3,
-        heartbeat: "1s".into(),
-        dead_timeout: "30s".into(),
-        lease_timeout: "60s".into(),
-        replication_interval: "3s".into(),
-        safemode_wait: "30s".into(),
-        report_interval: "60s".into(),
-        wait: Duration::from_secs(30),
-    })
-    .await?;
+    let c = cluster::up(UpArgs::local(dir, 3)).await?;
     let result = measure(&c, size, files).await;
     cluster::down(&c.dir)?;
     result

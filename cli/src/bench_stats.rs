@@ -9,7 +9,6 @@ use quern_compute::import::parse_idx;
 use quern_proto::config::ClientConfig;
 use quern_proto::size::format_size;
 use std::path::Path;
-use std::time::Duration;
 
 pub async fn run(dir: &Path, images: &Path, labels: &Path, rounds: usize) -> Result<()> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("{}", p.display()));
@@ -20,18 +19,7 @@ pub async fn run(dir: &Path, images: &Path, labels: &Path, rounds: usize) -> Res
         &read(labels)?,
     )?;
     eprintln!("starting a 3-datanode cluster in {}", dir.display());
-    let c = cluster::up(UpArgs {
-        dir: dir.to_path_buf(),
-        datanodes: 3,
-        heartbeat: "1s".into(),
-        dead_timeout: "30s".into(),
-        lease_timeout: "60s".into(),
-        replication_interval: "3s".into(),
-        safemode_wait: "30s".into(),
-        report_interval: "60s".into(),
-        wait: Duration::from_secs(30),
-    })
-    .await?;
+    let c = cluster::up(UpArgs::local(dir, 3)).await?;
     let result = measure(&c, &data, rounds).await;
     cluster::down(&c.dir)?;
     result

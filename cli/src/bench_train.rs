@@ -13,7 +13,6 @@ use quern_compute::train::ScaleKind;
 use quern_proto::config::ClientConfig;
 use quern_proto::size::format_size;
 use std::path::Path;
-use std::time::Duration;
 
 pub struct BenchTrain<'a> {
     pub dir: &'a Path,
@@ -63,18 +62,7 @@ pub async fn run(b: BenchTrain<'_>) -> Result<()> {
         single.samples_per_sec
     );
     eprintln!("starting a 3-datanode cluster in {}", b.dir.display());
-    let c = cluster::up(UpArgs {
-        dir: b.dir.to_path_buf(),
-        datanodes: 3,
-        heartbeat: "1s".into(),
-        dead_timeout: "30s".into(),
-        lease_timeout: "60s".into(),
-        replication_interval: "3s".into(),
-        safemode_wait: "30s".into(),
-        report_interval: "60s".into(),
-        wait: Duration::from_secs(30),
-    })
-    .await?;
+    let c = cluster::up(UpArgs::local(b.dir, 3)).await?;
     let result = measure(&c.dir, &b, &model, &train, &test, single.samples_per_sec).await;
     cluster::down(&c.dir)?;
     result

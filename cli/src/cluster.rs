@@ -63,6 +63,24 @@ pub struct UpArgs {
     pub wait: Duration,
 }
 
+impl UpArgs {
+    /// A local cluster for benchmarks and the demo: `datanodes` nodes,
+    /// 1 s heartbeats, the usual timeouts.
+    pub fn local(dir: &std::path::Path, datanodes: usize) -> UpArgs {
+        UpArgs {
+            dir: dir.to_path_buf(),
+            datanodes,
+            heartbeat: "1s".into(),
+            dead_timeout: "30s".into(),
+            lease_timeout: "60s".into(),
+            replication_interval: "3s".into(),
+            safemode_wait: "30s".into(),
+            report_interval: "60s".into(),
+            wait: Duration::from_secs(30),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Process {
     pub role: String,

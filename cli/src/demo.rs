@@ -14,7 +14,6 @@ use quern_compute::nn::{Model, OptimizerConfig, Sgd};
 use quern_compute::train::ScaleKind;
 use quern_proto::config::ClientConfig;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 pub const SEED_CNN: &str = include_str!("../../tests/fixtures/keras/seed_cnn.json");
 const FASHION_CLASSES: &str =
@@ -86,18 +85,7 @@ pub async fn run(a: DemoArgs) -> Result<i32> {
         "== a local cluster: 1 namenode, 3 datanodes in {}",
         dir.display()
     );
-    let c = cluster::up(UpArgs {
-        dir: dir.clone(),
-        datanodes: 3,
-        heartbeat: "1s".into(),
-        dead_timeout: "30s".into(),
-        lease_timeout: "60s".into(),
-        replication_interval: "3s".into(),
-        safemode_wait: "30s".into(),
-        report_interval: "60s".into(),
-        wait: Duration::from_secs(30),
-    })
-    .await?;
+    let c = cluster::up(UpArgs::local(&dir, 3)).await?;
     let result = demo(&c.dir, &a, &model, train_data, test_data).await;
     if !a.keep {
         cluster::down(&c.dir)?;

@@ -117,14 +117,7 @@ impl Client {
                 });
             }
         }
-        let live: Vec<NodeAddr> = self
-            .report()
-            .await?
-            .datanodes
-            .iter()
-            .filter(|d| d.state == NodeState::Live)
-            .map(|d| d.node)
-            .collect();
+        let live: Vec<NodeAddr> = self.live_datanodes().await?;
         let mut sched = Scheduler::new(live.clone());
         let plan = sched.assign_all(
             &units

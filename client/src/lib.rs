@@ -193,6 +193,18 @@ impl Client {
         self.call(Fsck { path: path.into() }).await
     }
 
+    /// The datanodes the namenode considers live, in its order.
+    pub async fn live_datanodes(&self) -> Result<Vec<NodeAddr>> {
+        Ok(self
+            .report()
+            .await?
+            .datanodes
+            .iter()
+            .filter(|d| d.state == NodeState::Live)
+            .map(|d| d.node)
+            .collect())
+    }
+
     pub async fn report(&self) -> Result<ClusterReport> {
         self.call(Report).await
     }

@@ -108,6 +108,20 @@ struct WorkerState {
     records: u64,
 }
 
+/// Accounts for a worker that loaded its chunks.
+fn opened(
+    summary: &mut TrainSummary,
+    workers: &mut [WorkerState],
+    node: NodeAddr,
+    o: &TrainOpened,
+) {
+    summary.local_bytes += o.local_bytes;
+    summary.dataset_bytes_over_network += o.fetched_bytes;
+    if let Some(w) = workers.iter_mut().find(|w| w.node.id == node.id) {
+        w.records = o.records;
+    }
+}
+
 struct Chunk {
     meta: ChunkMeta,
     holders: Vec<NodeAddr>,
@@ -209,14 +223,7 @@ impl Client {
         if chunks.is_empty() {
             return Err(Error::Dataset(format!("{}: holds no records", ds.dir)));
         }
-        let live: Vec<NodeAddr> = self
-            .report()
-            .await?
-            .datanodes
-            .iter()
-            .filter(|d| d.state == NodeState::Live)
-            .map(|d| d.node)
-            .collect();
+        let live: Vec<NodeAddr> = self.live_datanodes().await?;
         let mut sched = Scheduler::new(live);
         let plan = sched.assign_all(&chunks.iter().map(|c| c.holders.clone()).collect::<Vec<_>>());
         let mut workers: Vec<WorkerState> = Vec::new();
@@ -252,13 +259,7 @@ impl Client {
             workers.iter().map(|w| (w.node, w.chunks.clone())).collect();
         while let Some((node, idx)) = pending.pop() {
             match self.open_worker(job, &spec, node, &idx, &chunks).await {
-                Ok(o) => {
-                    summary.local_bytes += o.local_bytes;
-                    summary.dataset_bytes_over_network += o.fetched_bytes;
-                    if let Some(w) = workers.iter_mut().find(|w| w.node.id == node.id) {
-                        w.records = o.records;
-                    }
-                }
+                Ok(o) => opened(&mut summary, &mut workers, node, &o),
                 Err(e) => {
                     workers.retain(|w| w.node.id != node.id);
                     let moved = self.reassign(
@@ -387,13 +388,7 @@ impl Client {
                     let mut queue = moved;
                     while let Some((n, idx)) = queue.pop() {
                         match self.open_worker(job, &spec, n, &idx, &chunks).await {
-                            Ok(o) => {
-                                summary.local_bytes += o.local_bytes;
-                                summary.dataset_bytes_over_network += o.fetched_bytes;
-                                if let Some(w) = workers.iter_mut().find(|w| w.node.id == n.id) {
-                                    w.records = o.records;
-                                }
-                            }
+                            Ok(o) => opened(&mut summary, &mut workers, n, &o),
                             Err(e2) => {
                                 if let Some(p) = workers.iter().position(|w| w.node.id == n.id) {
                                     let g = workers.remove(p);

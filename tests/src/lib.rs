@@ -446,3 +446,33 @@ pub fn assert_stats_eq(got: &quern_compute::ops::DatasetStats, want: &DirectStat
         );
     }
 }
+
+impl BinCluster {
+    /// Writes `n` random `rows x cols` images with labels below `classes`
+    /// as IDX files in `local` and imports them as dataset `remote` with
+    /// `extra` import flags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn import_random(
+        &self,
+        local: &Path,
+        remote: &str,
+        n: usize,
+        rows: usize,
+        cols: usize,
+        classes: u8,
+        seed: u64,
+        extra: &[&str],
+    ) -> Run {
+        let (images, labels, _, _) = random_idx(n, rows, cols, classes, seed);
+        let img = local.join(format!("images-{seed}.idx"));
+        let lab = local.join(format!("labels-{seed}.idx"));
+        std::fs::write(&img, images).expect("write images");
+        std::fs::write(&lab, labels).expect("write labels");
+        let (img, lab) = (img.display().to_string(), lab.display().to_string());
+        let mut args = vec![
+            "dataset", "import", "idx", "--images", &img, "--labels", &lab, remote,
+        ];
+        args.extend_from_slice(extra);
+        self.quern(&args)
+    }
+}

@@ -30,8 +30,6 @@ fn fails_with(r: &Run, wants: &[&str]) {
 /// A client configuration with a short RPC timeout, so that calls to a
 /// killed datanode give up quickly.
 fn short_timeout_config(c: &BinCluster, dir: &Path) -> PathBuf {
-    let src = c.cluster_json();
-    let _ = src;
     let base = std::fs::read_to_string(c.dir.path().join("client.toml")).unwrap();
     let p = dir.join("client-short.toml");
     std::fs::write(&p, format!("{base}rpc_timeout_secs = 3\n")).unwrap();
@@ -238,25 +236,16 @@ fn train_then_score_a_fashion_mnist_slice() {
 fn training_survives_a_sigkilled_datanode() {
     let c = BinCluster::up(3, &["--dead-timeout", "60s"]);
     let local = tempfile::tempdir().unwrap();
-    let (images, labels, _, _) = random_idx(2000, 28, 28, 10, 4);
-    let img = local.path().join("img");
-    let lab = local.path().join("lab");
-    std::fs::write(&img, images).unwrap();
-    std::fs::write(&lab, labels).unwrap();
-    ok(&c.quern(&[
-        "dataset",
-        "import",
-        "idx",
-        "--images",
-        img.to_str().unwrap(),
-        "--labels",
-        lab.to_str().unwrap(),
+    ok(&c.import_random(
+        local.path(),
         "/rand",
-        "--chunk-size",
-        "64K",
-        "-r",
-        "2",
-    ]));
+        2000,
+        28,
+        28,
+        10,
+        4,
+        &["--chunk-size", "64K", "-r", "2"],
+    ));
     let cfg = short_timeout_config(&c, local.path());
     let mut child = c
         .command(&[
@@ -310,38 +299,8 @@ fn training_survives_a_sigkilled_datanode() {
 fn bad_flags_and_models_are_refused_clearly() {
     let c = BinCluster::up(1, &[]);
     let local = tempfile::tempdir().unwrap();
-    let (images, labels, _, _) = random_idx(100, 28, 28, 10, 1);
-    let img = local.path().join("img");
-    let lab = local.path().join("lab");
-    std::fs::write(&img, images).unwrap();
-    std::fs::write(&lab, labels).unwrap();
-    ok(&c.quern(&[
-        "dataset",
-        "import",
-        "idx",
-        "--images",
-        img.to_str().unwrap(),
-        "--labels",
-        lab.to_str().unwrap(),
-        "/d",
-        "-r",
-        "1",
-    ]));
-    let (small_img, small_lab, _, _) = random_idx(10, 8, 8, 3, 1);
-    std::fs::write(&img, small_img).unwrap();
-    std::fs::write(&lab, small_lab).unwrap();
-    ok(&c.quern(&[
-        "dataset",
-        "import",
-        "idx",
-        "--images",
-        img.to_str().unwrap(),
-        "--labels",
-        lab.to_str().unwrap(),
-        "/small",
-        "-r",
-        "1",
-    ]));
+    ok(&c.import_random(local.path(), "/d", 100, 28, 28, 10, 1, &["-r", "1"]));
+    ok(&c.import_random(local.path(), "/small", 10, 8, 8, 3, 2, &["-r", "1"]));
     let mlp = fixture("mlp.json");
     let base = ["train", "--model", &mlp, "--out", "/m"];
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
