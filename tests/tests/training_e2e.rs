@@ -368,3 +368,46 @@ fn bad_flags_and_models_are_refused_clearly() {
         &["/d", "checkpoint"],
     );
 }
+
+/// README's main job, shortened: the same command with a few iterations
+/// of the fixture MLP instead of an epoch of the CNN.
+#[test]
+fn the_demo_runs_end_to_end() {
+    if !Path::new("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists() {
+        eprintln!("skipping: dataset-fashion-mnist is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster");
+    let r = run_quern(&[
+        "demo",
+        "--max-iter",
+        "30",
+        "--model",
+        &fixture("mlp.json"),
+        "--dir",
+        cluster.to_str().unwrap(),
+    ]);
+    ok(&r);
+    for want in [
+        "importing Fashion-MNIST",
+        "training mlp",
+        "scoring on the test set",
+        "accuracy",
+        "stopped",
+    ] {
+        assert!(
+            r.stdout.contains(want) || r.stderr.contains(want),
+            "missing {want:?}: {}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+    assert!(r.stderr.contains("val_acc"), "{}", r.stderr);
+    let status = run_quern(&["cluster", "status", "--dir", cluster.to_str().unwrap()]);
+    assert_ne!(
+        status.status, 0,
+        "the demo stops its cluster: {}",
+        status.stdout
+    );
+}
