@@ -18,6 +18,18 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2000)]
         files: usize,
     },
+    /// The FUSE mount against `quern get`/`quern put` and `ls -l` of a
+    /// 10,000-file directory, on a local 3-datanode cluster.
+    Fuse {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Bytes per transfer, like 1G or 256M.
+        #[arg(long, default_value = "1GiB", value_parser = quern_proto::size::parse_size)]
+        size: u64,
+        /// Files in the listed directory.
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+    },
     /// Dataset statistics by map tasks versus pulling every chunk to the
     /// client, on a local 3-datanode cluster with Fashion-MNIST.
     Stats {
@@ -60,6 +72,7 @@ pub enum BenchCommand {
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Io { dir, size, files } => crate::bench_io::run(&dir, size, files).await,
+        BenchCommand::Fuse { dir, size, files } => crate::bench_fuse::run(&dir, size, files).await,
         BenchCommand::Stats {
             dir,
             images,

@@ -20,32 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BLOCK: usize = 64 << 20;
 
-fn mbps(bytes: u64, t: Duration) -> f64 {
+pub(crate) fn mbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e6
-}
-
-struct Sink;
-
-impl tokio::io::AsyncWrite for Sink {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
 }
 
 pub async fn run(dir: &Path, size: u64, files: usize) -> Result<()> {
@@ -93,7 +69,9 @@ async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()
         w.close().await?;
         let put = mbps(size, t.elapsed());
         let t = Instant::now();
-        let n = client.read_to(&path, &mut Sink, |_| {}).await?;
+        let n = client
+            .read_to(&path, &mut tokio::io::sink(), |_| {})
+            .await?;
         anyhow::ensure!(n == size, "get returned {n} bytes, expected {size}");
         let get = mbps(size, t.elapsed());
         println!("put R={r}: {put:>8.0} MB/s   get R={r}: {get:>8.0} MB/s");

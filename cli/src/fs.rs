@@ -10,7 +10,7 @@ use quern_proto::msg::{FileKind, FileStatus, Health, NodeState, ReplicaState};
 use quern_proto::size::{format_size, parse_size};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Subcommand)]
 pub enum FsCommand {
@@ -392,6 +392,23 @@ async fn get(client: &Client, remote: &str, local: &str, force: bool) -> Result<
             .filter(|n| !n.is_empty())
             .ok_or_else(|| anyhow!("get: {remote} has no file name"))?;
         dest = dest.join(name);
+    }
+    // A device or a pipe (/dev/null, a FIFO) is written into, never
+    // replaced: renaming over it would turn it into a plain file.
+    if let Ok(meta) = std::fs::metadata(&dest) {
+        if !meta.file_type().is_file() {
+            let f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(&dest)
+                .await
+                .with_context(|| format!("get: opening {}", dest.display()))?;
+            let mut out = tokio::io::BufWriter::with_capacity(4 << 20, f);
+            client.read_to(remote, &mut out, |_| {}).await?;
+            out.flush()
+                .await
+                .with_context(|| format!("get: writing {}", dest.display()))?;
+            return Ok(());
+        }
     }
     if dest.exists() && !force {
         bail!(

@@ -1,6 +1,7 @@
 //! `quern`: servers, local clusters, file verbs and benchmarks in one binary.
 
 mod bench;
+mod bench_fuse;
 mod bench_io;
 mod bench_stats;
 mod bench_train;
@@ -10,6 +11,7 @@ mod demo;
 mod duration;
 mod fs;
 mod model;
+mod mount;
 mod plot;
 mod servers;
 mod train;
@@ -56,6 +58,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Accuracy, loss and confusion matrix of a trained model, by map tasks.
     Score(train::ScoreArgs),
+    /// Mount the cluster (or a directory of it) as a local filesystem.
+    Mount(mount::MountArgs),
+    /// Unmount a quern mount.
+    Umount(mount::UmountArgs),
     #[command(flatten)]
     Fs(fs::FsCommand),
 }
@@ -114,6 +120,8 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Demo(d) => demo::run(d).await,
         Command::Train(t) => train::train(t, cli.config.as_deref()).await,
         Command::Score(s) => train::score(s, cli.config.as_deref()).await,
+        Command::Mount(m) => mount::mount(m, cli.config.as_deref()).await,
+        Command::Umount(u) => mount::umount(u).await,
         Command::Fs(f) => fs::run(f, cli.config.as_deref()).await,
     }
 }

@@ -42,6 +42,18 @@ fn cluster_up_put_get_fsck_down() {
     let back = local.path().join("back.bin");
     ok(&c.quern(&["get", "/ds/raw/data.bin", back.to_str().unwrap()]));
     assert_eq!(std::fs::read(&back).unwrap(), data);
+    // Into a pipe (as into /dev/null): written through, never replaced.
+    let fifo = local.path().join("pipe");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    ok(&c.quern(&["get", "/ds/raw/data.bin", fifo.to_str().unwrap()]));
+    assert_eq!(reader.join().unwrap(), data);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
     let cat = c.command(&["cat", "/ds/raw/data.bin"]).output().unwrap();
     assert!(cat.status.success());
     assert_eq!(cat.stdout, data);
