@@ -44,7 +44,10 @@ fn cluster_up_put_get_fsck_down() {
     assert_eq!(std::fs::read(&back).unwrap(), data);
     // Into a pipe (as into /dev/null): written through, never replaced.
     let fifo = local.path().join("pipe");
-    let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
     assert!(status.success());
     let reader = {
         let fifo = fifo.clone();
