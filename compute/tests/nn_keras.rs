@@ -119,18 +119,166 @@ fn summary_matches_keras() {
     assert!(s.contains("(None, 7, 7, 64)"));
 }
 
+/// Shape, first and last value, and sum of absolute values of each array of
+/// `get_weights()` of the `.keras` fixtures, as TensorFlow 2.21 / Keras 3.15
+/// loads them (the archives hold the initial weights, not NAME.weights.npz;
+/// biases are all zero).
+type Expected = (&'static [usize], f64, f64, f64);
+const SEED_CNN_KERAS: &[Expected] = &[
+    (
+        &[5, 5, 1, 32],
+        0.06109294295310974,
+        0.00012087821960449219,
+        33.85374450683594,
+    ),
+    (&[32], 0.0, 0.0, 0.0),
+    (
+        &[5, 5, 32, 64],
+        0.047915589064359665,
+        0.013866115361452103,
+        1283.8831787109375,
+    ),
+    (&[64], 0.0, 0.0, 0.0),
+    (
+        &[3136, 512],
+        0.02780870720744133,
+        0.025357995182275772,
+        32561.419921875,
+    ),
+    (&[512], 0.0, 0.0, 0.0),
+    (
+        &[512, 10],
+        0.10627675801515579,
+        0.02132789045572281,
+        278.3251953125,
+    ),
+    (&[10], 0.0, 0.0, 0.0),
+];
+const MLP_KERAS: &[Expected] = &[
+    (
+        &[784, 256],
+        0.054412826895713806,
+        -0.05355222523212433,
+        7620.92138671875,
+    ),
+    (&[256], 0.0, 0.0, 0.0),
+    (
+        &[256, 128],
+        0.11978897452354431,
+        -0.08737283945083618,
+        2055.43603515625,
+    ),
+    (&[128], 0.0, 0.0, 0.0),
+    (
+        &[128, 10],
+        0.14297781884670258,
+        0.010187089443206787,
+        131.2369384765625,
+    ),
+    (&[10], 0.0, 0.0, 0.0),
+];
+
 #[test]
-fn keras_archive_imports_config_and_refuses_h5_weights() {
-    let archive = Model::open_keras(&fixture("seed_cnn.keras")).unwrap();
-    assert!(archive.has_h5_weights);
-    assert!(archive.weights.is_none());
-    assert_eq!(archive.model.param_count(), 1_663_370);
-    let err = Model::load_with_weights(&fixture("seed_cnn.keras"), None).unwrap_err();
-    let msg = err.to_string();
-    assert!(msg.contains(".h5") && msg.contains("np.savez"), "{msg}");
+fn keras_archive_reads_h5_weights_as_keras_does() {
+    for (name, want) in [("seed_cnn", SEED_CNN_KERAS), ("mlp", MLP_KERAS)] {
+        let path = fixture(&format!("{name}.keras"));
+        let archive = Model::open_keras(&path).unwrap();
+        assert!(archive.has_h5_weights, "{name}");
+        let (model, params) = Model::load_with_weights(&path, None).unwrap();
+        assert_eq!(archive.weights.as_ref(), Some(&params), "{name}");
+        assert_eq!(params.len(), model.param_count(), "{name}");
+        let arrays = params.to_arrays();
+        assert_eq!(arrays.len(), want.len(), "{name}");
+        for (i, (a, &(shape, first, last, abs_sum))) in arrays.iter().zip(want).enumerate() {
+            assert_eq!(a.shape(), shape, "{name} array {i}");
+            let flat: Vec<f32> = a.iter().copied().collect();
+            assert_eq!(f64::from(flat[0]), first, "{name} array {i} first value");
+            assert_eq!(
+                f64::from(flat[flat.len() - 1]),
+                last,
+                "{name} array {i} last value"
+            );
+            let sum: f64 = flat.iter().map(|v| f64::from(v.abs())).sum();
+            assert!(
+                (sum - abs_sum).abs() <= 1e-5 * abs_sum.max(1.0),
+                "{name} array {i}: sum |w| {sum}, Keras {abs_sum}"
+            );
+        }
+        // The archive's (initial) weights run: softmax rows sum to one.
+        let x = npy::load_npy(&fixture(&format!("{name}.input.npy"))).unwrap();
+        let probs = model.predict(&params, x.view()).unwrap();
+        for row in probs.rows() {
+            assert!((row.sum() - 1.0).abs() < 1e-4, "{name}");
+        }
+    }
+    // A weights file given explicitly wins over the archive's.
     let (model, params) =
         Model::load_with_weights(&fixture("mlp.keras"), Some(&fixture("mlp.weights.npz"))).unwrap();
+    let (_, want) = load("mlp");
+    assert_eq!(params, want);
     assert_eq!(model.param_count(), params.len());
+}
+
+/// `NAME.keras` rebuilt with its `model.weights.h5` replaced by `h5`.
+fn keras_with_h5(name: &str, h5: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let bytes = std::fs::read(fixture(&format!("{name}.keras"))).unwrap();
+    let mut src = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for i in 0..src.len() {
+        let mut f = src.by_index(i).unwrap();
+        let fname = f.name().to_string();
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).unwrap();
+        if fname == "model.weights.h5" {
+            data = h5.to_vec();
+        }
+        out.start_file(fname, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        out.write_all(&data).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+fn inner_h5(name: &str) -> Vec<u8> {
+    use std::io::Read;
+    let bytes = std::fs::read(fixture(&format!("{name}.keras"))).unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut data = Vec::new();
+    zip.by_name("model.weights.h5")
+        .unwrap()
+        .read_to_end(&mut data)
+        .unwrap();
+    data
+}
+
+#[test]
+fn corrupt_h5_weights_in_keras_archive_name_the_file() {
+    let h5 = inner_h5("mlp");
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("garbage", b"this is not an HDF5 file".to_vec()),
+        ("header only", h5[..512].to_vec()),
+        ("truncated", h5[..h5.len() / 2].to_vec()),
+    ];
+    for (case, data) in cases {
+        let archive = keras_with_h5("mlp", &data);
+        let err = Model::from_keras_bytes(&archive, "broken.keras").unwrap_err();
+        assert!(matches!(err, NnError::Weights(_)), "{case}: {err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("broken.keras") && msg.contains("model.weights.h5"),
+            "{case}: {msg}"
+        );
+    }
+    // The weights of another model: the missing layer is named.
+    let archive = keras_with_h5("mlp", &inner_h5("seed_cnn"));
+    let msg = Model::from_keras_bytes(&archive, "other.keras")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("other.keras: model.weights.h5") && msg.contains("dense_2"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod bench;
 mod error;
 mod exec;
 mod gemm;
+mod h5;
 mod keras;
 mod layers;
 mod model;

@@ -9,6 +9,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 
 use super::error::{NnError, Result};
 use super::exec::{DropoutRng, Net};
+use super::h5;
 use super::keras;
 use super::layers::{Activation, FanMode, Init, Layer, LayerKind, ParamSpec};
 use super::npy;
@@ -34,13 +35,13 @@ pub struct Model {
     keras_json: String,
 }
 
-/// A `.keras` archive: the model and, when the archive carries them in a
-/// form we read, its weights.
+/// A `.keras` archive: the model and, when the archive carries them, its
+/// weights (from an `.npz` inside it, else from `model.weights.h5`).
 #[derive(Debug, Clone)]
 pub struct KerasArchive {
     pub model: Model,
     pub weights: Option<Params>,
-    /// The archive holds `model.weights.h5`, which is not read here.
+    /// The archive holds an `.h5` weights file (`model.weights.h5`).
     pub has_h5_weights: bool,
 }
 
@@ -259,12 +260,21 @@ impl Model {
         let text = String::from_utf8(config)
             .map_err(|_| NnError::Json(format!("{what}: config.json is not UTF-8")))?;
         let model = Model::from_keras_json(&text)?;
-        let weights = match names.iter().find(|n| n.ends_with(".npz")) {
-            Some(n) => {
+        let npz = names.iter().find(|n| n.ends_with(".npz"));
+        let h5 = names
+            .iter()
+            .find(|n| n.as_str() == "model.weights.h5")
+            .or_else(|| names.iter().find(|n| n.ends_with(".h5")));
+        let weights = match (npz, h5) {
+            (Some(n), _) => {
                 let bytes = read(&mut zip, n)?;
                 Some(model.params_from_npz_bytes(&bytes, &format!("{what}: {n}"))?)
             }
-            None => None,
+            (None, Some(n)) => {
+                let bytes = read(&mut zip, n)?;
+                Some(model.params_from_keras_h5_bytes(&bytes, &format!("{what}: {n}"))?)
+            }
+            (None, None) => None,
         };
         Ok(KerasArchive {
             model,
@@ -294,25 +304,19 @@ impl Model {
     }
 
     /// Reads a model and its weights: from `weights` (a `.npz`) when given,
-    /// else from the `.keras` archive when it carries an `.npz`.
+    /// else from the `.keras` archive (an `.npz` in it, or
+    /// `model.weights.h5`).
     pub fn load_with_weights(path: &Path, weights: Option<&Path>) -> Result<(Model, Params)> {
         let bytes = npy::read_file(path)?;
-        let (model, inner, h5) = if bytes.starts_with(b"PK") {
+        let (model, inner) = if bytes.starts_with(b"PK") {
             let a = Model::from_keras_bytes(&bytes, &path.display().to_string())?;
-            (a.model, a.weights, a.has_h5_weights)
+            (a.model, a.weights)
         } else {
-            (Model::load(path)?, None, false)
+            (Model::load(path)?, None)
         };
         let params = match (weights, inner) {
             (Some(w), _) => model.load_params(w)?,
             (None, Some(p)) => p,
-            (None, None) if h5 => {
-                return Err(NnError::Weights(format!(
-                    "{}: weights in .h5 (model.weights.h5) are not supported; export them with \
-                     `np.savez('weights.npz', *model.get_weights())` and pass that file",
-                    path.display()
-                )))
-            }
             (None, None) => {
                 return Err(NnError::Weights(format!(
                     "{}: the model file has no weights; give a .npz of model.get_weights()",
@@ -594,6 +598,29 @@ impl Model {
         if arrays.iter().all(|(n, _)| index(n).is_some()) {
             arrays.sort_by_key(|(n, _)| index(n));
         }
+        self.params_from_arrays(&arrays).map_err(|e| match e {
+            NnError::Weights(m) => NnError::Weights(format!("{what}: {m}")),
+            e => e,
+        })
+    }
+
+    /// Reads the bytes of a Keras 3 `model.weights.h5` (as saved inside a
+    /// `.keras` archive): each layer's `layers/<name>/vars/<i>`.
+    pub fn params_from_keras_h5_bytes(&self, bytes: &[u8], what: &str) -> Result<Params> {
+        let layers: Vec<(&str, usize)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let end = self
+                    .first_param
+                    .get(i + 1)
+                    .copied()
+                    .unwrap_or(self.specs.len());
+                (l.name.as_str(), end - self.first_param[i])
+            })
+            .collect();
+        let arrays = h5::keras_weights(bytes, &layers, what)?;
         self.params_from_arrays(&arrays).map_err(|e| match e {
             NnError::Weights(m) => NnError::Weights(format!("{what}: {m}")),
             e => e,
