@@ -156,13 +156,27 @@ impl ChunkStore {
             .tmp_dir
             .join(format!("{:016x}.{:08x}.part", id.0, rand::random::<u32>()));
         let file = File::create(&tmp).map_err(|e| StoreError::io("creating", &tmp, e))?;
-        Ok(PartialChunk { id, tmp, file })
+        Ok(PartialChunk {
+            id,
+            direct: DirectWriter::open(&tmp).map(Box::new),
+            tmp,
+            file,
+        })
     }
 
     /// Makes a fully written chunk visible (fsync, meta, rename).
     pub fn commit(&self, part: PartialChunk, info: ChunkInfo) -> Result<(), StoreError> {
-        let PartialChunk { id, tmp, file } = part;
+        let PartialChunk {
+            id,
+            tmp,
+            mut file,
+            direct,
+        } = part;
         let result = (|| {
+            if let Some(d) = direct {
+                d.finish(&mut file)
+                    .map_err(|e| StoreError::io("writing", &tmp, e))?;
+            }
             file.sync_all()
                 .map_err(|e| StoreError::io("syncing", &tmp, e))?;
             drop(file);
@@ -228,18 +242,102 @@ fn read_meta(path: &Path) -> Option<ChunkInfo> {
 pub struct PartialChunk {
     id: ChunkId,
     tmp: PathBuf,
+    /// Positioned at the end of what the direct writer has written.
     file: File,
+    direct: Option<Box<DirectWriter>>,
 }
 
 impl PartialChunk {
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.file
-            .write_all(bytes)
-            .map_err(|e| StoreError::io("writing", &self.tmp, e))
+        let result = match &mut self.direct {
+            Some(d) => d.write(bytes, &mut self.file),
+            None => self.file.write_all(bytes),
+        };
+        result.map_err(|e| StoreError::io("writing", &self.tmp, e))
     }
 
     pub fn discard(self) {
         let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Size of the aligned staging buffer, and of each direct write.
+const STAGE: usize = 1 << 20;
+/// Alignment O_DIRECT needs for buffers, offsets and lengths.
+const ALIGN: usize = 4096;
+
+/// Writes chunk data with O_DIRECT: straight from an aligned buffer to the
+/// device, skipping the page cache. On this kind of machine that is several
+/// times faster than buffered writes followed by fsync, and a datanode
+/// rarely reads a chunk right after writing it. The unaligned tail goes
+/// through the ordinary descriptor at the end.
+struct DirectWriter {
+    file: File,
+    /// Over-allocated by ALIGN so an aligned STAGE-sized window exists.
+    buf: Vec<u8>,
+    start: usize,
+    filled: usize,
+}
+
+impl DirectWriter {
+    /// None where the filesystem refuses O_DIRECT (tmpfs, some overlays):
+    /// the chunk is then written through the page cache.
+    fn open(path: &Path) -> Option<DirectWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()?;
+        let buf = vec![0u8; STAGE + ALIGN];
+        let start = buf.as_ptr().align_offset(ALIGN);
+        if start + STAGE > buf.len() {
+            return None;
+        }
+        Some(DirectWriter {
+            file,
+            buf,
+            start,
+            filled: 0,
+        })
+    }
+
+    fn write(&mut self, mut bytes: &[u8], plain: &mut File) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let n = (STAGE - self.filled).min(bytes.len());
+            let at = self.start + self.filled;
+            self.buf[at..at + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled == STAGE {
+                self.flush_aligned(plain)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the aligned part of the staging buffer directly; keeps the
+    /// rest (less than ALIGN bytes) at the front of the buffer.
+    fn flush_aligned(&mut self, plain: &mut File) -> std::io::Result<()> {
+        use std::io::Seek;
+        let aligned = self.filled / ALIGN * ALIGN;
+        if aligned > 0 {
+            let window = &self.buf[self.start..self.start + aligned];
+            self.file.write_all(window)?;
+            // The plain descriptor continues where the direct one stopped.
+            plain.seek(std::io::SeekFrom::Current(aligned as i64))?;
+            self.buf
+                .copy_within(self.start + aligned..self.start + self.filled, self.start);
+            self.filled -= aligned;
+        }
+        Ok(())
+    }
+
+    /// Writes whatever is left: the aligned part directly, the tail through
+    /// the page cache (the caller syncs the file).
+    fn finish(mut self, plain: &mut File) -> std::io::Result<()> {
+        self.flush_aligned(plain)?;
+        plain.write_all(&self.buf[self.start..self.start + self.filled])
     }
 }
 
@@ -274,5 +372,42 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn unaligned_sizes_and_pieces_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        for (k, len) in [
+            0usize,
+            1,
+            4095,
+            4096,
+            4097,
+            STAGE - 1,
+            STAGE,
+            3 * STAGE + 123,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 + k) as u8).collect();
+            let id = ChunkId(100 + k as u64);
+            let mut p = store.create(id).unwrap();
+            // Odd piece sizes so staging boundaries fall inside writes.
+            for piece in data.chunks(7_777) {
+                p.write(piece).unwrap();
+            }
+            let info = ChunkInfo {
+                size: len as u64,
+                digest: Digest::of(&data),
+            };
+            store.commit(p, info).unwrap();
+            assert_eq!(
+                std::fs::read(store.data_path(id)).unwrap(),
+                data,
+                "{len} bytes"
+            );
+        }
     }
 }
