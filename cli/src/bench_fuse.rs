@@ -224,26 +224,7 @@ async fn measure(dir: &Path, size: u64, files: usize) -> Result<()> {
     }
 
     // A wide directory, made through the client library.
-    client.mkdir("/many", true).await?;
-    const INFLIGHT: usize = 32;
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..INFLIGHT {
-        let client = client.clone();
-        tasks.spawn(async move {
-            let mut i = w;
-            while i < files {
-                let f = client
-                    .create(&format!("/many/f{i:05}"), WriteOptions::default())
-                    .await?;
-                f.close().await?;
-                i += INFLIGHT;
-            }
-            Ok::<_, quern_client::Error>(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    crate::bench_io::create_empty_files(&client, "/many", files).await?;
     let ls = |mp: &Path| -> Result<(Duration, usize)> {
         let t = Instant::now();
         let out = Command::new("ls").arg("-l").arg(mp.join("many")).output()?;

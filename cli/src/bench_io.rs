@@ -159,18 +159,19 @@ async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()
     Ok(())
 }
 
-async fn metadata_rates(client: &Client, files: usize) -> Result<(f64, f64)> {
+/// Creates `files` empty files under `dir` (which it makes), 32 at a time.
+pub(crate) async fn create_empty_files(client: &Client, dir: &str, files: usize) -> Result<()> {
     const INFLIGHT: usize = 32;
-    client.mkdir("/bench-meta", true).await?;
-    let t = Instant::now();
+    client.mkdir(dir, true).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..INFLIGHT {
         let client = client.clone();
+        let dir = dir.to_string();
         tasks.spawn(async move {
             let mut i = w;
             while i < files {
                 let f = client
-                    .create(&format!("/bench-meta/f{i}"), WriteOptions::default())
+                    .create(&format!("{dir}/f{i:05}"), WriteOptions::default())
                     .await?;
                 f.close().await?;
                 i += INFLIGHT;
@@ -181,17 +182,25 @@ async fn metadata_rates(client: &Client, files: usize) -> Result<(f64, f64)> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
+    Ok(())
+}
+
+async fn metadata_rates(client: &Client, files: usize) -> Result<(f64, f64)> {
+    const INFLIGHT: usize = 32;
+    let t = Instant::now();
+    create_empty_files(client, "/bench-meta", files).await?;
     let creates = files as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
     for w in 0..INFLIGHT {
         let client = client.clone();
         tasks.spawn(async move {
             let mut i = w;
             while i < files {
-                client.stat(&format!("/bench-meta/f{i}")).await?;
+                client.stat(&format!("/bench-meta/f{i:05}")).await?;
                 i += INFLIGHT;
             }
-            Ok(())
+            Ok::<_, quern_client::Error>(())
         });
     }
     while let Some(r) = tasks.join_next().await {

@@ -380,17 +380,8 @@ impl Model {
                     ..
                 } => {
                     spatial(&shape)?;
-                    let (oh, _) = padding
-                        .output_and_pad(shape[0], kernel[0], strides[0])
-                        .ok_or_else(|| {
-                            err(format!(
-                                "kernel {kernel:?} is larger than the input {}",
-                                batch_shape_str(&shape)
-                            ))
-                        })?;
-                    let (ow, _) = padding
-                        .output_and_pad(shape[1], kernel[1], strides[1])
-                        .ok_or_else(|| {
+                    let (oh, ow) =
+                        window_output(*padding, &shape, *kernel, *strides).ok_or_else(|| {
                             err(format!(
                                 "kernel {kernel:?} is larger than the input {}",
                                 batch_shape_str(&shape)
@@ -419,17 +410,8 @@ impl Model {
                     padding,
                 } => {
                     spatial(&shape)?;
-                    let (oh, _) = padding
-                        .output_and_pad(shape[0], pool[0], strides[0])
-                        .ok_or_else(|| {
-                            err(format!(
-                                "pool {pool:?} is larger than the input {}",
-                                batch_shape_str(&shape)
-                            ))
-                        })?;
-                    let (ow, _) = padding
-                        .output_and_pad(shape[1], pool[1], strides[1])
-                        .ok_or_else(|| {
+                    let (oh, ow) =
+                        window_output(*padding, &shape, *pool, *strides).ok_or_else(|| {
                             err(format!(
                                 "pool {pool:?} is larger than the input {}",
                                 batch_shape_str(&shape)
@@ -934,4 +916,17 @@ fn memory_size(bytes: usize) -> String {
         v /= 1024.0;
     }
     format!("{v:.2} PB")
+}
+
+/// Output height and width of a sliding window (convolution or pooling)
+/// over an HWC input; None when the window does not fit.
+fn window_output(
+    padding: crate::nn::Padding,
+    shape: &[usize],
+    window: [usize; 2],
+    strides: [usize; 2],
+) -> Option<(usize, usize)> {
+    let (oh, _) = padding.output_and_pad(shape[0], window[0], strides[0])?;
+    let (ow, _) = padding.output_and_pad(shape[1], window[1], strides[1])?;
+    Some((oh, ow))
 }
