@@ -93,8 +93,21 @@ pub(crate) async fn open(node: &Arc<Node>, req: TrainOpen) -> Result<TrainOpened
     let (mut local_bytes, mut fetched_bytes) = (0, 0);
     let mut records = 0;
     for (meta, sources) in req.chunks.iter().zip(&req.sources) {
-        let bytes = if node.store.get(meta.id).is_some() {
-            let b = read_local(node, *meta).await?;
+        let local = if node.store.get(meta.id).is_some() {
+            match read_local(node, *meta).await {
+                Ok(b) => Some(b),
+                // The bad replica is reported by read_local; this worker
+                // keeps its share and takes the chunk from another holder.
+                Err(e) if e.code == ErrorCode::ChecksumMismatch => {
+                    tracing::warn!(chunk = %meta.id, "{e}; fetching it from another replica");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let bytes = if let Some(b) = local {
             local_bytes += b.len() as u64;
             b
         } else {

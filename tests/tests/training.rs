@@ -233,3 +233,31 @@ async fn local_steps_then_model_averaging() {
         exact.summary.step_bytes
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_replica_is_fetched_from_another_holder() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 400, 8).await;
+    let model = tiny_model();
+    let clean = client
+        .train(&mut ds, None, &options(&model, 5), |_| {})
+        .await
+        .unwrap();
+    // A flipped byte in every chunk one datanode holds.
+    for f in chunk_files_in(&c.datanode_dir(0)) {
+        let mut b = std::fs::read(&f).unwrap();
+        b[7] ^= 0x20;
+        std::fs::write(&f, b).unwrap();
+    }
+    let run = client
+        .train(&mut ds, None, &options(&model, 5), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(run.summary.workers_lost, 0, "the worker keeps its share");
+    assert!(
+        run.summary.dataset_bytes_over_network > 0,
+        "the bad chunks came from other holders"
+    );
+    assert_eq!(run.params, clean.params, "same data, same model");
+}
