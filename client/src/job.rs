@@ -153,7 +153,7 @@ impl Client {
             tasks: units.len(),
             ..JobSummary::default()
         };
-        let mut per_node: HashMap<SocketAddrKey, usize> = HashMap::new();
+        let mut per_node: HashMap<String, usize> = HashMap::new();
         let mut failure = None;
         while let Some(joined) = set.join_next().await {
             match joined {
@@ -167,9 +167,7 @@ impl Client {
                     summary.local_bytes_read += d.local_bytes;
                     summary.network_bytes += d.network_bytes;
                     summary.retries.extend(d.retries);
-                    *per_node
-                        .entry(SocketAddrKey(d.node.addr.to_string()))
-                        .or_default() += 1;
+                    *per_node.entry(d.node.addr.to_string()).or_default() += 1;
                     partials[d.index] = Some(d.partial);
                 }
                 Ok(Err(e)) => {
@@ -185,8 +183,7 @@ impl Client {
         if let Some(e) = failure {
             return Err(e);
         }
-        let mut per_node: Vec<(String, usize)> =
-            per_node.into_iter().map(|(k, v)| (k.0, v)).collect();
+        let mut per_node: Vec<(String, usize)> = per_node.into_iter().collect();
         per_node.sort();
         summary.per_node = per_node;
         summary
@@ -206,9 +203,6 @@ impl Client {
         Ok((combined, summary))
     }
 }
-
-#[derive(PartialEq, Eq, Hash)]
-struct SocketAddrKey(String);
 
 fn live_holders(chunk: &LocatedChunk) -> Vec<NodeAddr> {
     chunk

@@ -555,13 +555,7 @@ impl Client {
         let exchange = async {
             let mut s = ep.open(node.addr).await?;
             s.send(&DataRequest::TrainStep(msg)).await?;
-            s.send
-                .write_chunk(params)
-                .await
-                .map_err(|e| quern_proto::Error::Stream {
-                    peer: node.addr.to_string(),
-                    reason: e.to_string(),
-                })?;
+            quern_proto::transport::write_raw(&mut s.send, params, node.addr).await?;
             s.finish()?;
             let out: TrainStepOutput = s.reply().await?;
             let raw =

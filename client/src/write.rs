@@ -4,6 +4,7 @@
 use crate::{Client, Error, Result};
 use bytes::Bytes;
 use quern_proto::msg::*;
+use quern_proto::transport::write_raw;
 use quern_proto::{Digest, FileId, NodeId};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -251,13 +252,7 @@ async fn send_pipeline(
     let mut off = 0;
     while off < data.len() {
         let end = (off + PIECE).min(data.len());
-        s.send
-            .write_chunk(data.slice(off..end))
-            .await
-            .map_err(|e| quern_proto::Error::Stream {
-                peer: first.addr.to_string(),
-                reason: e.to_string(),
-            })?;
+        write_raw(&mut s.send, data.slice(off..end), first.addr).await?;
         off = end;
     }
     s.finish()?;

@@ -3,7 +3,9 @@
 use crate::store::{ChunkInfo, ChunkStore, StoreError};
 use crate::transfer::{disk_writer, read_pieces, PIECE};
 use quern_proto::msg::*;
-use quern_proto::transport::{serve, Endpoint, RequestStream, ServerStream, Service, Tuning};
+use quern_proto::transport::{
+    serve, write_raw, Endpoint, RequestStream, ServerStream, Service, Tuning,
+};
 use quern_proto::{tls::Identity, Digest, ErrorCode, NodeId, WireError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -414,14 +416,7 @@ async fn read_chunk(
         if let Some(h) = hasher.as_mut() {
             h.update(&piece);
         }
-        stream
-            .send
-            .write_chunk(piece)
-            .await
-            .map_err(|e| quern_proto::Error::Stream {
-                peer: stream.peer.to_string(),
-                reason: e.to_string(),
-            })?;
+        write_raw(&mut stream.send, piece, stream.peer).await?;
     }
     let _ = stream.send.finish();
     if let Some(h) = hasher {

@@ -6,7 +6,7 @@ use crate::tasks::{fetch_remote, read_local};
 use quern_compute::ops;
 use quern_compute::train::{f32s_from_le, f32s_to_le, StepRequest, Worker, WorkerSpec};
 use quern_proto::msg::*;
-use quern_proto::transport::{read_raw, ServerStream};
+use quern_proto::transport::{read_raw, write_raw, ServerStream};
 use quern_proto::{ErrorCode, WireError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -143,14 +143,7 @@ pub(crate) async fn step(
     match outcome {
         Ok((out, values)) => {
             stream.reply_header(&Ok(out)).await?;
-            stream
-                .send
-                .write_chunk(values)
-                .await
-                .map_err(|e| quern_proto::Error::Stream {
-                    peer: stream.peer.to_string(),
-                    reason: e.to_string(),
-                })?;
+            write_raw(&mut stream.send, values, stream.peer).await?;
             let _ = stream.send.finish();
             Ok(())
         }

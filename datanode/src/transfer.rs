@@ -5,7 +5,7 @@
 use crate::store::{ChunkInfo, ChunkStore, PartialChunk, StoreError};
 use bytes::{Bytes, BytesMut};
 use quern_proto::msg::{ChunkMeta, DataRequest, NodeAddr, WriteAck, WriteChunk};
-use quern_proto::transport::Endpoint;
+use quern_proto::transport::{write_raw, Endpoint};
 use quern_proto::{ChunkId, Digest, Error};
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
@@ -166,10 +166,7 @@ pub async fn push_chunk(
     while let Some(piece) = pieces.recv().await {
         let piece = piece.map_err(|e| Error::Malformed(e.to_string()))?;
         hasher.update(&piece);
-        s.send.write_chunk(piece).await.map_err(|e| Error::Stream {
-            peer: first.addr.to_string(),
-            reason: e.to_string(),
-        })?;
+        write_raw(&mut s.send, piece, first.addr).await?;
     }
     if Digest::from(hasher.finalize()) != chunk.digest {
         return Err(Error::Malformed(format!(

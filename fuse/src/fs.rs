@@ -347,6 +347,11 @@ impl QuernFs {
         lock(&self.handles).get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// An open handle and the path of its inode, for readdir(plus).
+    fn dir_listing(&self, fh: FileHandle, ino: INodeNo) -> Result<(Arc<Handle>, String), Errno> {
+        Ok((self.handle(fh)?, self.path_of(ino)?))
+    }
+
     fn entry_reply(&self, reply: ReplyEntry, rel: &str, attr: impl FnOnce(u64) -> FileAttr) {
         let ino = lock(&self.inodes).lookup(rel);
         reply.entry(&self.opts.attr_ttl, &attr(ino), Generation(0));
@@ -1440,9 +1445,9 @@ impl fuser::Filesystem for QuernFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let (h, dir) = match (self.handle(fh), self.path_of(ino)) {
-            (Ok(h), Ok(d)) => (h, d),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        let (h, dir) = match self.dir_listing(fh, ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
         };
         let Handle::Dir(entries) = &*h else {
             return reply.error(Errno::EBADF);
@@ -1472,9 +1477,9 @@ impl fuser::Filesystem for QuernFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (h, dir) = match (self.handle(fh), self.path_of(ino)) {
-            (Ok(h), Ok(d)) => (h, d),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        let (h, dir) = match self.dir_listing(fh, ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
         };
         let Handle::Dir(entries) = &*h else {
             return reply.error(Errno::EBADF);

@@ -504,6 +504,19 @@ async fn read_request<T: DeserializeOwned>(
 /// parameters); checked before anything is allocated.
 pub const MAX_RAW: u64 = 1 << 30;
 
+/// Writes raw bytes after a frame on `send` (chunk data, parameters),
+/// naming the peer when the stream fails.
+pub async fn write_raw(
+    send: &mut quinn::SendStream,
+    bytes: bytes::Bytes,
+    peer: SocketAddr,
+) -> Result<()> {
+    send.write_chunk(bytes).await.map_err(|e| Error::Stream {
+        peer: peer.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 /// Reads exactly `len` raw bytes that follow a frame on `recv`.
 pub async fn read_raw(
     recv: &mut quinn::RecvStream,

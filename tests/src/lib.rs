@@ -468,7 +468,26 @@ impl BinCluster {
         let lab = local.join(format!("labels-{seed}.idx"));
         std::fs::write(&img, images).expect("write images");
         std::fs::write(&lab, labels).expect("write labels");
-        let (img, lab) = (img.display().to_string(), lab.display().to_string());
+        self.import_idx(&img, &lab, remote, extra)
+    }
+}
+
+/// Fashion-MNIST's test images and labels from Debian's
+/// dataset-fashion-mnist, when installed (.ci/run installs it).
+pub fn fashion_test_files() -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    let images = dir.join("t10k-images-idx3-ubyte.gz");
+    if !images.exists() {
+        eprintln!("skipping: {} is not installed", images.display());
+        return None;
+    }
+    Some((images, dir.join("t10k-labels-idx1-ubyte.gz")))
+}
+
+impl BinCluster {
+    /// `quern dataset import idx` of local files as `remote`, with `extra` flags.
+    pub fn import_idx(&self, images: &Path, labels: &Path, remote: &str, extra: &[&str]) -> Run {
+        let (img, lab) = (images.display().to_string(), labels.display().to_string());
         let mut args = vec![
             "dataset", "import", "idx", "--images", &img, "--labels", &lab, remote,
         ];

@@ -263,24 +263,11 @@ fn bad_imports_fail_clearly_and_store_nothing() {
 /// (.ci/run installs it).
 #[test]
 fn fashion_mnist_stats_match_the_arrays() {
-    let dir = Path::new("/usr/share/datasets/fashion-mnist");
-    let images = dir.join("t10k-images-idx3-ubyte.gz");
-    let labels = dir.join("t10k-labels-idx1-ubyte.gz");
-    if !images.exists() {
-        eprintln!("skipping: {} is not installed", images.display());
+    let Some((images, labels)) = fashion_test_files() else {
         return;
-    }
+    };
     let c = BinCluster::up(3, &[]);
-    ok(&c.quern(&[
-        "dataset",
-        "import",
-        "idx",
-        "--images",
-        images.to_str().unwrap(),
-        "--labels",
-        labels.to_str().unwrap(),
-        "/fashion/test",
-    ]));
+    ok(&c.import_idx(&images, &labels, "/fashion/test", &[]));
     let doc = stats_json(&c.quern(&["dataset", "stats", "/fashion/test", "--json"]));
     let raw_images = gunzip(&images);
     let raw_labels = gunzip(&labels);

@@ -107,26 +107,16 @@ fn run_quern(args: &[&str]) -> Run {
 
 #[test]
 fn train_then_score_a_fashion_mnist_slice() {
-    let dir = Path::new("/usr/share/datasets/fashion-mnist");
-    let images = dir.join("t10k-images-idx3-ubyte.gz");
-    if !images.exists() {
-        eprintln!("skipping: {} is not installed", images.display());
+    let Some((images, labels)) = fashion_test_files() else {
         return;
-    }
-    let labels = dir.join("t10k-labels-idx1-ubyte.gz");
+    };
     let c = BinCluster::up(3, &[]);
-    ok(&c.quern(&[
-        "dataset",
-        "import",
-        "idx",
-        "--images",
-        images.to_str().unwrap(),
-        "--labels",
-        labels.to_str().unwrap(),
+    ok(&c.import_idx(
+        &images,
+        &labels,
         "/fashion/slice",
-        "--chunk-size",
-        "1MiB",
-    ]));
+        &["--chunk-size", "1MiB"],
+    ));
     let local = tempfile::tempdir().unwrap();
     let svg = local.path().join("curves.svg");
     let train = c.quern(&[
@@ -338,7 +328,7 @@ fn bad_flags_and_models_are_refused_clearly() {
             "{args:?} left a checkpoint"
         );
     }
-    ok(&c.quern(&[
+    let twice = [
         "train",
         "--model",
         &mlp,
@@ -348,21 +338,9 @@ fn bad_flags_and_models_are_refused_clearly() {
         "/m",
         "--max-iter",
         "2",
-    ]));
-    fails_with(
-        &c.quern(&[
-            "train",
-            "--model",
-            &mlp,
-            "--data",
-            "/d",
-            "--out",
-            "/m",
-            "--max-iter",
-            "2",
-        ]),
-        &["/m", "--force"],
-    );
+    ];
+    ok(&c.quern(&twice));
+    fails_with(&c.quern(&twice), &["/m", "--force"]);
     fails_with(
         &c.quern(&["score", "--model", "/d", "--data", "/d"]),
         &["/d", "checkpoint"],
