@@ -84,7 +84,7 @@ async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()
     println!("create+complete: {creates:>8.0} files/s   stat: {stats:>8.0} /s (32 in flight)");
 
     let files_tls = ClusterFiles::in_dir(&c.dir);
-    let identity = files_tls.node_identity()?;
+    let identity = files_tls.namenode_identity()?;
     let quinn_default = quic_ceiling(&identity, Tuning::quinn_defaults(), size, &block).await?;
     let quinn_tuned = quic_ceiling(&identity, Tuning::tuned(), size, &block).await?;
     let tcp = tcp_ceiling(size, &block).await?;
@@ -234,7 +234,7 @@ async fn quic_ceiling(
         anyhow::Ok(got)
     });
     let client = Endpoint::client(identity, tuning)?;
-    let conn = client.connection(addr).await?;
+    let (conn, _) = client.connection(addr).await?;
     let t = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut sent = 0u64;

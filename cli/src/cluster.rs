@@ -1,4 +1,4 @@
-//! Local clusters: `quern cluster init|up|status|down`.
+//! Local clusters: `quern cluster init|up|status|down|add-user`.
 //!
 //! `up` starts the namenode and datanodes as background processes of this
 //! binary, records them in `DIR/cluster.json` (with the exact arguments, so
@@ -11,6 +11,7 @@ use quern_client::Client;
 use quern_proto::config::ClientConfig;
 use quern_proto::msg::NodeState;
 use quern_proto::tls::{init_cluster_dir, ClusterFiles};
+use quern_proto::{NodeId, Principal, Role};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,10 +19,22 @@ use std::time::{Duration, Instant};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
-    /// Make a cluster CA and certificates under DIR/tls.
+    /// Make a cluster: a CA and the namenode's and admin's certificates
+    /// under DIR/tls, and a formatted namenode directory DIR/namenode.
     Init {
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Issue a user's certificate and a ready client configuration,
+    /// DIR/users/NAME.toml; with the cluster running, also make their home
+    /// directory /user/NAME.
+    AddUser {
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Groups the user belongs to, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
     },
     /// Start (or restart) a local cluster in the background.
     Up(UpArgs),
@@ -128,11 +141,16 @@ pub async fn run(cmd: ClusterCommand) -> Result<i32> {
     match cmd {
         ClusterCommand::Init { dir } => {
             let files = init_cluster_dir(&dir)?;
+            let id = quern_namenode::Namenode::format(&dir.join("namenode"))?;
             println!(
-                "cluster CA and certificates written to {}",
-                files.ca.parent().unwrap_or(&dir).display()
+                "cluster {id}: CA and certificates written to {}, namenode formatted in {}",
+                files.dir.display(),
+                dir.join("namenode").display()
             );
             Ok(0)
+        }
+        ClusterCommand::AddUser { name, dir, groups } => {
+            add_user(&dir, &name, groups).await.map(|_| 0)
         }
         ClusterCommand::Up(a) => up(a).await.map(|_| 0),
         ClusterCommand::Status { dir, json } => status(&dir, json).await,
@@ -270,12 +288,22 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
         .canonicalize()
         .with_context(|| format!("resolving {}", a.dir.display()))?;
     let files = ClusterFiles::in_dir(&dir);
-    if !files.exist() {
+    if !files.ca().exists() {
         init_cluster_dir(&dir)?;
+    } else {
+        issue_missing_role_certs(&files)?;
     }
-    let tls = dir.join("tls").display().to_string();
+    let nn_dir = dir.join("namenode");
+    if ClusterFile::load(&dir)?.is_none() && !nn_dir.join("meta").exists() {
+        let id = quern_namenode::Namenode::format(&nn_dir)?;
+        println!("formatted {} for new cluster {id}", nn_dir.display());
+    }
+    let tls = files.dir.display().to_string();
     let mut cluster = match ClusterFile::load(&dir)? {
         Some(mut c) => {
+            for d in c.datanodes.iter_mut() {
+                give_datanode_its_certificate(&files, d)?;
+            }
             if !alive(c.namenode.pid) {
                 restart(&mut c.namenode, &dir).await?;
             }
@@ -315,6 +343,10 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
     cluster.save()?;
     while cluster.datanodes.len() < a.datanodes {
         let name = format!("datanode-{}", cluster.datanodes.len() + 1);
+        let id = NodeId(rand::random::<u64>() | 1);
+        let cert_name = crate::servers::datanode_cert_name(id);
+        files.issue(&cert_name, &Principal::new(Role::Datanode(id)))?;
+        let (cert, key) = files.cert(&cert_name);
         let args = vec![
             "datanode".into(),
             "--dir".into(),
@@ -325,6 +357,10 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
             cluster.namenode.addr.to_string(),
             "--tls".into(),
             tls.clone(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
             "--heartbeat".into(),
             a.heartbeat.clone(),
             "--report-interval".into(),
@@ -334,11 +370,12 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
         cluster.datanodes.push(p);
         cluster.save()?;
     }
+    let (cert, key) = files.cert(quern_proto::tls::ADMIN);
     let client_cfg = ClientConfig {
         namenode: cluster.namenode.addr,
-        ca: files.ca.clone(),
-        cert: files.client_cert.clone(),
-        key: files.client_key.clone(),
+        ca: files.ca(),
+        cert,
+        key,
         rpc_timeout_secs: None,
     };
     let cfg_path = dir.join("client.toml");
@@ -388,6 +425,104 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
     );
     println!("export QUERN_CONFIG={}", cfg_path.display());
     Ok(cluster)
+}
+
+/// A cluster directory from before roles has a CA but no namenode or
+/// admin certificate: issue them, so it upgrades in place.
+fn issue_missing_role_certs(files: &ClusterFiles) -> Result<()> {
+    for (name, role) in [
+        (quern_proto::tls::NAMENODE, Role::Namenode),
+        (
+            quern_proto::tls::ADMIN,
+            Role::Admin(quern_proto::tls::ADMIN_USER.into()),
+        ),
+    ] {
+        if !files.cert(name).0.exists() {
+            files.issue(name, &Principal::new(role))?;
+            println!("issued {}", files.cert(name).0.display());
+        }
+    }
+    Ok(())
+}
+
+/// A datanode recorded before certificates named node ids gets one for
+/// the id its directory holds, and the arguments to present it.
+fn give_datanode_its_certificate(files: &ClusterFiles, d: &mut Process) -> Result<()> {
+    if d.args.iter().any(|a| a == "--cert") {
+        return Ok(());
+    }
+    let path = d.data_dir.join("node_id");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let id = u64::from_str_radix(text.trim(), 16)
+        .map(NodeId)
+        .map_err(|_| anyhow!("{}: not a node id", path.display()))?;
+    let name = crate::servers::datanode_cert_name(id);
+    if !files.cert(&name).0.exists() {
+        files.issue(&name, &Principal::new(Role::Datanode(id)))?;
+    }
+    let (cert, key) = files.cert(&name);
+    d.args.extend([
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+    ]);
+    Ok(())
+}
+
+/// The file name of a user's certificate in the cluster's tls directory.
+pub fn user_cert_name(name: &str) -> String {
+    format!("user-{name}")
+}
+
+async fn add_user(dir: &Path, name: &str, groups: Vec<String>) -> Result<()> {
+    let name = quern_proto::identity::valid_name(name)?;
+    let groups = groups
+        .iter()
+        .map(|g| quern_proto::identity::valid_name(g))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cluster = ClusterFile::load(dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} holds no cluster.json; start the cluster first with `quern cluster up --dir {}`",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let files = ClusterFiles::in_dir(&cluster.dir);
+    let cert_name = user_cert_name(&name);
+    files.issue(
+        &cert_name,
+        &Principal {
+            role: Role::User(name.clone()),
+            groups,
+        },
+    )?;
+    let (cert, key) = files.cert(&cert_name);
+    let users = cluster.dir.join("users");
+    std::fs::create_dir_all(&users).with_context(|| format!("creating {}", users.display()))?;
+    let cfg_path = users.join(format!("{name}.toml"));
+    ClientConfig {
+        namenode: cluster.namenode.addr,
+        ca: files.ca(),
+        cert,
+        key,
+        rpc_timeout_secs: None,
+    }
+    .save(&cfg_path)?;
+    println!("user {name}: certificate in {}", files.dir.display());
+    let admin = Client::from_config(&ClientConfig::load(&cluster.dir.join("client.toml"))?)?;
+    let home = format!("/user/{name}");
+    let made = async {
+        admin.mkdir(&home, true).await?;
+        admin.set_owner(&home, Some(name.clone()), None).await
+    };
+    match made.await {
+        Ok(()) => println!("home directory {home} (owner {name})"),
+        Err(e) => println!("home directory {home} not made ({e}); make it later as the admin"),
+    }
+    println!("export QUERN_CONFIG={}", cfg_path.display());
+    Ok(())
 }
 
 async fn status(dir: &Path, json: bool) -> Result<i32> {

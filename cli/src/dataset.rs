@@ -7,7 +7,6 @@ use quern_client::{Client, Dataset, ImportOptions, JobOptions, JobSummary};
 use quern_compute::import::{parse_csv, parse_idx, LabelColumn};
 use quern_compute::ops::DatasetStats;
 use quern_compute::records::Encoded;
-use quern_proto::config::ClientConfig;
 use quern_proto::size::{format_size, parse_size};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -138,7 +137,7 @@ pub async fn run(cmd: DatasetCommand, config: Option<&Path>) -> Result<i32> {
             bail!("{}: exists; pass --force to replace it", out.display());
         }
     }
-    let cfg = ClientConfig::discover(config)?;
+    let cfg = crate::client_config(config)?;
     let client = Client::from_config(&cfg)?;
     if let Some((dir, data, store, source)) = import {
         return import_dataset(&client, &dir, data, store, source).await;

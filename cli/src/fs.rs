@@ -5,7 +5,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use quern_client::{Client, WriteOptions};
-use quern_proto::config::ClientConfig;
 use quern_proto::msg::{FileKind, FileStatus, Health, NodeState, ReplicaState};
 use quern_proto::size::{format_size, parse_size};
 use std::io::IsTerminal;
@@ -27,6 +26,9 @@ pub enum FsCommand {
         /// Replace an existing remote file.
         #[arg(short, long)]
         force: bool,
+        /// Permissions of the new file, in octal.
+        #[arg(long, default_value = "644", value_parser = parse_mode)]
+        mode: u32,
     },
     /// Fetch a remote file to a local path (`-` for stdout).
     Get {
@@ -96,6 +98,29 @@ pub enum FsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change the permissions of a path (its owner or the admin).
+    Chmod {
+        /// Octal mode, like 640 or 1777.
+        #[arg(value_parser = parse_mode)]
+        mode: u32,
+        path: String,
+    },
+    /// Change the owner (the admin only) and/or group of a path.
+    Chown {
+        /// OWNER, OWNER:GROUP or :GROUP.
+        owner: String,
+        path: String,
+    },
+}
+
+/// An octal permission mode such as `644` or `0750`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!(
+            "'{s}' is not an octal mode from 0 to 7777 (for example 644 or 0750)"
+        )),
+    }
 }
 
 pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
@@ -108,21 +133,34 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
             }
         }
     }
-    let cfg = ClientConfig::discover(config)?;
+    let cfg = crate::client_config(config)?;
     let client = Client::from_config(&cfg)?;
     match cmd {
+        FsCommand::Chmod { mode, path } => client.set_attr(&path, Some(mode), None).await?,
+        FsCommand::Chown { owner, path } => {
+            let (o, g) = match owner.split_once(':') {
+                Some((o, g)) => (o, Some(g.to_string()).filter(|g| !g.is_empty())),
+                None => (owner.as_str(), None),
+            };
+            let o = Some(o.to_string()).filter(|o| !o.is_empty());
+            if o.is_none() && g.is_none() {
+                bail!("chown: give OWNER, OWNER:GROUP or :GROUP");
+            }
+            client.set_owner(&path, o, g).await?;
+        }
         FsCommand::Put {
             local,
             remote,
             replication,
             chunk_size,
             force,
+            mode,
         } => {
             let opts = WriteOptions {
                 replication,
                 chunk_size,
                 overwrite: force,
-                mode: 0o644,
+                mode,
             };
             put(&client, &local, &remote, opts).await?;
         }
@@ -264,16 +302,25 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
+                println!("cluster {}", r.cluster_id);
                 if let Some(s) = &r.safe_mode {
                     println!("{s}");
                 }
                 println!(
-                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>9}",
-                    "ADDRESS", "ID", "STATE", "CAPACITY", "USED", "AVAILABLE", "CHUNKS", "LAST HB"
+                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>9}",
+                    "ADDRESS",
+                    "ID",
+                    "STATE",
+                    "CAPACITY",
+                    "USED",
+                    "AVAILABLE",
+                    "CHUNKS",
+                    "TRASH",
+                    "LAST HB"
                 );
                 for d in &r.datanodes {
                     println!(
-                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>8.1}s",
+                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>8.1}s",
                         d.node.addr.to_string(),
                         d.node.id.to_string(),
                         match d.state {
@@ -284,6 +331,7 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                         format_size(d.used),
                         format_size(d.available),
                         d.chunks,
+                        format_size(d.trash_bytes),
                         d.since_heartbeat_secs
                     );
                 }
@@ -452,6 +500,11 @@ fn mode_string(s: &FileStatus) -> String {
         out.push(if bits & 2 != 0 { 'w' } else { '-' });
         out.push(if bits & 1 != 0 { 'x' } else { '-' });
     }
+    if s.mode & 0o1000 != 0 {
+        // The sticky bit shows in the last place, as ls does.
+        out.pop();
+        out.push(if s.mode & 1 != 0 { 't' } else { 'T' });
+    }
     out
 }
 
@@ -483,9 +536,11 @@ fn print_long(s: &FileStatus) {
         s.replication.to_string()
     };
     println!(
-        "{} {:>3} {:>14} {} {}",
+        "{} {:>3} {:<10} {:<10} {:>14} {} {}",
         mode_string(s),
         rep,
+        s.owner,
+        s.group,
         s.size,
         time_string(s.mtime_ms),
         s.path
@@ -512,7 +567,9 @@ fn print_stat(s: &FileStatus) {
         );
         println!("chunks:      {}", s.chunks);
     }
-    println!("mode:        {} ({:o})", mode_string(s), s.mode);
+    println!("mode:        {} ({:04o})", mode_string(s), s.mode);
+    println!("owner:       {}", s.owner);
+    println!("group:       {}", s.group);
     println!("modified:    {} UTC", time_string(s.mtime_ms));
 }
 

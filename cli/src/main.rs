@@ -30,14 +30,23 @@ struct Cli {
     /// Client configuration (else $QUERN_CONFIG, else ~/.config/quern/client.toml).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Client certificate to act as (instead of the configuration's).
+    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Key of --cert.
+    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Cluster CA certificate to trust (instead of the configuration's).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a namenode in the foreground.
-    Namenode(servers::NamenodeArgs),
+    /// Run a namenode in the foreground, or format its directory.
+    Namenode(servers::NamenodeCmd),
     /// Run a datanode in the foreground.
     Datanode(servers::DatanodeArgs),
     /// Make, start, inspect and stop local clusters.
@@ -122,7 +131,46 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Certificate files given on the command line, which replace the ones
+/// the client configuration names (servers take them as their identity).
+#[derive(Default, Clone)]
+pub struct IdentityFlags {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+static IDENTITY: std::sync::OnceLock<IdentityFlags> = std::sync::OnceLock::new();
+
+pub fn identity_flags() -> IdentityFlags {
+    IDENTITY.get().cloned().unwrap_or_default()
+}
+
+/// The client configuration (`--config`, `$QUERN_CONFIG`, the default
+/// file) with any `--cert/--key/--ca` given applied over it.
+pub fn client_config(
+    config: Option<&std::path::Path>,
+) -> Result<quern_proto::config::ClientConfig> {
+    let mut cfg = quern_proto::config::ClientConfig::discover(config)?;
+    let flags = identity_flags();
+    if let Some(c) = flags.cert {
+        cfg.cert = c;
+    }
+    if let Some(k) = flags.key {
+        cfg.key = k;
+    }
+    if let Some(ca) = flags.ca {
+        cfg.ca = ca;
+    }
+    Ok(cfg)
+}
+
 async fn run(cli: Cli) -> Result<i32> {
+    let _ = IDENTITY.set(IdentityFlags {
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+        ca: cli.ca.clone(),
+    });
     match cli.command {
         Command::Namenode(a) => servers::namenode(a).await.map(|_| 0),
         Command::Datanode(a) => servers::datanode(a).await.map(|_| 0),

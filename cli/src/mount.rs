@@ -4,7 +4,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use quern_client::Client;
 use quern_fuse::{mountinfo, Mount, MountOptions};
-use quern_proto::config::ClientConfig;
 use quern_proto::size::parse_size;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -67,7 +66,7 @@ pub struct UmountArgs {
 }
 
 pub async fn mount(args: MountArgs, config: Option<&Path>) -> Result<i32> {
-    let cfg = ClientConfig::discover(config)?;
+    let cfg = crate::client_config(config)?;
     let mountpoint = mountinfo::resolve(&args.mountpoint)
         .with_context(|| format!("mount: {}", args.mountpoint.display()))?;
     if mountinfo::find(&mountpoint).is_some() {

@@ -1,7 +1,7 @@
 //! `quern namenode` and `quern datanode`: servers in the foreground.
 
-use anyhow::{Context, Result};
-use clap::Args;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
 use quern_datanode::{Datanode, DatanodeConfig};
 use quern_namenode::{Namenode, NamenodeConfig};
 use quern_proto::tls::{ClusterFiles, Identity};
@@ -10,13 +10,33 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct NamenodeCmd {
+    #[command(subcommand)]
+    pub action: Option<NamenodeAction>,
+    #[command(flatten)]
+    pub run: NamenodeArgs,
+}
+
+#[derive(Subcommand)]
+pub enum NamenodeAction {
+    /// Make DIR a new, empty namespace with a new cluster id. A namenode
+    /// never starts on a directory that was not formatted.
+    Format {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
 pub struct NamenodeArgs {
-    /// Metadata directory (created if missing).
-    #[arg(long)]
-    pub dir: PathBuf,
+    /// Metadata directory, made by `quern namenode format`.
+    #[arg(long, required = true)]
+    pub dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Directory with the cluster certificates (default: DIR/tls, else DIR/../tls).
+    /// Directory with the cluster certificates (default: DIR/tls, else DIR/../tls);
+    /// the namenode presents namenode.pem from it unless --cert is given.
     #[arg(long)]
     pub tls: Option<PathBuf>,
     /// A datanode silent this long is dead.
@@ -31,6 +51,12 @@ pub struct NamenodeArgs {
     /// How often under- and over-replicated chunks are looked for.
     #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
     pub replication_interval: Duration,
+    /// How long a chunk access token is valid.
+    #[arg(long, default_value = "10h", value_parser = crate::duration::parse)]
+    pub token_lifetime: Duration,
+    /// How often a new token signing key takes over.
+    #[arg(long, default_value = "10h", value_parser = crate::duration::parse)]
+    pub key_rotation: Duration,
     /// Write the bound address here once listening (for --listen with port 0).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
@@ -49,7 +75,9 @@ pub struct DatanodeArgs {
     /// Address others reach this node at (default: the listen address).
     #[arg(long)]
     pub advertise: Option<SocketAddr>,
-    /// Directory with the cluster certificates (default: DIR/tls, else DIR/../tls).
+    /// Directory with the cluster certificates (default: DIR/tls, else
+    /// DIR/../tls); the node presents datanode-<its id>.pem from it unless
+    /// --cert is given.
     #[arg(long)]
     pub tls: Option<PathBuf>,
     #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
@@ -57,12 +85,15 @@ pub struct DatanodeArgs {
     /// How often the full chunk list is reported.
     #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
     pub report_interval: Duration,
+    /// How long chunks the namenode did not know stay in the trash.
+    #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
+    pub trash_ttl: Duration,
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
 }
 
-fn node_identity(dir: &Path, tls: Option<&Path>) -> Result<Identity> {
-    let tls_dir = match tls {
+fn tls_dir(dir: &Path, tls: Option<&Path>) -> PathBuf {
+    match tls {
         Some(t) => t.to_path_buf(),
         None => {
             let own = dir.join("tls");
@@ -72,12 +103,25 @@ fn node_identity(dir: &Path, tls: Option<&Path>) -> Result<Identity> {
                 dir.parent().unwrap_or(Path::new(".")).join("tls")
             }
         }
+    }
+}
+
+/// A server's identity: `--cert/--key` (with `--ca`, else the certificate
+/// directory's CA) when given, else the file called `name` in the
+/// certificate directory.
+fn server_identity(dir: &Path, tls: Option<&Path>, name: &str) -> Result<Identity> {
+    let files = ClusterFiles::in_tls_dir(&tls_dir(dir, tls));
+    let flags = crate::identity_flags();
+    let ca = flags.ca.clone().unwrap_or_else(|| files.ca());
+    let (cert, key) = match (flags.cert, flags.key) {
+        (Some(c), Some(k)) => (c, k),
+        _ => files.cert(name),
     };
-    let files = ClusterFiles::in_tls_dir(&tls_dir);
-    files.node_identity().with_context(|| {
+    Identity::load(&ca, &cert, &key).with_context(|| {
         format!(
-            "loading node certificates from {} (make them with `quern cluster init --dir DIR`, or pass --tls)",
-            tls_dir.display()
+            "loading the certificate {} (make a cluster's certificates with `quern cluster init \
+             --dir DIR`, or pass --tls, or --cert/--key/--ca)",
+            cert.display()
         )
     })
 }
@@ -102,13 +146,25 @@ async fn until_signal() -> Result<&'static str> {
     })
 }
 
-pub async fn namenode(a: NamenodeArgs) -> Result<()> {
-    let identity = node_identity(&a.dir, a.tls.as_deref())?;
-    let mut cfg = NamenodeConfig::new(a.dir.clone(), a.listen);
+pub async fn namenode(cmd: NamenodeCmd) -> Result<()> {
+    if let Some(NamenodeAction::Format { dir }) = cmd.action {
+        let id = Namenode::format(&dir)?;
+        println!("formatted {} for new cluster {id}", dir.display());
+        return Ok(());
+    }
+    let a = cmd.run;
+    let dir = a
+        .dir
+        .clone()
+        .ok_or_else(|| anyhow!("quern namenode needs --dir"))?;
+    let identity = server_identity(&dir, a.tls.as_deref(), quern_proto::tls::NAMENODE)?;
+    let mut cfg = NamenodeConfig::new(dir, a.listen);
     cfg.dead_timeout = a.dead_timeout;
     cfg.lease_timeout = a.lease_timeout;
     cfg.safemode_max_wait = a.safemode_wait;
     cfg.replication_interval = a.replication_interval;
+    cfg.token_lifetime = a.token_lifetime;
+    cfg.key_rotation = a.key_rotation;
     let nn = Namenode::start(cfg, &identity)
         .await
         .with_context(|| format!("starting the namenode on {}", a.listen))?;
@@ -119,12 +175,31 @@ pub async fn namenode(a: NamenodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The certificate file name of the datanode whose id is in `DIR/node_id`.
+pub fn datanode_cert_name(id: quern_proto::NodeId) -> String {
+    format!("datanode-{:016x}", id.0)
+}
+
 pub async fn datanode(a: DatanodeArgs) -> Result<()> {
-    let identity = node_identity(&a.dir, a.tls.as_deref())?;
+    let name = match std::fs::read_to_string(a.dir.join("node_id")) {
+        Ok(t) => u64::from_str_radix(t.trim(), 16)
+            .map(|id| datanode_cert_name(quern_proto::NodeId(id)))
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    if name.is_empty() && crate::identity_flags().cert.is_none() {
+        bail!(
+            "{} is a new datanode directory: pass its certificate with --cert/--key (`quern \
+             cluster up` issues one per datanode)",
+            a.dir.display()
+        );
+    }
+    let identity = server_identity(&a.dir, a.tls.as_deref(), &name)?;
     let mut cfg = DatanodeConfig::new(a.dir.clone(), a.listen, a.namenode);
     cfg.advertise = a.advertise;
     cfg.heartbeat = a.heartbeat;
     cfg.report_interval = a.report_interval;
+    cfg.trash_ttl = a.trash_ttl;
     let dn = Datanode::start(cfg, &identity)
         .await
         .with_context(|| format!("starting the datanode on {}", a.listen))?;

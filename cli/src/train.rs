@@ -8,7 +8,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use quern_client::{Client, TrainEvent, TrainOptions, TrainOutcome};
 use quern_compute::nn::{Adam, Model, OptimizerConfig, Params, Sgd};
 use quern_compute::train::{ScaleKind, Scaler, Scores};
-use quern_proto::config::ClientConfig;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -134,7 +133,7 @@ pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
     let opt = optimizer(&a)?;
     let (model, params) = load_model(&a.model, a.weights.as_deref(), a.seed)?;
     quern_proto::RemotePath::parse(&a.out).map_err(|e| anyhow::anyhow!("--out: {e}"))?;
-    let cfg = ClientConfig::discover(config)?;
+    let cfg = crate::client_config(config)?;
     let client = Client::from_config(&cfg)?;
     if client.try_stat(&a.out).await?.is_some() && !a.force {
         bail!(
@@ -363,7 +362,7 @@ pub async fn load_checkpoint(client: &Client, dir: &str) -> Result<Checkpoint> {
 }
 
 pub async fn score(a: ScoreArgs, config: Option<&Path>) -> Result<i32> {
-    let cfg = ClientConfig::discover(config)?;
+    let cfg = crate::client_config(config)?;
     let client = Client::from_config(&cfg)?;
     let ck = load_checkpoint(&client, &a.model).await?;
     let ds = client.open_dataset(&a.data).await?;

@@ -256,6 +256,7 @@ async fn run_unit(
         let req = RunTask {
             chunk: unit.chunk.meta,
             sources,
+            token: Some(unit.chunk.token.clone()),
             task: shared.task.clone(),
         };
         network_bytes += frame::encode(&DataRequest::RunTask(req.clone()))
@@ -281,7 +282,7 @@ async fn run_unit(
                     reason: "unreachable earlier in this job".into(),
                 })
             } else {
-                shared.client.endpoint().call(a.node.addr, req).await
+                shared.client.endpoint().call(a.node, req).await
             }
         };
         match outcome.map_err(Error::from).and_then(|out| {

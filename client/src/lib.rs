@@ -72,19 +72,30 @@ pub struct Client {
 struct Inner {
     endpoint: Endpoint,
     namenode: SocketAddr,
+    /// Who this client is, from its certificate.
+    principal: Option<quern_proto::Principal>,
 }
 
 impl Client {
     pub fn new(identity: &Identity, namenode: SocketAddr, rpc_timeout: Duration) -> Result<Client> {
         let endpoint = Endpoint::client(identity, Tuning::tuned())?.with_rpc_timeout(rpc_timeout);
         Ok(Client {
-            inner: Arc::new(Inner { endpoint, namenode }),
+            inner: Arc::new(Inner {
+                endpoint,
+                namenode,
+                principal: identity.principal().ok(),
+            }),
         })
     }
 
     pub fn from_config(cfg: &ClientConfig) -> Result<Client> {
         let timeout = Duration::from_secs(cfg.rpc_timeout_secs.unwrap_or(30));
         Client::new(&cfg.identity()?, cfg.namenode, timeout)
+    }
+
+    /// The user this client acts as (from its certificate), if a user.
+    pub fn user(&self) -> Option<&str> {
+        self.inner.principal.as_ref().and_then(|p| p.role.user())
     }
 
     pub fn namenode(&self) -> SocketAddr {
@@ -99,7 +110,10 @@ impl Client {
     pub async fn call<R: Rpc<Envelope = NameRequest>>(&self, req: R) -> Result<R::Response> {
         self.inner
             .endpoint
-            .call(self.inner.namenode, req)
+            .call(
+                quern_proto::transport::Peer::namenode(self.inner.namenode),
+                req,
+            )
             .await
             .map_err(|e| match e {
                 quern_proto::Error::Connect { peer, reason } => quern_proto::Error::Connect {
@@ -177,6 +191,25 @@ impl Client {
             path: path.into(),
             mode,
             mtime_ms,
+            owner: None,
+            group: None,
+        })
+        .await
+    }
+
+    /// Changes a path's owner (the admin only) and/or group.
+    pub async fn set_owner(
+        &self,
+        path: &str,
+        owner: Option<String>,
+        group: Option<String>,
+    ) -> Result<()> {
+        self.call(SetAttr {
+            path: path.into(),
+            mode: None,
+            mtime_ms: None,
+            owner,
+            group,
         })
         .await
     }

@@ -91,11 +91,12 @@ impl Client {
         node: NodeAddr,
         chunk: &LocatedChunk,
     ) -> Result<Bytes, quern_proto::Error> {
-        let mut s = self.endpoint().open(node.addr).await?;
+        let mut s = self.endpoint().open(node).await?;
         s.send(&DataRequest::ReadChunk(ReadChunk {
             chunk: chunk.meta.id,
             offset: 0,
             len: None,
+            token: Some(chunk.token.clone()),
         }))
         .await?;
         s.finish()?;

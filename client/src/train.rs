@@ -124,6 +124,7 @@ fn opened(
 
 struct Chunk {
     meta: ChunkMeta,
+    token: quern_proto::ChunkToken,
     holders: Vec<NodeAddr>,
     all: Vec<NodeAddr>,
 }
@@ -205,6 +206,7 @@ impl Client {
             for c in self.locate(&p).await?.chunks {
                 chunks.push(Chunk {
                     meta: c.meta,
+                    token: c.token,
                     holders: c
                         .replicas
                         .iter()
@@ -479,7 +481,7 @@ impl Client {
             }
         }
         for w in &workers {
-            let _ = self.endpoint().call(w.node.addr, TrainClose { job }).await;
+            let _ = self.endpoint().call(w.node, TrainClose { job }).await;
         }
         summary.iterations = iteration;
         summary.wall_s = started.elapsed().as_secs_f64();
@@ -516,9 +518,10 @@ impl Client {
             spec: spec.to_vec(),
             chunks: idx.iter().map(|&i| chunks[i].meta).collect(),
             sources: idx.iter().map(|&i| chunks[i].all.clone()).collect(),
+            tokens: idx.iter().map(|&i| Some(chunks[i].token.clone())).collect(),
         };
         // Loading decodes every record: allow more than one RPC timeout.
-        let call = self.endpoint().call(node.addr, req);
+        let call = self.endpoint().call(node, req);
         match tokio::time::timeout(
             self.endpoint().rpc_timeout() * 4 + Duration::from_secs(60),
             call,
@@ -553,7 +556,7 @@ impl Client {
             + params.len() as u64;
         let ep = self.endpoint();
         let exchange = async {
-            let mut s = ep.open(node.addr).await?;
+            let mut s = ep.open(node).await?;
             s.send(&DataRequest::TrainStep(msg)).await?;
             quern_proto::transport::write_raw(&mut s.send, params, node.addr).await?;
             s.finish()?;

@@ -206,7 +206,7 @@ async fn upload_chunk(
             size: data.len() as u64,
             digest,
         };
-        match send_pipeline(client, meta, &alloc.targets, data.clone()).await {
+        match send_pipeline(client, meta, &alloc.targets, alloc.token, data.clone()).await {
             Ok(ack) => {
                 for (node, why) in &ack.failed {
                     tracing::warn!(node = %node.id, addr = %node.addr, "replica not written: {why}");
@@ -240,13 +240,15 @@ async fn send_pipeline(
     client: &Client,
     meta: ChunkMeta,
     targets: &[NodeAddr],
+    token: quern_proto::ChunkToken,
     data: Bytes,
 ) -> Result<WriteAck, quern_proto::Error> {
     let first = targets[0];
-    let mut s = client.endpoint().open(first.addr).await?;
+    let mut s = client.endpoint().open(first).await?;
     s.send(&DataRequest::WriteChunk(WriteChunk {
         meta,
         pipeline: targets[1..].to_vec(),
+        token: Some(token),
     }))
     .await?;
     let mut off = 0;

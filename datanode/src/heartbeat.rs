@@ -1,23 +1,51 @@
 //! Registration, heartbeats, chunk reports, and the commands the namenode
 //! sends back.
+//!
+//! The node talks only to a server that proves to be the namenode, keeps
+//! the cluster id it first joined, and obeys nobody else: a namenode of
+//! another cluster (a mistyped `--dir`, a restored backup of another
+//! cluster) is logged and ignored while the node keeps every chunk and
+//! keeps retrying. Deletions from a namenode in safe mode are ignored too.
 
-use crate::service::Node;
+use crate::service::{write_cluster_id, Node};
 use crate::transfer::push_chunk;
-use quern_proto::msg::{ChunkReport, DatanodeCommand, Heartbeat, Register};
+use quern_proto::msg::{ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register};
+use quern_proto::KeyRing;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How often the trash is checked for chunks past their time.
+const TRASH_SWEEP: Duration = Duration::from_secs(60);
 
 pub(crate) async fn run(node: Arc<Node>) {
     let mut registered = false;
     let mut last_report = Instant::now();
+    let mut last_sweep: Option<Instant> = None;
     let mut warned = false;
     loop {
+        if last_sweep.is_none_or(|t| t.elapsed() >= TRASH_SWEEP) {
+            last_sweep = Some(Instant::now());
+            let store = node.store.clone();
+            let ttl = node.cfg.trash_ttl;
+            let purged = tokio::task::spawn_blocking(move || store.purge_trash(ttl))
+                .await
+                .unwrap_or(0);
+            if purged > 0 {
+                tracing::info!(chunks = purged, "purged chunks older than the trash time");
+            }
+        }
         let (capacity, available) = node.store.capacity();
         let result = if !registered {
+            let cluster_id = node
+                .cluster_id
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             node.endpoint
                 .call(
-                    node.cfg.namenode,
+                    node.namenode(),
                     Register {
+                        cluster_id,
                         node: quern_proto::msg::NodeAddr {
                             id: node.id,
                             addr: node.addr,
@@ -32,7 +60,7 @@ pub(crate) async fn run(node: Arc<Node>) {
             last_report = Instant::now();
             node.endpoint
                 .call(
-                    node.cfg.namenode,
+                    node.namenode(),
                     ChunkReport {
                         node: node.id,
                         chunks: node.store.list(),
@@ -41,20 +69,28 @@ pub(crate) async fn run(node: Arc<Node>) {
                 .await
         } else {
             let (used, chunks) = node.store.used();
+            let store = node.store.clone();
+            let trash_bytes = tokio::task::spawn_blocking(move || store.trash_bytes())
+                .await
+                .unwrap_or(0);
             node.endpoint
                 .call(
-                    node.cfg.namenode,
+                    node.namenode(),
                     Heartbeat {
                         node: node.id,
                         capacity,
                         available,
                         used,
                         chunks,
+                        trash_bytes,
                     },
                 )
                 .await
         };
-        match result {
+        match result
+            .map_err(|e| e.to_string())
+            .and_then(|r| accept(&node, r))
+        {
             Ok(commands) => {
                 if !registered {
                     tracing::info!(namenode = %node.cfg.namenode, "registered with the namenode");
@@ -85,16 +121,75 @@ pub(crate) async fn run(node: Arc<Node>) {
     }
 }
 
+/// Checks the reply comes from this node's cluster (adopting the cluster
+/// at the first registration), takes its keys, and returns the commands
+/// to obey.
+fn accept(node: &Node, reply: NodeReply) -> Result<Vec<DatanodeCommand>, String> {
+    {
+        let mut mine = node.cluster_id.lock().unwrap_or_else(|p| p.into_inner());
+        match mine.as_deref() {
+            Some(id) if id != reply.cluster_id => {
+                // Logged every time: an operator must see this at once.
+                tracing::error!(
+                    namenode = %node.cfg.namenode,
+                    theirs = %reply.cluster_id,
+                    ours = %id,
+                    "the namenode belongs to another cluster; obeying none of its commands and \
+                     keeping every chunk (start the right namenode, or fix --namenode)"
+                );
+                return Err(format!(
+                    "namenode {} is of cluster {}, this datanode of {id}",
+                    node.cfg.namenode, reply.cluster_id
+                ));
+            }
+            Some(_) => {}
+            None => {
+                if let Err(e) = write_cluster_id(&node.cfg.dir, &reply.cluster_id) {
+                    return Err(format!(
+                        "cannot keep the cluster id in {}: {e}",
+                        node.cfg.dir.display()
+                    ));
+                }
+                tracing::info!(cluster = %reply.cluster_id, "joined the cluster");
+                *mine = Some(reply.cluster_id.clone());
+            }
+        }
+    }
+    *node.keys.write().unwrap_or_else(|p| p.into_inner()) = KeyRing::new(&reply.keys);
+    let mut commands = reply.commands;
+    if reply.safe_mode {
+        let before = commands.len();
+        commands.retain(|c| !matches!(c, DatanodeCommand::Delete(_) | DatanodeCommand::Trash(_)));
+        if commands.len() != before {
+            tracing::warn!("ignoring deletions from a namenode in safe mode");
+        }
+    }
+    Ok(commands)
+}
+
 fn execute(node: &Arc<Node>, cmd: DatanodeCommand) {
     match cmd {
         DatanodeCommand::Delete(ids) => {
             tracing::info!(count = ids.len(), "deleting chunks on the namenode's word");
             node.store.delete(&ids);
         }
-        DatanodeCommand::Replicate { chunk, targets } => {
+        DatanodeCommand::Trash(ids) => {
+            tracing::warn!(
+                count = ids.len(),
+                "moving chunks the namenode does not know to the trash"
+            );
+            if let Err(e) = node.store.trash(&ids) {
+                tracing::warn!("could not move chunks to the trash: {e}");
+            }
+        }
+        DatanodeCommand::Replicate {
+            chunk,
+            targets,
+            token,
+        } => {
             let node = node.clone();
             tokio::spawn(async move {
-                match push_chunk(&node.endpoint, node.store.clone(), chunk, &targets).await {
+                match push_chunk(&node.endpoint, node.store.clone(), chunk, &targets, token).await {
                     Ok(ack) => {
                         tracing::info!(chunk = %chunk.id, copies = ack.stored_on.len(), "replicated")
                     }

@@ -4,9 +4,10 @@ use crate::store::{ChunkInfo, ChunkStore, StoreError};
 use crate::transfer::{disk_writer, read_pieces, PIECE};
 use quern_proto::msg::*;
 use quern_proto::transport::{
-    serve, write_raw, Endpoint, RequestStream, ServerStream, Service, Tuning,
+    serve, write_raw, Endpoint, Peer, RequestStream, ServerStream, Service, Tuning,
 };
-use quern_proto::{tls::Identity, Digest, ErrorCode, NodeId, WireError};
+use quern_proto::{tls::Identity, Access, ChunkId, ChunkToken, Digest, ErrorCode, KeyRing};
+use quern_proto::{NodeId, Role, WireError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ pub struct DatanodeConfig {
     pub heartbeat: Duration,
     /// How often the full chunk report is sent besides registration.
     pub report_interval: Duration,
+    /// How long chunks moved to the trash are kept.
+    pub trash_ttl: Duration,
 }
 
 impl DatanodeConfig {
@@ -37,6 +40,7 @@ impl DatanodeConfig {
             namenode,
             heartbeat: Duration::from_secs(3),
             report_interval: Duration::from_secs(60),
+            trash_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -50,9 +54,46 @@ pub(crate) struct Node {
     /// Map and gradient tasks running at once: one per core.
     pub task_slots: tokio::sync::Semaphore,
     pub jobs: crate::train::Jobs,
+    /// The namenode's token keys, as of its last reply.
+    pub keys: std::sync::RwLock<KeyRing>,
+    /// The cluster this node belongs to (kept in `DIR/cluster_id`).
+    pub cluster_id: std::sync::Mutex<Option<String>>,
 }
 
 impl Node {
+    pub(crate) fn namenode(&self) -> Peer {
+        Peer::namenode(self.cfg.namenode)
+    }
+
+    /// Checks that `token` grants one of `wants` on `chunk`; returns the
+    /// access it was accepted for.
+    pub(crate) fn authorize(
+        &self,
+        token: Option<&ChunkToken>,
+        chunk: ChunkId,
+        wants: &[Access],
+    ) -> Result<Access, WireError> {
+        let ring = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let now = quern_proto::token::now_ms();
+        let mut why = String::new();
+        for want in wants {
+            match ring.check(token, chunk, *want, now) {
+                Ok(()) => return Ok(*want),
+                // A token that claims this access failed for a reason of
+                // its own (signature, expiry): that is the answer.
+                Err(e) if token.is_some_and(|t| t.access.allows(*want)) => {
+                    why = e;
+                    break;
+                }
+                Err(e) => why = e,
+            }
+        }
+        Err(WireError::new(
+            ErrorCode::PermissionDenied,
+            format!("permission denied by {}: {why}", self.describe()),
+        ))
+    }
+
     pub(crate) fn describe(&self) -> String {
         format!("datanode {} ({})", self.id, self.addr)
     }
@@ -81,7 +122,7 @@ impl Node {
                 node: node.id,
                 chunk,
             };
-            if let Err(e) = node.endpoint.call(node.cfg.namenode, req).await {
+            if let Err(e) = node.endpoint.call(node.namenode(), req).await {
                 tracing::debug!("could not announce {}: {e}", chunk.id);
             }
         });
@@ -101,12 +142,25 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Net(#[from] quern_proto::Error),
+    #[error("{0}")]
+    Identity(String),
 }
 
 impl Datanode {
     pub async fn start(cfg: DatanodeConfig, identity: &Identity) -> Result<Datanode, StartError> {
+        let cert_id = match identity.principal().map(|p| p.role) {
+            Ok(Role::Datanode(id)) => id,
+            Ok(other) => {
+                return Err(StartError::Identity(format!(
+                    "a datanode needs a datanode certificate (with its node id); this one is \
+                     {other}'s. `quern cluster up` issues one per datanode"
+                )))
+            }
+            Err(e) => return Err(StartError::Identity(e.to_string())),
+        };
         std::fs::create_dir_all(&cfg.dir).map_err(|e| StartError::Dir(cfg.dir.clone(), e))?;
-        let id = node_id(&cfg.dir)?;
+        let id = node_id(&cfg.dir, cert_id)?;
+        let cluster_id = read_cluster_id(&cfg.dir)?;
         let store = Arc::new(ChunkStore::open(&cfg.dir)?);
         let endpoint = Arc::new(Endpoint::server(identity, cfg.listen, Tuning::tuned())?);
         let mut addr = cfg.advertise.unwrap_or(endpoint.local_addr()?);
@@ -123,6 +177,8 @@ impl Datanode {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
             jobs: Default::default(),
+            keys: Default::default(),
+            cluster_id: std::sync::Mutex::new(cluster_id),
         });
         tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
         let tasks = vec![
@@ -156,28 +212,56 @@ impl Datanode {
     }
 }
 
-fn node_id(dir: &std::path::Path) -> Result<NodeId, StartError> {
+/// The node id kept in `DIR/node_id`, which must be the one in the
+/// certificate; a new directory takes the certificate's.
+fn node_id(dir: &std::path::Path, cert_id: NodeId) -> Result<NodeId, StartError> {
     let path = dir.join("node_id");
     match std::fs::read_to_string(&path) {
-        Ok(text) => u64::from_str_radix(text.trim(), 16)
-            .map(NodeId)
-            .map_err(|_| {
-                StartError::Dir(
-                    path.clone(),
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "node_id is not a hex number; restore it or remove the directory",
-                    ),
-                )
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = NodeId(rand::random::<u64>() | 1);
-            std::fs::write(&path, format!("{:016x}\n", id.0))
-                .map_err(|e| StartError::Dir(path.clone(), e))?;
+        Ok(text) => {
+            let id = u64::from_str_radix(text.trim(), 16)
+                .map(NodeId)
+                .map_err(|_| {
+                    StartError::Dir(
+                        path.clone(),
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "node_id is not a hex number; restore it or remove the directory",
+                        ),
+                    )
+                })?;
+            if id != cert_id {
+                return Err(StartError::Identity(format!(
+                    "{} holds the chunks of {id}, but the certificate is {cert_id}'s; start it \
+                     with its own certificate",
+                    dir.display()
+                )));
+            }
             Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, format!("{:016x}\n", cert_id.0))
+                .map_err(|e| StartError::Dir(path.clone(), e))?;
+            Ok(cert_id)
         }
         Err(e) => Err(StartError::Dir(path, e)),
     }
+}
+
+fn read_cluster_id(dir: &std::path::Path) -> Result<Option<String>, StartError> {
+    let path = dir.join("cluster_id");
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(Some(t.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StartError::Dir(path, e)),
+    }
+}
+
+/// Keeps the cluster id beside `node_id` at the first registration.
+pub(crate) fn write_cluster_id(dir: &std::path::Path, id: &str) -> std::io::Result<()> {
+    let path = dir.join("cluster_id");
+    let tmp = dir.join("cluster_id.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::rename(&tmp, &path)
 }
 
 struct DataService {
@@ -204,13 +288,14 @@ impl Service for DataService {
                 stream.reply(&reply).await
             }
             DataRequest::TrainOpen(r) => {
-                let reply = crate::train::open(&self.node, r).await;
+                let caller = stream.caller.clone();
+                let reply = crate::train::open(&self.node, &caller, r).await;
                 stream.reply(&reply).await
             }
             DataRequest::TrainStep(r) => crate::train::step(&self.node, r, &mut stream).await,
             DataRequest::TrainClose(r) => {
-                crate::train::close(&self.node, r);
-                stream.reply(&Ok::<(), WireError>(())).await
+                let reply = crate::train::close(&self.node, &stream.caller, r);
+                stream.reply(&reply).await
             }
         };
         if let Err(e) = result {
@@ -227,6 +312,23 @@ async fn write_chunk(
     stream: &mut ServerStream,
 ) -> Result<WriteAck, WireError> {
     let meta = req.meta;
+    let access = node.authorize(
+        req.token.as_ref(),
+        meta.id,
+        &[Access::WRITE, Access::REPLICATE],
+    )?;
+    // Only a re-replication the namenode ordered may replace a replica
+    // (this node's copy was reported corrupt); a write never does.
+    if access == Access::WRITE && node.store.get(meta.id).is_some() {
+        return Err(WireError::new(
+            ErrorCode::AlreadyExists,
+            format!(
+                "{}: {} is stored already; a write never replaces a committed chunk",
+                node.describe(),
+                meta.id
+            ),
+        ));
+    }
     if meta.size > MAX_CHUNK {
         return Err(WireError::new(
             ErrorCode::InvalidArgument,
@@ -241,7 +343,7 @@ async fn write_chunk(
     let mut failed = Vec::new();
     let mut downstream: Option<(NodeAddr, RequestStream)> = None;
     if let Some(next) = req.pipeline.first() {
-        match open_downstream(node, meta, &req.pipeline).await {
+        match open_downstream(node, meta, &req.pipeline, req.token.clone()).await {
             Ok(s) => downstream = Some((*next, s)),
             Err(e) => failed.push((*next, e.to_string())),
         }
@@ -337,6 +439,7 @@ async fn write_chunk(
     node.announce(StoredChunk {
         id: meta.id,
         size: meta.size,
+        digest,
     });
     let mut stored_on = vec![node.id];
     if let Some((next, mut ds)) = downstream {
@@ -359,11 +462,13 @@ async fn open_downstream(
     node: &Node,
     meta: ChunkMeta,
     pipeline: &[NodeAddr],
+    token: Option<ChunkToken>,
 ) -> Result<RequestStream, quern_proto::Error> {
-    let mut s = node.endpoint.open(pipeline[0].addr).await?;
+    let mut s = node.endpoint.open(pipeline[0]).await?;
     s.send(&DataRequest::WriteChunk(WriteChunk {
         meta,
         pipeline: pipeline[1..].to_vec(),
+        token,
     }))
     .await?;
     Ok(s)
@@ -376,6 +481,9 @@ async fn read_chunk(
     req: ReadChunk,
     stream: &mut ServerStream,
 ) -> Result<(), quern_proto::Error> {
+    if let Err(e) = node.authorize(req.token.as_ref(), req.chunk, &[Access::READ]) {
+        return stream.reply::<ReadHeader>(&Err(e)).await;
+    }
     let Some(info) = node.store.get(req.chunk) else {
         let err = node.store_error(&StoreError::Missing(req.chunk));
         return stream.reply::<ReadHeader>(&Err(err)).await;
@@ -430,7 +538,7 @@ async fn read_chunk(
                     node: node.id,
                     reason: "digest mismatch found by the datanode while serving a read".into(),
                 };
-                let _ = node.endpoint.call(node.cfg.namenode, report).await;
+                let _ = node.endpoint.call(node.namenode(), report).await;
             });
         }
     }

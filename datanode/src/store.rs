@@ -1,6 +1,8 @@
 //! Chunks on local disk: one data file plus a small meta file (size and
 //! blake3 digest) per chunk. A chunk is written under `tmp/`, fsynced and
 //! renamed into `chunks/`, so a crash never leaves a half chunk visible.
+//! Chunks the namenode does not know are moved to `trash/<unix seconds>/`
+//! rather than unlinked, and purged once older than the trash time.
 
 use quern_proto::msg::StoredChunk;
 use quern_proto::{ChunkId, Digest};
@@ -45,6 +47,7 @@ pub struct ChunkInfo {
 pub struct ChunkStore {
     chunks_dir: PathBuf,
     tmp_dir: PathBuf,
+    trash_dir: PathBuf,
     index: Mutex<HashMap<ChunkId, ChunkInfo>>,
 }
 
@@ -55,7 +58,8 @@ impl ChunkStore {
     pub fn open(dir: &Path) -> Result<ChunkStore, StoreError> {
         let chunks_dir = dir.join("chunks");
         let tmp_dir = dir.join("tmp");
-        for d in [&chunks_dir, &tmp_dir] {
+        let trash_dir = dir.join("trash");
+        for d in [&chunks_dir, &tmp_dir, &trash_dir] {
             std::fs::create_dir_all(d).map_err(|e| StoreError::io("creating", d, e))?;
         }
         if let Ok(entries) = std::fs::read_dir(&tmp_dir) {
@@ -96,6 +100,7 @@ impl ChunkStore {
         Ok(ChunkStore {
             chunks_dir,
             tmp_dir,
+            trash_dir,
             index: Mutex::new(index),
         })
     }
@@ -123,6 +128,7 @@ impl ChunkStore {
             .map(|(id, i)| StoredChunk {
                 id: *id,
                 size: i.size,
+                digest: i.digest,
             })
             .collect();
         v.sort_by_key(|c| c.id);
@@ -222,6 +228,84 @@ impl ChunkStore {
             let _ = std::fs::remove_file(self.data_path(*id));
             let _ = std::fs::remove_file(self.meta_path(*id));
         }
+    }
+
+    /// Moves chunks aside into `trash/<now>/`, where an operator can take
+    /// them back (move both files into `chunks/` and restart the node).
+    pub fn trash(&self, ids: &[ChunkId]) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let bin = self.trash_dir.join(now.to_string());
+        std::fs::create_dir_all(&bin).map_err(|e| StoreError::io("creating", &bin, e))?;
+        for id in ids {
+            // Out of the index first, so nobody reads it while it moves.
+            if self.index().remove(id).is_none() {
+                continue;
+            }
+            for from in [self.data_path(*id), self.meta_path(*id)] {
+                let Some(name) = from.file_name() else {
+                    continue;
+                };
+                let to = bin.join(name);
+                std::fs::rename(&from, &to)
+                    .map_err(|e| StoreError::io("moving to trash", &from, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of chunk data in the trash.
+    pub fn trash_bytes(&self) -> u64 {
+        let mut total = 0;
+        for bin in std::fs::read_dir(&self.trash_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for f in std::fs::read_dir(bin.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.path().extension().is_some_and(|x| x == "chunk") {
+                    total += f.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+
+    /// Removes trash older than `keep`; returns how many chunks went.
+    pub fn purge_trash(&self, keep: std::time::Duration) -> usize {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut purged = 0;
+        for bin in std::fs::read_dir(&self.trash_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let since = bin.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+            let Some(since) = since else {
+                continue;
+            };
+            if now.saturating_sub(since) >= keep.as_secs() {
+                purged += std::fs::read_dir(bin.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|f| f.path().extension().is_some_and(|x| x == "chunk"))
+                    .count();
+                if let Err(e) = std::fs::remove_dir_all(bin.path()) {
+                    tracing::warn!(dir = %bin.path().display(), "could not purge trash: {e}");
+                }
+            }
+        }
+        purged
     }
 }
 
@@ -372,6 +456,31 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn trashed_chunks_leave_the_index_keep_their_bytes_and_are_purged_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data = vec![7u8; 5000];
+        let mut p = store.create(ChunkId(9)).unwrap();
+        p.write(&data).unwrap();
+        let info = ChunkInfo {
+            size: data.len() as u64,
+            digest: Digest::of(&data),
+        };
+        store.commit(p, info).unwrap();
+        store.trash(&[ChunkId(9)]).unwrap();
+        assert!(store.get(ChunkId(9)).is_none());
+        assert_eq!(store.trash_bytes(), 5000);
+        assert_eq!(store.purge_trash(std::time::Duration::from_secs(3600)), 0);
+        assert_eq!(store.trash_bytes(), 5000);
+        // Reopening does not bring trash back as stored chunks.
+        drop(store);
+        let store = ChunkStore::open(dir.path()).unwrap();
+        assert!(store.list().is_empty());
+        assert_eq!(store.purge_trash(std::time::Duration::ZERO), 1);
+        assert_eq!(store.trash_bytes(), 0);
     }
 
     #[test]

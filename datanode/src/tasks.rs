@@ -4,7 +4,7 @@
 use crate::service::Node;
 use bytes::Bytes;
 use quern_proto::msg::*;
-use quern_proto::{Digest, ErrorCode, WireError};
+use quern_proto::{Access, ChunkToken, Digest, ErrorCode, WireError};
 use std::io::Read;
 use std::sync::Arc;
 
@@ -16,12 +16,13 @@ pub(crate) async fn run_task(node: &Arc<Node>, req: RunTask) -> Result<TaskOutpu
         .await
         .map_err(|_| WireError::new(ErrorCode::Internal, "task pool closed"))?;
     let meta = req.chunk;
+    node.authorize(req.token.as_ref(), meta.id, &[Access::TASK])?;
     let (bytes, local_bytes, fetched_bytes) = if node.store.get(meta.id).is_some() {
         let bytes = read_local(node, meta).await?;
         let n = bytes.len() as u64;
         (bytes, n, 0)
     } else if !req.sources.is_empty() {
-        let bytes = fetch_remote(node, meta, &req.sources).await?;
+        let bytes = fetch_remote(node, meta, &req.sources, req.token.as_ref()).await?;
         let n = bytes.len() as u64;
         (bytes, 0, n)
     } else {
@@ -81,7 +82,7 @@ pub(crate) async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Byte
             node: node.id,
             reason: reason.clone(),
         };
-        let _ = node.endpoint.call(node.cfg.namenode, report).await;
+        let _ = node.endpoint.call(node.namenode(), report).await;
         return Err(WireError::new(
             ErrorCode::ChecksumMismatch,
             format!("{}: {} {reason}", node.describe(), meta.id),
@@ -92,14 +93,16 @@ pub(crate) async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Byte
 
 /// A remote task: pull the chunk from the first source that serves it whole
 /// and intact.
+/// The caller's task token (which also grants reading) goes to the source.
 pub(crate) async fn fetch_remote(
     node: &Arc<Node>,
     meta: ChunkMeta,
     sources: &[NodeAddr],
+    token: Option<&ChunkToken>,
 ) -> Result<Bytes, WireError> {
     let mut tried = Vec::new();
     for src in sources {
-        match fetch_from(node, meta, src.addr).await {
+        match fetch_from(node, meta, *src, token).await {
             Ok(b) if Digest::of(&b) == meta.digest => return Ok(b),
             Ok(_) => tried.push(format!("{}: digest mismatch", src.addr)),
             Err(e) => tried.push(format!("{}: {e}", src.addr)),
@@ -119,13 +122,16 @@ pub(crate) async fn fetch_remote(
 async fn fetch_from(
     node: &Node,
     meta: ChunkMeta,
-    addr: std::net::SocketAddr,
+    src: NodeAddr,
+    token: Option<&ChunkToken>,
 ) -> Result<Bytes, quern_proto::Error> {
-    let mut s = node.endpoint.open(addr).await?;
+    let addr = src.addr;
+    let mut s = node.endpoint.open(src).await?;
     s.send(&DataRequest::ReadChunk(ReadChunk {
         chunk: meta.id,
         offset: 0,
         len: None,
+        token: token.cloned(),
     }))
     .await?;
     s.finish()?;

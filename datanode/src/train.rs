@@ -7,7 +7,7 @@ use quern_compute::ops;
 use quern_compute::train::{f32s_from_le, f32s_to_le, StepRequest, Worker, WorkerSpec};
 use quern_proto::msg::*;
 use quern_proto::transport::{read_raw, write_raw, ServerStream};
-use quern_proto::{ErrorCode, WireError};
+use quern_proto::{Access, ErrorCode, Principal, WireError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 const IDLE_LIMIT: Duration = Duration::from_secs(1800);
 
 pub(crate) struct Job {
+    /// Who opened it: only they may step or close it.
+    owner: Principal,
     worker: Mutex<Worker>,
     last_used: Mutex<Instant>,
 }
@@ -54,16 +56,38 @@ fn internal(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::Internal, e.to_string())
 }
 
-pub(crate) async fn open(node: &Arc<Node>, req: TrainOpen) -> Result<TrainOpened, WireError> {
-    node.jobs.sweep();
-    if req.sources.len() != req.chunks.len() {
+fn owned(node: &Node, job: Arc<Job>, caller: &Principal) -> Result<Arc<Job>, WireError> {
+    if job.owner.role != caller.role {
         return Err(WireError::new(
-            ErrorCode::InvalidArgument,
-            "TrainOpen: one source list per chunk",
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied by {}: the training job belongs to {}, not {}",
+                node.describe(),
+                job.owner,
+                caller
+            ),
         ));
     }
+    Ok(job)
+}
+
+pub(crate) async fn open(
+    node: &Arc<Node>,
+    caller: &Principal,
+    req: TrainOpen,
+) -> Result<TrainOpened, WireError> {
+    node.jobs.sweep();
+    if req.sources.len() != req.chunks.len() || req.tokens.len() != req.chunks.len() {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            "TrainOpen: one source list and one token per chunk",
+        ));
+    }
+    for (meta, token) in req.chunks.iter().zip(&req.tokens) {
+        node.authorize(token.as_ref(), meta.id, &[Access::TASK])?;
+    }
     let job = match node.jobs.get(req.job) {
-        Some(j) => j,
+        Some(j) => owned(node, j, caller)?,
         None => {
             let spec: WorkerSpec = ops::decode(&req.spec).map_err(|e| {
                 WireError::new(
@@ -78,6 +102,7 @@ pub(crate) async fn open(node: &Arc<Node>, req: TrainOpen) -> Result<TrainOpened
                 )
             })?;
             let job = Arc::new(Job {
+                owner: caller.clone(),
                 worker: Mutex::new(worker),
                 last_used: Mutex::new(Instant::now()),
             });
@@ -92,7 +117,7 @@ pub(crate) async fn open(node: &Arc<Node>, req: TrainOpen) -> Result<TrainOpened
     };
     let (mut local_bytes, mut fetched_bytes) = (0, 0);
     let mut records = 0;
-    for (meta, sources) in req.chunks.iter().zip(&req.sources) {
+    for ((meta, sources), token) in req.chunks.iter().zip(&req.sources).zip(&req.tokens) {
         let local = if node.store.get(meta.id).is_some() {
             match read_local(node, *meta).await {
                 Ok(b) => Some(b),
@@ -111,7 +136,7 @@ pub(crate) async fn open(node: &Arc<Node>, req: TrainOpen) -> Result<TrainOpened
             local_bytes += b.len() as u64;
             b
         } else {
-            let b = fetch_remote(node, *meta, sources).await?;
+            let b = fetch_remote(node, *meta, sources, token.as_ref()).await?;
             fetched_bytes += b.len() as u64;
             b
         };
@@ -164,6 +189,7 @@ async fn run_step(
                 format!("training step parameters: {e}"),
             )
         })?;
+    let caller = stream.caller.clone();
     let job = node.jobs.get(req.job).ok_or_else(|| {
         WireError::new(
             ErrorCode::NotFound,
@@ -174,6 +200,7 @@ async fn run_step(
             ),
         )
     })?;
+    let job = owned(node, job, &caller)?;
     let mut request: StepRequest = ops::decode(&req.request)
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("training step: {e}")))?;
     let describe = node.describe();
@@ -201,8 +228,11 @@ async fn run_step(
     .map_err(internal)?
 }
 
-pub(crate) fn close(node: &Node, req: TrainClose) {
-    if let Ok(mut jobs) = node.jobs.jobs.lock() {
+pub(crate) fn close(node: &Node, caller: &Principal, req: TrainClose) -> Result<(), WireError> {
+    let mut jobs = node.jobs.jobs.lock().map_err(internal)?;
+    if let Some(job) = jobs.get(&req.job) {
+        owned(node, job.clone(), caller)?;
         jobs.remove(&req.job);
     }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use crate::store::{ChunkInfo, ChunkStore, PartialChunk, StoreError};
 use bytes::{Bytes, BytesMut};
 use quern_proto::msg::{ChunkMeta, DataRequest, NodeAddr, WriteAck, WriteChunk};
 use quern_proto::transport::{write_raw, Endpoint};
-use quern_proto::{ChunkId, Digest, Error};
+use quern_proto::{ChunkId, ChunkToken, Digest, Error};
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -141,6 +141,7 @@ pub async fn push_chunk(
     store: Arc<ChunkStore>,
     chunk: ChunkMeta,
     targets: &[NodeAddr],
+    token: ChunkToken,
 ) -> Result<WriteAck, Error> {
     let Some(first) = targets.first() else {
         return Ok(WriteAck {
@@ -156,10 +157,11 @@ pub async fn push_chunk(
             chunk.id
         )));
     }
-    let mut s = endpoint.open(first.addr).await?;
+    let mut s = endpoint.open(*first).await?;
     s.send(&DataRequest::WriteChunk(WriteChunk {
         meta: chunk,
         pipeline: targets[1..].to_vec(),
+        token: Some(token),
     }))
     .await?;
     let mut hasher = blake3::Hasher::new();

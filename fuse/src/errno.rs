@@ -28,10 +28,12 @@ fn of_code(code: ErrorCode) -> Errno {
         // The namenode refuses changes until enough replicas are reported;
         // retrying later is the right reaction.
         ErrorCode::SafeMode => Errno::EAGAIN,
+        ErrorCode::PermissionDenied => Errno::EACCES,
         ErrorCode::NoDatanodes | ErrorCode::NoSpace => Errno::ENOSPC,
         ErrorCode::ChecksumMismatch
         | ErrorCode::LeaseExpired
         | ErrorCode::Protocol
+        | ErrorCode::WrongCluster
         | ErrorCode::Io
         | ErrorCode::Internal => Errno::EIO,
     }
@@ -47,6 +49,7 @@ pub(crate) fn is_expected(e: Errno) -> bool {
         Errno::ENOTDIR,
         Errno::ENOTEMPTY,
         Errno::EINVAL,
+        Errno::EACCES,
     ]
     .contains(&e)
 }
@@ -63,6 +66,7 @@ mod tests {
         assert_eq!(of(&e(ErrorCode::NotEmpty)), Errno::ENOTEMPTY);
         assert_eq!(of(&e(ErrorCode::AlreadyExists)), Errno::EEXIST);
         assert_eq!(of(&e(ErrorCode::NotADirectory)), Errno::ENOTDIR);
+        assert_eq!(of(&e(ErrorCode::PermissionDenied)), Errno::EACCES);
         let timeout = quern_client::Error::Proto(quern_proto::Error::Timeout {
             peer: "namenode".into(),
             what: "stat".into(),

@@ -44,6 +44,8 @@ pub(crate) struct QuernFs {
     root: String,
     uid: u32,
     gid: u32,
+    /// Local ids of the owners and groups the namenode names.
+    ids: Mutex<HashMap<(bool, String), u32>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -178,6 +180,9 @@ fn parent_of(rel: &str) -> &str {
     rel.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
 }
 
+/// The id shown for owners with no local account.
+const NOBODY: u32 = 65534;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // State behind these locks stays consistent between statements; a
     // panicked request thread must not take the whole mount down.
@@ -195,6 +200,7 @@ impl QuernFs {
             root,
             uid,
             gid,
+            ids: Mutex::new(HashMap::new()),
             inodes: Mutex::new(Inodes::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -204,6 +210,45 @@ impl QuernFs {
             locations: Mutex::new(HashMap::new()),
             opts,
         }
+    }
+
+    fn me(&self) -> String {
+        self.client.user().unwrap_or_default().to_string()
+    }
+
+    /// The local uid (or gid) shown for a quern owner (or group): the
+    /// mounting user's for names that are the mount's own (its user, an
+    /// empty name), the local account of the same name where one exists,
+    /// else nobody (65534).
+    fn local_id(&self, group: bool, name: &str) -> u32 {
+        let mine = if group { self.gid } else { self.uid };
+        if name.is_empty() || (!group && Some(name) == self.client.user()) {
+            return mine;
+        }
+        let key = (group, name.to_string());
+        // Held across the look-up: getpwnam and getgrnam are not reentrant.
+        let mut ids = lock(&self.ids);
+        if let Some(id) = ids.get(&key) {
+            return *id;
+        }
+        let id = std::ffi::CString::new(name)
+            .ok()
+            .and_then(|c| {
+                // SAFETY: getpwnam/getgrnam take a NUL-terminated name and
+                // return a pointer into static storage, read at once.
+                unsafe {
+                    if group {
+                        let g = libc::getgrnam(c.as_ptr());
+                        (!g.is_null()).then(|| (*g).gr_gid)
+                    } else {
+                        let p = libc::getpwnam(c.as_ptr());
+                        (!p.is_null()).then(|| (*p).pw_uid)
+                    }
+                }
+            })
+            .unwrap_or(NOBODY);
+        ids.insert(key, id);
+        id
     }
 
     fn remote(&self, rel: &str) -> String {
@@ -297,8 +342,8 @@ impl QuernFs {
             },
             perm: (s.mode & 0o7777) as u16,
             nlink: if dir { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
+            uid: self.local_id(false, &s.owner),
+            gid: self.local_id(true, &s.group),
             rdev: 0,
             blksize: BLKSIZE,
             flags: 0,
@@ -313,6 +358,8 @@ impl QuernFs {
             replication: self.opts.replication,
             chunk_size: self.opts.chunk_size,
             mode: p.mode,
+            owner: self.me(),
+            group: String::new(),
             mtime_ms: p.mtime_ms,
             chunks: 0,
         };
@@ -774,6 +821,8 @@ impl QuernFs {
                             replication: self.opts.replication,
                             chunk_size: self.opts.chunk_size,
                             mode: a.mode,
+                            owner: self.me(),
+                            group: String::new(),
                             mtime_ms: a.mtime_ms,
                             chunks: 0,
                         }),
@@ -1498,6 +1547,8 @@ impl fuser::Filesystem for QuernFs {
                         replication: 0,
                         chunk_size: 0,
                         mode: DIR_MODE,
+                        owner: self.me(),
+                        group: String::new(),
                         mtime_ms: 0,
                         chunks: 0,
                     };

@@ -18,6 +18,7 @@ pub struct NodeEntry {
     pub available: u64,
     pub used: u64,
     pub chunks: u64,
+    pub trash_bytes: u64,
     pub last_heartbeat: Instant,
     /// Bytes placed on the node since its last heartbeat, so a burst of
     /// allocations spreads out before usage figures catch up.
@@ -113,14 +114,25 @@ impl Cluster {
             .collect()
     }
 
-    /// A datanode (re)joins with its full chunk report.
+    /// A datanode (re)joins with its full chunk report. A second process
+    /// holding the certificate of a node that is live elsewhere is refused.
     pub fn register(
         &mut self,
         node: NodeAddr,
         capacity: u64,
         available: u64,
         chunks: &[StoredChunk],
-    ) -> Vec<DatanodeCommand> {
+        safe_mode: bool,
+    ) -> Result<Vec<DatanodeCommand>, String> {
+        if let Some(e) = self.nodes.get(&node.id) {
+            if e.addr != node.addr && e.last_heartbeat.elapsed() <= self.dead_timeout {
+                return Err(format!(
+                    "permission denied: {} is live at {}; a second process with its certificate \
+                     at {} is refused",
+                    node.id, e.addr, node.addr
+                ));
+            }
+        }
         let used = chunks.iter().map(|c| c.size).sum();
         let entry = self.nodes.entry(node.id).or_insert_with(|| NodeEntry {
             addr: node.addr,
@@ -128,6 +140,7 @@ impl Cluster {
             available,
             used,
             chunks: 0,
+            trash_bytes: 0,
             last_heartbeat: Instant::now(),
             placed_since_heartbeat: 0,
             commands: Vec::new(),
@@ -141,18 +154,31 @@ impl Cluster {
         entry.last_heartbeat = Instant::now();
         entry.placed_since_heartbeat = 0;
         entry.was_live = true;
-        self.full_report(node.id, chunks)
+        Ok(self.full_report(node.id, chunks, safe_mode))
     }
 
     /// Reconciles what a node holds with what the namenode believes: known
-    /// chunks gain this replica, unknown ones are orphans to delete, and
-    /// replicas it no longer reports are dropped.
-    pub fn full_report(&mut self, node: NodeId, chunks: &[StoredChunk]) -> Vec<DatanodeCommand> {
-        let reported: BTreeSet<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    /// chunks gain this replica, unknown ones are orphans for the node's
+    /// trash (never deleted outright, and not at all in safe mode), and
+    /// replicas it no longer reports are dropped. A reported digest that
+    /// differs from the committed one adds no replica: the node never
+    /// received that chunk.
+    pub fn full_report(
+        &mut self,
+        node: NodeId,
+        chunks: &[StoredChunk],
+        safe_mode: bool,
+    ) -> Vec<DatanodeCommand> {
+        let mut reported: BTreeSet<ChunkId> = BTreeSet::new();
         let mut orphans = Vec::new();
+        let mut false_claims = 0usize;
         for c in chunks {
             match self.chunks.get_mut(&c.id) {
+                Some(entry) if entry.digest.is_some_and(|d| d != c.digest) => {
+                    false_claims += 1;
+                }
                 Some(entry) => {
+                    reported.insert(c.id);
                     entry.replicas.insert(node);
                     if entry.size.is_some_and(|s| s != c.size) {
                         entry.corrupt.insert(
@@ -174,11 +200,14 @@ impl Cluster {
                 entry.corrupt.remove(&node);
             }
         }
-        if orphans.is_empty() {
+        if false_claims > 0 {
+            tracing::warn!(%node, count = false_claims, "report names chunks with digests that were never committed; ignoring them");
+        }
+        if orphans.is_empty() || safe_mode {
             Vec::new()
         } else {
-            tracing::info!(%node, count = orphans.len(), "deleting orphan chunks");
-            vec![DatanodeCommand::Delete(orphans)]
+            tracing::info!(%node, count = orphans.len(), "unknown chunks go to the datanode's trash");
+            vec![DatanodeCommand::Trash(orphans)]
         }
     }
 
@@ -270,8 +299,10 @@ impl Cluster {
         available: u64,
         used: u64,
         chunks: u64,
+        trash_bytes: u64,
     ) -> Option<Vec<DatanodeCommand>> {
         let n = self.nodes.get_mut(&node)?;
+        n.trash_bytes = trash_bytes;
         n.capacity = capacity;
         n.available = available;
         n.used = used;
@@ -299,6 +330,7 @@ impl Cluster {
                 used: n.used,
                 available: n.available,
                 chunks: n.chunks,
+                trash_bytes: n.trash_bytes,
                 since_heartbeat_secs: n.last_heartbeat.elapsed().as_secs_f64(),
             })
             .collect();

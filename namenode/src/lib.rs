@@ -2,8 +2,10 @@
 //! registry, placement, leases, safe mode and the replication monitor.
 
 mod cluster;
+mod keys;
 mod monitor;
 mod namespace;
+mod perm;
 mod service;
 
 pub use service::{Namenode, NamenodeConfig};

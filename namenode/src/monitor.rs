@@ -13,6 +13,9 @@ pub(crate) async fn run(state: Arc<State>) {
     loop {
         tokio::time::sleep(tick).await;
         expire_leases(&state).await;
+        if let Err(e) = state.tokens.rotate(&state.ns) {
+            tracing::warn!("could not rotate token keys: {e}");
+        }
         state.cluster().note_transitions();
         if last_replication.elapsed() >= state.cfg.replication_interval {
             last_replication = Instant::now();
@@ -94,6 +97,9 @@ fn schedule_replication(state: &State) {
                 DatanodeCommand::Replicate {
                     chunk: quern_proto::msg::ChunkMeta { id, size, digest },
                     targets,
+                    token: state
+                        .tokens
+                        .sign(id, quern_proto::Access::REPLICATE, "namenode"),
                 },
             );
             inflight.insert(id, Instant::now());

@@ -1,7 +1,8 @@
 //! The namespace in sled: inodes, directory entries and files being written.
 //!
 //! Trees: `inodes` (inode id -> [`Inode`]), `dirents` (parent id ++ name ->
-//! child id) and `pending` ([`FileId`] -> [`PendingFile`]). A file being
+//! child id), `pending` ([`FileId`] -> [`PendingFile`]) and `meta` (the
+//! cluster id written by `quern namenode format`, the token keys). A file being
 //! written lives only in `pending` until it completes, so nobody can see it
 //! before then. Every mutation that touches several trees is one sled
 //! transaction, so a SIGKILL never leaves half an operation behind; callers
@@ -15,6 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const ROOT: u64 = 1;
+/// The group of the root directory, as in HDFS.
+pub const SUPERGROUP: &str = "supergroup";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inode {
@@ -25,10 +28,55 @@ pub struct Inode {
     pub chunk_size: u64,
     pub size: u64,
     pub chunks: Vec<ChunkMeta>,
+    pub owner: String,
+    pub group: String,
+}
+
+/// An inode as stored before owners existed; read, never written.
+#[derive(Deserialize)]
+struct InodeV1 {
+    kind: FileKind,
+    mode: u32,
+    mtime_ms: i64,
+    replication: u8,
+    chunk_size: u64,
+    size: u64,
+    chunks: Vec<ChunkMeta>,
+}
+
+/// Inodes are stored behind this tag; a record without it is a V1 inode.
+/// V1 records start with the `FileKind` tag (0 or 1), never 0xff.
+const INODE_V2: &[u8] = &[0xff, 2];
+
+fn enc_inode(i: &Inode) -> Vec<u8> {
+    let mut v = INODE_V2.to_vec();
+    v.extend(enc(i));
+    v
+}
+
+fn dec_inode(bytes: &[u8]) -> Result<Inode, StoreError> {
+    match bytes.strip_prefix(INODE_V2) {
+        Some(rest) => dec(rest, "inode"),
+        None => {
+            // Metadata from before users upgrades in place: owned by the admin.
+            let v1: InodeV1 = dec(bytes, "inode")?;
+            Ok(Inode {
+                kind: v1.kind,
+                mode: v1.mode,
+                mtime_ms: v1.mtime_ms,
+                replication: v1.replication,
+                chunk_size: v1.chunk_size,
+                size: v1.size,
+                chunks: v1.chunks,
+                owner: quern_proto::tls::ADMIN_USER.into(),
+                group: SUPERGROUP.into(),
+            })
+        }
+    }
 }
 
 impl Inode {
-    fn dir(mode: u32) -> Inode {
+    fn dir(mode: u32, owner: &str, group: &str) -> Inode {
         Inode {
             kind: FileKind::Dir,
             mode,
@@ -37,6 +85,8 @@ impl Inode {
             chunk_size: 0,
             size: 0,
             chunks: Vec::new(),
+            owner: owner.into(),
+            group: group.into(),
         }
     }
 
@@ -48,6 +98,8 @@ impl Inode {
             replication: self.replication,
             chunk_size: self.chunk_size,
             mode: self.mode,
+            owner: self.owner.clone(),
+            group: self.group.clone(),
             mtime_ms: self.mtime_ms,
             chunks: self.chunks.len() as u32,
         }
@@ -61,6 +113,9 @@ pub struct PendingFile {
     pub chunk_size: u64,
     pub mode: u32,
     pub overwrite: bool,
+    /// The user creating it: only they may add chunks or complete it.
+    pub owner: String,
+    pub group: String,
     /// Committed chunks by index.
     pub chunks: BTreeMap<u32, ChunkMeta>,
     /// Every chunk id handed out for this file, committed or not, so that
@@ -81,6 +136,13 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("metadata store holds an unreadable record: {0}")]
     Corrupt(String),
+    #[error(
+        "namenode directory {0} was never formatted: run `quern namenode format --dir {0}` to \
+         make a new, empty cluster, or point --dir at the existing metadata"
+    )]
+    NotFormatted(String),
+    #[error("namenode directory {0} is formatted already (cluster {1}); nothing was changed")]
+    AlreadyFormatted(String, String),
 }
 
 impl From<StoreError> for WireError {
@@ -159,29 +221,93 @@ pub struct Namespace {
     inodes: sled::Tree,
     dirents: sled::Tree,
     pending: sled::Tree,
+    meta: sled::Tree,
+    pub cluster_id: String,
 }
 
+const CLUSTER_ID: &[u8] = b"cluster_id";
+
 impl Namespace {
-    pub fn open(dir: &std::path::Path) -> Result<Namespace, StoreError> {
-        let db = sled::Config::new()
+    fn open_db(dir: &std::path::Path) -> Result<sled::Db, StoreError> {
+        Ok(sled::Config::new()
             .path(dir.join("meta"))
             .flush_every_ms(Some(1000))
-            .open()?;
-        let ns = Namespace {
-            inodes: db.open_tree("inodes")?,
+            .open()?)
+    }
+
+    /// Writes a new cluster id and an empty namespace into `dir`, which
+    /// must not hold one already. Returns the cluster id.
+    pub fn format(dir: &std::path::Path) -> Result<String, StoreError> {
+        let shown = dir.display().to_string();
+        let db = Self::open_db(dir)?;
+        let meta = db.open_tree("meta")?;
+        let inodes = db.open_tree("inodes")?;
+        if let Some(id) = meta.get(CLUSTER_ID)? {
+            return Err(StoreError::AlreadyFormatted(
+                shown,
+                String::from_utf8_lossy(&id).into_owned(),
+            ));
+        }
+        if inodes.get(ROOT.to_be_bytes())?.is_some() {
+            return Err(StoreError::AlreadyFormatted(
+                shown,
+                "from an older release".into(),
+            ));
+        }
+        let id = new_cluster_id();
+        inodes.insert(
+            ROOT.to_be_bytes(),
+            enc_inode(&Inode::dir(0o755, quern_proto::tls::ADMIN_USER, SUPERGROUP)),
+        )?;
+        meta.insert(CLUSTER_ID, id.as_bytes())?;
+        db.flush()?;
+        Ok(id)
+    }
+
+    /// Opens a formatted namespace; never makes one.
+    pub fn open(dir: &std::path::Path) -> Result<Namespace, StoreError> {
+        let shown = dir.display().to_string();
+        if !dir.join("meta").exists() {
+            return Err(StoreError::NotFormatted(shown));
+        }
+        let db = Self::open_db(dir)?;
+        let meta = db.open_tree("meta")?;
+        let inodes = db.open_tree("inodes")?;
+        let cluster_id = match meta.get(CLUSTER_ID)? {
+            Some(id) => String::from_utf8_lossy(&id).into_owned(),
+            None if inodes.get(ROOT.to_be_bytes())?.is_some() => {
+                // Metadata from before cluster ids: it is a namespace, so
+                // it gets an id instead of being refused.
+                let id = new_cluster_id();
+                meta.insert(CLUSTER_ID, id.as_bytes())?;
+                db.flush()?;
+                tracing::warn!(cluster = %id, dir = %shown, "metadata had no cluster id; gave it one");
+                id
+            }
+            None => return Err(StoreError::NotFormatted(shown)),
+        };
+        Ok(Namespace {
+            inodes,
             dirents: db.open_tree("dirents")?,
             pending: db.open_tree("pending")?,
+            meta,
+            cluster_id,
             db,
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
-        };
-        if ns.inodes.get(ROOT.to_be_bytes())?.is_none() {
-            ns.inodes
-                .insert(ROOT.to_be_bytes(), enc(&Inode::dir(0o755)))?;
-            ns.db.flush()?;
-        }
-        Ok(ns)
+        })
+    }
+
+    /// A value of the `meta` tree (token keys and the like).
+    pub fn meta_get(&self, key: &str) -> Res<Option<Vec<u8>>> {
+        Ok(self.meta.get(key).st()?.map(|v| v.to_vec()))
+    }
+
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Res<()> {
+        self.meta.insert(key, value).st()?;
+        self.db.flush().st()?;
+        Ok(())
     }
 
     /// Makes every mutation so far survive a crash of this process.
@@ -220,7 +346,7 @@ impl Namespace {
 
     pub fn inode(&self, id: u64) -> Res<Option<Inode>> {
         match self.inodes.get(id.to_be_bytes()).st()? {
-            Some(v) => Ok(Some(dec(&v, "inode")?)),
+            Some(v) => Ok(Some(dec_inode(&v)?)),
             None => Ok(None),
         }
     }
@@ -236,12 +362,25 @@ impl Namespace {
     /// Resolves a path; `Ok(None)` when its last name does not exist, an
     /// error when a parent is missing or is a file.
     pub fn lookup(&self, path: &RemotePath) -> Res<Option<Resolved>> {
+        self.lookup_through(path, &mut |_, _| Ok(()))
+    }
+
+    /// [`Namespace::lookup`] that shows `through` every directory it walks
+    /// through (with its path), so permission checks cost no second walk.
+    pub fn lookup_through(
+        &self,
+        path: &RemotePath,
+        through: &mut dyn FnMut(&str, &Inode) -> Res<()>,
+    ) -> Res<Option<Resolved>> {
         let mut id = ROOT;
         let mut inode = self
             .inode(ROOT)?
             .ok_or_else(|| err(ErrorCode::Internal, "root inode missing".into()))?;
         let names: Vec<&str> = path.components().collect();
         for (i, name) in names.iter().enumerate() {
+            if inode.kind == FileKind::Dir {
+                through(&format!("/{}", names[..i].join("/")), &inode)?;
+            }
             if inode.kind != FileKind::Dir {
                 let so_far = format!("/{}", names[..i].join("/"));
                 return Err(err(
@@ -274,7 +413,7 @@ impl Namespace {
     }
 
     /// The directory a new entry `path` would go in.
-    fn parent_dir(&self, path: &RemotePath) -> Res<Resolved> {
+    pub fn parent_dir(&self, path: &RemotePath) -> Res<Resolved> {
         let parent = path.parent().ok_or_else(|| {
             err(
                 ErrorCode::AlreadyExists,
@@ -307,7 +446,8 @@ impl Namespace {
         Ok(out)
     }
 
-    pub fn mkdir(&self, path: &RemotePath, parents: bool, mode: u32) -> Res<()> {
+    /// Makes a directory owned by `owner`, in its parent's group (as HDFS).
+    pub fn mkdir(&self, path: &RemotePath, parents: bool, mode: u32, owner: &str) -> Res<()> {
         if parents {
             let mut cur = RemotePath::root();
             for name in path.components() {
@@ -320,7 +460,7 @@ impl Namespace {
                             format!("{path}: {cur} is a file, not a directory"),
                         ))
                     }
-                    None => self.mkdir(&cur, false, mode)?,
+                    None => self.mkdir(&cur, false, mode, owner)?,
                 }
             }
             return Ok(());
@@ -334,9 +474,10 @@ impl Namespace {
             ));
         }
         let id = self.new_id()?;
+        let inode = Inode::dir(mode, owner, &parent.inode.group);
         (&self.inodes, &self.dirents)
             .transaction(|(inodes, dirents)| {
-                inodes.insert(&id.to_be_bytes(), enc(&Inode::dir(mode)))?;
+                inodes.insert(&id.to_be_bytes(), enc_inode(&inode))?;
                 dirents.insert(dirent_key(parent.id, name), &id.to_be_bytes())?;
                 TxResult::Ok(())
             })
@@ -559,12 +700,14 @@ impl Namespace {
             chunk_size: p.chunk_size,
             size: chunks.iter().map(|c| c.size).sum(),
             chunks,
+            owner: p.owner.clone(),
+            group: p.group.clone(),
         };
         let new_id = self.new_id()?;
         let key = dirent_key(parent.id, path.name().unwrap_or_default());
         (&self.inodes, &self.dirents, &self.pending)
             .transaction(|(inodes, dirents, pending)| {
-                inodes.insert(&new_id.to_be_bytes(), enc(&inode))?;
+                inodes.insert(&new_id.to_be_bytes(), enc_inode(&inode))?;
                 dirents.insert(key.as_slice(), &new_id.to_be_bytes())?;
                 if let Some(old) = replaced {
                     inodes.remove(&old.to_be_bytes())?;
@@ -587,7 +730,9 @@ impl Namespace {
             .inode(id)?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("inode {id} vanished")))?;
         f(&mut inode);
-        self.inodes.insert(id.to_be_bytes(), enc(&inode)).st()?;
+        self.inodes
+            .insert(id.to_be_bytes(), enc_inode(&inode))
+            .st()?;
         Ok(inode)
     }
 
@@ -619,7 +764,7 @@ impl Namespace {
         let mut out = Vec::new();
         for item in self.inodes.iter() {
             let (_, v) = item.st()?;
-            let inode: Inode = dec(&v, "inode")?;
+            let inode = dec_inode(&v)?;
             for c in inode.chunks {
                 out.push((c, inode.replication));
             }
@@ -628,9 +773,80 @@ impl Namespace {
     }
 }
 
+fn new_cluster_id() -> String {
+    format!("qc-{:032x}", rand::random::<u128>())
+}
+
 fn id_from(bytes: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = bytes.len().min(8);
     b[..n].copy_from_slice(&bytes[..n]);
     u64::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_refuses_an_unformatted_directory_and_format_refuses_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Namespace::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("never formatted") && e.contains("quern namenode format"),
+            "{e}"
+        );
+        assert!(
+            !dir.path().join("meta").exists(),
+            "open must create nothing"
+        );
+        let id = Namespace::format(dir.path()).unwrap();
+        let e = Namespace::format(dir.path()).err().unwrap().to_string();
+        assert!(e.contains(&id), "{e}");
+        let ns = Namespace::open(dir.path()).unwrap();
+        assert_eq!(ns.cluster_id, id);
+        let root = ns.inode(ROOT).unwrap().unwrap();
+        assert_eq!((root.owner.as_str(), root.mode), ("admin", 0o755));
+    }
+
+    #[test]
+    fn inodes_from_before_owners_read_as_the_admins() {
+        #[derive(Serialize)]
+        struct Old {
+            kind: FileKind,
+            mode: u32,
+            mtime_ms: i64,
+            replication: u8,
+            chunk_size: u64,
+            size: u64,
+            chunks: Vec<ChunkMeta>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A store as the previous release wrote it: no meta tree, V1 inodes.
+            let db = Namespace::open_db(dir.path()).unwrap();
+            let inodes = db.open_tree("inodes").unwrap();
+            let old = Old {
+                kind: FileKind::Dir,
+                mode: 0o750,
+                mtime_ms: 1,
+                replication: 0,
+                chunk_size: 0,
+                size: 0,
+                chunks: Vec::new(),
+            };
+            inodes.insert(ROOT.to_be_bytes(), enc(&old)).unwrap();
+            db.flush().unwrap();
+        }
+        let ns = Namespace::open(dir.path()).unwrap();
+        assert!(ns.cluster_id.starts_with("qc-"));
+        let root = ns.inode(ROOT).unwrap().unwrap();
+        assert_eq!(root.owner, "admin");
+        assert_eq!(root.group, SUPERGROUP);
+        assert_eq!(root.mode, 0o750);
+        ns.mkdir(&RemotePath::parse("/a").unwrap(), false, 0o755, "alice")
+            .unwrap();
+        let a = ns.get(&RemotePath::parse("/a").unwrap()).unwrap().inode;
+        assert_eq!((a.owner.as_str(), a.group.as_str()), ("alice", SUPERGROUP));
+    }
 }

@@ -2,10 +2,13 @@
 //! cluster map.
 
 use crate::cluster::{ChunkEntry, Cluster};
-use crate::namespace::{Namespace, PendingFile, StoreError};
+use crate::keys::Authority;
+use crate::namespace::{Inode, Namespace, PendingFile, Resolved, StoreError};
+use crate::perm::{check_datanode, denied, User, R, W, X};
 use quern_proto::msg::*;
 use quern_proto::transport::{serve, Endpoint, ServerStream, Service, Tuning};
-use quern_proto::{tls::Identity, ErrorCode, FileId, RemotePath, WireError};
+use quern_proto::WireError;
+use quern_proto::{tls::Identity, Access, ErrorCode, FileId, Principal, RemotePath, Role};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +30,10 @@ pub struct NamenodeConfig {
     /// reported (they then show as MISSING).
     pub safemode_max_wait: Duration,
     pub replication_interval: Duration,
+    /// How long a chunk access token is valid.
+    pub token_lifetime: Duration,
+    /// How often a new token key takes over.
+    pub key_rotation: Duration,
 }
 
 impl NamenodeConfig {
@@ -38,6 +45,8 @@ impl NamenodeConfig {
             lease_timeout: Duration::from_secs(60),
             safemode_max_wait: Duration::from_secs(30),
             replication_interval: Duration::from_secs(3),
+            token_lifetime: Duration::from_secs(10 * 3600),
+            key_rotation: Duration::from_secs(10 * 3600),
         }
     }
 }
@@ -54,6 +63,7 @@ pub(crate) struct State {
     pub writer: tokio::sync::Mutex<()>,
     /// Chunks with a replication in flight, so it is not scheduled twice.
     pub replicating: Mutex<HashMap<quern_proto::ChunkId, Instant>>,
+    pub tokens: Authority,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,6 +116,61 @@ impl State {
     fn renew(&self, file: FileId) {
         lock(&self.leases).insert(file, Instant::now() + self.cfg.lease_timeout);
     }
+
+    /// Resolves `path` as `user`: x on every directory walked through, then
+    /// `want` on the target when it exists.
+    fn resolve(&self, user: &User, path: &RemotePath, want: u32) -> Res<Option<Resolved>> {
+        let r = if user.superuser {
+            self.ns.lookup(path)?
+        } else {
+            self.ns
+                .lookup_through(path, &mut |dir, inode| user.check(dir, inode, X))?
+        };
+        if let Some(r) = &r {
+            if want != 0 {
+                user.check(&path.to_string(), &r.inode, want)?;
+            }
+        }
+        Ok(r)
+    }
+
+    fn get(&self, user: &User, path: &RemotePath, want: u32) -> Res<Resolved> {
+        self.resolve(user, path, want)?
+            .ok_or_else(|| crate::namespace::not_found(path))
+    }
+
+    /// The directory an entry at `path` lives in, with w+x checked on it
+    /// (creating, removing or renaming an entry changes the directory).
+    fn parent_for_change(&self, user: &User, path: &RemotePath) -> Res<Resolved> {
+        if let Some(parent) = path.parent() {
+            self.resolve(user, &parent, 0)?;
+        }
+        let dir = self.ns.parent_dir(path)?;
+        let shown = path.parent().map(|p| p.to_string()).unwrap_or_default();
+        user.check(&shown, &dir.inode, W | X)?;
+        Ok(dir)
+    }
+
+    /// A pending file, only for the user who created it.
+    fn pending(&self, user: &User, file: FileId) -> Res<PendingFile> {
+        let p = self.ns.pending(file)?;
+        if !user.superuser && p.owner != user.name {
+            return Err(denied(format!(
+                "permission denied: {} is being written by {}, not {}",
+                p.path, p.owner, user.name
+            )));
+        }
+        Ok(p)
+    }
+
+    fn node_reply(&self, commands: Vec<DatanodeCommand>) -> NodeReply {
+        NodeReply {
+            cluster_id: self.ns.cluster_id.clone(),
+            safe_mode: self.safe_mode().is_some(),
+            keys: self.tokens.keys(),
+            commands,
+        }
+    }
 }
 
 fn parse(path: &str) -> Res<RemotePath> {
@@ -119,10 +184,28 @@ pub struct Namenode {
 }
 
 impl Namenode {
+    /// Writes a new cluster id and an empty namespace into `dir` (created
+    /// if missing); refuses a directory that holds one already.
+    pub fn format(dir: &std::path::Path) -> Result<String, StartError> {
+        std::fs::create_dir_all(dir).map_err(|e| StartError::Dir(dir.to_path_buf(), e))?;
+        Ok(Namespace::format(dir)?)
+    }
+
     /// Opens the metadata store, rebuilds the chunk map and starts serving.
+    /// A directory that was never formatted is refused, never initialised.
     pub async fn start(cfg: NamenodeConfig, identity: &Identity) -> Result<Namenode, StartError> {
-        std::fs::create_dir_all(&cfg.dir).map_err(|e| StartError::Dir(cfg.dir.clone(), e))?;
+        match identity.principal().map(|p| p.role) {
+            Ok(Role::Namenode) => {}
+            Ok(other) => {
+                return Err(StartError::Identity(format!(
+                    "the namenode needs the namenode certificate; this one is {other}'s"
+                )))
+            }
+            Err(e) => return Err(StartError::Identity(e.to_string())),
+        }
         let ns = Namespace::open(&cfg.dir)?;
+        let tokens =
+            Authority::load(&ns, cfg.token_lifetime, cfg.key_rotation).map_err(StartError::Wire)?;
         let mut cluster = Cluster::new(cfg.dead_timeout);
         for (chunk, target) in ns.all_chunks().map_err(StartError::Wire)? {
             cluster.chunks.insert(
@@ -157,9 +240,10 @@ impl Namenode {
             safe_since: Mutex::new(safe_since),
             writer: tokio::sync::Mutex::new(()),
             replicating: Mutex::new(HashMap::new()),
+            tokens,
         });
         let addr = endpoint.local_addr().map_err(StartError::Net)?;
-        tracing::info!(%addr, chunks = chunk_count, safe_mode = safe_since.is_some(), "namenode listening");
+        tracing::info!(%addr, cluster = %state.ns.cluster_id, chunks = chunk_count, safe_mode = safe_since.is_some(), "namenode listening");
         let service = Arc::new(NameService {
             state: state.clone(),
         });
@@ -172,6 +256,10 @@ impl Namenode {
             state,
             tasks,
         })
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.state.ns.cluster_id
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -200,6 +288,8 @@ pub enum StartError {
     Wire(WireError),
     #[error("{0}")]
     Net(quern_proto::Error),
+    #[error("{0}")]
+    Identity(String),
 }
 
 struct NameService {
@@ -221,50 +311,116 @@ impl Service for NameService {
 
     async fn handle(self: Arc<Self>, req: NameRequest, stream: ServerStream) {
         let s = &self.state;
+        let caller = stream.caller.clone();
+        let c = caller.as_ref();
         match req {
-            NameRequest::Stat(r) => respond(stream, stat(s, &r.path)).await,
-            NameRequest::List(r) => respond(stream, list(s, &r.path)).await,
-            NameRequest::Mkdir(r) => respond(stream, mkdir(s, r).await).await,
-            NameRequest::Delete(r) => respond(stream, delete(s, r).await).await,
-            NameRequest::Rename(r) => respond(stream, rename(s, r).await).await,
-            NameRequest::CreateFile(r) => respond(stream, create(s, r).await).await,
-            NameRequest::AllocateChunk(r) => respond(stream, allocate(s, r).await).await,
-            NameRequest::CommitChunk(r) => respond(stream, commit(s, r).await).await,
-            NameRequest::Complete(r) => respond(stream, complete(s, r).await).await,
-            NameRequest::Abandon(r) => respond(stream, abandon(s, r.file).await).await,
-            NameRequest::RenewLease(r) => respond(stream, renew(s, r.file)).await,
-            NameRequest::Locate(r) => respond(stream, locate(s, &r.path)).await,
-            NameRequest::ReportBadReplica(r) => respond(stream, bad_replica(s, r)).await,
-            NameRequest::SetReplication(r) => respond(stream, setrep(s, r).await).await,
-            NameRequest::SetAttr(r) => respond(stream, setattr(s, r).await).await,
-            NameRequest::Summary(r) => respond(stream, summary(s, &r.path)).await,
-            NameRequest::Fsck(r) => respond(stream, crate::monitor::fsck(s, &r.path)).await,
-            NameRequest::Report(_) => respond(stream, report(s)).await,
-            NameRequest::Register(r) => respond(stream, register(s, r)).await,
-            NameRequest::Heartbeat(r) => respond(stream, heartbeat(s, r)).await,
-            NameRequest::ChunkReport(r) => {
-                let cmds = s.cluster().full_report(r.node, &r.chunks);
-                respond(stream, Ok(cmds)).await
-            }
+            NameRequest::Register(r) => respond(stream, register(s, c, r)).await,
+            NameRequest::Heartbeat(r) => respond(stream, heartbeat(s, c, r)).await,
+            NameRequest::ChunkReport(r) => respond(stream, chunk_report(s, c, r)).await,
             NameRequest::ChunkReceived(r) => {
-                s.cluster().chunk_received(r.node, r.chunk);
-                respond(stream, Ok(())).await
+                let reply = check_datanode(c, r.node, "ChunkReceived").map(|()| {
+                    s.cluster().chunk_received(r.node, r.chunk);
+                });
+                respond(stream, reply).await
+            }
+            NameRequest::ReportBadReplica(r) => respond(stream, bad_replica(s, c, r)).await,
+            other => {
+                let user = match User::of(c, request_name(&other)) {
+                    Ok(u) => u,
+                    Err(e) => return respond::<()>(stream, Err(e)).await,
+                };
+                let u = &user;
+                match other {
+                    NameRequest::Stat(r) => respond(stream, stat(s, u, &r.path)).await,
+                    NameRequest::List(r) => respond(stream, list(s, u, &r.path)).await,
+                    NameRequest::Mkdir(r) => respond(stream, mkdir(s, u, r).await).await,
+                    NameRequest::Delete(r) => respond(stream, delete(s, u, r).await).await,
+                    NameRequest::Rename(r) => respond(stream, rename(s, u, r).await).await,
+                    NameRequest::CreateFile(r) => respond(stream, create(s, u, r).await).await,
+                    NameRequest::AllocateChunk(r) => respond(stream, allocate(s, u, r).await).await,
+                    NameRequest::CommitChunk(r) => respond(stream, commit(s, u, r).await).await,
+                    NameRequest::Complete(r) => respond(stream, complete(s, u, r).await).await,
+                    NameRequest::Abandon(r) => {
+                        let reply = match s.pending(u, r.file) {
+                            Ok(_) => abandon(s, r.file).await,
+                            Err(e) => Err(e),
+                        };
+                        respond(stream, reply).await
+                    }
+                    NameRequest::RenewLease(r) => respond(stream, renew(s, u, r.file)).await,
+                    NameRequest::Locate(r) => respond(stream, locate(s, u, &r.path)).await,
+                    NameRequest::SetReplication(r) => respond(stream, setrep(s, u, r).await).await,
+                    NameRequest::SetAttr(r) => respond(stream, setattr(s, u, r).await).await,
+                    NameRequest::Summary(r) => respond(stream, summary(s, u, &r.path)).await,
+                    NameRequest::Fsck(r) => {
+                        let reply = match readable_tree(s, u, &r.path) {
+                            Ok(()) => crate::monitor::fsck(s, &r.path),
+                            Err(e) => Err(e),
+                        };
+                        respond(stream, reply).await
+                    }
+                    NameRequest::Report(_) => respond(stream, report(s)).await,
+                    NameRequest::Register(_)
+                    | NameRequest::Heartbeat(_)
+                    | NameRequest::ChunkReport(_)
+                    | NameRequest::ChunkReceived(_)
+                    | NameRequest::ReportBadReplica(_) => {}
+                }
             }
         }
     }
 }
 
-fn stat(s: &State, path: &str) -> Res<FileStatus> {
-    let path = parse(path)?;
-    Ok(s.ns.get(&path)?.inode.status(&path))
+fn request_name(r: &NameRequest) -> &'static str {
+    match r {
+        NameRequest::Stat(_) => "stat",
+        NameRequest::List(_) => "list",
+        NameRequest::Mkdir(_) => "mkdir",
+        NameRequest::Delete(_) => "delete",
+        NameRequest::Rename(_) => "rename",
+        NameRequest::CreateFile(_) => "create",
+        NameRequest::AllocateChunk(_) => "allocate",
+        NameRequest::CommitChunk(_) => "commit",
+        NameRequest::Complete(_) => "complete",
+        NameRequest::Abandon(_) => "abandon",
+        NameRequest::RenewLease(_) => "renew lease",
+        NameRequest::Locate(_) => "locate",
+        NameRequest::ReportBadReplica(_) => "bad replica report",
+        NameRequest::SetReplication(_) => "setrep",
+        NameRequest::SetAttr(_) => "setattr",
+        NameRequest::Summary(_) => "du",
+        NameRequest::Fsck(_) => "fsck",
+        NameRequest::Report(_) => "report",
+        NameRequest::Register(_) => "register",
+        NameRequest::Heartbeat(_) => "heartbeat",
+        NameRequest::ChunkReport(_) => "chunk report",
+        NameRequest::ChunkReceived(_) => "chunk received",
+    }
 }
 
-fn list(s: &State, path: &str) -> Res<Vec<FileStatus>> {
+/// fsck and du show what is below a path: the caller must be able to
+/// list it (r+x), as HDFS asks of `du`.
+fn readable_tree(s: &State, user: &User, path: &str) -> Res<()> {
     let path = parse(path)?;
-    let r = s.ns.get(&path)?;
+    let r = s.get(user, &path, 0)?;
+    if r.inode.kind == FileKind::Dir {
+        user.check(&path.to_string(), &r.inode, R | X)?;
+    }
+    Ok(())
+}
+
+fn stat(s: &State, u: &User, path: &str) -> Res<FileStatus> {
+    let path = parse(path)?;
+    Ok(s.get(u, &path, 0)?.inode.status(&path))
+}
+
+fn list(s: &State, u: &User, path: &str) -> Res<Vec<FileStatus>> {
+    let path = parse(path)?;
+    let r = s.get(u, &path, 0)?;
     if r.inode.kind == FileKind::File {
         return Ok(vec![r.inode.status(&path)]);
     }
+    u.check(&path.to_string(), &r.inode, R | X)?;
     let mut out = Vec::new();
     for (name, _, inode) in s.ns.list(r.id)? {
         out.push(inode.status(&path.join(&name)?));
@@ -272,7 +428,7 @@ fn list(s: &State, path: &str) -> Res<Vec<FileStatus>> {
     Ok(out)
 }
 
-async fn mkdir(s: &State, r: Mkdir) -> Res<()> {
+async fn mkdir(s: &State, u: &User, r: Mkdir) -> Res<()> {
     let path = parse(&r.path)?;
     s.writable()?;
     {
@@ -286,16 +442,63 @@ async fn mkdir(s: &State, r: Mkdir) -> Res<()> {
                 "/: already exists",
             ));
         }
-        s.ns.mkdir(&path, r.parents, 0o755)?;
+        if !u.superuser {
+            // w+x on the deepest directory that exists (the one that gains
+            // an entry); -p creates the rest below it as this user.
+            let mut deepest = path.clone();
+            while let Some(parent) = deepest.parent() {
+                if let Some(found) = s.resolve(u, &parent, 0)? {
+                    if found.inode.kind == FileKind::Dir {
+                        u.check(&parent.to_string(), &found.inode, W | X)?;
+                    }
+                    break;
+                }
+                if !r.parents {
+                    break;
+                }
+                deepest = parent;
+            }
+        }
+        s.ns.mkdir(&path, r.parents, 0o755, &u.name)?;
     }
     s.ns.flush().await
 }
 
-async fn delete(s: &State, r: Delete) -> Res<()> {
+/// What removing the entry at `path` needs: w+x on its directory, the
+/// sticky rule, and for a directory tree w+x on every non-empty directory
+/// in it (HDFS asks the same).
+fn check_removable(s: &State, u: &User, path: &RemotePath) -> Res<()> {
+    if u.superuser {
+        return Ok(());
+    }
+    let parent = s.parent_for_change(u, path)?;
+    let target = s.get(u, path, 0)?;
+    u.check_sticky(&parent.inode, &path.to_string(), &target.inode)?;
+    if target.inode.kind == FileKind::Dir {
+        let mut stack = vec![(path.clone(), target)];
+        while let Some((p, dir)) = stack.pop() {
+            let children = s.ns.list(dir.id)?;
+            if !children.is_empty() {
+                u.check(&p.to_string(), &dir.inode, W | X)?;
+            }
+            for (name, id, inode) in children {
+                if inode.kind == FileKind::Dir {
+                    stack.push((p.join(&name)?, Resolved { id, inode }));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn delete(s: &State, u: &User, r: Delete) -> Res<()> {
     let path = parse(&r.path)?;
     s.writable()?;
     let freed = {
         let _w = s.writer.lock().await;
+        if !path.is_root() {
+            check_removable(s, u, &path)?;
+        }
         s.ns.delete(&path, r.recursive)?
     };
     s.ns.flush().await?;
@@ -303,12 +506,21 @@ async fn delete(s: &State, r: Delete) -> Res<()> {
     Ok(())
 }
 
-async fn rename(s: &State, r: Rename) -> Res<()> {
+async fn rename(s: &State, u: &User, r: Rename) -> Res<()> {
     let src = parse(&r.src)?;
     let dst = parse(&r.dst)?;
     s.writable()?;
     let freed = {
         let _w = s.writer.lock().await;
+        if !u.superuser && !src.is_root() && !dst.is_root() {
+            let from = s.parent_for_change(u, &src)?;
+            let moved = s.get(u, &src, 0)?;
+            u.check_sticky(&from.inode, &src.to_string(), &moved.inode)?;
+            let to = s.parent_for_change(u, &dst)?;
+            if let Some(existing) = s.resolve(u, &dst, 0)? {
+                u.check_sticky(&to.inode, &dst.to_string(), &existing.inode)?;
+            }
+        }
         s.ns.rename(&src, &dst, r.replace)?
     };
     s.ns.flush().await?;
@@ -319,7 +531,7 @@ async fn rename(s: &State, r: Rename) -> Res<()> {
 pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
 pub const MAX_REPLICATION: u8 = 16;
 
-async fn create(s: &State, r: CreateFile) -> Res<FileId> {
+async fn create(s: &State, u: &User, r: CreateFile) -> Res<FileId> {
     let path = parse(&r.path)?;
     if r.replication == 0 || r.replication > MAX_REPLICATION {
         return Err(WireError::new(
@@ -342,14 +554,23 @@ async fn create(s: &State, r: CreateFile) -> Res<FileId> {
     s.writable()?;
     let id = {
         let _w = s.writer.lock().await;
+        let dir = s.parent_for_change(u, &path)?;
+        if let Some(existing) = s.resolve(u, &path, 0)? {
+            if r.overwrite && existing.inode.kind == FileKind::File {
+                u.check(&path.to_string(), &existing.inode, W)?;
+                u.check_sticky(&dir.inode, &path.to_string(), &existing.inode)?;
+            }
+        }
         s.ns.create(
             &path,
             PendingFile {
                 path: path.to_string(),
                 replication: r.replication,
                 chunk_size: r.chunk_size,
-                mode: r.mode,
+                mode: r.mode & 0o7777,
                 overwrite: r.overwrite,
+                owner: u.name.clone(),
+                group: dir.inode.group.clone(),
                 chunks: Default::default(),
                 allocated: Vec::new(),
             },
@@ -359,10 +580,10 @@ async fn create(s: &State, r: CreateFile) -> Res<FileId> {
     Ok(id)
 }
 
-async fn allocate(s: &State, r: AllocateChunk) -> Res<ChunkAllocation> {
+async fn allocate(s: &State, u: &User, r: AllocateChunk) -> Res<ChunkAllocation> {
     s.writable()?;
     let _w = s.writer.lock().await;
-    let mut p = s.ns.pending(r.file)?;
+    let mut p = s.pending(u, r.file)?;
     let chunk = s.ns.new_chunk_id()?;
     let targets = s
         .cluster()
@@ -391,12 +612,17 @@ async fn allocate(s: &State, r: AllocateChunk) -> Res<ChunkAllocation> {
         .insert(chunk, ChunkEntry::allocated(p.replication));
     drop(_w);
     s.renew(r.file);
-    Ok(ChunkAllocation { chunk, targets })
+    let token = s.tokens.sign(chunk, Access::WRITE, &u.name);
+    Ok(ChunkAllocation {
+        chunk,
+        targets,
+        token,
+    })
 }
 
-async fn commit(s: &State, r: CommitChunk) -> Res<()> {
+async fn commit(s: &State, u: &User, r: CommitChunk) -> Res<()> {
     let _w = s.writer.lock().await;
-    let mut p = s.ns.pending(r.file)?;
+    let mut p = s.pending(u, r.file)?;
     if !p.allocated.contains(&r.meta.id) {
         return Err(WireError::new(
             ErrorCode::InvalidArgument,
@@ -429,9 +655,10 @@ async fn commit(s: &State, r: CommitChunk) -> Res<()> {
     Ok(())
 }
 
-async fn complete(s: &State, r: Complete) -> Res<FileStatus> {
+async fn complete(s: &State, u: &User, r: Complete) -> Res<FileStatus> {
     let (status, freed, unused) = {
         let _w = s.writer.lock().await;
+        s.pending(u, r.file)?;
         s.ns.complete(r.file)?
     };
     s.ns.flush().await?;
@@ -454,21 +681,29 @@ pub(crate) async fn abandon(s: &State, file: FileId) -> Res<()> {
     Ok(())
 }
 
-fn renew(s: &State, file: FileId) -> Res<()> {
-    s.ns.pending(file)?;
+fn renew(s: &State, u: &User, file: FileId) -> Res<()> {
+    s.pending(u, file)?;
     s.renew(file);
     Ok(())
 }
 
-fn locate(s: &State, path: &str) -> Res<FileLocations> {
+fn locate(s: &State, u: &User, path: &str) -> Res<FileLocations> {
     let path = parse(path)?;
-    let r = s.ns.get(&path)?;
+    let r = s.get(u, &path, 0)?;
     if r.inode.kind == FileKind::Dir {
         return Err(WireError::new(
             ErrorCode::IsADirectory,
             format!("{path}: is a directory"),
         ));
     }
+    u.check(&path.to_string(), &r.inode, R)?;
+    let access = Access::READ.union(Access::TASK);
+    let tokens: Vec<_> = r
+        .inode
+        .chunks
+        .iter()
+        .map(|m| s.tokens.sign(m.id, access, &u.name))
+        .collect();
     let c = s.cluster();
     let mut offset = 0;
     let chunks = r
@@ -476,12 +711,14 @@ fn locate(s: &State, path: &str) -> Res<FileLocations> {
         .chunks
         .iter()
         .enumerate()
-        .map(|(i, meta)| {
+        .zip(tokens)
+        .map(|((i, meta), token)| {
             let lc = LocatedChunk {
                 index: i as u32,
                 offset,
                 meta: *meta,
                 replicas: c.replicas(meta.id, i),
+                token,
             };
             offset += meta.size;
             lc
@@ -493,14 +730,19 @@ fn locate(s: &State, path: &str) -> Res<FileLocations> {
     })
 }
 
-fn bad_replica(s: &State, r: ReportBadReplica) -> Res<()> {
+fn bad_replica(s: &State, caller: &Principal, r: ReportBadReplica) -> Res<()> {
+    if caller.role == Role::Namenode {
+        return Err(denied(
+            "permission denied: the namenode reports no replicas".into(),
+        ));
+    }
     if s.cluster().mark_corrupt(r.chunk, r.node, r.reason.clone()) {
         tracing::warn!(chunk = %r.chunk, node = %r.node, reason = %r.reason, "corrupt replica reported");
     }
     Ok(())
 }
 
-async fn setrep(s: &State, r: SetReplication) -> Res<()> {
+async fn setrep(s: &State, u: &User, r: SetReplication) -> Res<()> {
     let path = parse(&r.path)?;
     if r.replication == 0 || r.replication > MAX_REPLICATION {
         return Err(WireError::new(
@@ -515,7 +757,11 @@ async fn setrep(s: &State, r: SetReplication) -> Res<()> {
     let mut changed = Vec::new();
     {
         let _w = s.writer.lock().await;
+        s.get(u, &path, 0)?;
         let (files, _) = s.ns.walk(&path)?;
+        for (fpath, inode) in &files {
+            u.check(&fpath.to_string(), inode, W)?;
+        }
         for (fpath, _) in files {
             let id = s.ns.get(&fpath)?.id;
             let ino = s.ns.update_inode(id, |i| i.replication = r.replication)?;
@@ -532,25 +778,78 @@ async fn setrep(s: &State, r: SetReplication) -> Res<()> {
     Ok(())
 }
 
-async fn setattr(s: &State, r: SetAttr) -> Res<()> {
+async fn setattr(s: &State, u: &User, r: SetAttr) -> Res<()> {
     let path = parse(&r.path)?;
     s.writable()?;
+    if let Some(owner) = &r.owner {
+        quern_proto::identity::valid_name(owner)
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    }
+    if let Some(group) = &r.group {
+        quern_proto::identity::valid_name(group)
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    }
     {
         let _w = s.writer.lock().await;
-        let id = s.ns.get(&path)?.id;
-        s.ns.update_inode(id, |i| {
+        let found = s.get(u, &path, 0)?;
+        check_setattr(u, &path, &found.inode, &r)?;
+        s.ns.update_inode(found.id, |i| {
             if let Some(m) = r.mode {
                 i.mode = m & 0o7777;
             }
             if let Some(t) = r.mtime_ms {
                 i.mtime_ms = t;
             }
+            if let Some(o) = &r.owner {
+                i.owner = o.clone();
+            }
+            if let Some(g) = &r.group {
+                i.group = g.clone();
+            }
         })?;
     }
     s.ns.flush().await
 }
 
-fn summary(s: &State, path: &str) -> Res<ContentSummary> {
+/// HDFS's rules: chmod by the owner; chown only by the superuser; chgrp by
+/// the owner to one of their groups; times by the owner or a writer.
+fn check_setattr(u: &User, path: &RemotePath, inode: &Inode, r: &SetAttr) -> Res<()> {
+    if u.superuser {
+        return Ok(());
+    }
+    let owner = inode.owner == u.name;
+    let refuse = |what: &str| {
+        Err(denied(format!(
+            "permission denied: {path} (owner {}, mode {:04o}): {what}",
+            inode.owner, inode.mode
+        )))
+    };
+    if r.owner.as_ref().is_some_and(|o| *o != inode.owner) {
+        return refuse("only the admin may change a file's owner");
+    }
+    if r.mode.is_some() && !owner {
+        return refuse(&format!(
+            "only its owner may change its mode, not {}",
+            u.name
+        ));
+    }
+    if let Some(g) = &r.group {
+        if !owner || !u.groups.contains(g) {
+            return refuse(&format!(
+                "only its owner may change its group, and only to a group they are in ({} is \
+                 not in {g})",
+                u.name
+            ));
+        }
+    }
+    if r.mtime_ms.is_some() && !owner && !u.may(inode, W) {
+        return refuse(&format!("{} may not change its times", u.name));
+    }
+    Ok(())
+}
+
+fn summary(s: &State, u: &User, path: &str) -> Res<ContentSummary> {
+    readable_tree(s, u, path)?;
     let path = parse(path)?;
     let (files, dirs) = s.ns.walk(&path)?;
     let bytes = files.iter().map(|(_, i)| i.size).sum();
@@ -569,19 +868,57 @@ fn summary(s: &State, path: &str) -> Res<ContentSummary> {
 fn report(s: &State) -> Res<ClusterReport> {
     let safe_mode = s.safe_mode();
     Ok(ClusterReport {
+        cluster_id: s.ns.cluster_id.clone(),
         datanodes: s.cluster().report(),
         safe_mode,
     })
 }
 
-fn register(s: &State, r: Register) -> Res<Vec<DatanodeCommand>> {
+fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> {
+    check_datanode(caller, r.node.id, "register")?;
+    if let Some(theirs) = &r.cluster_id {
+        if *theirs != s.ns.cluster_id {
+            tracing::warn!(node = %r.node.id, addr = %r.node.addr, theirs = %theirs, "refused a datanode of another cluster");
+            return Err(WireError::new(
+                ErrorCode::WrongCluster,
+                format!(
+                    "datanode {} belongs to cluster {theirs}, this namenode ({}) to cluster {}; \
+                     refusing it (point it at its own namenode, or give it an empty directory)",
+                    r.node.id,
+                    s.cfg.dir.display(),
+                    s.ns.cluster_id
+                ),
+            ));
+        }
+    }
+    let safe = s.safe_mode().is_some();
+    let cmds = s
+        .cluster()
+        .register(r.node, r.capacity, r.available, &r.chunks, safe)
+        .map_err(denied)?;
     tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = r.chunks.len(), "datanode registered");
-    Ok(s.cluster()
-        .register(r.node, r.capacity, r.available, &r.chunks))
+    Ok(s.node_reply(cmds))
 }
 
-fn heartbeat(s: &State, r: Heartbeat) -> Res<Vec<DatanodeCommand>> {
-    Ok(s.cluster()
-        .heartbeat(r.node, r.capacity, r.available, r.used, r.chunks)
-        .unwrap_or_else(|| vec![DatanodeCommand::Reregister]))
+fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
+    check_datanode(caller, r.node, "heartbeat")?;
+    let cmds = s
+        .cluster()
+        .heartbeat(
+            r.node,
+            r.capacity,
+            r.available,
+            r.used,
+            r.chunks,
+            r.trash_bytes,
+        )
+        .unwrap_or_else(|| vec![DatanodeCommand::Reregister]);
+    Ok(s.node_reply(cmds))
+}
+
+fn chunk_report(s: &State, caller: &Principal, r: ChunkReport) -> Res<NodeReply> {
+    check_datanode(caller, r.node, "chunk report")?;
+    let safe = s.safe_mode().is_some();
+    let cmds = s.cluster().full_report(r.node, &r.chunks, safe);
+    Ok(s.node_reply(cmds))
 }

@@ -17,6 +17,10 @@ pub enum ErrorCode {
     LeaseExpired,
     Protocol,
     NoSpace,
+    /// The caller's certificate, token or permissions do not allow it.
+    PermissionDenied,
+    /// The peer belongs to another cluster.
+    WrongCluster,
     Io,
     Internal,
 }
@@ -62,6 +66,14 @@ pub enum Error {
     },
     #[error("connection to {peer} failed: {reason}")]
     Stream { peer: String, reason: String },
+    #[error(
+        "{peer} is not {expected}: it presented the certificate of {found}; check the address"
+    )]
+    WrongPeer {
+        peer: String,
+        expected: String,
+        found: String,
+    },
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge { len: u64, max: u64 },
     #[error("malformed message: {0}")]

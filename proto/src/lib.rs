@@ -5,16 +5,20 @@
 pub mod config;
 pub mod error;
 pub mod frame;
+pub mod identity;
 pub mod ids;
 pub mod msg;
 pub mod path;
 pub mod size;
 pub mod tls;
+pub mod token;
 pub mod transport;
 
 pub use error::{Error, ErrorCode, Result, WireError};
+pub use identity::{Expect, Principal, Role};
 pub use ids::{ChunkId, Digest, FileId, NodeId};
 pub use path::RemotePath;
+pub use token::{Access, ChunkToken, KeyRing, TokenKey};
 
 /// Protocol number every request stream starts with; a peer speaking
 /// another number is refused with a message naming both.

@@ -6,6 +6,7 @@
 
 use crate::error::WireError;
 use crate::ids::{ChunkId, Digest, FileId, NodeId};
+use crate::token::{ChunkToken, TokenKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -54,6 +55,8 @@ pub struct FileStatus {
     pub replication: u8,
     pub chunk_size: u64,
     pub mode: u32,
+    pub owner: String,
+    pub group: String,
     pub mtime_ms: i64,
     pub chunks: u32,
 }
@@ -86,6 +89,8 @@ pub struct LocatedChunk {
     /// Live replicas first (rotated by chunk index so consecutive chunks
     /// are read from different holders), then dead, then corrupt ones.
     pub replicas: Vec<ReplicaInfo>,
+    /// Allows reading the chunk and running tasks on it, as the caller.
+    pub token: ChunkToken,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,11 +158,14 @@ pub struct DatanodeReport {
     pub used: u64,
     pub available: u64,
     pub chunks: u64,
+    /// Chunks moved aside instead of deleted, kept for the trash time.
+    pub trash_bytes: u64,
     pub since_heartbeat_secs: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterReport {
+    pub cluster_id: String,
     pub datanodes: Vec<DatanodeReport>,
     /// Why the namenode is in safe mode, when it is.
     pub safe_mode: Option<String>,
@@ -176,17 +184,24 @@ pub struct ContentSummary {
 pub struct StoredChunk {
     pub id: ChunkId,
     pub size: u64,
+    /// A node can only name the digest of a chunk it was sent, so a report
+    /// cannot claim replicas the node never received.
+    pub digest: Digest,
 }
 
 /// Work the namenode hands a datanode in a heartbeat reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatanodeCommand {
-    /// Remove these chunks: orphans, over-replicated or corrupt replicas.
+    /// Remove these chunks: of deleted files, over-replicated or corrupt.
     Delete(Vec<ChunkId>),
+    /// Move these chunks, which the namenode does not know, to the trash:
+    /// they may belong to a namespace this namenode has lost.
+    Trash(Vec<ChunkId>),
     /// Copy a chunk this node holds to the targets (pipelined).
     Replicate {
         chunk: ChunkMeta,
         targets: Vec<NodeAddr>,
+        token: ChunkToken,
     },
     /// The namenode does not know this node (it restarted): register again
     /// with a full chunk report.
@@ -248,6 +263,8 @@ pub struct ChunkAllocation {
     pub chunk: ChunkId,
     /// Pipeline order: the client writes to the first.
     pub targets: Vec<NodeAddr>,
+    /// Allows writing this chunk, once.
+    pub token: ChunkToken,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -296,6 +313,10 @@ pub struct SetAttr {
     pub path: String,
     pub mode: Option<u32>,
     pub mtime_ms: Option<i64>,
+    /// Only the admin may give a file away.
+    pub owner: Option<String>,
+    /// The owner may choose one of their own groups; the admin any.
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,6 +334,8 @@ pub struct Report;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Register {
+    /// The cluster this datanode joined before, if any.
+    pub cluster_id: Option<String>,
     pub node: NodeAddr,
     pub capacity: u64,
     pub available: u64,
@@ -326,6 +349,7 @@ pub struct Heartbeat {
     pub available: u64,
     pub used: u64,
     pub chunks: u64,
+    pub trash_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -338,6 +362,18 @@ pub struct ChunkReport {
 pub struct ChunkReceived {
     pub node: NodeId,
     pub chunk: StoredChunk,
+}
+
+/// The namenode's answer to a datanode's register, heartbeat or report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeReply {
+    pub cluster_id: String,
+    /// A namenode in safe mode orders no deletion; a datanode ignores any
+    /// that such a reply carries.
+    pub safe_mode: bool,
+    /// The keys tokens are signed with (current and still-valid old ones).
+    pub keys: Vec<TokenKey>,
+    pub commands: Vec<DatanodeCommand>,
 }
 
 rpcs!(NameRequest {
@@ -359,9 +395,9 @@ rpcs!(NameRequest {
     Summary(Summary) -> ContentSummary,
     Fsck(Fsck) -> FsckReport,
     Report(Report) -> ClusterReport,
-    Register(Register) -> Vec<DatanodeCommand>,
-    Heartbeat(Heartbeat) -> Vec<DatanodeCommand>,
-    ChunkReport(ChunkReport) -> Vec<DatanodeCommand>,
+    Register(Register) -> NodeReply,
+    Heartbeat(Heartbeat) -> NodeReply,
+    ChunkReport(ChunkReport) -> NodeReply,
     ChunkReceived(ChunkReceived) -> (),
 });
 
@@ -374,6 +410,9 @@ rpcs!(NameRequest {
 pub struct WriteChunk {
     pub meta: ChunkMeta,
     pub pipeline: Vec<NodeAddr>,
+    /// Write access (a client's pipeline) or replicate access (a
+    /// re-replication the namenode ordered); forwarded down the pipeline.
+    pub token: Option<ChunkToken>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -391,6 +430,7 @@ pub struct ReadChunk {
     pub chunk: ChunkId,
     pub offset: u64,
     pub len: Option<u64>,
+    pub token: Option<ChunkToken>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -411,6 +451,8 @@ pub struct Ping;
 pub struct RunTask {
     pub chunk: ChunkMeta,
     pub sources: Vec<NodeAddr>,
+    /// Task access to the chunk (it also reads a remote replica).
+    pub token: Option<ChunkToken>,
     #[serde(with = "serde_bytes")]
     pub task: Vec<u8>,
 }
@@ -437,6 +479,8 @@ pub struct TrainOpen {
     pub spec: Vec<u8>,
     pub chunks: Vec<ChunkMeta>,
     pub sources: Vec<Vec<NodeAddr>>,
+    /// Task access to each chunk.
+    pub tokens: Vec<Option<ChunkToken>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,9 +5,10 @@
 //! name [`crate::SERVER_NAME`] so peers are identified by the CA, not DNS.
 
 use crate::error::{Error, Result};
+use crate::identity::{Principal, Role};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -54,26 +55,41 @@ impl ClusterCa {
         })
     }
 
-    /// Issues a certificate usable both as TLS server and client (datanodes
-    /// are both), with `name` as its common name.
-    pub fn issue(&self, name: &str) -> Result<IssuedCert> {
+    /// Issues a certificate for `who`, its role written in the
+    /// certificate. Servers (namenode, datanodes) may act as TLS server and
+    /// client, since datanodes also call each other; admin and user
+    /// certificates are for client authentication only.
+    pub fn issue(&self, who: &Principal) -> Result<IssuedCert> {
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(tls_err)?;
         // The issuer is rebuilt from the same fixed parameters as the CA so a
         // CA loaded from disk can sign without parsing its certificate.
         let issuer = Issuer::new(ca_params()?, ca_key);
         let key = KeyPair::generate().map_err(tls_err)?;
-        let mut params =
-            CertificateParams::new(vec![crate::SERVER_NAME.to_string(), "localhost".into()])
-                .map_err(tls_err)?;
+        let server = who.role.is_server();
+        let dns = if server {
+            vec![crate::SERVER_NAME.to_string(), "localhost".into()]
+        } else {
+            Vec::new()
+        };
+        let mut params = CertificateParams::new(dns).map_err(tls_err)?;
+        for uri in who.uris() {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().map_err(tls_err)?));
+        }
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
+        dn.push(DnType::CommonName, format!("quern {}", who.role));
         params.distinguished_name = dn;
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = if server {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         let cert = params.signed_by(&key, &issuer).map_err(tls_err)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
@@ -93,14 +109,12 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))
 }
 
-/// The files `quern cluster init` writes.
+/// The certificate directory of a cluster (`DIR/tls`): `ca.pem` and
+/// `ca.key`, and one `NAME.pem` + `NAME.key` per identity (`namenode`,
+/// `admin`, `datanode-N`, `user-NAME`).
 #[derive(Debug, Clone)]
 pub struct ClusterFiles {
-    pub ca: PathBuf,
-    pub node_cert: PathBuf,
-    pub node_key: PathBuf,
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
+    pub dir: PathBuf,
 }
 
 impl ClusterFiles {
@@ -112,49 +126,86 @@ impl ClusterFiles {
     /// The files inside a certificate directory, whatever its name.
     pub fn in_tls_dir(tls: &Path) -> ClusterFiles {
         ClusterFiles {
-            ca: tls.join("ca.pem"),
-            node_cert: tls.join("node.pem"),
-            node_key: tls.join("node.key"),
-            client_cert: tls.join("client.pem"),
-            client_key: tls.join("client.key"),
+            dir: tls.to_path_buf(),
         }
     }
 
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Certificate and key of the identity called `name`.
+    pub fn cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        )
+    }
+
     pub fn exist(&self) -> bool {
-        self.ca.exists() && self.node_cert.exists() && self.client_cert.exists()
+        self.ca().exists() && self.cert(NAMENODE).0.exists() && self.cert(ADMIN).0.exists()
     }
 
-    pub fn node_identity(&self) -> Result<Identity> {
-        Identity::load(&self.ca, &self.node_cert, &self.node_key)
+    pub fn identity(&self, name: &str) -> Result<Identity> {
+        let (cert, key) = self.cert(name);
+        Identity::load(&self.ca(), &cert, &key)
     }
 
-    pub fn client_identity(&self) -> Result<Identity> {
-        Identity::load(&self.ca, &self.client_cert, &self.client_key)
+    pub fn namenode_identity(&self) -> Result<Identity> {
+        self.identity(NAMENODE)
+    }
+
+    pub fn admin_identity(&self) -> Result<Identity> {
+        self.identity(ADMIN)
+    }
+
+    pub fn load_ca(&self) -> Result<ClusterCa> {
+        ClusterCa::load(&self.dir)
+    }
+
+    /// Issues a certificate for `who` as `NAME.pem`/`NAME.key`, refusing to
+    /// replace one that exists (its holder would be locked out).
+    pub fn issue(&self, name: &str, who: &Principal) -> Result<Identity> {
+        let (cert, key) = self.cert(name);
+        if cert.exists() {
+            return Err(Error::Config(format!(
+                "{} exists already; remove it first to issue a new one",
+                cert.display()
+            )));
+        }
+        let issued = self.load_ca()?.issue(who)?;
+        write_file(&key, &issued.key_pem, true)?;
+        write_file(&cert, &issued.cert_pem, false)?;
+        self.identity(name)
     }
 }
 
-/// Makes a new CA plus a node and a client certificate under `dir/tls`.
-/// Refuses to overwrite an existing CA, which would lock every node out.
+/// File names of the namenode's and the admin's certificates.
+pub const NAMENODE: &str = "namenode";
+pub const ADMIN: &str = "admin";
+/// The admin certificate's user name: the superuser, and the owner of
+/// metadata made before users existed.
+pub const ADMIN_USER: &str = "admin";
+
+/// Makes a new CA plus the namenode's and the admin's certificates under
+/// `dir/tls`. Refuses to overwrite an existing CA, which would lock every
+/// node out.
 pub fn init_cluster_dir(dir: &Path) -> Result<ClusterFiles> {
     let files = ClusterFiles::in_dir(dir);
-    let tls = dir.join("tls");
+    let tls = &files.dir;
     if tls.join("ca.key").exists() {
         return Err(Error::Config(format!(
             "{} already holds a cluster CA; remove it first to make a new cluster",
             tls.display()
         )));
     }
-    std::fs::create_dir_all(&tls)
+    std::fs::create_dir_all(tls)
         .map_err(|e| Error::io(format!("creating {}", tls.display()), e))?;
     let ca = ClusterCa::generate()?;
     write_file(&tls.join("ca.pem"), &ca.cert_pem, false)?;
     write_file(&tls.join("ca.key"), &ca.key_pem, true)?;
-    let node = ca.issue("quern node")?;
-    write_file(&files.node_cert, &node.cert_pem, false)?;
-    write_file(&files.node_key, &node.key_pem, true)?;
-    let client = ca.issue("quern client")?;
-    write_file(&files.client_cert, &client.cert_pem, false)?;
-    write_file(&files.client_key, &client.key_pem, true)?;
+    files.issue(NAMENODE, &Principal::new(Role::Namenode))?;
+    files.issue(ADMIN, &Principal::new(Role::Admin(ADMIN_USER.into())))?;
     Ok(files)
 }
 
@@ -208,6 +259,18 @@ impl Identity {
             ca: parse(ca_pem)?,
             cert: Some((parse(cert_pem)?, Arc::new(key))),
         })
+    }
+
+    /// The role written in this identity's own certificate.
+    pub fn principal(&self) -> Result<Principal> {
+        let (certs, _) = self
+            .cert
+            .as_ref()
+            .ok_or_else(|| Error::Tls("no certificate".into()))?;
+        let first = certs
+            .first()
+            .ok_or_else(|| Error::Tls("empty certificate chain".into()))?;
+        Principal::from_cert(first)
     }
 
     pub fn without_certificate(self) -> Identity {
@@ -290,9 +353,19 @@ mod tests {
     fn init_writes_loadable_identities_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let files = init_cluster_dir(dir.path()).unwrap();
-        let node = files.node_identity().unwrap();
+        let node = files.namenode_identity().unwrap();
         node.server_config().unwrap();
-        files.client_identity().unwrap().client_config().unwrap();
+        assert_eq!(node.principal().unwrap().role, Role::Namenode);
+        let admin = files.admin_identity().unwrap();
+        admin.client_config().unwrap();
+        assert_eq!(admin.principal().unwrap().role, Role::Admin("admin".into()));
+        let user = Principal {
+            role: Role::User("alice".into()),
+            groups: vec!["ml".into()],
+        };
+        let alice = files.issue("user-alice", &user).unwrap();
+        assert_eq!(alice.principal().unwrap(), user);
+        assert!(files.issue("user-alice", &user).is_err());
         let err = init_cluster_dir(dir.path()).err().unwrap();
         assert!(err.to_string().contains("already holds a cluster CA"));
     }

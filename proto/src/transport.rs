@@ -8,7 +8,8 @@
 
 use crate::error::{Error, Result, WireError};
 use crate::frame;
-use crate::msg::{Reply, Rpc};
+use crate::identity::{Expect, Principal};
+use crate::msg::{NodeAddr, Reply, Rpc};
 use crate::tls::Identity;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use serde::{de::DeserializeOwned, Serialize};
@@ -136,11 +137,61 @@ fn set_buffer(sock: &socket2::Socket, size: usize) {
     }
 }
 
+/// A server to call and what it must prove to be: a caller never sends a
+/// request to a certificate of the wrong role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub expect: Expect,
+}
+
+impl Peer {
+    pub fn namenode(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            expect: Expect::Namenode,
+        }
+    }
+
+    /// Any server of the cluster: for benchmarks and protocol tests.
+    pub fn any(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            expect: Expect::Any,
+        }
+    }
+}
+
+impl From<NodeAddr> for Peer {
+    fn from(n: NodeAddr) -> Peer {
+        Peer {
+            addr: n.addr,
+            expect: Expect::Datanode(n.id),
+        }
+    }
+}
+
+/// The verified identity behind a connection's peer certificate.
+fn peer_principal(conn: &quinn::Connection) -> Result<Principal> {
+    let any = conn
+        .peer_identity()
+        .ok_or_else(|| Error::Tls("the peer presented no certificate".into()))?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| Error::Tls("unexpected peer identity type".into()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Error::Tls("the peer presented an empty certificate chain".into()))?;
+    Principal::from_cert(first)
+}
+
+type Cached = (quinn::Connection, Arc<Principal>);
+
 /// One QUIC endpoint: a server when given a listen address, always a client,
 /// with one reused connection per peer.
 pub struct Endpoint {
     inner: quinn::Endpoint,
-    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    conns: Mutex<HashMap<SocketAddr, Cached>>,
     rpc_timeout: Duration,
     connect_timeout: Duration,
 }
@@ -214,8 +265,8 @@ impl Endpoint {
         self.inner.close(0u32.into(), b"shutting down");
     }
 
-    /// A live connection to `peer`, reusing the cached one.
-    pub async fn connection(&self, peer: SocketAddr) -> Result<quinn::Connection> {
+    /// A live connection to `peer` and who it is, reusing the cached one.
+    pub async fn connection(&self, peer: SocketAddr) -> Result<Cached> {
         if let Some(c) = self.cached(peer) {
             return Ok(c);
         }
@@ -244,15 +295,25 @@ impl Endpoint {
             }
             Ok(Ok(c)) => c,
         };
+        let who = match peer_principal(&conn) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                conn.close(0u32.into(), b"certificate without a role");
+                return Err(Error::Connect {
+                    peer: peer.to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        };
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.insert(peer, conn.clone());
-        Ok(conn)
+        conns.insert(peer, (conn.clone(), who.clone()));
+        Ok((conn, who))
     }
 
-    fn cached(&self, peer: SocketAddr) -> Option<quinn::Connection> {
+    fn cached(&self, peer: SocketAddr) -> Option<Cached> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         match conns.get(&peer) {
-            Some(c) if c.close_reason().is_none() => Some(c.clone()),
+            Some((c, who)) if c.close_reason().is_none() => Some((c.clone(), who.clone())),
             Some(_) => {
                 conns.remove(&peer);
                 None
@@ -264,14 +325,23 @@ impl Endpoint {
     /// Forgets a connection that failed so the next call reconnects.
     pub fn forget(&self, peer: SocketAddr) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = conns.remove(&peer) {
+        if let Some((c, _)) = conns.remove(&peer) {
             c.close(0u32.into(), b"forgotten after an error");
         }
     }
 
-    /// Opens a request stream and writes the protocol version.
-    pub async fn open(&self, peer: SocketAddr) -> Result<RequestStream> {
-        let conn = self.connection(peer).await?;
+    /// Opens a request stream to a server that proves to be what `peer`
+    /// expects, and writes the protocol version.
+    pub async fn open(&self, peer: impl Into<Peer>) -> Result<RequestStream> {
+        let Peer { addr: peer, expect } = peer.into();
+        let (conn, who) = self.connection(peer).await?;
+        if !expect.admits(&who.role) {
+            return Err(Error::WrongPeer {
+                peer: peer.to_string(),
+                expected: expect.to_string(),
+                found: who.role.to_string(),
+            });
+        }
         let (mut send, recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
@@ -289,7 +359,8 @@ impl Endpoint {
     }
 
     /// One request, one reply, within the RPC timeout.
-    pub async fn call<R: Rpc>(&self, peer: SocketAddr, req: R) -> Result<R::Response> {
+    pub async fn call<R: Rpc>(&self, peer: impl Into<Peer>, req: R) -> Result<R::Response> {
+        let peer = peer.into();
         let what = std::any::type_name::<R>()
             .rsplit("::")
             .next()
@@ -304,15 +375,15 @@ impl Endpoint {
             Ok(r) => {
                 if let Err(e) = &r {
                     if e.is_peer_failure() {
-                        self.forget(peer);
+                        self.forget(peer.addr);
                     }
                 }
                 r
             }
             Err(_) => {
-                self.forget(peer);
+                self.forget(peer.addr);
                 Err(Error::Timeout {
-                    peer: peer.to_string(),
+                    peer: peer.addr.to_string(),
                     what: what.to_string(),
                     secs: self.rpc_timeout.as_secs(),
                 })
@@ -399,6 +470,9 @@ impl RequestStream {
 /// The server half of a request stream, after the version check.
 pub struct ServerStream {
     pub peer: SocketAddr,
+    /// Who is calling, as its certificate says: the only identity a
+    /// handler may trust.
+    pub caller: Arc<Principal>,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
 }
@@ -443,6 +517,14 @@ pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
                     return;
                 }
             };
+            let caller = match peer_principal(&conn) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::warn!(%peer, "refused connection: {e}");
+                    conn.close(1u32.into(), b"certificate without a quern role");
+                    return;
+                }
+            };
             loop {
                 let (send, recv) = match conn.accept_bi().await {
                     Ok(s) => s,
@@ -454,8 +536,14 @@ pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
                     }
                 };
                 let service = service.clone();
+                let caller = caller.clone();
                 tokio::spawn(async move {
-                    let mut stream = ServerStream { peer, send, recv };
+                    let mut stream = ServerStream {
+                        peer,
+                        caller,
+                        send,
+                        recv,
+                    };
                     match read_request::<S::Request>(&mut stream, service.role()).await {
                         Ok(req) => service.handle(req, stream).await,
                         Err(err) => {

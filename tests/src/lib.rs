@@ -5,6 +5,7 @@ use quern_client::Client;
 use quern_datanode::{Datanode, DatanodeConfig};
 use quern_namenode::{Namenode, NamenodeConfig};
 use quern_proto::tls::{init_cluster_dir, ClusterFiles, Identity};
+use quern_proto::{NodeId, Principal, Role};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -30,6 +31,7 @@ pub struct Options {
     pub lease_timeout: Duration,
     pub replication_interval: Duration,
     pub report_interval: Duration,
+    pub token_lifetime: Duration,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             lease_timeout: Duration::from_secs(60),
             replication_interval: Duration::from_secs(3600),
             report_interval: Duration::from_secs(3600),
+            token_lifetime: Duration::from_secs(3600),
         }
     }
 }
@@ -59,12 +62,14 @@ impl TestCluster {
         init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
         let files = init_cluster_dir(dir.path()).expect("cluster init");
-        let identity = files.node_identity().expect("node identity");
+        let identity = files.namenode_identity().expect("namenode identity");
+        Namenode::format(&dir.path().join("namenode")).expect("format");
         let mut cfg =
             NamenodeConfig::new(dir.path().join("namenode"), "127.0.0.1:0".parse().unwrap());
         cfg.dead_timeout = opts.dead_timeout;
         cfg.lease_timeout = opts.lease_timeout;
         cfg.replication_interval = opts.replication_interval;
+        cfg.token_lifetime = opts.token_lifetime;
         let nn = Namenode::start(cfg, &identity).await.expect("namenode");
         let namenode_addr = nn.addr();
         let mut c = TestCluster {
@@ -82,8 +87,35 @@ impl TestCluster {
         c
     }
 
-    pub fn identity(&self) -> Identity {
-        self.files.node_identity().expect("node identity")
+    /// The admin's identity (the superuser, as `client.toml` of a local
+    /// cluster).
+    pub fn admin_identity(&self) -> Identity {
+        self.files.admin_identity().expect("admin identity")
+    }
+
+    /// The identity of datanode `i`, issued at its first start and kept.
+    pub fn datanode_identity(&self, i: usize) -> Identity {
+        let name = format!("test-datanode-{i}");
+        if self.files.cert(&name).0.exists() {
+            return self.files.identity(&name).expect("datanode identity");
+        }
+        let id = NodeId(rand::random::<u64>() | 1);
+        self.files
+            .issue(&name, &Principal::new(Role::Datanode(id)))
+            .expect("datanode certificate")
+    }
+
+    /// A user's identity (issued on first use) and a client acting as them.
+    pub fn user_client(&self, name: &str) -> Client {
+        let cert = format!("user-{name}");
+        let identity = if self.files.cert(&cert).0.exists() {
+            self.files.identity(&cert).expect("user identity")
+        } else {
+            self.files
+                .issue(&cert, &Principal::new(Role::User(name.into())))
+                .expect("user certificate")
+        };
+        Client::new(&identity, self.namenode_addr, Duration::from_secs(20)).expect("client")
     }
 
     pub fn datanode_dir(&self, i: usize) -> PathBuf {
@@ -105,7 +137,7 @@ impl TestCluster {
         );
         cfg.heartbeat = self.opts.heartbeat;
         cfg.report_interval = self.opts.report_interval;
-        let dn = Datanode::start(cfg, &self.identity())
+        let dn = Datanode::start(cfg, &self.datanode_identity(i))
             .await
             .expect("datanode");
         self.datanodes[i] = Some(dn);
@@ -120,7 +152,7 @@ impl TestCluster {
 
     pub fn client(&self) -> Client {
         Client::new(
-            &self.files.client_identity().expect("client identity"),
+            &self.admin_identity(),
             self.namenode_addr,
             Duration::from_secs(20),
         )

@@ -207,12 +207,9 @@ async fn tasks_on_a_stopped_datanode_move_to_other_holders() {
     // Stopped without a goodbye; the namenode still lists it as live (30 s
     // dead timeout), so the scheduler sends it tasks that must fail over.
     c.stop_datanode(2);
-    let client = quern_client::Client::new(
-        &c.files.client_identity().unwrap(),
-        c.namenode_addr,
-        Duration::from_secs(3),
-    )
-    .unwrap();
+    let client =
+        quern_client::Client::new(&c.admin_identity(), c.namenode_addr, Duration::from_secs(3))
+            .unwrap();
     let (stats, summary) = client
         .dataset_stats(&mut ds, &JobOptions::default())
         .await
@@ -240,9 +237,12 @@ async fn a_datanode_without_the_chunk_fetches_it_for_a_remote_task() {
         .iter()
         .flatten()
         .find(|d| d.id() != holder.id)
-        .unwrap()
-        .addr();
-    let ep = Endpoint::client(&c.files.client_identity().unwrap(), Tuning::tuned()).unwrap();
+        .map(|d| quern_proto::msg::NodeAddr {
+            id: d.id(),
+            addr: d.addr(),
+        })
+        .unwrap();
+    let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
     let task = ops::encode(&Task {
         layout: ds.manifest.layout.clone(),
         op: Operator::Count(Count),
@@ -251,6 +251,7 @@ async fn a_datanode_without_the_chunk_fetches_it_for_a_remote_task() {
     let req = |sources| RunTask {
         chunk: chunk.meta,
         sources,
+        token: Some(chunk.token.clone()),
         task: task.clone(),
     };
     let out = ep
@@ -269,7 +270,7 @@ async fn a_datanode_without_the_chunk_fetches_it_for_a_remote_task() {
     // A task that is not a task is refused with a clear error.
     let mut bad = req(vec![]);
     bad.task = vec![0xff; 7];
-    let err = ep.call(holder.addr, bad).await.unwrap_err().to_string();
+    let err = ep.call(holder, bad).await.unwrap_err().to_string();
     assert!(err.contains("task"), "{err}");
 }
 

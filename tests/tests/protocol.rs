@@ -6,8 +6,8 @@ use quern_tests::*;
 use std::time::Duration;
 
 async fn raw_exchange(c: &TestCluster, bytes: &[u8]) -> String {
-    let ep = Endpoint::client(&c.files.client_identity().unwrap(), Tuning::tuned()).unwrap();
-    let conn = ep.connection(c.namenode_addr).await.unwrap();
+    let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
+    let (conn, _) = ep.connection(c.namenode_addr).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     send.finish().unwrap();
@@ -23,7 +23,7 @@ async fn clients_without_a_cluster_certificate_are_refused() {
     })
     .await;
     // No client certificate at all.
-    let anon = c.files.client_identity().unwrap().without_certificate();
+    let anon = c.admin_identity().without_certificate();
     let client = quern_client::Client::new(&anon, c.namenode_addr, Duration::from_secs(5)).unwrap();
     let err = client.list("/").await.unwrap_err().to_string();
     assert!(
@@ -39,7 +39,7 @@ async fn clients_without_a_cluster_certificate_are_refused() {
     let other = tempfile::tempdir().unwrap();
     let files: ClusterFiles = init_cluster_dir(other.path()).unwrap();
     let client = quern_client::Client::new(
-        &files.client_identity().unwrap(),
+        &files.admin_identity().unwrap(),
         c.namenode_addr,
         Duration::from_secs(5),
     )
@@ -92,7 +92,7 @@ async fn an_unreachable_namenode_is_named_in_the_error() {
         .local_addr()
         .unwrap();
     let client = quern_client::Client::new(
-        &files.client_identity().unwrap(),
+        &files.admin_identity().unwrap(),
         port,
         Duration::from_secs(3),
     )

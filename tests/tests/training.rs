@@ -153,7 +153,7 @@ async fn the_same_seed_gives_the_same_weights() {
 async fn a_lost_datanode_hands_its_share_to_other_holders() {
     let mut c = TestCluster::start(Options::default()).await;
     let client = Client::new(
-        &c.files.client_identity().unwrap(),
+        &c.admin_identity(),
         c.namenode_addr,
         std::time::Duration::from_secs(3),
     )
