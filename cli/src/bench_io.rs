@@ -5,6 +5,10 @@
 //! cluster, create+complete and stat rates. Ceilings: the same bytes over
 //! one QUIC stream (quinn's defaults and quern's tuning), over one TCP
 //! loopback connection, and written to the datanodes' disk with fdatasync.
+//!
+//! The transfers and metadata calls run as an ordinary user (`bench`, in
+//! directories the admin gives it), so every token and permission check
+//! a user pays for is in the figures.
 
 use crate::cluster::{self, UpArgs};
 use anyhow::{Context, Result};
@@ -35,7 +39,8 @@ pub async fn run(dir: &Path, size: u64, files: usize) -> Result<()> {
 
 async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()> {
     let cfg = ClientConfig::load(&c.dir.join("client.toml"))?;
-    let client = Client::from_config(&cfg)?;
+    let admin = Client::from_config(&cfg)?;
+    let client = bench_user(c, &cfg, &admin).await?;
     let mut block = vec![0u8; BLOCK];
     {
         use rand::{RngCore, SeedableRng};
@@ -50,8 +55,6 @@ async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()
     let mut rows: Vec<(String, f64)> = Vec::new();
     for r in [1u8, 3] {
         let path = format!("/bench/r{r}.bin");
-        let _ = client.delete("/bench", true).await;
-        client.mkdir("/bench", true).await?;
         let t = Instant::now();
         let mut w = client
             .create(
@@ -77,10 +80,12 @@ async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()
         println!("put R={r}: {put:>8.0} MB/s   get R={r}: {get:>8.0} MB/s");
         rows.push((format!("put R={r}"), put));
         rows.push((format!("get R={r}"), get));
-        client.delete("/bench", true).await?;
+        client.delete(&path, false).await?;
     }
 
     let (creates, stats) = metadata_rates(&client, files).await?;
+    admin.delete("/bench", true).await?;
+    admin.delete("/bench-meta", true).await?;
     println!("create+complete: {creates:>8.0} files/s   stat: {stats:>8.0} /s (32 in flight)");
 
     let files_tls = ClusterFiles::in_dir(&c.dir);
@@ -207,8 +212,29 @@ async fn metadata_rates(client: &Client, files: usize) -> Result<(f64, f64)> {
         r??;
     }
     let stats = files as f64 / t.elapsed().as_secs_f64();
-    client.delete("/bench-meta", true).await?;
     Ok((creates, stats))
+}
+
+/// A client acting as user `bench` (certificate issued on first use), with
+/// `/bench` and `/bench-meta` made by the admin and given to it.
+async fn bench_user(c: &cluster::ClusterFile, cfg: &ClientConfig, admin: &Client) -> Result<Client> {
+    let files = ClusterFiles::in_dir(&c.dir);
+    let name = crate::cluster::user_cert_name("bench");
+    let identity = if files.cert(&name).0.exists() {
+        files.identity(&name)?
+    } else {
+        files.issue(
+            &name,
+            &quern_proto::Principal::new(quern_proto::Role::User("bench".into())),
+        )?
+    };
+    for dir in ["/bench", "/bench-meta"] {
+        let _ = admin.delete(dir, true).await;
+        admin.mkdir(dir, true).await?;
+        admin.set_owner(dir, Some("bench".into()), None).await?;
+    }
+    let timeout = Duration::from_secs(cfg.rpc_timeout_secs.unwrap_or(30));
+    Ok(Client::new(&identity, cfg.namenode, timeout)?)
 }
 
 /// One stream, `size` bytes, no storage: the receiver discards and acks.

@@ -10,7 +10,7 @@
 use crate::service::{write_cluster_id, Node};
 use crate::transfer::push_chunk;
 use quern_proto::msg::{ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register};
-use quern_proto::KeyRing;
+use quern_proto::{ErrorCode, KeyRing};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,9 @@ pub(crate) async fn run(node: Arc<Node>) {
     let mut registered = false;
     let mut last_report = Instant::now();
     let mut last_sweep: Option<Instant> = None;
-    let mut warned = false;
+    // The last failure logged, so a lasting one is logged once, and a
+    // namenode of another cluster is always named when it appears.
+    let mut warned: Option<Option<ErrorCode>> = None;
     loop {
         if last_sweep.is_none_or(|t| t.elapsed() >= TRASH_SWEEP) {
             last_sweep = Some(Instant::now());
@@ -88,7 +90,7 @@ pub(crate) async fn run(node: Arc<Node>) {
                 .await
         };
         match result
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.code(), e.to_string()))
             .and_then(|r| accept(&node, r))
         {
             Ok(commands) => {
@@ -97,7 +99,7 @@ pub(crate) async fn run(node: Arc<Node>) {
                     last_report = Instant::now();
                 }
                 registered = true;
-                warned = false;
+                warned = None;
                 for cmd in commands {
                     if matches!(cmd, DatanodeCommand::Reregister) {
                         registered = false;
@@ -108,10 +110,14 @@ pub(crate) async fn run(node: Arc<Node>) {
                     continue;
                 }
             }
-            Err(e) => {
-                if !warned {
-                    tracing::warn!(namenode = %node.cfg.namenode, "heartbeat failed: {e}");
-                    warned = true;
+            Err((code, e)) => {
+                if warned != Some(code) {
+                    if code == Some(ErrorCode::WrongCluster) {
+                        tracing::error!(namenode = %node.cfg.namenode, "{e}; obeying none of its commands and keeping every chunk (start the right namenode, or fix --namenode)");
+                    } else {
+                        tracing::warn!(namenode = %node.cfg.namenode, "heartbeat failed: {e}");
+                    }
+                    warned = Some(code);
                 }
                 // After a namenode restart it must hear the full report again.
                 registered = false;
@@ -124,31 +130,30 @@ pub(crate) async fn run(node: Arc<Node>) {
 /// Checks the reply comes from this node's cluster (adopting the cluster
 /// at the first registration), takes its keys, and returns the commands
 /// to obey.
-fn accept(node: &Node, reply: NodeReply) -> Result<Vec<DatanodeCommand>, String> {
+fn accept(
+    node: &Node,
+    reply: NodeReply,
+) -> Result<Vec<DatanodeCommand>, (Option<ErrorCode>, String)> {
     {
         let mut mine = node.cluster_id.lock().unwrap_or_else(|p| p.into_inner());
         match mine.as_deref() {
             Some(id) if id != reply.cluster_id => {
-                // Logged every time: an operator must see this at once.
-                tracing::error!(
-                    namenode = %node.cfg.namenode,
-                    theirs = %reply.cluster_id,
-                    ours = %id,
-                    "the namenode belongs to another cluster; obeying none of its commands and \
-                     keeping every chunk (start the right namenode, or fix --namenode)"
-                );
-                return Err(format!(
-                    "namenode {} is of cluster {}, this datanode of {id}",
-                    node.cfg.namenode, reply.cluster_id
+                return Err((
+                    Some(ErrorCode::WrongCluster),
+                    format!(
+                        "the namenode belongs to another cluster ({}; this datanode is of {id})",
+                        reply.cluster_id
+                    ),
                 ));
             }
             Some(_) => {}
             None => {
                 if let Err(e) = write_cluster_id(&node.cfg.dir, &reply.cluster_id) {
-                    return Err(format!(
+                    let why = format!(
                         "cannot keep the cluster id in {}: {e}",
                         node.cfg.dir.display()
-                    ));
+                    );
+                    return Err((None, why));
                 }
                 tracing::info!(cluster = %reply.cluster_id, "joined the cluster");
                 *mine = Some(reply.cluster_id.clone());

@@ -882,8 +882,8 @@ fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> {
             return Err(WireError::new(
                 ErrorCode::WrongCluster,
                 format!(
-                    "datanode {} belongs to cluster {theirs}, this namenode ({}) to cluster {}; \
-                     refusing it (point it at its own namenode, or give it an empty directory)",
+                    "datanode {} belongs to another cluster ({theirs}) than this namenode ({}, \
+                     cluster {}); refused",
                     r.node.id,
                     s.cfg.dir.display(),
                     s.ns.cluster_id

@@ -568,3 +568,62 @@ fn operations_fail_in_bounded_time_without_a_namenode() {
     wait_gone(m.pid, &m.mp);
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn owners_and_modes_show_and_refusals_are_eacces() {
+    let c = BinCluster::up(1, &[]);
+    let dir = c.dir.path().display().to_string();
+    for u in ["alice", "bob"] {
+        ok(&Command::new(quern_bin())
+            .args(["cluster", "add-user", u, "--dir", &dir])
+            .output()
+            .unwrap()
+            .into());
+    }
+    let as_user = |u: &str| c.dir.path().join(format!("users/{u}.toml"));
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("s");
+    std::fs::write(&src, "bob's words").unwrap();
+    for (remote, mode) in [("/user/bob/secret", "600"), ("/user/bob/public", "644")] {
+        ok(&c.quern(&[
+            "--config",
+            as_user("bob").to_str().unwrap(),
+            "put",
+            src.to_str().unwrap(),
+            remote,
+            "--mode",
+            mode,
+            "-r",
+            "1",
+        ]));
+    }
+    let alice = as_user("alice");
+    let m = Mounted::new(&c, &["--config", alice.to_str().unwrap()]);
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    let secret = std::fs::metadata(m.path("user/bob/secret")).unwrap();
+    assert_eq!(secret.permissions().mode() & 0o7777, 0o600);
+    assert_ne!(secret.uid(), me, "bob's file is not the mounting user's");
+    let home = std::fs::metadata(m.path("user/alice")).unwrap();
+    assert_eq!(home.uid(), me, "alice's home shows as the mounting user's");
+    assert_eq!(home.permissions().mode() & 0o7777, 0o755);
+
+    let eacces = libc::EACCES;
+    assert_eq!(errno_of(std::fs::read(m.path("user/bob/secret"))), eacces);
+    assert_eq!(
+        std::fs::read_to_string(m.path("user/bob/public")).unwrap(),
+        "bob's words"
+    );
+    assert_eq!(errno_of(std::fs::remove_file(m.path("user/bob/public"))), eacces);
+    assert_eq!(errno_of(std::fs::write(m.path("user/bob/public"), "mine")), eacces);
+    assert_eq!(errno_of(std::fs::write(m.path("user/bob/new"), "mine")), eacces);
+    assert_eq!(errno_of(std::fs::create_dir(m.path("user/bob/d"))), eacces);
+    // Alice's own directory takes her files.
+    std::fs::write(m.path("user/alice/notes"), "alice's").unwrap();
+    let r = c.quern(&["ls", "-l", "/user/alice"]);
+    assert!(r.stdout.contains(" alice "), "{}", r.stdout);
+    // Nothing of bob's changed.
+    let r = c.quern(&["cat", "/user/bob/public"]);
+    assert_eq!(r.stdout, "bob's words");
+    drop(m);
+}
