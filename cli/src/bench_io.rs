@@ -217,7 +217,11 @@ async fn metadata_rates(client: &Client, files: usize) -> Result<(f64, f64)> {
 
 /// A client acting as user `bench` (certificate issued on first use), with
 /// `/bench` and `/bench-meta` made by the admin and given to it.
-async fn bench_user(c: &cluster::ClusterFile, cfg: &ClientConfig, admin: &Client) -> Result<Client> {
+async fn bench_user(
+    c: &cluster::ClusterFile,
+    cfg: &ClientConfig,
+    admin: &Client,
+) -> Result<Client> {
     let files = ClusterFiles::in_dir(&c.dir);
     let name = crate::cluster::user_cert_name("bench");
     let identity = if files.cert(&name).0.exists() {

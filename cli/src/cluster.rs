@@ -71,6 +71,12 @@ pub struct UpArgs {
     pub safemode_wait: String,
     #[arg(long, default_value = "60s")]
     pub report_interval: String,
+    /// Time between the datanodes' scrubber passes.
+    #[arg(long, default_value = "24h")]
+    pub scrub_interval: String,
+    /// Most bytes per second each datanode's scrubber reads.
+    #[arg(long, default_value = "16MiB")]
+    pub scrub_rate: String,
     /// How long to wait for every datanode to register.
     #[arg(long, default_value = "30s", value_parser = crate::duration::parse)]
     pub wait: Duration,
@@ -89,6 +95,8 @@ impl UpArgs {
             replication_interval: "3s".into(),
             safemode_wait: "30s".into(),
             report_interval: "60s".into(),
+            scrub_interval: "24h".into(),
+            scrub_rate: "16MiB".into(),
             wait: Duration::from_secs(30),
         }
     }
@@ -365,6 +373,10 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
             a.heartbeat.clone(),
             "--report-interval".into(),
             a.report_interval.clone(),
+            "--scrub-interval".into(),
+            a.scrub_interval.clone(),
+            "--scrub-rate".into(),
+            a.scrub_rate.clone(),
         ];
         let p = start_process(&dir, "datanode", &name, args).await?;
         cluster.datanodes.push(p);
@@ -478,6 +490,9 @@ pub fn user_cert_name(name: &str) -> String {
 
 async fn add_user(dir: &Path, name: &str, groups: Vec<String>) -> Result<()> {
     let name = quern_proto::identity::valid_name(name)?;
+    if name == quern_proto::tls::ADMIN_USER {
+        bail!("'{name}' is the superuser's name (the admin certificate); choose another");
+    }
     let groups = groups
         .iter()
         .map(|g| quern_proto::identity::valid_name(g))

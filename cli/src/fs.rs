@@ -113,6 +113,20 @@ pub enum FsCommand {
     },
 }
 
+/// When a datanode's scrubber last finished a full pass, as an age.
+fn scrub_age(end_ms: Option<i64>) -> String {
+    let Some(end) = end_ms else {
+        return "never".into();
+    };
+    let secs = (quern_proto::token::now_ms() - end).max(0) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
 /// An octal permission mode such as `644` or `0750`.
 fn parse_mode(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s, 8) {
@@ -307,7 +321,7 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                     println!("{s}");
                 }
                 println!(
-                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>9}",
+                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>11} {:>5} {:>9}",
                     "ADDRESS",
                     "ID",
                     "STATE",
@@ -316,11 +330,13 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                     "AVAILABLE",
                     "CHUNKS",
                     "TRASH",
+                    "LAST SCRUB",
+                    "BAD",
                     "LAST HB"
                 );
                 for d in &r.datanodes {
                     println!(
-                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>8.1}s",
+                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>11} {:>5} {:>8.1}s",
                         d.node.addr.to_string(),
                         d.node.id.to_string(),
                         match d.state {
@@ -332,6 +348,8 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                         format_size(d.available),
                         d.chunks,
                         format_size(d.trash_bytes),
+                        scrub_age(d.scrub.last_pass_end_ms),
+                        d.scrub.errors,
                         d.since_heartbeat_secs
                     );
                 }

@@ -198,6 +198,13 @@ fn background(args: &MountArgs, mountpoint: &Path, config: Option<&Path>) -> Res
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
+    // The mount acts as the identity it was asked to, not the configuration's.
+    let who = crate::identity_flags();
+    for (flag, file) in [("--cert", who.cert), ("--key", who.key), ("--ca", who.ca)] {
+        if let Some(f) = file {
+            cmd.arg(flag).arg(f);
+        }
+    }
     cmd.arg("mount")
         .arg(mountpoint)
         .arg("--foreground")

@@ -88,6 +88,13 @@ pub struct DatanodeArgs {
     /// How long chunks the namenode did not know stay in the trash.
     #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
     pub trash_ttl: Duration,
+    /// Time between the starts of the scrubber's full passes over every
+    /// stored chunk.
+    #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
+    pub scrub_interval: Duration,
+    /// Most bytes per second the scrubber reads.
+    #[arg(long, default_value = "16MiB", value_parser = quern_proto::size::parse_size)]
+    pub scrub_rate: u64,
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
 }
@@ -200,6 +207,10 @@ pub async fn datanode(a: DatanodeArgs) -> Result<()> {
     cfg.heartbeat = a.heartbeat;
     cfg.report_interval = a.report_interval;
     cfg.trash_ttl = a.trash_ttl;
+    cfg.scrub = quern_datanode::ScrubConfig {
+        interval: a.scrub_interval,
+        rate: a.scrub_rate,
+    };
     let dn = Datanode::start(cfg, &identity)
         .await
         .with_context(|| format!("starting the datanode on {}", a.listen))?;

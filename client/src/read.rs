@@ -65,6 +65,7 @@ impl Client {
                             chunk: chunk.meta.id,
                             node: node.id,
                             reason: reason.clone(),
+                            token: Some(chunk.token.clone()),
                         })
                         .await;
                     tried.push(format!("{} ({}): {reason}", node.id, node.addr));

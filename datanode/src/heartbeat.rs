@@ -85,6 +85,7 @@ pub(crate) async fn run(node: Arc<Node>) {
                         used,
                         chunks,
                         trash_bytes,
+                        scrub: node.scrub.status(),
                     },
                 )
                 .await

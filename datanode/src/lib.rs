@@ -2,11 +2,13 @@
 //! writes, serves reads and follows the namenode's commands.
 
 mod heartbeat;
+mod scrub;
 mod service;
 mod store;
 mod tasks;
 mod train;
 mod transfer;
 
+pub use scrub::ScrubConfig;
 pub use service::{Datanode, DatanodeConfig};
 pub use store::{ChunkStore, StoreError};

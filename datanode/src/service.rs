@@ -29,6 +29,7 @@ pub struct DatanodeConfig {
     pub report_interval: Duration,
     /// How long chunks moved to the trash are kept.
     pub trash_ttl: Duration,
+    pub scrub: crate::scrub::ScrubConfig,
 }
 
 impl DatanodeConfig {
@@ -41,6 +42,7 @@ impl DatanodeConfig {
             heartbeat: Duration::from_secs(3),
             report_interval: Duration::from_secs(60),
             trash_ttl: Duration::from_secs(24 * 3600),
+            scrub: Default::default(),
         }
     }
 }
@@ -58,6 +60,7 @@ pub(crate) struct Node {
     pub keys: std::sync::RwLock<KeyRing>,
     /// The cluster this node belongs to (kept in `DIR/cluster_id`).
     pub cluster_id: std::sync::Mutex<Option<String>>,
+    pub scrub: crate::scrub::ScrubState,
 }
 
 impl Node {
@@ -179,6 +182,7 @@ impl Datanode {
             jobs: Default::default(),
             keys: Default::default(),
             cluster_id: std::sync::Mutex::new(cluster_id),
+            scrub: Default::default(),
         });
         tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
         let tasks = vec![
@@ -187,6 +191,7 @@ impl Datanode {
                 Arc::new(DataService { node: node.clone() }),
             )),
             tokio::spawn(crate::heartbeat::run(node.clone())),
+            tokio::spawn(crate::scrub::run(node.clone())),
         ];
         Ok(Datanode { node, tasks })
     }
@@ -537,6 +542,7 @@ async fn read_chunk(
                     chunk,
                     node: node.id,
                     reason: "digest mismatch found by the datanode while serving a read".into(),
+                    token: None,
                 };
                 let _ = node.endpoint.call(node.namenode(), report).await;
             });

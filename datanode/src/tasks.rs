@@ -81,6 +81,7 @@ pub(crate) async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Byte
             chunk: meta.id,
             node: node.id,
             reason: reason.clone(),
+            token: None,
         };
         let _ = node.endpoint.call(node.namenode(), report).await;
         return Err(WireError::new(

@@ -45,7 +45,7 @@ pub(crate) struct QuernFs {
     uid: u32,
     gid: u32,
     /// Local ids of the owners and groups the namenode names.
-    ids: Mutex<HashMap<(bool, String), u32>>,
+    ids: Mutex<HashMap<(bool, String), Option<u32>>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -216,14 +216,31 @@ impl QuernFs {
         self.client.user().unwrap_or_default().to_string()
     }
 
-    /// The local uid (or gid) shown for a quern owner (or group): the
-    /// mounting user's for names that are the mount's own (its user, an
-    /// empty name), the local account of the same name where one exists,
-    /// else nobody (65534).
-    fn local_id(&self, group: bool, name: &str) -> u32 {
-        let mine = if group { self.gid } else { self.uid };
-        if name.is_empty() || (!group && Some(name) == self.client.user()) {
-            return mine;
+    /// The local uid and gid shown for a quern owner and group. The
+    /// mount's own user (and an empty name) is the mounting user; other
+    /// names are the local account or group of the same name where one
+    /// exists. A group with no local namesake shows as the mounting
+    /// user's group on the mount's own files (so `tar` and `cp -a` of them
+    /// keep the user's group), else as nobody (65534), like other owners.
+    fn local_ids(&self, owner: &str, group: &str) -> (u32, u32) {
+        let mine = owner.is_empty() || Some(owner) == self.client.user();
+        let uid = if mine {
+            self.uid
+        } else {
+            self.local_id(false, owner).unwrap_or(NOBODY)
+        };
+        let gid = match self.local_id(true, group) {
+            Some(g) => g,
+            None if mine => self.gid,
+            None => NOBODY,
+        };
+        (uid, gid)
+    }
+
+    /// The local account (or group) called `name`, if any.
+    fn local_id(&self, group: bool, name: &str) -> Option<u32> {
+        if name.is_empty() {
+            return None;
         }
         let key = (group, name.to_string());
         // Held across the look-up: getpwnam and getgrnam are not reentrant.
@@ -231,22 +248,19 @@ impl QuernFs {
         if let Some(id) = ids.get(&key) {
             return *id;
         }
-        let id = std::ffi::CString::new(name)
-            .ok()
-            .and_then(|c| {
-                // SAFETY: getpwnam/getgrnam take a NUL-terminated name and
-                // return a pointer into static storage, read at once.
-                unsafe {
-                    if group {
-                        let g = libc::getgrnam(c.as_ptr());
-                        (!g.is_null()).then(|| (*g).gr_gid)
-                    } else {
-                        let p = libc::getpwnam(c.as_ptr());
-                        (!p.is_null()).then(|| (*p).pw_uid)
-                    }
+        let id = std::ffi::CString::new(name).ok().and_then(|c| {
+            // SAFETY: getpwnam/getgrnam take a NUL-terminated name and
+            // return a pointer into static storage, read at once.
+            unsafe {
+                if group {
+                    let g = libc::getgrnam(c.as_ptr());
+                    (!g.is_null()).then(|| (*g).gr_gid)
+                } else {
+                    let p = libc::getpwnam(c.as_ptr());
+                    (!p.is_null()).then(|| (*p).pw_uid)
                 }
-            })
-            .unwrap_or(NOBODY);
+            }
+        });
         ids.insert(key, id);
         id
     }
@@ -327,6 +341,7 @@ impl QuernFs {
     fn attr(&self, ino: u64, s: &FileStatus) -> FileAttr {
         let t = time_of(s.mtime_ms);
         let dir = s.kind == FileKind::Dir;
+        let (uid, gid) = self.local_ids(&s.owner, &s.group);
         FileAttr {
             ino: INodeNo(ino),
             size: s.size,
@@ -342,8 +357,8 @@ impl QuernFs {
             },
             perm: (s.mode & 0o7777) as u16,
             nlink: if dir { 2 } else { 1 },
-            uid: self.local_id(false, &s.owner),
-            gid: self.local_id(true, &s.group),
+            uid,
+            gid,
             rdev: 0,
             blksize: BLKSIZE,
             flags: 0,
@@ -997,9 +1012,10 @@ impl fuser::Filesystem for QuernFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // Owners are not stored (every file belongs to the mounting user)
-        // and neither are access times: chown and atime-only changes are
-        // accepted and ignored, so `cp -a` and `rsync -a` work.
+        // Owners live in the namenode and change only through `quern chown`
+        // (local uids mean nothing there), and access times are not stored:
+        // chown and atime-only changes are accepted and ignored, so `cp -a`
+        // and `rsync -a` work.
         let result = (|| {
             let rel = self.path_of(ino)?;
             if mode.is_none() && size.is_none() && mtime.is_none() {
@@ -1610,9 +1626,9 @@ impl fuser::Filesystem for QuernFs {
         reply.ok();
     }
 
-    // Extended attributes are not stored and permissions are not checked
-    // (mode bits are kept and shown, not enforced): ENOSYS tells the
-    // kernel once, and it stops asking.
+    // Extended attributes are not stored (permissions are checked by the
+    // namenode, which answers EACCES): ENOSYS tells the kernel once, and it
+    // stops asking.
     fn getxattr(
         &self,
         _req: &Request,

@@ -4,7 +4,8 @@
 //! full chunk reports and this map is rebuilt from them, as in HDFS.
 
 use quern_proto::msg::{
-    DatanodeCommand, DatanodeReport, NodeAddr, NodeState, ReplicaInfo, ReplicaState, StoredChunk,
+    DatanodeCommand, DatanodeReport, Heartbeat, NodeAddr, NodeState, ReplicaInfo, ReplicaState,
+    ScrubStatus, StoredChunk,
 };
 use quern_proto::{ChunkId, Digest, NodeId};
 use rand::seq::SliceRandom;
@@ -19,6 +20,7 @@ pub struct NodeEntry {
     pub used: u64,
     pub chunks: u64,
     pub trash_bytes: u64,
+    pub scrub: ScrubStatus,
     pub last_heartbeat: Instant,
     /// Bytes placed on the node since its last heartbeat, so a burst of
     /// allocations spreads out before usage figures catch up.
@@ -114,8 +116,15 @@ impl Cluster {
             .collect()
     }
 
-    /// A datanode (re)joins with its full chunk report. A second process
-    /// holding the certificate of a node that is live elsewhere is refused.
+    /// Where `node` was live last, if it still counts as live.
+    pub fn live_elsewhere(&self, node: NodeAddr) -> Option<SocketAddr> {
+        self.nodes
+            .get(&node.id)
+            .filter(|e| e.last_heartbeat.elapsed() <= self.dead_timeout)
+            .map(|e| e.addr)
+    }
+
+    /// A datanode (re)joins with its full chunk report.
     pub fn register(
         &mut self,
         node: NodeAddr,
@@ -123,16 +132,7 @@ impl Cluster {
         available: u64,
         chunks: &[StoredChunk],
         safe_mode: bool,
-    ) -> Result<Vec<DatanodeCommand>, String> {
-        if let Some(e) = self.nodes.get(&node.id) {
-            if e.addr != node.addr && e.last_heartbeat.elapsed() <= self.dead_timeout {
-                return Err(format!(
-                    "permission denied: {} is live at {}; a second process with its certificate \
-                     at {} is refused",
-                    node.id, e.addr, node.addr
-                ));
-            }
-        }
+    ) -> Vec<DatanodeCommand> {
         let used = chunks.iter().map(|c| c.size).sum();
         let entry = self.nodes.entry(node.id).or_insert_with(|| NodeEntry {
             addr: node.addr,
@@ -141,6 +141,7 @@ impl Cluster {
             used,
             chunks: 0,
             trash_bytes: 0,
+            scrub: ScrubStatus::default(),
             last_heartbeat: Instant::now(),
             placed_since_heartbeat: 0,
             commands: Vec::new(),
@@ -154,7 +155,7 @@ impl Cluster {
         entry.last_heartbeat = Instant::now();
         entry.placed_since_heartbeat = 0;
         entry.was_live = true;
-        Ok(self.full_report(node.id, chunks, safe_mode))
+        self.full_report(node.id, chunks, safe_mode)
     }
 
     /// Reconciles what a node holds with what the namenode believes: known
@@ -213,13 +214,20 @@ impl Cluster {
 
     pub fn chunk_received(&mut self, node: NodeId, chunk: StoredChunk) -> bool {
         match self.chunks.get_mut(&chunk.id) {
+            // Not the chunk that was committed: the node never received it.
+            Some(entry) if entry.digest.is_some_and(|d| d != chunk.digest) => {
+                tracing::warn!(%node, chunk = %chunk.id, "announced a chunk with another digest; ignored");
+                false
+            }
             Some(entry) => {
                 entry.replicas.insert(node);
                 entry.corrupt.remove(&node);
                 true
             }
             None => {
-                self.queue(node, DatanodeCommand::Delete(vec![chunk.id]));
+                // Unknown here, perhaps known to a namespace this namenode
+                // lost: kept aside, as at registration.
+                self.queue(node, DatanodeCommand::Trash(vec![chunk.id]));
                 false
             }
         }
@@ -292,21 +300,16 @@ impl Cluster {
         live
     }
 
-    pub fn heartbeat(
-        &mut self,
-        node: NodeId,
-        capacity: u64,
-        available: u64,
-        used: u64,
-        chunks: u64,
-        trash_bytes: u64,
-    ) -> Option<Vec<DatanodeCommand>> {
-        let n = self.nodes.get_mut(&node)?;
-        n.trash_bytes = trash_bytes;
-        n.capacity = capacity;
-        n.available = available;
-        n.used = used;
-        n.chunks = chunks;
+    /// Takes a node's figures; `None` when the node is unknown (it must
+    /// register again).
+    pub fn heartbeat(&mut self, hb: Heartbeat) -> Option<Vec<DatanodeCommand>> {
+        let n = self.nodes.get_mut(&hb.node)?;
+        n.trash_bytes = hb.trash_bytes;
+        n.scrub = hb.scrub;
+        n.capacity = hb.capacity;
+        n.available = hb.available;
+        n.used = hb.used;
+        n.chunks = hb.chunks;
         n.last_heartbeat = Instant::now();
         n.placed_since_heartbeat = 0;
         Some(std::mem::take(&mut n.commands))
@@ -331,6 +334,7 @@ impl Cluster {
                 available: n.available,
                 chunks: n.chunks,
                 trash_bytes: n.trash_bytes,
+                scrub: n.scrub.clone(),
                 since_heartbeat_secs: n.last_heartbeat.elapsed().as_secs_f64(),
             })
             .collect();

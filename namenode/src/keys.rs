@@ -84,6 +84,16 @@ impl Authority {
         keys.iter().map(|k| k.key.clone()).collect()
     }
 
+    /// Checks a token this namenode signed, as a datanode would.
+    pub fn verify(
+        &self,
+        token: Option<&ChunkToken>,
+        chunk: ChunkId,
+        want: Access,
+    ) -> Result<(), String> {
+        quern_proto::KeyRing::new(&self.keys()).check(token, chunk, want, now_ms())
+    }
+
     pub fn sign(&self, chunk: ChunkId, access: Access, user: &str) -> ChunkToken {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let expires = now_ms() + self.lifetime.as_millis() as i64;

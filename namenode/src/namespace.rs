@@ -75,6 +75,49 @@ fn dec_inode(bytes: &[u8]) -> Result<Inode, StoreError> {
     }
 }
 
+/// A pending file as stored before owners existed; read, never written.
+#[derive(Deserialize)]
+struct PendingFileV1 {
+    path: String,
+    replication: u8,
+    chunk_size: u64,
+    mode: u32,
+    overwrite: bool,
+    chunks: BTreeMap<u32, ChunkMeta>,
+    allocated: Vec<quern_proto::ChunkId>,
+}
+
+/// Pending files are stored behind this tag; V1 records start with the
+/// path's length, a bincode varint, whose first byte is never 0xff.
+const PENDING_V2: &[u8] = &[0xff, 2];
+
+fn enc_pending(p: &PendingFile) -> Vec<u8> {
+    let mut v = PENDING_V2.to_vec();
+    v.extend(enc(p));
+    v
+}
+
+fn dec_pending(bytes: &[u8]) -> Result<PendingFile, StoreError> {
+    match bytes.strip_prefix(PENDING_V2) {
+        Some(rest) => dec(rest, "pending file"),
+        None => {
+            // A write under way across the upgrade: the admin's.
+            let v1: PendingFileV1 = dec(bytes, "pending file")?;
+            Ok(PendingFile {
+                path: v1.path,
+                replication: v1.replication,
+                chunk_size: v1.chunk_size,
+                mode: v1.mode,
+                overwrite: v1.overwrite,
+                owner: quern_proto::tls::ADMIN_USER.into(),
+                group: SUPERGROUP.into(),
+                chunks: v1.chunks,
+                allocated: v1.allocated,
+            })
+        }
+    }
+}
+
 impl Inode {
     fn dir(mode: u32, owner: &str, group: &str) -> Inode {
         Inode {
@@ -366,11 +409,12 @@ impl Namespace {
     }
 
     /// [`Namespace::lookup`] that shows `through` every directory it walks
-    /// through (with its path), so permission checks cost no second walk.
+    /// through (with the names leading to it), so permission checks cost no
+    /// second walk.
     pub fn lookup_through(
         &self,
         path: &RemotePath,
-        through: &mut dyn FnMut(&str, &Inode) -> Res<()>,
+        through: &mut dyn FnMut(&[&str], &Inode) -> Res<()>,
     ) -> Res<Option<Resolved>> {
         let mut id = ROOT;
         let mut inode = self
@@ -379,7 +423,7 @@ impl Namespace {
         let names: Vec<&str> = path.components().collect();
         for (i, name) in names.iter().enumerate() {
             if inode.kind == FileKind::Dir {
-                through(&format!("/{}", names[..i].join("/")), &inode)?;
+                through(&names[..i], &inode)?;
             }
             if inode.kind != FileKind::Dir {
                 let so_far = format!("/{}", names[..i].join("/"));
@@ -414,13 +458,22 @@ impl Namespace {
 
     /// The directory a new entry `path` would go in.
     pub fn parent_dir(&self, path: &RemotePath) -> Res<Resolved> {
+        self.parent_dir_through(path, &mut |_, _| Ok(()))
+    }
+
+    /// [`Namespace::parent_dir`] with a [`Namespace::lookup_through`] hook.
+    pub fn parent_dir_through(
+        &self,
+        path: &RemotePath,
+        through: &mut dyn FnMut(&[&str], &Inode) -> Res<()>,
+    ) -> Res<Resolved> {
         let parent = path.parent().ok_or_else(|| {
             err(
                 ErrorCode::AlreadyExists,
                 "/ is the root directory".to_string(),
             )
         })?;
-        match self.lookup(&parent)? {
+        match self.lookup_through(&parent, through)? {
             Some(r) if r.inode.kind == FileKind::Dir => Ok(r),
             Some(_) => Err(err(
                 ErrorCode::NotADirectory,
@@ -602,18 +655,32 @@ impl Namespace {
         Ok(freed)
     }
 
-    /// Checks a file may be created at `path` and records it as pending.
-    pub fn create(&self, path: &RemotePath, pending: PendingFile) -> Res<FileId> {
-        self.check_creatable(path, pending.overwrite)?;
+    /// Checks a file may be created at `path` (in `parent`, resolved by the
+    /// caller) and records it as pending.
+    pub fn create(
+        &self,
+        path: &RemotePath,
+        parent: &Resolved,
+        pending: PendingFile,
+    ) -> Res<FileId> {
+        self.check_creatable_in(path, parent, pending.overwrite)?;
         let id = self.new_file_id()?;
         self.pending
-            .insert(id.0.to_be_bytes(), enc(&pending))
+            .insert(id.0.to_be_bytes(), enc_pending(&pending))
             .st()?;
         Ok(id)
     }
 
     fn check_creatable(&self, path: &RemotePath, overwrite: bool) -> Res<Option<u64>> {
-        let parent = self.parent_dir(path)?;
+        self.check_creatable_in(path, &self.parent_dir(path)?, overwrite)
+    }
+
+    fn check_creatable_in(
+        &self,
+        path: &RemotePath,
+        parent: &Resolved,
+        overwrite: bool,
+    ) -> Res<Option<u64>> {
         match self.child(parent.id, path.name().unwrap_or_default())? {
             None => Ok(None),
             Some(existing) => {
@@ -637,7 +704,7 @@ impl Namespace {
 
     pub fn pending(&self, id: FileId) -> Res<PendingFile> {
         match self.pending.get(id.0.to_be_bytes()).st()? {
-            Some(v) => Ok(dec(&v, "pending file")?),
+            Some(v) => Ok(dec_pending(&v)?),
             None => Err(err(
                 ErrorCode::LeaseExpired,
                 format!("{id}: no file is being written under this id (its lease expired or it was completed); write it again"),
@@ -646,7 +713,9 @@ impl Namespace {
     }
 
     pub fn put_pending(&self, id: FileId, p: &PendingFile) -> Res<()> {
-        self.pending.insert(id.0.to_be_bytes(), enc(p)).st()?;
+        self.pending
+            .insert(id.0.to_be_bytes(), enc_pending(p))
+            .st()?;
         Ok(())
     }
 
@@ -654,14 +723,14 @@ impl Namespace {
         let mut out = Vec::new();
         for item in self.pending.iter() {
             let (k, v) = item.st()?;
-            out.push((FileId(id_from(&k)), dec(&v, "pending file")?));
+            out.push((FileId(id_from(&k)), dec_pending(&v)?));
         }
         Ok(out)
     }
 
     pub fn drop_pending(&self, id: FileId) -> Res<Option<PendingFile>> {
         match self.pending.remove(id.0.to_be_bytes()).st()? {
-            Some(v) => Ok(Some(dec(&v, "pending file")?)),
+            Some(v) => Ok(Some(dec_pending(&v)?)),
             None => Ok(None),
         }
     }
@@ -838,8 +907,38 @@ mod tests {
             inodes.insert(ROOT.to_be_bytes(), enc(&old)).unwrap();
             db.flush().unwrap();
         }
+        {
+            // And a file that was being written across the upgrade.
+            #[derive(Serialize)]
+            struct OldPending {
+                path: String,
+                replication: u8,
+                chunk_size: u64,
+                mode: u32,
+                overwrite: bool,
+                chunks: BTreeMap<u32, ChunkMeta>,
+                allocated: Vec<quern_proto::ChunkId>,
+            }
+            let db = Namespace::open_db(dir.path()).unwrap();
+            let old = OldPending {
+                path: "/p".into(),
+                replication: 2,
+                chunk_size: 10,
+                mode: 0o600,
+                overwrite: false,
+                chunks: BTreeMap::new(),
+                allocated: vec![quern_proto::ChunkId(5)],
+            };
+            let pending = db.open_tree("pending").unwrap();
+            pending.insert(9u64.to_be_bytes(), enc(&old)).unwrap();
+            db.flush().unwrap();
+        }
         let ns = Namespace::open(dir.path()).unwrap();
         assert!(ns.cluster_id.starts_with("qc-"));
+        let p = ns.all_pending().unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].1.owner.as_str(), p[0].1.mode), ("admin", 0o600));
+        assert_eq!(p[0].1.allocated, vec![quern_proto::ChunkId(5)]);
         let root = ns.inode(ROOT).unwrap().unwrap();
         assert_eq!(root.owner, "admin");
         assert_eq!(root.group, SUPERGROUP);

@@ -77,6 +77,16 @@ impl User {
         )))
     }
 
+    /// x on a directory walked through (reached by `names` from the root);
+    /// its path is spelled out only for the error.
+    pub fn enter(&self, names: &[&str], dir: &Inode) -> Result<(), WireError> {
+        if self.may(dir, X) {
+            Ok(())
+        } else {
+            self.check(&format!("/{}", names.join("/")), dir, X)
+        }
+    }
+
     /// The sticky bit on `dir`: only the owner of the entry or of the
     /// directory may remove or rename it.
     pub fn check_sticky(&self, dir: &Inode, path: &str, entry: &Inode) -> Result<(), WireError> {

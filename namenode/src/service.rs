@@ -6,7 +6,7 @@ use crate::keys::Authority;
 use crate::namespace::{Inode, Namespace, PendingFile, Resolved, StoreError};
 use crate::perm::{check_datanode, denied, User, R, W, X};
 use quern_proto::msg::*;
-use quern_proto::transport::{serve, Endpoint, ServerStream, Service, Tuning};
+use quern_proto::transport::{serve, Endpoint, Peer, ServerStream, Service, Tuning};
 use quern_proto::WireError;
 use quern_proto::{tls::Identity, Access, ErrorCode, FileId, Principal, RemotePath, Role};
 use std::collections::HashMap;
@@ -64,6 +64,8 @@ pub(crate) struct State {
     /// Chunks with a replication in flight, so it is not scheduled twice.
     pub replicating: Mutex<HashMap<quern_proto::ChunkId, Instant>>,
     pub tokens: Authority,
+    /// For probing a datanode's old address when it registers anew.
+    pub endpoint: Arc<Endpoint>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,7 +126,7 @@ impl State {
             self.ns.lookup(path)?
         } else {
             self.ns
-                .lookup_through(path, &mut |dir, inode| user.check(dir, inode, X))?
+                .lookup_through(path, &mut |names, inode| user.enter(names, inode))?
         };
         if let Some(r) = &r {
             if want != 0 {
@@ -142,10 +144,12 @@ impl State {
     /// The directory an entry at `path` lives in, with w+x checked on it
     /// (creating, removing or renaming an entry changes the directory).
     fn parent_for_change(&self, user: &User, path: &RemotePath) -> Res<Resolved> {
-        if let Some(parent) = path.parent() {
-            self.resolve(user, &parent, 0)?;
-        }
-        let dir = self.ns.parent_dir(path)?;
+        let dir = if user.superuser {
+            self.ns.parent_dir(path)?
+        } else {
+            self.ns
+                .parent_dir_through(path, &mut |names, inode| user.enter(names, inode))?
+        };
         let shown = path.parent().map(|p| p.to_string()).unwrap_or_default();
         user.check(&shown, &dir.inode, W | X)?;
         Ok(dir)
@@ -241,6 +245,7 @@ impl Namenode {
             writer: tokio::sync::Mutex::new(()),
             replicating: Mutex::new(HashMap::new()),
             tokens,
+            endpoint: endpoint.clone(),
         });
         let addr = endpoint.local_addr().map_err(StartError::Net)?;
         tracing::info!(%addr, cluster = %state.ns.cluster_id, chunks = chunk_count, safe_mode = safe_since.is_some(), "namenode listening");
@@ -314,7 +319,7 @@ impl Service for NameService {
         let caller = stream.caller.clone();
         let c = caller.as_ref();
         match req {
-            NameRequest::Register(r) => respond(stream, register(s, c, r)).await,
+            NameRequest::Register(r) => respond(stream, register(s, c, r).await).await,
             NameRequest::Heartbeat(r) => respond(stream, heartbeat(s, c, r)).await,
             NameRequest::ChunkReport(r) => respond(stream, chunk_report(s, c, r)).await,
             NameRequest::ChunkReceived(r) => {
@@ -445,18 +450,29 @@ async fn mkdir(s: &State, u: &User, r: Mkdir) -> Res<()> {
         if !u.superuser {
             // w+x on the deepest directory that exists (the one that gains
             // an entry); -p creates the rest below it as this user.
+            // With -p, an existing directory needs no change at all.
             let mut deepest = path.clone();
-            while let Some(parent) = deepest.parent() {
-                if let Some(found) = s.resolve(u, &parent, 0)? {
+            if r.parents {
+                if let Ok(Some(found)) = s.resolve(u, &path, 0) {
                     if found.inode.kind == FileKind::Dir {
-                        u.check(&parent.to_string(), &found.inode, W | X)?;
+                        return Ok(());
                     }
-                    break;
                 }
-                if !r.parents {
-                    break;
+            }
+            while let Some(parent) = deepest.parent() {
+                match s.resolve(u, &parent, 0) {
+                    Ok(Some(found)) => {
+                        if found.inode.kind == FileKind::Dir {
+                            u.check(&parent.to_string(), &found.inode, W | X)?;
+                        }
+                        break;
+                    }
+                    // With -p a missing parent is made too: look higher.
+                    Ok(None) if r.parents => deepest = parent,
+                    Err(e) if r.parents && e.code == ErrorCode::NotFound => deepest = parent,
+                    Ok(None) => break,
+                    Err(e) => return Err(e),
                 }
-                deepest = parent;
             }
         }
         s.ns.mkdir(&path, r.parents, 0o755, &u.name)?;
@@ -555,14 +571,17 @@ async fn create(s: &State, u: &User, r: CreateFile) -> Res<FileId> {
     let id = {
         let _w = s.writer.lock().await;
         let dir = s.parent_for_change(u, &path)?;
-        if let Some(existing) = s.resolve(u, &path, 0)? {
-            if r.overwrite && existing.inode.kind == FileKind::File {
-                u.check(&path.to_string(), &existing.inode, W)?;
-                u.check_sticky(&dir.inode, &path.to_string(), &existing.inode)?;
+        if r.overwrite && !u.superuser {
+            if let Some(existing) = s.ns.lookup(&path)? {
+                if existing.inode.kind == FileKind::File {
+                    u.check(&path.to_string(), &existing.inode, W)?;
+                    u.check_sticky(&dir.inode, &path.to_string(), &existing.inode)?;
+                }
             }
         }
         s.ns.create(
             &path,
+            &dir,
             PendingFile {
                 path: path.to_string(),
                 replication: r.replication,
@@ -731,10 +750,24 @@ fn locate(s: &State, u: &User, path: &str) -> Res<FileLocations> {
 }
 
 fn bad_replica(s: &State, caller: &Principal, r: ReportBadReplica) -> Res<()> {
-    if caller.role == Role::Namenode {
-        return Err(denied(
-            "permission denied: the namenode reports no replicas".into(),
-        ));
+    match &caller.role {
+        Role::Datanode(id) if *id == r.node => {}
+        Role::Datanode(id) => {
+            return Err(denied(format!(
+                "permission denied: datanode {id} may report only its own replicas, not {}'s",
+                r.node
+            )))
+        }
+        // A client proves it read the chunk: no marking replicas it never saw.
+        Role::Admin(_) | Role::User(_) => s
+            .tokens
+            .verify(r.token.as_ref(), r.chunk, Access::READ)
+            .map_err(|why| denied(format!("permission denied: bad replica report: {why}")))?,
+        Role::Namenode => {
+            return Err(denied(
+                "permission denied: the namenode reports no replicas".into(),
+            ))
+        }
     }
     if s.cluster().mark_corrupt(r.chunk, r.node, r.reason.clone()) {
         tracing::warn!(chunk = %r.chunk, node = %r.node, reason = %r.reason, "corrupt replica reported");
@@ -874,7 +907,7 @@ fn report(s: &State) -> Res<ClusterReport> {
     })
 }
 
-fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> {
+async fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> {
     check_datanode(caller, r.node.id, "register")?;
     if let Some(theirs) = &r.cluster_id {
         if *theirs != s.ns.cluster_id {
@@ -891,11 +924,33 @@ fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> {
             ));
         }
     }
+    // The same certificate from a new address: a restarted node, unless
+    // the old address still answers as that node (a copied certificate).
+    let elsewhere = s
+        .cluster()
+        .live_elsewhere(r.node)
+        .filter(|old| *old != r.node.addr);
+    if let Some(old) = elsewhere {
+        let probe = s.endpoint.call(
+            Peer {
+                addr: old,
+                expect: quern_proto::Expect::Datanode(r.node.id),
+            },
+            Ping,
+        );
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+            return Err(denied(format!(
+                "permission denied: {} is live at {old}; a second process with its certificate \
+                 at {} is refused",
+                r.node.id, r.node.addr
+            )));
+        }
+        tracing::info!(node = %r.node.id, %old, new = %r.node.addr, "datanode moved to a new address");
+    }
     let safe = s.safe_mode().is_some();
     let cmds = s
         .cluster()
-        .register(r.node, r.capacity, r.available, &r.chunks, safe)
-        .map_err(denied)?;
+        .register(r.node, r.capacity, r.available, &r.chunks, safe);
     tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = r.chunks.len(), "datanode registered");
     Ok(s.node_reply(cmds))
 }
@@ -904,14 +959,7 @@ fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
     check_datanode(caller, r.node, "heartbeat")?;
     let cmds = s
         .cluster()
-        .heartbeat(
-            r.node,
-            r.capacity,
-            r.available,
-            r.used,
-            r.chunks,
-            r.trash_bytes,
-        )
+        .heartbeat(r)
         .unwrap_or_else(|| vec![DatanodeCommand::Reregister]);
     Ok(s.node_reply(cmds))
 }

@@ -150,6 +150,20 @@ pub enum NodeState {
     Dead,
 }
 
+/// What a datanode's scrubber has done since the node started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    /// When the last full pass ended (Unix milliseconds).
+    pub last_pass_end_ms: Option<i64>,
+    /// Chunks the last full pass verified.
+    pub last_pass_chunks: u64,
+    /// Chunks verified so far in the pass under way.
+    pub verified_this_pass: u64,
+    pub passes: u64,
+    /// Bad replicas found (and reported) in all passes.
+    pub errors: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatanodeReport {
     pub node: NodeAddr,
@@ -160,6 +174,7 @@ pub struct DatanodeReport {
     pub chunks: u64,
     /// Chunks moved aside instead of deleted, kept for the trash time.
     pub trash_bytes: u64,
+    pub scrub: ScrubStatus,
     pub since_heartbeat_secs: f64,
 }
 
@@ -300,6 +315,9 @@ pub struct ReportBadReplica {
     pub chunk: ChunkId,
     pub node: NodeId,
     pub reason: String,
+    /// A client proves it read the chunk with the token it read it with;
+    /// a datanode reports only its own replica and needs none.
+    pub token: Option<ChunkToken>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -350,6 +368,7 @@ pub struct Heartbeat {
     pub used: u64,
     pub chunks: u64,
     pub trash_bytes: u64,
+    pub scrub: ScrubStatus,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -415,7 +415,7 @@ pub fn explain_connection_error(e: &quinn::ConnectionError) -> String {
     {
         format!(
             "TLS refused ({text}): both sides need certificates signed by the same cluster CA; \
-             use the files `quern cluster init` wrote (client.toml names them)"
+             use the files `quern cluster init` wrote (the client.toml of `cluster up` names them)"
         )
     } else if lower.contains("no application protocol") {
         format!("{text}: the peer is not a quern node")

@@ -456,3 +456,79 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         r.stderr
     );
 }
+
+#[test]
+fn the_scrubber_finds_a_flipped_byte_and_the_replica_is_healed_without_a_read() {
+    let c = BinCluster::up(
+        3,
+        &[
+            "--scrub-interval",
+            "1s",
+            "--scrub-rate",
+            "1GiB",
+            "--replication-interval",
+            "1s",
+        ],
+    );
+    let local = tempfile::tempdir().unwrap();
+    let data = random_bytes(300_000, 41);
+    let src = write_local(local.path(), "s", &data);
+    ok(&c.quern(&["put", &src, "/s", "-r", "2"]));
+    let loc: serde_json::Value =
+        serde_json::from_str(&c.quern(&["locate", "--json", "/s"]).stdout).unwrap();
+    let bad_addr = loc["chunks"][0]["replicas"][0]["node"]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chunk_id = loc["chunks"][0]["meta"]["id"].as_u64().unwrap();
+    let j = c.cluster_json();
+    let idx = j["datanodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|d| d["addr"] == bad_addr.as_str())
+        .unwrap();
+    let name = format!("{chunk_id:016x}.chunk");
+    let file = c.datanode_dir(idx).join("chunks").join(&name);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[4321] ^= 0x10;
+    std::fs::write(&file, bytes).unwrap();
+
+    // No client reads the file: only the scrubber can notice.
+    let report = || -> serde_json::Value {
+        serde_json::from_str(&c.quern(&["report", "--json"]).stdout).unwrap()
+    };
+    wait(
+        Duration::from_secs(20),
+        "the scrubber to report the replica",
+        || {
+            report()["datanodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["node"]["addr"] == bad_addr.as_str() && d["scrub"]["errors"] == 1)
+        },
+    );
+    let log = std::fs::read_to_string(c.dir.path().join(format!("logs/datanode-{}.log", idx + 1)))
+        .unwrap();
+    assert!(log.contains("scrubber: local replica is bad"), "{log}");
+    // Healed: a good copy made, the bad one replaced or dropped.
+    wait(Duration::from_secs(30), "the replica to be healed", || {
+        let good = (0..3)
+            .filter(|&i| {
+                std::fs::read(c.datanode_dir(i).join("chunks").join(&name)).is_ok_and(|b| b == data)
+            })
+            .count();
+        let bad = (0..3)
+            .filter(|&i| {
+                std::fs::read(c.datanode_dir(i).join("chunks").join(&name)).is_ok_and(|b| b != data)
+            })
+            .count();
+        good == 2 && bad == 0 && c.quern(&["fsck", "/"]).status == 0
+    });
+    let r = report();
+    let passes = r["datanodes"][0]["scrub"]["passes"].as_u64().unwrap();
+    assert!(passes >= 1, "{r}");
+    let out = c.command(&["cat", "/s"]).output().unwrap();
+    assert_eq!(out.stdout, data);
+}

@@ -614,9 +614,18 @@ fn owners_and_modes_show_and_refusals_are_eacces() {
         std::fs::read_to_string(m.path("user/bob/public")).unwrap(),
         "bob's words"
     );
-    assert_eq!(errno_of(std::fs::remove_file(m.path("user/bob/public"))), eacces);
-    assert_eq!(errno_of(std::fs::write(m.path("user/bob/public"), "mine")), eacces);
-    assert_eq!(errno_of(std::fs::write(m.path("user/bob/new"), "mine")), eacces);
+    assert_eq!(
+        errno_of(std::fs::remove_file(m.path("user/bob/public"))),
+        eacces
+    );
+    assert_eq!(
+        errno_of(std::fs::write(m.path("user/bob/public"), "mine")),
+        eacces
+    );
+    assert_eq!(
+        errno_of(std::fs::write(m.path("user/bob/new"), "mine")),
+        eacces
+    );
     assert_eq!(errno_of(std::fs::create_dir(m.path("user/bob/d"))), eacces);
     // Alice's own directory takes her files.
     std::fs::write(m.path("user/alice/notes"), "alice's").unwrap();

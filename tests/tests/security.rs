@@ -86,6 +86,7 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
                 used: 0,
                 chunks: 0,
                 trash_bytes: 0,
+                scrub: Default::default(),
             },
         )
         .await
@@ -360,6 +361,14 @@ async fn users_get_hdfs_permissions() {
         bob.read_all("/user/bob/public").await.unwrap_err(),
         "(owner alice, mode 0600)",
     );
+    // mkdir -p: an existing directory needs nothing; new ones need w on
+    // the deepest existing one.
+    bob.mkdir("/user/bob/a/b", true).await.unwrap();
+    alice.mkdir("/user/bob", true).await.unwrap();
+    denied(
+        alice.mkdir("/user/bob/c/d", true).await.unwrap_err(),
+        "permission denied: /user/bob (owner bob, mode 0755)",
+    );
     // Without x on a directory nothing in it can be reached.
     bob.set_attr("/user/bob", Some(0o700), None).await.unwrap();
     denied(
@@ -378,5 +387,38 @@ async fn users_get_hdfs_permissions() {
         .into_iter()
         .map(|s| s.path)
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datanode_restarted_on_a_new_port_is_taken_back_at_once() {
+    let mut c = TestCluster::start(Options {
+        datanodes: 2,
+        ..Default::default()
+    })
+    .await;
+    let old = c.datanodes[0].as_ref().unwrap().addr();
+    c.stop_datanode(0);
+    c.start_datanode(0).await;
+    let new = c.datanodes[0].as_ref().unwrap().addr();
+    assert_ne!(old, new);
+    let client = c.client();
+    // Well within the 30 s dead timeout: the old address is probed, not
+    // waited out.
+    wait_for(
+        Duration::from_secs(10),
+        "registration at the new address",
+        || {
+            let client = client.clone();
+            async move {
+                client.report().await.is_ok_and(|r| {
+                    r.datanodes.len() == 2
+                        && r.datanodes
+                            .iter()
+                            .any(|d| d.node.addr == new && d.state == NodeState::Live)
+                })
+            }
+        },
+    )
+    .await;
 }

@@ -109,7 +109,12 @@ fn datanodes_refuse_a_namenode_of_another_cluster_and_keep_every_chunk() {
 
     // Another, freshly formatted namenode answers at the same address.
     let other = c.dir.path().join("other-namenode");
-    ok(&quern(&["namenode", "format", "--dir", other.to_str().unwrap()]));
+    ok(&quern(&[
+        "namenode",
+        "format",
+        "--dir",
+        other.to_str().unwrap(),
+    ]));
     let log = c.dir.path().join("other-namenode.log");
     let mut imposter = Command::new(quern_bin())
         .args([
@@ -136,7 +141,12 @@ fn datanodes_refuse_a_namenode_of_another_cluster_and_keep_every_chunk() {
     let report = c.quern(&["report", "--json"]);
     ok(&report);
     let j: serde_json::Value = serde_json::from_str(&report.stdout).unwrap();
-    assert_eq!(j["datanodes"].as_array().unwrap().len(), 0, "{}", report.stdout);
+    assert_eq!(
+        j["datanodes"].as_array().unwrap().len(),
+        0,
+        "{}",
+        report.stdout
+    );
     assert!(std::fs::read_to_string(&dn_log)
         .unwrap()
         .contains("belongs to another cluster"));
@@ -177,7 +187,11 @@ fn a_datanode_runs_only_with_its_own_certificate() {
         t.join("ca.pem").to_str().unwrap(),
     ]);
     assert_ne!(r.status, 0);
-    assert!(r.stderr.contains("needs a datanode certificate"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("needs a datanode certificate"),
+        "{}",
+        r.stderr
+    );
     // Datanode 1's certificate on datanode 2's directory.
     let (cert1, key1) = datanode_cert(&c, 0);
     let dn2 = c.datanode_dir(1);
@@ -248,14 +262,26 @@ fn users_cannot_touch_each_others_files() {
     for u in ["alice", "bob"] {
         let r = quern(&["cluster", "add-user", u, "--dir", &dir]);
         ok(&r);
-        assert!(r.stdout.contains(&format!("/user/{u} (owner {u})")), "{}", r.stdout);
+        assert!(
+            r.stdout.contains(&format!("/user/{u} (owner {u})")),
+            "{}",
+            r.stdout
+        );
     }
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("s.txt");
     std::fs::write(&src, "bob's words").unwrap();
     let src = src.to_str().unwrap();
-    ok(&as_user(&c, "bob", &["put", src, "/user/bob/secret", "--mode", "600", "-r", "1"]));
-    ok(&as_user(&c, "bob", &["put", src, "/user/bob/public", "-r", "1"]));
+    ok(&as_user(
+        &c,
+        "bob",
+        &["put", src, "/user/bob/secret", "--mode", "600", "-r", "1"],
+    ));
+    ok(&as_user(
+        &c,
+        "bob",
+        &["put", src, "/user/bob/public", "-r", "1"],
+    ));
 
     let r = as_user(&c, "alice", &["cat", "/user/bob/secret"]);
     assert_eq!(r.status, 1);
@@ -278,16 +304,28 @@ fn users_cannot_touch_each_others_files() {
     ] {
         let r = as_user(&c, "alice", args);
         assert_eq!(r.status, 1, "{args:?}: {}", r.stdout);
-        assert!(r.stderr.contains("permission denied"), "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("permission denied"),
+            "{args:?}: {}",
+            r.stderr
+        );
     }
     // Nothing changed; the admin may give the file away.
     ok(&c.quern(&["chown", "alice", "/user/bob/public"]));
     let r = c.quern(&["ls", "-l", "/user/bob"]);
     ok(&r);
-    let public = r.stdout.lines().find(|l| l.ends_with("/user/bob/public")).unwrap();
+    let public = r
+        .stdout
+        .lines()
+        .find(|l| l.ends_with("/user/bob/public"))
+        .unwrap();
     assert!(public.starts_with("-rw-r--r--"), "{public}");
     assert!(public.contains(" alice "), "{public}");
-    let secret = r.stdout.lines().find(|l| l.ends_with("/user/bob/secret")).unwrap();
+    let secret = r
+        .stdout
+        .lines()
+        .find(|l| l.ends_with("/user/bob/secret"))
+        .unwrap();
     assert!(secret.starts_with("-rw-------"), "{secret}");
     assert!(secret.contains(" bob "), "{secret}");
     let r = c.quern(&["stat", "--json", "/user/bob/public"]);
@@ -296,7 +334,11 @@ fn users_cannot_touch_each_others_files() {
     assert_eq!(j["mode"], 0o644);
     ok(&as_user(&c, "alice", &["chmod", "600", "/user/bob/public"]));
     let r = as_user(&c, "bob", &["cat", "/user/bob/public"]);
-    assert!(r.stderr.contains("(owner alice, mode 0600)"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("(owner alice, mode 0600)"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -314,9 +356,15 @@ fn chunks_a_restored_namespace_does_not_know_go_to_the_trash() {
     let backup = c.dir.path().join("namenode-backup");
     copy_dir(&nn, &backup);
     ok(&c.restart());
-    wait(Duration::from_secs(20), "the namenode to be writable", || {
-        c.quern(&["put", p_new.to_str().unwrap(), "/new", "-r", "2"]).status == 0
-    });
+    wait(
+        Duration::from_secs(20),
+        "the namenode to be writable",
+        || {
+            c.quern(&["put", p_new.to_str().unwrap(), "/new", "-r", "2"])
+                .status
+                == 0
+        },
+    );
     let with_new = all_chunk_files(&c, 2);
     assert_eq!(with_new.len(), 4);
     ok(&c.down());
@@ -324,14 +372,21 @@ fn chunks_a_restored_namespace_does_not_know_go_to_the_trash() {
     std::fs::remove_dir_all(&nn).unwrap();
     std::fs::rename(&backup, &nn).unwrap();
     ok(&c.restart());
-    wait(Duration::from_secs(30), "the new chunks to reach the trash", || {
-        let r = c.quern(&["report", "--json"]);
-        serde_json::from_str::<serde_json::Value>(&r.stdout).is_ok_and(|j| {
-            j["datanodes"]
-                .as_array()
-                .is_some_and(|d| d.iter().map(|n| n["trash_bytes"].as_u64().unwrap_or(0)).sum::<u64>() == 2 * 500_000)
-        })
-    });
+    wait(
+        Duration::from_secs(30),
+        "the new chunks to reach the trash",
+        || {
+            let r = c.quern(&["report", "--json"]);
+            serde_json::from_str::<serde_json::Value>(&r.stdout).is_ok_and(|j| {
+                j["datanodes"].as_array().is_some_and(|d| {
+                    d.iter()
+                        .map(|n| n["trash_bytes"].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                        == 2 * 500_000
+                })
+            })
+        },
+    );
     let r = c.quern(&["report"]);
     assert!(r.stdout.contains("TRASH"), "{}", r.stdout);
     // The newer file's bytes are all in the trash, none was unlinked.
