@@ -30,6 +30,17 @@ pub enum NnError {
     Zip { what: String, message: String },
     #[error("optimizer: {0}")]
     Optimizer(String),
+    /// An archive entry bigger than anything of its kind needs: refused
+    /// before it is inflated whole, since a few MiB of deflate can expand
+    /// to gigabytes. `size` says what was seen (declared or inflated).
+    #[error("{what}: {entry} {size}, more than the {limit} bytes allowed for it ({why})")]
+    TooLarge {
+        what: String,
+        entry: String,
+        size: String,
+        limit: u64,
+        why: String,
+    },
 }
 
 pub type Result<T, E = NnError> = std::result::Result<T, E>;

@@ -13,16 +13,22 @@ use super::error::{NnError, Result};
 /// Reads the weights of `layers` — each a Keras layer name with the number
 /// of variables the model expects it to hold — from the bytes of a
 /// `model.weights.h5`, in `get_weights()` order. Arrays are labelled by
-/// their path in the file. `what` names the file in errors.
+/// their path in the file. `what` names the file in errors. The arrays
+/// together may take at most `limit` bytes as float32 (`why` says where the
+/// limit comes from): HDF5 datasets can be compressed, so a file within its
+/// own size limit could still decode to gigabytes.
 pub(crate) fn keras_weights(
     bytes: &[u8],
     layers: &[(&str, usize)],
     what: &str,
+    limit: u64,
+    why: &str,
 ) -> Result<Vec<(String, ArrayD<f32>)>> {
     let err = |message: String| NnError::Weights(format!("{what}: {message}"));
     let file =
         Hdf5File::from_bytes(bytes).map_err(|e| err(format!("not a readable HDF5 file: {e}")))?;
     let mut arrays = Vec::new();
+    let mut decoded = 0u64;
     for &(layer, count) in layers {
         if count == 0 {
             continue;
@@ -50,9 +56,30 @@ pub(crate) fn keras_weights(
         }
         for i in indices {
             let name = format!("{path}/{i}");
-            let array = group
+            let dataset = group
                 .dataset(&i.to_string())
-                .and_then(|d| d.read_array::<f32>())
+                .map_err(|e| err(unreadable(&name, &e)))?;
+            // Checked from the shape the file declares, before decoding.
+            let bytes = dataset
+                .shape()
+                .iter()
+                .try_fold(4u64, |a, &d| a.checked_mul(d))
+                .unwrap_or(u64::MAX);
+            decoded = decoded.saturating_add(bytes);
+            if decoded > limit {
+                return Err(NnError::TooLarge {
+                    what: what.to_string(),
+                    entry: name,
+                    size: format!(
+                        "has shape {:?}, bringing the arrays to {decoded} bytes",
+                        dataset.shape()
+                    ),
+                    limit,
+                    why: why.to_string(),
+                });
+            }
+            let array = dataset
+                .read_array::<f32>()
                 .map_err(|e| err(unreadable(&name, &e)))?;
             arrays.push((name, array));
         }

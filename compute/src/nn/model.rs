@@ -1,7 +1,7 @@
 //! The sequential model: import, parameters, summary, inference, loss and
 //! gradients.
 
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,6 +22,23 @@ type NewSpec = (&'static str, Vec<usize>, Init, (usize, usize));
 const CCE_EPSILON: f32 = 1e-7;
 /// Samples per forward pass in `predict` and `evaluate`, to bound memory.
 const PREDICT_BATCH: usize = 256;
+
+/// Most bytes a `.keras` archive's JSON entry (`config.json`) may inflate
+/// to. Keras writes a model's config in a few KiB (one small object per
+/// layer); 16 MiB is thousands of times that, yet stops a crafted archive
+/// from inflating gigabytes before the JSON parser sees a byte.
+const KERAS_JSON_LIMIT: u64 = 16 << 20;
+/// Bytes a weights file may spend per parameter: 4 for a float32 value,
+/// times 4 because Keras saves the optimizer's slots beside the weights in
+/// `model.weights.h5` (Adam's two moments, AMSGrad's third), times 2 for
+/// float64 dtype policies or `.npz` files of float64 arrays. Generous on
+/// purpose: the bound is there to stop gigabytes from a small archive, not
+/// to refuse a real file that is a little larger than expected.
+const WEIGHTS_BYTES_PER_PARAM: u64 = 4 * 4 * 2;
+/// Room in a weights file beyond the values: the HDF5 superblock, object
+/// headers, B-trees, heaps and the optimizer's scalars, or the `.npy`
+/// headers and zip records of an `.npz`. Tens of KiB in practice.
+const WEIGHTS_OVERHEAD: u64 = 16 << 20;
 
 /// A sequential chain of layers imported from Keras.
 #[derive(Debug, Clone)]
@@ -242,24 +259,31 @@ impl Model {
         };
         let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(zerr)?;
         let names: Vec<String> = zip.file_names().map(str::to_string).collect();
-        let read = |zip: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str| -> Result<Vec<u8>> {
-            let mut f = zip.by_name(name).map_err(zerr)?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf).map_err(|e| NnError::Zip {
+        // Every entry is read with a limit: an archive of a few MiB can
+        // otherwise inflate to gigabytes.
+        let mut read = |name: &str, limit: u64, why: &str| -> Result<Vec<u8>> {
+            let f = zip.by_name(name).map_err(zerr)?;
+            npy::read_entry_bounded(f, what, limit, why, |entry, e| NnError::Zip {
                 what: what.to_string(),
-                message: format!("{name}: {e}"),
-            })?;
-            Ok(buf)
+                message: format!("{entry}: {e}"),
+            })
         };
         if !names.iter().any(|n| n == "config.json") {
             return Err(NnError::Model(format!(
                 "{what}: no config.json in the archive (is it a Keras 3 .keras file?)"
             )));
         }
-        let config = read(&mut zip, "config.json")?;
+        let config = read(
+            "config.json",
+            KERAS_JSON_LIMIT,
+            "a Keras model config is a few KiB of JSON",
+        )?;
         let text = String::from_utf8(config)
             .map_err(|_| NnError::Json(format!("{what}: config.json is not UTF-8")))?;
+        // The config comes first: the weights' limit follows from the
+        // number of parameters it declares.
         let model = Model::from_keras_json(&text)?;
+        let (limit, why) = model.weights_limit();
         let npz = names.iter().find(|n| n.ends_with(".npz"));
         let h5 = names
             .iter()
@@ -267,11 +291,11 @@ impl Model {
             .or_else(|| names.iter().find(|n| n.ends_with(".h5")));
         let weights = match (npz, h5) {
             (Some(n), _) => {
-                let bytes = read(&mut zip, n)?;
+                let bytes = read(n, limit, &why)?;
                 Some(model.params_from_npz_bytes(&bytes, &format!("{what}: {n}"))?)
             }
             (None, Some(n)) => {
-                let bytes = read(&mut zip, n)?;
+                let bytes = read(n, limit, &why)?;
                 Some(model.params_from_keras_h5_bytes(&bytes, &format!("{what}: {n}"))?)
             }
             (None, None) => None,
@@ -572,7 +596,10 @@ impl Model {
     /// Reads `.npz` bytes holding `get_weights()` (`arr_0`, `arr_1`, ... as
     /// `np.savez` names them; other names are taken in archive order).
     pub fn params_from_npz_bytes(&self, bytes: &[u8], what: &str) -> Result<Params> {
-        let mut arrays = npy::npz_to_arrays(bytes, what)?;
+        // The arrays inflate within what this model's weights can need, so
+        // a small `.npz` cannot expand to gigabytes.
+        let (limit, why) = self.weights_limit();
+        let mut arrays = npy::npz_to_arrays_bounded(bytes, what, limit, &why)?;
         let index = |name: &str| {
             name.strip_prefix("arr_")
                 .and_then(|i| i.parse::<usize>().ok())
@@ -602,11 +629,26 @@ impl Model {
                 (l.name.as_str(), end - self.first_param[i])
             })
             .collect();
-        let arrays = h5::keras_weights(bytes, &layers, what)?;
+        let (limit, why) = self.weights_limit();
+        let arrays = h5::keras_weights(bytes, &layers, what, limit, &why)?;
         self.params_from_arrays(&arrays).map_err(|e| match e {
             NnError::Weights(m) => NnError::Weights(format!("{what}: {m}")),
             e => e,
         })
+    }
+
+    /// Most bytes a weights file for this model may hold (or its arrays
+    /// decode to), and why, for errors.
+    fn weights_limit(&self) -> (u64, String) {
+        let params = self.param_count as u64;
+        let values = params.saturating_mul(WEIGHTS_BYTES_PER_PARAM);
+        (
+            values.saturating_add(WEIGHTS_OVERHEAD),
+            format!(
+                "the model's {params} parameters need at most {values} bytes \
+                 plus {WEIGHTS_OVERHEAD} of file structure"
+            ),
+        )
     }
 
     pub fn load_params(&self, path: &Path) -> Result<Params> {

@@ -295,22 +295,93 @@ pub(crate) fn shape_str(shape: &[usize]) -> String {
     }
 }
 
+/// Most bytes reserved up front for a zip entry. Reserving its declared
+/// size saves regrowing for real files, but a declared size can lie; past
+/// this the buffer grows only with what actually inflates.
+const MAX_PREALLOC: u64 = 256 << 20;
+
+/// Reads the zip entry `file` whole, refusing it when it declares, or
+/// actually inflates to, more than `limit` bytes. The declared size is
+/// checked first so nothing is allocated for an entry that admits to being
+/// too big; the read is bounded as well because a crafted archive can
+/// declare a small size and inflate without end (the zip crate compares
+/// the CRC only at the end, after everything was inflated). `what` names
+/// the archive and `why` says where the limit comes from, for the error;
+/// `unreadable` makes the error for a read that fails (damaged data, bad
+/// CRC) from the entry's name, so each caller keeps its own wording.
+pub(crate) fn read_entry_bounded<R: Read>(
+    mut file: zip::read::ZipFile<'_, R>,
+    what: &str,
+    limit: u64,
+    why: &str,
+    unreadable: impl FnOnce(&str, std::io::Error) -> NnError,
+) -> Result<Vec<u8>> {
+    let entry = file.name().to_string();
+    let too_large = |size: String| NnError::TooLarge {
+        what: what.to_string(),
+        entry: entry.clone(),
+        size,
+        limit,
+        why: why.to_string(),
+    };
+    let declared = file.size();
+    if declared > limit {
+        return Err(too_large(format!("declares {declared} bytes")));
+    }
+    // Within the limit, so within memory we accept to spend.
+    let mut buf = Vec::with_capacity(declared.min(MAX_PREALLOC) as usize);
+    // One byte past the limit is enough to know the entry is too big.
+    (&mut file)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(|e| unreadable(&entry, e))?;
+    if buf.len() as u64 > limit {
+        return Err(too_large(format!(
+            "declares {declared} bytes but inflates further"
+        )));
+    }
+    Ok(buf)
+}
+
 /// Reads every array of an `.npz` archive, in archive order, with the
 /// `.npy` suffix taken off the names.
 pub fn npz_to_arrays(bytes: &[u8], what: &str) -> Result<Vec<(String, ArrayD<f32>)>> {
+    npz_to_arrays_bounded(bytes, what, u64::MAX, "")
+}
+
+/// [`npz_to_arrays`], refusing an archive whose entries together hold more
+/// than `limit` bytes (each entry is refused before it inflates past it);
+/// `why` says where the limit comes from, for the error.
+pub(crate) fn npz_to_arrays_bounded(
+    bytes: &[u8],
+    what: &str,
+    limit: u64,
+    why: &str,
+) -> Result<Vec<(String, ArrayD<f32>)>> {
     let zerr = |e: zip::result::ZipError| NnError::Zip {
         what: what.to_string(),
         message: e.to_string(),
     };
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(zerr)?;
     let mut out = Vec::with_capacity(archive.len());
+    let mut total = 0u64;
     for i in 0..archive.len() {
-        let mut file = archive.by_index(i).map_err(zerr)?;
+        let file = archive.by_index(i).map_err(zerr)?;
         let entry = file.name().to_string();
         let name = entry.strip_suffix(".npy").unwrap_or(&entry).to_string();
-        let mut buf = Vec::with_capacity(file.size().min(1 << 30) as usize);
-        file.read_to_end(&mut buf)
-            .map_err(|e| NnError::array(&format!("{what}: {name}"), e.to_string()))?;
+        let buf = read_entry_bounded(file, what, limit, why, |_, e| {
+            NnError::array(&format!("{what}: {name}"), e.to_string())
+        })?;
+        total = total.saturating_add(buf.len() as u64);
+        if total > limit {
+            return Err(NnError::TooLarge {
+                what: what.to_string(),
+                entry,
+                size: format!("brings the arrays to {total} bytes"),
+                limit,
+                why: why.to_string(),
+            });
+        }
         let arr = npy_to_array(&buf, &format!("{what}: array {name}"))?;
         out.push((name, arr));
     }
