@@ -78,7 +78,17 @@ struct Inner {
 
 impl Client {
     pub fn new(identity: &Identity, namenode: SocketAddr, rpc_timeout: Duration) -> Result<Client> {
-        let endpoint = Endpoint::client(identity, Tuning::tuned())?.with_rpc_timeout(rpc_timeout);
+        Client::with_tuning(identity, namenode, rpc_timeout, Tuning::tuned())
+    }
+
+    /// A client with its own transport settings (idle deadline, hedging).
+    pub fn with_tuning(
+        identity: &Identity,
+        namenode: SocketAddr,
+        rpc_timeout: Duration,
+        tuning: Tuning,
+    ) -> Result<Client> {
+        let endpoint = Endpoint::client(identity, tuning)?.with_rpc_timeout(rpc_timeout);
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoint,
@@ -91,6 +101,11 @@ impl Client {
     pub fn from_config(cfg: &ClientConfig) -> Result<Client> {
         let timeout = Duration::from_secs(cfg.rpc_timeout_secs.unwrap_or(30));
         Client::new(&cfg.identity()?, cfg.namenode, timeout)
+    }
+
+    /// The fault rules of this client's endpoint (for tests).
+    pub fn faults(&self) -> &Arc<quern_proto::fault::Faults> {
+        self.inner.endpoint.faults()
     }
 
     /// The user this client acts as (from its certificate), if a user.

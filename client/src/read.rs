@@ -3,8 +3,8 @@
 
 use crate::{Client, Error, Result};
 use bytes::Bytes;
+use quern_proto::chunk::fetch_chunk;
 use quern_proto::msg::*;
-use quern_proto::Digest;
 use std::collections::VecDeque;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -20,62 +20,54 @@ pub struct ChunkSource {
 }
 
 impl Client {
-    /// Fetches one whole chunk, verified against the namenode's digest.
+    /// Fetches one whole chunk, verified against the namenode's digest,
+    /// hedging on another replica when one stops making progress; bad
+    /// replicas met on the way are reported.
     pub async fn read_chunk(
         &self,
         path: &str,
         chunk: &LocatedChunk,
     ) -> Result<(Bytes, ChunkSource)> {
-        let mut tried = Vec::new();
-        let mut order: Vec<&ReplicaInfo> = chunk
+        let mut order: Vec<NodeAddr> = chunk
             .replicas
             .iter()
             .filter(|r| r.state == ReplicaState::Live)
+            .map(|r| r.node)
             .collect();
         // Dead replicas only as a last resort: the node may be back.
         order.extend(
             chunk
                 .replicas
                 .iter()
-                .filter(|r| r.state == ReplicaState::Dead),
+                .filter(|r| r.state == ReplicaState::Dead)
+                .map(|r| r.node),
         );
-        for (skipped, replica) in order.into_iter().enumerate() {
-            let node = replica.node;
-            match self.fetch(node, chunk).await {
-                Ok(bytes) => {
-                    let hashed = bytes.clone();
-                    let got = tokio::task::spawn_blocking(move || Digest::of(&hashed))
-                        .await
-                        .map_err(|e| Error::Io {
-                            context: format!("verifying chunk {} of {path}", chunk.index),
-                            cause: std::io::Error::other(e.to_string()),
-                        })?;
-                    if got == chunk.meta.digest && bytes.len() as u64 == chunk.meta.size {
-                        return Ok((bytes, ChunkSource { node, skipped }));
-                    }
-                    let reason = format!(
-                        "digest mismatch: read {} bytes with digest {got}, expected {} bytes with {}",
-                        bytes.len(),
-                        chunk.meta.size,
-                        chunk.meta.digest
-                    );
-                    tracing::warn!(chunk = %chunk.meta.id, node = %node.id, addr = %node.addr, "{reason}; trying another replica");
-                    let _ = self
-                        .call(ReportBadReplica {
-                            chunk: chunk.meta.id,
-                            node: node.id,
-                            reason: reason.clone(),
-                            token: Some(chunk.token.clone()),
-                        })
-                        .await;
-                    tried.push(format!("{} ({}): {reason}", node.id, node.addr));
-                }
-                Err(e) => {
-                    tracing::warn!(chunk = %chunk.meta.id, node = %node.id, addr = %node.addr, "{e}; trying another replica");
-                    tried.push(format!("{} ({}): {e}", node.id, node.addr));
-                }
-            }
+        let ep = self.endpoint();
+        let (fetched, failures) =
+            fetch_chunk(ep, &order, &chunk.meta, Some(&chunk.token), ep.hedge()).await;
+        for f in failures.iter().filter(|f| f.corrupt) {
+            let _ = self
+                .call(ReportBadReplica {
+                    chunk: chunk.meta.id,
+                    node: f.node.id,
+                    reason: f.error.clone(),
+                    token: Some(chunk.token.clone()),
+                })
+                .await;
         }
+        if let Some(f) = fetched {
+            return Ok((
+                f.bytes,
+                ChunkSource {
+                    node: f.node,
+                    skipped: f.skipped,
+                },
+            ));
+        }
+        let mut tried: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{} ({}): {}", f.node.id, f.node.addr, f.error))
+            .collect();
         if tried.is_empty() {
             tried.push("no live replica is known (see `quern fsck`)".into());
         }
@@ -85,30 +77,6 @@ impl Client {
             chunk: chunk.meta.id,
             tried: tried.join("; "),
         })
-    }
-
-    async fn fetch(
-        &self,
-        node: NodeAddr,
-        chunk: &LocatedChunk,
-    ) -> Result<Bytes, quern_proto::Error> {
-        let mut s = self.endpoint().open(node).await?;
-        s.send(&DataRequest::ReadChunk(ReadChunk {
-            chunk: chunk.meta.id,
-            offset: 0,
-            len: None,
-            token: Some(chunk.token.clone()),
-        }))
-        .await?;
-        s.finish()?;
-        let header: ReadHeader = s.reply().await?;
-        if header.len != chunk.meta.size {
-            return Err(quern_proto::Error::Malformed(format!(
-                "replica holds {} bytes, expected {}",
-                header.len, chunk.meta.size
-            )));
-        }
-        quern_proto::transport::read_raw(&mut s.recv, header.len, node.addr).await
     }
 
     /// Streams a whole file to `out`, fetching ahead; `progress` gets the

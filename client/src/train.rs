@@ -556,13 +556,11 @@ impl Client {
             + params.len() as u64;
         let ep = self.endpoint();
         let exchange = async {
-            let mut s = ep.open(node).await?;
-            s.send(&DataRequest::TrainStep(msg)).await?;
-            quern_proto::transport::write_raw(&mut s.send, params, node.addr).await?;
+            let mut s = ep.request(node, msg).await?;
+            s.send_piece(params).await?;
             s.finish()?;
             let out: TrainStepOutput = s.reply().await?;
-            let raw =
-                quern_proto::transport::read_raw(&mut s.recv, out.values_len, node.addr).await?;
+            let raw = s.recv_body(out.values_len).await?;
             Ok::<_, quern_proto::Error>((out, raw))
         };
         let (out, raw) = tokio::time::timeout(ep.rpc_timeout(), exchange)

@@ -4,7 +4,6 @@
 use crate::{Client, Error, Result};
 use bytes::Bytes;
 use quern_proto::msg::*;
-use quern_proto::transport::write_raw;
 use quern_proto::{Digest, FileId, NodeId};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -39,6 +38,7 @@ pub struct FileWriter {
     path: String,
     file: FileId,
     chunk_size: usize,
+    replication: u8,
     buf: Vec<u8>,
     index: u32,
     written: u64,
@@ -74,6 +74,7 @@ impl Client {
             path: path.into(),
             file,
             chunk_size: opts.chunk_size as usize,
+            replication: opts.replication,
             buf: Vec::new(),
             index: 0,
             written: 0,
@@ -116,10 +117,10 @@ impl FileWriter {
         let data = Bytes::from(std::mem::take(&mut self.buf));
         let client = self.client.clone();
         let path = self.path.clone();
-        let (file, index) = (self.file, self.index);
+        let (file, index, replication) = (self.file, self.index, self.replication);
         self.index += 1;
         self.inflight.push_back(tokio::spawn(async move {
-            upload_chunk(&client, &path, file, index, data).await
+            upload_chunk(&client, &path, file, index, replication, data).await
         }));
         Ok(())
     }
@@ -181,6 +182,7 @@ async fn upload_chunk(
     path: &str,
     file: FileId,
     index: u32,
+    replication: u8,
     data: Bytes,
 ) -> Result<()> {
     let hashed = data.clone();
@@ -211,6 +213,7 @@ async fn upload_chunk(
                 for (node, why) in &ack.failed {
                     tracing::warn!(node = %node.id, addr = %node.addr, "replica not written: {why}");
                 }
+                let ack = replace_failed(client, path, file, replication, meta, ack, &data).await;
                 client
                     .call(CommitChunk {
                         file,
@@ -236,6 +239,59 @@ async fn upload_chunk(
     })
 }
 
+/// HDFS's replace-datanode-on-failure: members of the pipeline that died
+/// or stalled are replaced by new nodes that take the chunk from this
+/// writer (it still holds it), so the put ends with its full replication
+/// instead of waiting for the replication monitor. What cannot be
+/// replaced is left to the monitor.
+async fn replace_failed(
+    client: &Client,
+    path: &str,
+    file: FileId,
+    replication: u8,
+    meta: ChunkMeta,
+    mut ack: WriteAck,
+    data: &Bytes,
+) -> WriteAck {
+    let mut failed: Vec<NodeId> = ack.failed.iter().map(|(n, _)| n.id).collect();
+    for _ in 0..CHUNK_ATTEMPTS {
+        let missing = (replication as usize).saturating_sub(ack.stored_on.len());
+        if missing == 0 || failed.is_empty() {
+            break;
+        }
+        let mut exclude = ack.stored_on.clone();
+        exclude.extend(&failed);
+        let more = match client
+            .call(AddTargets {
+                file,
+                chunk: meta.id,
+                exclude,
+                count: missing as u8,
+            })
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("{path}: {} stays under-replicated for now: {e}", meta.id);
+                break;
+            }
+        };
+        match send_pipeline(client, meta, &more.targets, more.token, data.clone()).await {
+            Ok(extra) => {
+                tracing::info!(chunk = %meta.id, nodes = extra.stored_on.len(), "replaced failed pipeline members");
+                ack.stored_on.extend(extra.stored_on);
+                failed.extend(extra.failed.iter().map(|(n, _)| n.id));
+                ack.failed.extend(extra.failed);
+            }
+            Err(e) => {
+                tracing::warn!(chunk = %meta.id, node = %more.targets[0].id, "replacement failed: {e}");
+                failed.push(more.targets[0].id);
+            }
+        }
+    }
+    ack
+}
+
 async fn send_pipeline(
     client: &Client,
     meta: ChunkMeta,
@@ -244,17 +300,21 @@ async fn send_pipeline(
     data: Bytes,
 ) -> Result<WriteAck, quern_proto::Error> {
     let first = targets[0];
-    let mut s = client.endpoint().open(first).await?;
-    s.send(&DataRequest::WriteChunk(WriteChunk {
-        meta,
-        pipeline: targets[1..].to_vec(),
-        token: Some(token),
-    }))
-    .await?;
+    let mut s = client
+        .endpoint()
+        .request(
+            first,
+            WriteChunk {
+                meta,
+                pipeline: targets[1..].to_vec(),
+                token: Some(token),
+            },
+        )
+        .await?;
     let mut off = 0;
     while off < data.len() {
         let end = (off + PIECE).min(data.len());
-        write_raw(&mut s.send, data.slice(off..end), first.addr).await?;
+        s.send_piece(data.slice(off..end)).await?;
         off = end;
     }
     s.finish()?;

@@ -3,9 +3,7 @@
 use crate::store::{ChunkInfo, ChunkStore, StoreError};
 use crate::transfer::{disk_writer, read_pieces, PIECE};
 use quern_proto::msg::*;
-use quern_proto::transport::{
-    serve, write_raw, Endpoint, Peer, RequestStream, ServerStream, Service, Tuning,
-};
+use quern_proto::transport::{serve, Endpoint, Peer, RequestStream, ServerStream, Service, Tuning};
 use quern_proto::{tls::Identity, Access, ChunkId, ChunkToken, Digest, ErrorCode, KeyRing};
 use quern_proto::{NodeId, Role, WireError};
 use std::net::SocketAddr;
@@ -30,6 +28,8 @@ pub struct DatanodeConfig {
     /// How long chunks moved to the trash are kept.
     pub trash_ttl: Duration,
     pub scrub: crate::scrub::ScrubConfig,
+    /// Transport settings (piece idle deadline, hedging).
+    pub tuning: Tuning,
 }
 
 impl DatanodeConfig {
@@ -43,6 +43,7 @@ impl DatanodeConfig {
             report_interval: Duration::from_secs(60),
             trash_ttl: Duration::from_secs(24 * 3600),
             scrub: Default::default(),
+            tuning: Tuning::tuned(),
         }
     }
 }
@@ -165,7 +166,7 @@ impl Datanode {
         let id = node_id(&cfg.dir, cert_id)?;
         let cluster_id = read_cluster_id(&cfg.dir)?;
         let store = Arc::new(ChunkStore::open(&cfg.dir)?);
-        let endpoint = Arc::new(Endpoint::server(identity, cfg.listen, Tuning::tuned())?);
+        let endpoint = Arc::new(Endpoint::server(identity, cfg.listen, cfg.tuning)?);
         let mut addr = cfg.advertise.unwrap_or(endpoint.local_addr()?);
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -206,6 +207,11 @@ impl Datanode {
 
     pub fn store(&self) -> &ChunkStore {
         &self.node.store
+    }
+
+    /// The fault rules of this node's endpoint (for tests).
+    pub fn faults(&self) -> &Arc<quern_proto::fault::Faults> {
+        self.node.endpoint.faults()
     }
 
     /// Stops at once, as a crash would (no goodbye to the namenode).
@@ -366,10 +372,10 @@ async fn write_chunk(
     let mut block = bytes::BytesMut::with_capacity(PIECE);
     while left > 0 {
         let want = (left as usize).min(PIECE - block.len());
-        match stream.recv.read_chunk(want, true).await {
+        match stream.recv_piece(want).await {
             Ok(Some(c)) => {
-                block.extend_from_slice(&c.bytes);
-                left -= c.bytes.len() as u64;
+                block.extend_from_slice(&c);
+                left -= c.len() as u64;
             }
             Ok(None) => {
                 receive_error = Some(format!(
@@ -388,7 +394,7 @@ async fn write_chunk(
         }
         let piece = std::mem::replace(&mut block, bytes::BytesMut::with_capacity(PIECE)).freeze();
         if let Some((next, ds)) = &mut downstream {
-            if let Err(e) = ds.send.write_chunk(piece.clone()).await {
+            if let Err(e) = ds.send_piece(piece.clone()).await {
                 failed.push((*next, format!("forwarding failed: {e}")));
                 downstream = None;
             }
@@ -469,14 +475,16 @@ async fn open_downstream(
     pipeline: &[NodeAddr],
     token: Option<ChunkToken>,
 ) -> Result<RequestStream, quern_proto::Error> {
-    let mut s = node.endpoint.open(pipeline[0]).await?;
-    s.send(&DataRequest::WriteChunk(WriteChunk {
-        meta,
-        pipeline: pipeline[1..].to_vec(),
-        token,
-    }))
-    .await?;
-    Ok(s)
+    node.endpoint
+        .request(
+            pipeline[0],
+            WriteChunk {
+                meta,
+                pipeline: pipeline[1..].to_vec(),
+                token,
+            },
+        )
+        .await
 }
 
 /// Streams a chunk (or a range of it) back. A whole-chunk read is hashed as
@@ -522,16 +530,16 @@ async fn read_chunk(
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("{}: {e}", node.describe());
-                let _ = stream.send.reset(1u32.into());
+                stream.reset();
                 return Ok(());
             }
         };
         if let Some(h) = hasher.as_mut() {
             h.update(&piece);
         }
-        write_raw(&mut stream.send, piece, stream.peer).await?;
+        stream.send_piece(piece).await?;
     }
-    let _ = stream.send.finish();
+    stream.finish();
     if let Some(h) = hasher {
         if Digest::from(h.finalize()) != info.digest {
             tracing::warn!(chunk = %req.chunk, "local replica fails its digest check");

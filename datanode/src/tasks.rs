@@ -3,6 +3,7 @@
 
 use crate::service::Node;
 use bytes::Bytes;
+use quern_proto::chunk::fetch_chunk;
 use quern_proto::msg::*;
 use quern_proto::{Access, ChunkToken, Digest, ErrorCode, WireError};
 use std::io::Read;
@@ -92,8 +93,8 @@ pub(crate) async fn read_local(node: &Arc<Node>, meta: ChunkMeta) -> Result<Byte
     Ok(bytes)
 }
 
-/// A remote task: pull the chunk from the first source that serves it whole
-/// and intact.
+/// A remote task: pull the chunk from the sources with the same hedged,
+/// digest-checked read a client uses.
 /// The caller's task token (which also grants reading) goes to the source.
 pub(crate) async fn fetch_remote(
     node: &Arc<Node>,
@@ -101,14 +102,15 @@ pub(crate) async fn fetch_remote(
     sources: &[NodeAddr],
     token: Option<&ChunkToken>,
 ) -> Result<Bytes, WireError> {
-    let mut tried = Vec::new();
-    for src in sources {
-        match fetch_from(node, meta, *src, token).await {
-            Ok(b) if Digest::of(&b) == meta.digest => return Ok(b),
-            Ok(_) => tried.push(format!("{}: digest mismatch", src.addr)),
-            Err(e) => tried.push(format!("{}: {e}", src.addr)),
-        }
+    let ep = &node.endpoint;
+    let (fetched, failures) = fetch_chunk(ep, sources, &meta, token, ep.hedge()).await;
+    if let Some(f) = fetched {
+        return Ok(f.bytes);
     }
+    let tried: Vec<String> = failures
+        .iter()
+        .map(|f| format!("{}: {}", f.node.addr, f.error))
+        .collect();
     Err(WireError::new(
         ErrorCode::Io,
         format!(
@@ -118,30 +120,4 @@ pub(crate) async fn fetch_remote(
             tried.join("; ")
         ),
     ))
-}
-
-async fn fetch_from(
-    node: &Node,
-    meta: ChunkMeta,
-    src: NodeAddr,
-    token: Option<&ChunkToken>,
-) -> Result<Bytes, quern_proto::Error> {
-    let addr = src.addr;
-    let mut s = node.endpoint.open(src).await?;
-    s.send(&DataRequest::ReadChunk(ReadChunk {
-        chunk: meta.id,
-        offset: 0,
-        len: None,
-        token: token.cloned(),
-    }))
-    .await?;
-    s.finish()?;
-    let header: ReadHeader = s.reply().await?;
-    if header.len != meta.size {
-        return Err(quern_proto::Error::Malformed(format!(
-            "replica holds {} bytes, expected {}",
-            header.len, meta.size
-        )));
-    }
-    quern_proto::transport::read_raw(&mut s.recv, header.len, addr).await
 }

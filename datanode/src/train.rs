@@ -6,7 +6,7 @@ use crate::tasks::{fetch_remote, read_local};
 use quern_compute::ops;
 use quern_compute::train::{f32s_from_le, f32s_to_le, StepRequest, Worker, WorkerSpec};
 use quern_proto::msg::*;
-use quern_proto::transport::{read_raw, write_raw, ServerStream};
+use quern_proto::transport::ServerStream;
 use quern_proto::{Access, ErrorCode, Principal, WireError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -168,8 +168,8 @@ pub(crate) async fn step(
     match outcome {
         Ok((out, values)) => {
             stream.reply_header(&Ok(out)).await?;
-            write_raw(&mut stream.send, values, stream.peer).await?;
-            let _ = stream.send.finish();
+            stream.send_piece(values).await?;
+            stream.finish();
             Ok(())
         }
         Err(e) => stream.reply::<TrainStepOutput>(&Err(e)).await,
@@ -181,14 +181,12 @@ async fn run_step(
     req: TrainStep,
     stream: &mut ServerStream,
 ) -> Result<(TrainStepOutput, bytes::Bytes), WireError> {
-    let raw = read_raw(&mut stream.recv, req.params_len, stream.peer)
-        .await
-        .map_err(|e| {
-            WireError::new(
-                ErrorCode::Protocol,
-                format!("training step parameters: {e}"),
-            )
-        })?;
+    let raw = stream.recv_body(req.params_len).await.map_err(|e| {
+        WireError::new(
+            ErrorCode::Protocol,
+            format!("training step parameters: {e}"),
+        )
+    })?;
     let caller = stream.caller.clone();
     let job = node.jobs.get(req.job).ok_or_else(|| {
         WireError::new(

@@ -4,8 +4,8 @@
 
 use crate::store::{ChunkInfo, ChunkStore, PartialChunk, StoreError};
 use bytes::{Bytes, BytesMut};
-use quern_proto::msg::{ChunkMeta, DataRequest, NodeAddr, WriteAck, WriteChunk};
-use quern_proto::transport::{write_raw, Endpoint};
+use quern_proto::msg::{ChunkMeta, NodeAddr, WriteAck, WriteChunk};
+use quern_proto::transport::Endpoint;
 use quern_proto::{ChunkId, ChunkToken, Digest, Error};
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
@@ -157,18 +157,21 @@ pub async fn push_chunk(
             chunk.id
         )));
     }
-    let mut s = endpoint.open(*first).await?;
-    s.send(&DataRequest::WriteChunk(WriteChunk {
-        meta: chunk,
-        pipeline: targets[1..].to_vec(),
-        token: Some(token),
-    }))
-    .await?;
+    let mut s = endpoint
+        .request(
+            *first,
+            WriteChunk {
+                meta: chunk,
+                pipeline: targets[1..].to_vec(),
+                token: Some(token),
+            },
+        )
+        .await?;
     let mut hasher = blake3::Hasher::new();
     while let Some(piece) = pieces.recv().await {
         let piece = piece.map_err(|e| Error::Malformed(e.to_string()))?;
         hasher.update(&piece);
-        write_raw(&mut s.send, piece, first.addr).await?;
+        s.send_piece(piece).await?;
     }
     if Digest::from(hasher.finalize()) != chunk.digest {
         return Err(Error::Malformed(format!(

@@ -263,6 +263,11 @@ impl Namenode {
         })
     }
 
+    /// The fault rules of the namenode's endpoint (for tests).
+    pub fn faults(&self) -> &Arc<quern_proto::fault::Faults> {
+        self.endpoint.faults()
+    }
+
     pub fn cluster_id(&self) -> &str {
         &self.state.ns.cluster_id
     }
@@ -344,6 +349,7 @@ impl Service for NameService {
                     NameRequest::CreateFile(r) => respond(stream, create(s, u, r).await).await,
                     NameRequest::AllocateChunk(r) => respond(stream, allocate(s, u, r).await).await,
                     NameRequest::CommitChunk(r) => respond(stream, commit(s, u, r).await).await,
+                    NameRequest::AddTargets(r) => respond(stream, add_targets(s, u, r).await).await,
                     NameRequest::Complete(r) => respond(stream, complete(s, u, r).await).await,
                     NameRequest::Abandon(r) => {
                         let reply = match s.pending(u, r.file) {
@@ -400,6 +406,7 @@ fn request_name(r: &NameRequest) -> &'static str {
         NameRequest::Heartbeat(_) => "heartbeat",
         NameRequest::ChunkReport(_) => "chunk report",
         NameRequest::ChunkReceived(_) => "chunk received",
+        NameRequest::AddTargets(_) => "add targets",
     }
 }
 
@@ -634,6 +641,41 @@ async fn allocate(s: &State, u: &User, r: AllocateChunk) -> Res<ChunkAllocation>
     let token = s.tokens.sign(chunk, Access::WRITE, &u.name);
     Ok(ChunkAllocation {
         chunk,
+        targets,
+        token,
+    })
+}
+
+async fn add_targets(s: &State, u: &User, r: AddTargets) -> Res<ChunkAllocation> {
+    s.writable()?;
+    let p = {
+        let _w = s.writer.lock().await;
+        s.pending(u, r.file)?
+    };
+    if !p.allocated.contains(&r.chunk) {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("{} was not allocated to {}", r.chunk, p.path),
+        ));
+    }
+    let count = (r.count as usize).min(p.replication as usize);
+    let targets = s.cluster().choose_targets(count, &r.exclude, p.chunk_size);
+    if targets.is_empty() {
+        return Err(WireError::new(
+            ErrorCode::NoDatanodes,
+            format!(
+                "no other datanode can take {} of {} ({} excluded); it stays under-replicated \
+                 until the replication monitor copies it",
+                r.chunk,
+                p.path,
+                r.exclude.len()
+            ),
+        ));
+    }
+    s.renew(r.file);
+    let token = s.tokens.sign(r.chunk, Access::WRITE, &u.name);
+    Ok(ChunkAllocation {
+        chunk: r.chunk,
         targets,
         token,
     })

@@ -66,6 +66,8 @@ pub enum Error {
     },
     #[error("connection to {peer} failed: {reason}")]
     Stream { peer: String, reason: String },
+    #[error("{peer} stopped sending or taking data ({what}) for {ms} ms while the connection stayed up; the peer is stuck")]
+    Stalled { peer: String, what: String, ms: u64 },
     #[error(
         "{peer} is not {expected}: it presented the certificate of {found}; check the address"
     )]

@@ -2,8 +2,10 @@
 //! paths, errors, framing over QUIC streams, TLS material and client
 //! configuration.
 
+pub mod chunk;
 pub mod config;
 pub mod error;
+pub mod fault;
 pub mod frame;
 pub mod identity;
 pub mod ids;

@@ -13,8 +13,16 @@ use std::net::SocketAddr;
 /// A request that has one response type.
 pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
     type Response: Serialize + DeserializeOwned + Send + 'static;
-    type Envelope: Serialize + DeserializeOwned + Send + 'static;
+    type Envelope: Envelope;
+    /// The request's name, for errors, logs and fault filters.
+    const KIND: &'static str;
     fn wrap(self) -> Self::Envelope;
+}
+
+/// What travels: one server's requests as one enum.
+pub trait Envelope: Serialize + DeserializeOwned + Send + 'static {
+    /// The name of the request inside.
+    fn kind(&self) -> &'static str;
 }
 
 pub type Reply<T> = Result<T, WireError>;
@@ -24,9 +32,16 @@ macro_rules! rpcs {
         #[derive(Debug, Serialize, Deserialize)]
         pub enum $envelope { $($variant($req),)* }
 
+        impl Envelope for $envelope {
+            fn kind(&self) -> &'static str {
+                match self { $($envelope::$variant(_) => stringify!($variant),)* }
+            }
+        }
+
         $(impl Rpc for $req {
             type Response = $resp;
             type Envelope = $envelope;
+            const KIND: &'static str = stringify!($variant);
             fn wrap(self) -> $envelope { $envelope::$variant(self) }
         })*
     };
@@ -282,6 +297,18 @@ pub struct ChunkAllocation {
     pub token: ChunkToken,
 }
 
+/// More targets for a chunk whose pipeline lost members mid-write (HDFS's
+/// replace-datanode-on-failure): new nodes for the same chunk id, with a
+/// write token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddTargets {
+    pub file: FileId,
+    pub chunk: ChunkId,
+    /// Nodes that hold the chunk already, and nodes that failed.
+    pub exclude: Vec<NodeId>,
+    pub count: u8,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommitChunk {
     pub file: FileId,
@@ -418,6 +445,7 @@ rpcs!(NameRequest {
     Heartbeat(Heartbeat) -> NodeReply,
     ChunkReport(ChunkReport) -> NodeReply,
     ChunkReceived(ChunkReceived) -> (),
+    AddTargets(AddTargets) -> ChunkAllocation,
 });
 
 // ---------------------------------------------------------------- datanode

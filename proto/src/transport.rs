@@ -1,15 +1,22 @@
-//! QUIC endpoints, connection reuse and request streams.
+//! QUIC endpoints, connection reuse and the one call path.
 //!
-//! Every transport setting lives in [`Tuning`] so the benchmark can compare
-//! quinn's defaults with ours. A request is one bidirectional stream: the
-//! opener writes the protocol version, then a request frame (and, for bulk
-//! requests, raw bytes); the server answers with a reply frame (and raw
-//! bytes for reads).
+//! Every exchange is a typed request naming its response ([`Rpc`]) on one
+//! bidirectional stream: the caller writes the protocol version and the
+//! request frame, optionally a body of raw pieces (chunk bytes,
+//! parameters); the server answers with a reply frame, optionally followed
+//! by a body. [`Endpoint::request`] opens one; every piece sent or received
+//! on either side has an idle deadline ([`Tuning::piece_idle`]), and the
+//! reply an overall one, so a peer that is alive but stuck (a hung disk, a
+//! full queue) fails the exchange in bounded time instead of holding it
+//! forever. Each endpoint consults its [`Faults`] for every request it
+//! sends or serves. Every transport setting lives in [`Tuning`] so the
+//! benchmark can compare quinn's defaults with ours.
 
 use crate::error::{Error, Result, WireError};
+use crate::fault::{before_request, BodyFault, Direction, Faults};
 use crate::frame;
 use crate::identity::{Expect, Principal};
-use crate::msg::{NodeAddr, Reply, Rpc};
+use crate::msg::{Envelope, NodeAddr, Reply, Rpc};
 use crate::tls::Identity;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use serde::{de::DeserializeOwned, Serialize};
@@ -17,6 +24,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Transport knobs, measured by `quern bench io`.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +40,13 @@ pub struct Tuning {
     pub max_udp_payload: Option<u16>,
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
+    /// Longest wait for the next piece of a body, either way, before the
+    /// peer counts as stuck (QUIC keep-alives still flow from a stuck
+    /// process, so the connection's idle timeout never fires).
+    pub piece_idle: Duration,
+    /// Start another replica of a read that delivered nothing for this
+    /// long; `None` adapts to the gaps between pieces seen recently.
+    pub hedge_after: Option<Duration>,
 }
 
 impl Tuning {
@@ -55,6 +70,8 @@ impl Tuning {
             max_udp_payload: None,
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
+            piece_idle: Duration::from_secs(10),
+            hedge_after: None,
         }
     }
 
@@ -194,6 +211,9 @@ pub struct Endpoint {
     conns: Mutex<HashMap<SocketAddr, Cached>>,
     rpc_timeout: Duration,
     connect_timeout: Duration,
+    piece_idle: Duration,
+    faults: Arc<Faults>,
+    hedge: crate::chunk::Hedge,
 }
 
 impl Endpoint {
@@ -236,6 +256,9 @@ impl Endpoint {
             conns: Mutex::new(HashMap::new()),
             rpc_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            piece_idle: tuning.piece_idle,
+            faults: Arc::new(Faults::default()),
+            hedge: crate::chunk::Hedge::new(tuning.hedge_after),
         })
     }
 
@@ -248,6 +271,25 @@ impl Endpoint {
 
     pub fn rpc_timeout(&self) -> Duration {
         self.rpc_timeout
+    }
+
+    pub fn with_piece_idle(mut self, idle: Duration) -> Endpoint {
+        self.piece_idle = idle;
+        self
+    }
+
+    pub fn piece_idle(&self) -> Duration {
+        self.piece_idle
+    }
+
+    /// When reads through this endpoint hedge on another replica.
+    pub fn hedge(&self) -> &crate::chunk::Hedge {
+        &self.hedge
+    }
+
+    /// The fault rules this endpoint applies (empty outside tests).
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -330,10 +372,24 @@ impl Endpoint {
         }
     }
 
-    /// Opens a request stream to a server that proves to be what `peer`
-    /// expects, and writes the protocol version.
-    pub async fn open(&self, peer: impl Into<Peer>) -> Result<RequestStream> {
+    /// Opens a stream to a server that proves to be what `peer` expects
+    /// and sends `req` on it, ready for a body and the reply. The reply
+    /// must come within the endpoint's RPC timeout from now.
+    pub async fn request<R: Rpc>(&self, peer: impl Into<Peer>, req: R) -> Result<RequestStream> {
+        self.request_within(peer, req, self.rpc_timeout).await
+    }
+
+    /// [`Endpoint::request`] with its own overall deadline (a training
+    /// step's compute, say, may take longer than an RPC).
+    pub async fn request_within<R: Rpc>(
+        &self,
+        peer: impl Into<Peer>,
+        req: R,
+        deadline: Duration,
+    ) -> Result<RequestStream> {
         let Peer { addr: peer, expect } = peer.into();
+        let fault = self.faults.find(Direction::Outgoing, peer, R::KIND);
+        before_request(fault).await;
         let (conn, who) = self.connection(peer).await?;
         if !expect.admits(&who.role) {
             return Err(Error::WrongPeer {
@@ -355,19 +411,27 @@ impl Endpoint {
         send.write_all(&crate::PROTOCOL_VERSION.to_be_bytes())
             .await
             .map_err(|e| stream_error(peer, e))?;
-        Ok(RequestStream { peer, send, recv })
+        let mut s = RequestStream {
+            peer,
+            kind: R::KIND,
+            send,
+            recv,
+            idle: self.piece_idle,
+            deadline: Instant::now() + deadline,
+            body: BodyFault::new(fault),
+        };
+        let envelope = req.wrap();
+        frame::write_frame(&mut s.send, &envelope)
+            .await
+            .map_err(|e| s.peer_error(e))?;
+        Ok(s)
     }
 
     /// One request, one reply, within the RPC timeout.
     pub async fn call<R: Rpc>(&self, peer: impl Into<Peer>, req: R) -> Result<R::Response> {
         let peer = peer.into();
-        let what = std::any::type_name::<R>()
-            .rsplit("::")
-            .next()
-            .unwrap_or("request");
         let fut = async {
-            let mut s = self.open(peer).await?;
-            s.send(&req.wrap()).await?;
+            let mut s = self.request(peer, req).await?;
             s.finish()?;
             s.reply::<R::Response>().await
         };
@@ -384,7 +448,7 @@ impl Endpoint {
                 self.forget(peer.addr);
                 Err(Error::Timeout {
                     peer: peer.addr.to_string(),
-                    what: what.to_string(),
+                    what: R::KIND.to_string(),
                     secs: self.rpc_timeout.as_secs(),
                 })
             }
@@ -424,57 +488,177 @@ pub fn explain_connection_error(e: &quinn::ConnectionError) -> String {
     }
 }
 
-/// The client half of a request stream.
+/// The caller's half of an exchange, after the request frame.
 pub struct RequestStream {
     pub peer: SocketAddr,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    kind: &'static str,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    idle: Duration,
+    deadline: Instant,
+    body: BodyFault,
 }
 
 impl RequestStream {
-    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<()> {
-        frame::write_frame(&mut self.send, msg)
-            .await
-            .map_err(|e| self.peer_error(e))
+    /// Sends one piece of the request's body.
+    pub async fn send_piece(&mut self, piece: bytes::Bytes) -> Result<()> {
+        let piece = self.body.pass(piece).await;
+        send_piece(&mut self.send, piece, self.peer, self.kind, self.idle).await
     }
 
+    /// Ends the request's body (or a request without one).
     pub fn finish(&mut self) -> Result<()> {
         self.send.finish().map_err(|e| stream_error(self.peer, e))
     }
 
-    /// Reads the reply frame; a remote error becomes [`Error::Remote`].
+    /// Reads the reply frame, within the overall deadline; a remote error
+    /// becomes [`Error::Remote`].
     pub async fn reply<T: DeserializeOwned>(&mut self) -> Result<T> {
-        let reply: Reply<T> = frame::expect_frame(&mut self.recv)
+        let reply = tokio::time::timeout_at(self.deadline, frame::expect_frame(&mut self.recv))
             .await
-            .map_err(|e| self.peer_error(e))?;
+            .map_err(|_| Error::Timeout {
+                peer: self.peer.to_string(),
+                what: self.kind.to_string(),
+                secs: self
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs(),
+            })?;
+        let reply: Reply<T> = reply.map_err(|e| self.peer_error(e))?;
         reply.map_err(Error::Remote)
     }
 
+    /// Reads exactly `len` body bytes that follow the reply.
+    pub async fn recv_body(&mut self, len: u64) -> Result<bytes::Bytes> {
+        recv_body(&mut self.recv, len, self.peer, self.kind, self.idle, None).await
+    }
+
+    /// [`RequestStream::recv_body`], telling `progress` each piece's
+    /// arrival (for hedged reads).
+    pub async fn recv_body_watched(
+        &mut self,
+        len: u64,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<bytes::Bytes> {
+        recv_body(
+            &mut self.recv,
+            len,
+            self.peer,
+            self.kind,
+            self.idle,
+            Some(progress),
+        )
+        .await
+    }
+
     fn peer_error(&self, e: Error) -> Error {
-        match e {
-            Error::Io { cause: source, .. } => {
-                let reason = match source
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
-                {
-                    Some(quinn::ReadError::ConnectionLost(c)) => explain_connection_error(c),
-                    _ => source.to_string(),
-                };
-                stream_error(self.peer, reason)
-            }
-            other => other,
-        }
+        peer_error(self.peer, e)
     }
 }
 
-/// The server half of a request stream, after the version check.
+fn peer_error(peer: SocketAddr, e: Error) -> Error {
+    match e {
+        Error::Io { cause: source, .. } => {
+            let reason = match source
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
+            {
+                Some(quinn::ReadError::ConnectionLost(c)) => explain_connection_error(c),
+                _ => source.to_string(),
+            };
+            stream_error(peer, reason)
+        }
+        other => other,
+    }
+}
+
+async fn send_piece(
+    send: &mut quinn::SendStream,
+    piece: bytes::Bytes,
+    peer: SocketAddr,
+    kind: &str,
+    idle: Duration,
+) -> Result<()> {
+    match tokio::time::timeout(idle, send.write_chunk(piece)).await {
+        Ok(r) => r.map_err(|e| Error::Stream {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(Error::Stalled {
+            peer: peer.to_string(),
+            what: format!("{kind} body"),
+            ms: idle.as_millis() as u64,
+        }),
+    }
+}
+
+/// Reads `len` raw bytes, each piece within `idle` of the last.
+async fn recv_body(
+    recv: &mut quinn::RecvStream,
+    len: u64,
+    peer: SocketAddr,
+    kind: &str,
+    idle: Duration,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<bytes::Bytes> {
+    if len > MAX_RAW {
+        return Err(Error::Malformed(format!(
+            "{peer} announced {len} raw bytes, more than the {MAX_RAW}-byte limit"
+        )));
+    }
+    let mut buf = bytes::BytesMut::with_capacity(len as usize);
+    while (buf.len() as u64) < len {
+        let want = (len - buf.len() as u64).min(1 << 20) as usize;
+        match recv_piece(recv, want, peer, kind, idle).await? {
+            Some(c) => {
+                buf.extend_from_slice(&c);
+                if let Some(p) = progress {
+                    p(buf.len() as u64);
+                }
+            }
+            None => {
+                return Err(Error::Malformed(format!(
+                    "stream from {peer} ended after {} of {len} bytes",
+                    buf.len()
+                )))
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+async fn recv_piece(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    peer: SocketAddr,
+    kind: &str,
+    idle: Duration,
+) -> Result<Option<bytes::Bytes>> {
+    match tokio::time::timeout(idle, recv.read_chunk(max, true)).await {
+        Ok(Ok(c)) => Ok(c.map(|c| c.bytes)),
+        Ok(Err(e)) => Err(Error::Stream {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(Error::Stalled {
+            peer: peer.to_string(),
+            what: format!("{kind} body"),
+            ms: idle.as_millis() as u64,
+        }),
+    }
+}
+
+/// The server's half of an exchange, after the request frame.
 pub struct ServerStream {
     pub peer: SocketAddr,
     /// Who is calling, as its certificate says: the only identity a
     /// handler may trust.
     pub caller: Arc<Principal>,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    kind: &'static str,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    idle: Duration,
+    body: BodyFault,
 }
 
 impl ServerStream {
@@ -485,15 +669,46 @@ impl ServerStream {
         Ok(())
     }
 
-    /// Sends the reply and leaves the stream open for raw bytes after it.
+    /// Sends the reply and leaves the stream open for a body after it.
     pub async fn reply_header<T: Serialize>(&mut self, reply: &Reply<T>) -> Result<()> {
         frame::write_frame(&mut self.send, reply).await
+    }
+
+    /// Sends one piece of the reply's body.
+    pub async fn send_piece(&mut self, piece: bytes::Bytes) -> Result<()> {
+        let piece = self.body.pass(piece).await;
+        send_piece(&mut self.send, piece, self.peer, self.kind, self.idle).await
+    }
+
+    /// Ends the reply's body.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+
+    /// Abandons the reply's body (the caller sees the stream reset).
+    pub fn reset(&mut self) {
+        let _ = self.send.reset(1u32.into());
+    }
+
+    /// The next piece of the request's body, at most `max` bytes; `None`
+    /// at its end.
+    pub async fn recv_piece(&mut self, max: usize) -> Result<Option<bytes::Bytes>> {
+        let piece = recv_piece(&mut self.recv, max, self.peer, self.kind, self.idle).await?;
+        if let Some(p) = &piece {
+            self.body.take(p.len() as u64).await;
+        }
+        Ok(piece)
+    }
+
+    /// Reads exactly `len` bytes of the request's body.
+    pub async fn recv_body(&mut self, len: u64) -> Result<bytes::Bytes> {
+        recv_body(&mut self.recv, len, self.peer, self.kind, self.idle, None).await
     }
 }
 
 /// A server's request handler.
 pub trait Service: Send + Sync + 'static {
-    type Request: DeserializeOwned + Send + 'static;
+    type Request: Envelope;
     /// What this server is called in errors ("namenode", "datanode").
     fn role(&self) -> &'static str;
     fn handle(
@@ -508,6 +723,8 @@ pub trait Service: Send + Sync + 'static {
 pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
     while let Some(incoming) = endpoint.accept().await {
         let service = service.clone();
+        let faults = endpoint.faults.clone();
+        let idle = endpoint.piece_idle;
         tokio::spawn(async move {
             let peer = incoming.remote_address();
             let conn = match incoming.await {
@@ -537,15 +754,25 @@ pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
                 };
                 let service = service.clone();
                 let caller = caller.clone();
+                let faults = faults.clone();
                 tokio::spawn(async move {
                     let mut stream = ServerStream {
                         peer,
                         caller,
+                        kind: "request",
                         send,
                         recv,
+                        idle,
+                        body: BodyFault::default(),
                     };
                     match read_request::<S::Request>(&mut stream, service.role()).await {
-                        Ok(req) => service.handle(req, stream).await,
+                        Ok(req) => {
+                            stream.kind = req.kind();
+                            let fault = faults.find(Direction::Incoming, peer, stream.kind);
+                            before_request(fault).await;
+                            stream.body = BodyFault::new(fault);
+                            service.handle(req, stream).await
+                        }
                         Err(err) => {
                             tracing::warn!(%peer, "bad request: {err}");
                             let _ = stream.reply::<()>(&Err(err)).await;
@@ -557,10 +784,7 @@ pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
     }
 }
 
-async fn read_request<T: DeserializeOwned>(
-    s: &mut ServerStream,
-    role: &str,
-) -> Result<T, WireError> {
+async fn read_request<T: Envelope>(s: &mut ServerStream, role: &str) -> Result<T, WireError> {
     use crate::error::ErrorCode;
     let mut version = [0u8; 4];
     s.recv.read_exact(&mut version).await.map_err(|e| {
@@ -591,49 +815,3 @@ async fn read_request<T: DeserializeOwned>(
 /// Largest raw payload read after a frame in one piece (a chunk, a model's
 /// parameters); checked before anything is allocated.
 pub const MAX_RAW: u64 = 1 << 30;
-
-/// Writes raw bytes after a frame on `send` (chunk data, parameters),
-/// naming the peer when the stream fails.
-pub async fn write_raw(
-    send: &mut quinn::SendStream,
-    bytes: bytes::Bytes,
-    peer: SocketAddr,
-) -> Result<()> {
-    send.write_chunk(bytes).await.map_err(|e| Error::Stream {
-        peer: peer.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-/// Reads exactly `len` raw bytes that follow a frame on `recv`.
-pub async fn read_raw(
-    recv: &mut quinn::RecvStream,
-    len: u64,
-    peer: SocketAddr,
-) -> Result<bytes::Bytes> {
-    if len > MAX_RAW {
-        return Err(Error::Malformed(format!(
-            "{peer} announced {len} raw bytes, more than the {MAX_RAW}-byte limit"
-        )));
-    }
-    let mut buf = bytes::BytesMut::with_capacity(len as usize);
-    while (buf.len() as u64) < len {
-        let want = (len - buf.len() as u64).min(1 << 20) as usize;
-        match recv.read_chunk(want, true).await {
-            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-            Ok(None) => {
-                return Err(Error::Malformed(format!(
-                    "stream from {peer} ended after {} of {len} bytes",
-                    buf.len()
-                )))
-            }
-            Err(e) => {
-                return Err(Error::Stream {
-                    peer: peer.to_string(),
-                    reason: e.to_string(),
-                })
-            }
-        }
-    }
-    Ok(buf.freeze())
-}

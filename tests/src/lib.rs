@@ -32,6 +32,8 @@ pub struct Options {
     pub replication_interval: Duration,
     pub report_interval: Duration,
     pub token_lifetime: Duration,
+    /// The datanodes' (and `client_with_idle`'s) per-piece idle deadline.
+    pub piece_idle: Duration,
 }
 
 impl Default for Options {
@@ -44,6 +46,7 @@ impl Default for Options {
             replication_interval: Duration::from_secs(3600),
             report_interval: Duration::from_secs(3600),
             token_lifetime: Duration::from_secs(3600),
+            piece_idle: Duration::from_secs(10),
         }
     }
 }
@@ -137,6 +140,10 @@ impl TestCluster {
         );
         cfg.heartbeat = self.opts.heartbeat;
         cfg.report_interval = self.opts.report_interval;
+        cfg.tuning = quern_proto::transport::Tuning {
+            piece_idle: self.opts.piece_idle,
+            ..quern_proto::transport::Tuning::tuned()
+        };
         let dn = Datanode::start(cfg, &self.datanode_identity(i))
             .await
             .expect("datanode");
@@ -155,6 +162,22 @@ impl TestCluster {
             &self.admin_identity(),
             self.namenode_addr,
             Duration::from_secs(20),
+        )
+        .expect("client")
+    }
+
+    /// An admin client with the cluster's piece idle deadline and its own
+    /// RPC timeout.
+    pub fn client_with(&self, rpc_timeout: Duration) -> Client {
+        let tuning = quern_proto::transport::Tuning {
+            piece_idle: self.opts.piece_idle,
+            ..quern_proto::transport::Tuning::tuned()
+        };
+        Client::with_tuning(
+            &self.admin_identity(),
+            self.namenode_addr,
+            rpc_timeout,
+            tuning,
         )
         .expect("client")
     }

@@ -532,3 +532,42 @@ fn the_scrubber_finds_a_flipped_byte_and_the_replica_is_healed_without_a_read() 
     let out = c.command(&["cat", "/s"]).output().unwrap();
     assert_eq!(out.stdout, data);
 }
+
+#[test]
+fn a_datanode_sigstopped_mid_get_is_read_around_within_two_seconds() {
+    use std::io::Read;
+    let c = BinCluster::up(3, &[]);
+    let local = tempfile::tempdir().unwrap();
+    let data = random_bytes(64 << 20, 42);
+    let src = write_local(local.path(), "big", &data);
+    ok(&c.quern(&["put", &src, "/big", "-r", "2", "--chunk-size", "4MiB"]));
+    let mut get = c
+        .command(&["get", "/big", "-"])
+        .env("RUST_LOG", "warn,quern_proto=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = get.stdout.take().unwrap();
+    let mut got = vec![0u8; 8 << 20];
+    out.read_exact(&mut got).unwrap();
+    // Frozen, not dead: its connections stay up, its replicas answer nothing.
+    let pid = c.pid("datanode", 0);
+    // SAFETY: signals to a pid this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    out.read_to_end(&mut got).unwrap();
+    let took = stopped.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut log = String::new();
+    get.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let status = get.wait().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("hedging on another replica"), "{log}");
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes differ");
+    assert!(
+        took < Duration::from_secs(2),
+        "the rest of the get took {took:?}"
+    );
+}

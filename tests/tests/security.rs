@@ -252,19 +252,17 @@ async fn a_write_never_replaces_a_committed_chunk() {
                 size: data.len() as u64,
                 digest: quern_proto::Digest::of(data),
             };
-            let mut s = ep.open(target).await?;
-            s.send(&DataRequest::WriteChunk(WriteChunk {
-                meta,
-                pipeline: Vec::new(),
-                token: Some(token),
-            }))
-            .await?;
-            quern_proto::transport::write_raw(
-                &mut s.send,
-                bytes::Bytes::from_static(data),
-                target.addr,
-            )
-            .await?;
+            let mut s = ep
+                .request(
+                    target,
+                    WriteChunk {
+                        meta,
+                        pipeline: Vec::new(),
+                        token: Some(token),
+                    },
+                )
+                .await?;
+            s.send_piece(bytes::Bytes::from_static(data)).await?;
             s.finish()?;
             s.reply::<WriteAck>().await
         }

@@ -6,6 +6,7 @@ use quern_client::{Client, Dataset, ImportOptions, TrainEvent, TrainOptions};
 use quern_compute::import::parse_idx;
 use quern_compute::nn::{Model, OptimizerConfig, Sgd};
 use quern_compute::train::{train_local, ScaleKind, Scaler, Worker, WorkerSpec};
+use quern_proto::fault::{Direction, Fault, Rule};
 use quern_tests::*;
 use std::path::Path;
 use std::sync::mpsc;
@@ -260,4 +261,56 @@ async fn a_corrupt_replica_is_fetched_from_another_holder() {
         "the bad chunks came from other holders"
     );
     assert_eq!(run.params, clean.params, "same data, same model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datanode_partitioned_during_training_hands_its_share_over() {
+    let c = TestCluster::start(Options::default()).await;
+    // A step that gets no answer within the RPC timeout loses its worker.
+    let client = Client::new(
+        &c.admin_identity(),
+        c.namenode_addr,
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let mut ds = dataset(&client, 600, 9).await;
+    let model = tiny_model();
+    let opts = TrainOptions {
+        max_iter: Some(30),
+        ..options(&model, 3)
+    };
+    let (tx, rx) = mpsc::channel();
+    let job = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .train(&mut ds, None, &opts, move |e| {
+                    if let TrainEvent::Step { iteration: 5, .. } = e {
+                        let _ = tx.send(());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Cut off, not stopped: it runs on, but nothing reaches it or leaves it.
+    let cut = c.datanodes[1].as_ref().unwrap();
+    for direction in [Direction::Incoming, Direction::Outgoing] {
+        cut.faults().add(Rule {
+            direction,
+            peer: None,
+            kind: None,
+            fault: Fault::Drop,
+        });
+    }
+    let run = job
+        .await
+        .unwrap()
+        .expect("training finishes without the partitioned datanode");
+    assert_eq!(losses(&run.events).len(), 30);
+    assert_eq!(run.summary.workers_lost, 1);
 }
