@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use quern_client::{Client, WriteOptions};
 use quern_proto::msg::{FileKind, FileStatus, Health, NodeState, ReplicaState};
 use quern_proto::size::{format_size, parse_size};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -548,12 +548,16 @@ fn time_string(ms: i64) -> String {
 }
 
 fn print_long(s: &FileStatus) {
+    println!("{}", long_line(s));
+}
+
+fn long_line(s: &FileStatus) -> String {
     let rep = if s.kind == FileKind::Dir {
         "-".to_string()
     } else {
         s.replication.to_string()
     };
-    println!(
+    format!(
         "{} {:>3} {:<10} {:<10} {:>14} {} {}",
         mode_string(s),
         rep,
@@ -562,7 +566,7 @@ fn print_long(s: &FileStatus) {
         s.size,
         time_string(s.mtime_ms),
         s.path
-    );
+    )
 }
 
 fn print_stat(s: &FileStatus) {
@@ -592,6 +596,26 @@ fn print_stat(s: &FileStatus) {
 }
 
 async fn ls(client: &Client, path: &str, long: bool, recursive: bool, json: bool) -> Result<()> {
+    if !recursive && !json {
+        // Pages arrive in name order: print them as they come, so a
+        // directory of millions lists in bounded memory.
+        let mut out = std::io::stdout().lock();
+        let mut failed = None;
+        client
+            .list_pages(path, |page| {
+                for s in &page {
+                    let line = if long { long_line(s) } else { s.path.clone() };
+                    if failed.is_none() {
+                        failed = writeln!(out, "{line}").err();
+                    }
+                }
+            })
+            .await?;
+        return match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        };
+    }
     let mut all = Vec::new();
     let mut stack = vec![path.to_string()];
     while let Some(dir) = stack.pop() {

@@ -159,8 +159,41 @@ impl Client {
         }
     }
 
+    /// Every entry of a directory (or the file itself), in name order.
     pub async fn list(&self, path: &str) -> Result<Vec<FileStatus>> {
-        self.call(List { path: path.into() }).await
+        let mut all = Vec::new();
+        self.list_pages(path, |page| all.extend(page)).await?;
+        Ok(all)
+    }
+
+    /// A directory page by page, in name order, handing each page to
+    /// `each` as it arrives (a directory of millions lists in bounded
+    /// memory).
+    pub async fn list_pages(
+        &self,
+        path: &str,
+        mut each: impl FnMut(Vec<FileStatus>),
+    ) -> Result<()> {
+        let mut start_after: Option<String> = None;
+        loop {
+            let page = self
+                .call(List {
+                    path: path.into(),
+                    start_after: start_after.clone(),
+                    limit: LIST_PAGE,
+                })
+                .await?;
+            start_after = page
+                .entries
+                .last()
+                .and_then(|e| e.path.rsplit('/').next())
+                .map(str::to_string);
+            let more = page.more && start_after.is_some();
+            each(page.entries);
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     pub async fn mkdir(&self, path: &str, parents: bool) -> Result<()> {
@@ -233,12 +266,51 @@ impl Client {
         self.call(Summary { path: path.into() }).await
     }
 
+    /// Every chunk of a file with its replicas and a token for each,
+    /// fetched a page at a time.
     pub async fn locate(&self, path: &str) -> Result<FileLocations> {
-        self.call(Locate { path: path.into() }).await
+        let mut loc = self
+            .call(Locate {
+                path: path.into(),
+                first_chunk: 0,
+                limit: LIST_PAGE,
+            })
+            .await?;
+        while loc.more {
+            let page = self
+                .call(Locate {
+                    path: path.into(),
+                    first_chunk: loc.chunks.len() as u32,
+                    limit: LIST_PAGE,
+                })
+                .await?;
+            loc.more = page.more && !page.chunks.is_empty();
+            loc.chunks.extend(page.chunks);
+        }
+        Ok(loc)
     }
 
+    /// The health of every file below `path`, fetched a page at a time.
     pub async fn fsck(&self, path: &str) -> Result<FsckReport> {
-        self.call(Fsck { path: path.into() }).await
+        let mut report = self
+            .call(Fsck {
+                path: path.into(),
+                start_after: None,
+                limit: LIST_PAGE,
+            })
+            .await?;
+        while let Some(after) = report.next.take() {
+            let page = self
+                .call(Fsck {
+                    path: path.into(),
+                    start_after: Some(after),
+                    limit: LIST_PAGE,
+                })
+                .await?;
+            report.next = page.next;
+            report.files.extend(page.files);
+        }
+        Ok(report)
     }
 
     /// The datanodes the namenode considers live, in its order.

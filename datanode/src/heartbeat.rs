@@ -38,37 +38,10 @@ pub(crate) async fn run(node: Arc<Node>) {
         }
         let (capacity, available) = node.store.capacity();
         let result = if !registered {
-            let cluster_id = node
-                .cluster_id
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            node.endpoint
-                .call(
-                    node.namenode(),
-                    Register {
-                        cluster_id,
-                        node: quern_proto::msg::NodeAddr {
-                            id: node.id,
-                            addr: node.addr,
-                        },
-                        capacity,
-                        available,
-                        chunks: node.store.list(),
-                    },
-                )
-                .await
+            register(&node, capacity, available).await
         } else if last_report.elapsed() >= node.cfg.report_interval {
             last_report = Instant::now();
-            node.endpoint
-                .call(
-                    node.namenode(),
-                    ChunkReport {
-                        node: node.id,
-                        chunks: node.store.list(),
-                    },
-                )
-                .await
+            report(&node, node.store.list(), None).await
         } else {
             let (used, chunks) = node.store.used();
             let store = node.store.clone();
@@ -126,6 +99,80 @@ pub(crate) async fn run(node: Arc<Node>) {
         }
         tokio::time::sleep(node.cfg.heartbeat).await;
     }
+}
+
+/// Registers with the full chunk list, in pages after the registration
+/// itself when it would not fit one frame.
+async fn register(
+    node: &Node,
+    capacity: u64,
+    available: u64,
+) -> Result<NodeReply, quern_proto::Error> {
+    let cluster_id = node
+        .cluster_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let chunks = node.store.list();
+    let paged = chunks.len() > node.cfg.report_page;
+    let reply = node
+        .endpoint
+        .call(
+            node.namenode(),
+            Register {
+                cluster_id,
+                node: quern_proto::msg::NodeAddr {
+                    id: node.id,
+                    addr: node.addr,
+                },
+                capacity,
+                available,
+                chunks: if paged { Vec::new() } else { chunks.clone() },
+                report_follows: paged,
+            },
+        )
+        .await?;
+    if !paged {
+        return Ok(reply);
+    }
+    report(node, chunks, Some(reply)).await
+}
+
+/// Sends a full chunk report in pages of at most `report_page` chunks;
+/// the commands of every reply (and of `before`, a registration's) are
+/// gathered into the last reply.
+async fn report(
+    node: &Node,
+    chunks: Vec<quern_proto::msg::StoredChunk>,
+    before: Option<NodeReply>,
+) -> Result<NodeReply, quern_proto::Error> {
+    let mut commands = before.map(|r| r.commands).unwrap_or_default();
+    let pages: Vec<&[quern_proto::msg::StoredChunk]> = if chunks.is_empty() {
+        vec![&[]]
+    } else {
+        chunks.chunks(node.cfg.report_page.max(1)).collect()
+    };
+    let n = pages.len();
+    let mut last = None;
+    for (i, page) in pages.into_iter().enumerate() {
+        let mut reply = node
+            .endpoint
+            .call(
+                node.namenode(),
+                ChunkReport {
+                    node: node.id,
+                    chunks: page.to_vec(),
+                    first: i == 0,
+                    last: i + 1 == n,
+                },
+            )
+            .await?;
+        commands.append(&mut reply.commands);
+        last = Some(reply);
+    }
+    let mut reply = last.ok_or_else(|| quern_proto::Error::Malformed("empty report".into()))?;
+    reply.commands = commands;
+    Ok(reply)
 }
 
 /// Checks the reply comes from this node's cluster (adopting the cluster

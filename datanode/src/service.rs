@@ -30,6 +30,8 @@ pub struct DatanodeConfig {
     pub scrub: crate::scrub::ScrubConfig,
     /// Transport settings (piece idle deadline, hedging).
     pub tuning: Tuning,
+    /// Chunks per page of a chunk report.
+    pub report_page: usize,
 }
 
 impl DatanodeConfig {
@@ -44,6 +46,7 @@ impl DatanodeConfig {
             trash_ttl: Duration::from_secs(24 * 3600),
             scrub: Default::default(),
             tuning: Tuning::tuned(),
+            report_page: quern_proto::msg::REPORT_PAGE,
         }
     }
 }

@@ -133,6 +133,13 @@ impl Cluster {
         chunks: &[StoredChunk],
         safe_mode: bool,
     ) -> Vec<DatanodeCommand> {
+        self.join(node, capacity, available, chunks);
+        self.full_report(node.id, chunks, safe_mode)
+    }
+
+    /// Records a node as live with what it holds, without reconciling its
+    /// replicas (a paged report reconciles when its last page arrives).
+    pub fn join(&mut self, node: NodeAddr, capacity: u64, available: u64, chunks: &[StoredChunk]) {
         let used = chunks.iter().map(|c| c.size).sum();
         let entry = self.nodes.entry(node.id).or_insert_with(|| NodeEntry {
             addr: node.addr,
@@ -155,7 +162,6 @@ impl Cluster {
         entry.last_heartbeat = Instant::now();
         entry.placed_since_heartbeat = 0;
         entry.was_live = true;
-        self.full_report(node.id, chunks, safe_mode)
     }
 
     /// Reconciles what a node holds with what the namenode believes: known

@@ -2,7 +2,7 @@
 //! health check that reports on them.
 
 use crate::service::State;
-use quern_proto::msg::{DatanodeCommand, FsckFile, FsckReport, Health};
+use quern_proto::msg::{DatanodeCommand, Fsck, FsckFile, FsckReport, Health, LIST_PAGE};
 use quern_proto::{NodeId, RemotePath, WireError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,15 +123,32 @@ fn schedule_replication(state: &State) {
     }
 }
 
-pub(crate) fn fsck(state: &State, path: &str) -> Result<FsckReport, WireError> {
-    let path = RemotePath::parse(path)?;
+/// Health of everything below a path. The counts cover the whole tree;
+/// `files` is one page of it (walk order), so a tree of millions of files
+/// is reported in pages that each fit a frame.
+pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
+    let path = RemotePath::parse(&req.path)?;
     let (files, dirs) = state.ns.walk(&path)?;
+    let first = match &req.start_after {
+        Some(after) => files
+            .iter()
+            .position(|(p, _)| p.to_string() == *after)
+            .map_or(files.len(), |i| i + 1),
+        None => 0,
+    };
+    let page = first
+        ..first
+            .saturating_add(req.limit.clamp(1, LIST_PAGE) as usize)
+            .min(files.len());
+    let next =
+        (page.end < files.len() && !page.is_empty()).then(|| files[page.end - 1].0.to_string());
     let safe_mode = state.safe_mode().is_some();
     let c = state.cluster();
     let mut report = FsckReport {
         path: path.to_string(),
         health: Health::Healthy,
-        files: Vec::with_capacity(files.len()),
+        files: Vec::with_capacity(page.len()),
+        next,
         dirs,
         chunks: 0,
         under_replicated_chunks: 0,
@@ -140,7 +157,7 @@ pub(crate) fn fsck(state: &State, path: &str) -> Result<FsckReport, WireError> {
         live_datanodes: c.live_count() as u32,
         safe_mode,
     };
-    for (fpath, inode) in files {
+    for (n, (fpath, inode)) in files.into_iter().enumerate() {
         let mut f = FsckFile {
             path: fpath.to_string(),
             health: Health::Healthy,
@@ -196,7 +213,9 @@ pub(crate) fn fsck(state: &State, path: &str) -> Result<FsckReport, WireError> {
             }
         }
         report.health = report.health.max(f.health);
-        report.files.push(f);
+        if page.contains(&n) {
+            report.files.push(f);
+        }
     }
     Ok(report)
 }

@@ -66,6 +66,8 @@ pub(crate) struct State {
     pub tokens: Authority,
     /// For probing a datanode's old address when it registers anew.
     pub endpoint: Arc<Endpoint>,
+    /// Pages of chunk reports received so far, per node.
+    pub reports: Mutex<HashMap<quern_proto::NodeId, Vec<StoredChunk>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -246,6 +248,7 @@ impl Namenode {
             replicating: Mutex::new(HashMap::new()),
             tokens,
             endpoint: endpoint.clone(),
+            reports: Mutex::new(HashMap::new()),
         });
         let addr = endpoint.local_addr().map_err(StartError::Net)?;
         tracing::info!(%addr, cluster = %state.ns.cluster_id, chunks = chunk_count, safe_mode = safe_since.is_some(), "namenode listening");
@@ -342,7 +345,7 @@ impl Service for NameService {
                 let u = &user;
                 match other {
                     NameRequest::Stat(r) => respond(stream, stat(s, u, &r.path)).await,
-                    NameRequest::List(r) => respond(stream, list(s, u, &r.path)).await,
+                    NameRequest::List(r) => respond(stream, list(s, u, r)).await,
                     NameRequest::Mkdir(r) => respond(stream, mkdir(s, u, r).await).await,
                     NameRequest::Delete(r) => respond(stream, delete(s, u, r).await).await,
                     NameRequest::Rename(r) => respond(stream, rename(s, u, r).await).await,
@@ -359,13 +362,13 @@ impl Service for NameService {
                         respond(stream, reply).await
                     }
                     NameRequest::RenewLease(r) => respond(stream, renew(s, u, r.file)).await,
-                    NameRequest::Locate(r) => respond(stream, locate(s, u, &r.path)).await,
+                    NameRequest::Locate(r) => respond(stream, locate(s, u, r)).await,
                     NameRequest::SetReplication(r) => respond(stream, setrep(s, u, r).await).await,
                     NameRequest::SetAttr(r) => respond(stream, setattr(s, u, r).await).await,
                     NameRequest::Summary(r) => respond(stream, summary(s, u, &r.path)).await,
                     NameRequest::Fsck(r) => {
                         let reply = match readable_tree(s, u, &r.path) {
-                            Ok(()) => crate::monitor::fsck(s, &r.path),
+                            Ok(()) => crate::monitor::fsck(s, r),
                             Err(e) => Err(e),
                         };
                         respond(stream, reply).await
@@ -426,18 +429,27 @@ fn stat(s: &State, u: &User, path: &str) -> Res<FileStatus> {
     Ok(s.get(u, &path, 0)?.inode.status(&path))
 }
 
-fn list(s: &State, u: &User, path: &str) -> Res<Vec<FileStatus>> {
-    let path = parse(path)?;
-    let r = s.get(u, &path, 0)?;
-    if r.inode.kind == FileKind::File {
-        return Ok(vec![r.inode.status(&path)]);
+fn list(s: &State, u: &User, r: List) -> Res<Listing> {
+    let path = parse(&r.path)?;
+    let found = s.get(u, &path, 0)?;
+    if found.inode.kind == FileKind::File {
+        let entries = match r.start_after {
+            None => vec![found.inode.status(&path)],
+            Some(_) => Vec::new(),
+        };
+        return Ok(Listing {
+            entries,
+            more: false,
+        });
     }
-    u.check(&path.to_string(), &r.inode, R | X)?;
-    let mut out = Vec::new();
-    for (name, _, inode) in s.ns.list(r.id)? {
-        out.push(inode.status(&path.join(&name)?));
+    u.check(&path.to_string(), &found.inode, R | X)?;
+    let limit = r.limit.clamp(1, LIST_PAGE) as usize;
+    let (page, more) = s.ns.list_page(found.id, r.start_after.as_deref(), limit)?;
+    let mut entries = Vec::with_capacity(page.len());
+    for (name, _, inode) in page {
+        entries.push(inode.status(&path.join(&name)?));
     }
-    Ok(out)
+    Ok(Listing { entries, more })
 }
 
 async fn mkdir(s: &State, u: &User, r: Mkdir) -> Res<()> {
@@ -748,30 +760,30 @@ fn renew(s: &State, u: &User, file: FileId) -> Res<()> {
     Ok(())
 }
 
-fn locate(s: &State, u: &User, path: &str) -> Res<FileLocations> {
-    let path = parse(path)?;
-    let r = s.get(u, &path, 0)?;
-    if r.inode.kind == FileKind::Dir {
+fn locate(s: &State, u: &User, r: Locate) -> Res<FileLocations> {
+    let (first, limit) = (r.first_chunk as usize, r.limit.clamp(1, LIST_PAGE) as usize);
+    let path = parse(&r.path)?;
+    let found = s.get(u, &path, 0)?;
+    if found.inode.kind == FileKind::Dir {
         return Err(WireError::new(
             ErrorCode::IsADirectory,
             format!("{path}: is a directory"),
         ));
     }
-    u.check(&path.to_string(), &r.inode, R)?;
+    u.check(&path.to_string(), &found.inode, R)?;
     let access = Access::READ.union(Access::TASK);
-    let tokens: Vec<_> = r
-        .inode
-        .chunks
+    let all = &found.inode.chunks;
+    let page = first.min(all.len())..(first.saturating_add(limit)).min(all.len());
+    let tokens: Vec<_> = all[page.clone()]
         .iter()
         .map(|m| s.tokens.sign(m.id, access, &u.name))
         .collect();
     let c = s.cluster();
-    let mut offset = 0;
-    let chunks = r
-        .inode
-        .chunks
+    let mut offset: u64 = all[..page.start].iter().map(|m| m.size).sum();
+    let chunks = all[page.clone()]
         .iter()
         .enumerate()
+        .map(|(i, m)| (i + page.start, m))
         .zip(tokens)
         .map(|((i, meta), token)| {
             let lc = LocatedChunk {
@@ -786,8 +798,9 @@ fn locate(s: &State, u: &User, path: &str) -> Res<FileLocations> {
         })
         .collect();
     Ok(FileLocations {
-        status: r.inode.status(&path),
+        status: found.inode.status(&path),
         chunks,
+        more: page.end < all.len(),
     })
 }
 
@@ -990,9 +1003,13 @@ async fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> 
         tracing::info!(node = %r.node.id, %old, new = %r.node.addr, "datanode moved to a new address");
     }
     let safe = s.safe_mode().is_some();
-    let cmds = s
-        .cluster()
-        .register(r.node, r.capacity, r.available, &r.chunks, safe);
+    let cmds = if r.report_follows {
+        s.cluster().join(r.node, r.capacity, r.available, &[]);
+        Vec::new()
+    } else {
+        s.cluster()
+            .register(r.node, r.capacity, r.available, &r.chunks, safe)
+    };
     tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = r.chunks.len(), "datanode registered");
     Ok(s.node_reply(cmds))
 }
@@ -1006,9 +1023,24 @@ fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
     Ok(s.node_reply(cmds))
 }
 
+/// A report arrives in pages; it is reconciled whole, at its last page, so
+/// the cost of a report is that node's chunks and nothing is dropped for
+/// being on a later page.
 fn chunk_report(s: &State, caller: &Principal, r: ChunkReport) -> Res<NodeReply> {
     check_datanode(caller, r.node, "chunk report")?;
+    let chunks = {
+        let mut partial = lock(&s.reports);
+        let acc = partial.entry(r.node).or_default();
+        if r.first {
+            acc.clear();
+        }
+        acc.extend(r.chunks);
+        if !r.last {
+            return Ok(s.node_reply(Vec::new()));
+        }
+        partial.remove(&r.node).unwrap_or_default()
+    };
     let safe = s.safe_mode().is_some();
-    let cmds = s.cluster().full_report(r.node, &r.chunks, safe);
+    let cmds = s.cluster().full_report(r.node, &chunks, safe);
     Ok(s.node_reply(cmds))
 }

@@ -112,6 +112,8 @@ pub struct LocatedChunk {
 pub struct FileLocations {
     pub status: FileStatus,
     pub chunks: Vec<LocatedChunk>,
+    /// More chunks follow the last one (a page of a very large file).
+    pub more: bool,
 }
 
 /// Health, ordered from best to worst so that `max` picks the summary.
@@ -149,7 +151,10 @@ pub struct FsckFile {
 pub struct FsckReport {
     pub path: String,
     pub health: Health,
+    /// One page of files, in walk order.
     pub files: Vec<FsckFile>,
+    /// The last file of this page when more follow: ask again from it.
+    pub next: Option<String>,
     pub dirs: u64,
     pub chunks: u64,
     pub under_replicated_chunks: u64,
@@ -248,6 +253,22 @@ pub struct Stat {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct List {
     pub path: String,
+    /// Entries after this name (the last one of the previous page).
+    pub start_after: Option<String>,
+    /// Most entries wanted; the namenode caps it at [`LIST_PAGE`].
+    pub limit: u32,
+}
+
+/// Most entries, files or chunks in one page of a listing, fsck or
+/// locate: about a megabyte of reply, far under the frame limit.
+pub const LIST_PAGE: u32 = 10_000;
+
+/// One page of a directory, in name order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub entries: Vec<FileStatus>,
+    /// More entries follow the last one.
+    pub more: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +356,10 @@ pub struct RenewLease {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Locate {
     pub path: String,
+    /// The first chunk wanted, and at most how many (capped at
+    /// [`LIST_PAGE`]).
+    pub first_chunk: u32,
+    pub limit: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -372,6 +397,9 @@ pub struct Summary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Fsck {
     pub path: String,
+    /// Files after this path (the `next` of the previous page).
+    pub start_after: Option<String>,
+    pub limit: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -385,6 +413,9 @@ pub struct Register {
     pub capacity: u64,
     pub available: u64,
     pub chunks: Vec<StoredChunk>,
+    /// The chunk list is too long for one frame: it follows as paged
+    /// [`ChunkReport`]s, and `chunks` is empty.
+    pub report_follows: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -401,8 +432,15 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChunkReport {
     pub node: NodeId,
+    /// One page of the node's chunks; the namenode reconciles once the
+    /// `last` page has arrived.
     pub chunks: Vec<StoredChunk>,
+    pub first: bool,
+    pub last: bool,
 }
+
+/// Chunks in one page of a datanode's report: 4.8 MB of report.
+pub const REPORT_PAGE: usize = 100_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChunkReceived {
@@ -424,7 +462,7 @@ pub struct NodeReply {
 
 rpcs!(NameRequest {
     Stat(Stat) -> FileStatus,
-    List(List) -> Vec<FileStatus>,
+    List(List) -> Listing,
     Mkdir(Mkdir) -> (),
     Delete(Delete) -> (),
     Rename(Rename) -> (),

@@ -669,9 +669,30 @@ impl ServerStream {
         Ok(())
     }
 
-    /// Sends the reply and leaves the stream open for a body after it.
+    /// Sends the reply and leaves the stream open for a body after it. A
+    /// reply that cannot be encoded (too large for a frame) reaches the
+    /// caller as an error that says so, never as a silent drop.
     pub async fn reply_header<T: Serialize>(&mut self, reply: &Reply<T>) -> Result<()> {
-        frame::write_frame(&mut self.send, reply).await
+        match frame::encode(reply) {
+            Ok(bytes) => self
+                .send
+                .write_all(&bytes)
+                .await
+                .map_err(|e| stream_error(self.peer, e)),
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, kind = self.kind, "reply not sent: {e}");
+                let err: Reply<()> = Err(WireError::new(
+                    crate::error::ErrorCode::Internal,
+                    format!(
+                        "the answer to {} could not be sent ({e}); ask for less (a page, a \
+                         subdirectory) and report this",
+                        self.kind
+                    ),
+                ));
+                frame::write_frame(&mut self.send, &err).await?;
+                Err(e)
+            }
+        }
     }
 
     /// Sends one piece of the reply's body.

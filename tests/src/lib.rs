@@ -32,8 +32,10 @@ pub struct Options {
     pub replication_interval: Duration,
     pub report_interval: Duration,
     pub token_lifetime: Duration,
-    /// The datanodes' (and `client_with_idle`'s) per-piece idle deadline.
+    /// The datanodes' (and `client_with`'s) per-piece idle deadline.
     pub piece_idle: Duration,
+    /// Chunks per page of a datanode's chunk report.
+    pub report_page: usize,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             report_interval: Duration::from_secs(3600),
             token_lifetime: Duration::from_secs(3600),
             piece_idle: Duration::from_secs(10),
+            report_page: quern_proto::msg::REPORT_PAGE,
         }
     }
 }
@@ -140,6 +143,7 @@ impl TestCluster {
         );
         cfg.heartbeat = self.opts.heartbeat;
         cfg.report_interval = self.opts.report_interval;
+        cfg.report_page = self.opts.report_page;
         cfg.tuning = quern_proto::transport::Tuning {
             piece_idle: self.opts.piece_idle,
             ..quern_proto::transport::Tuning::tuned()

@@ -571,3 +571,45 @@ fn a_datanode_sigstopped_mid_get_is_read_around_within_two_seconds() {
         "the rest of the get took {took:?}"
     );
 }
+
+#[test]
+fn a_directory_of_200000_entries_lists_through_the_cli() {
+    const N: usize = 200_000;
+    let c = BinCluster::up(1, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let made = Instant::now();
+    rt.block_on(async {
+        let cfg = quern_proto::config::ClientConfig::load(&c.config).unwrap();
+        let client = quern_client::Client::from_config(&cfg).unwrap();
+        client.mkdir("/big", false).await.unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for w in 0..64 {
+            let client = client.clone();
+            set.spawn(async move {
+                let mut i = w;
+                while i < N {
+                    client.mkdir(&format!("/big/d{i:06}"), false).await.unwrap();
+                    i += 64;
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    });
+    eprintln!("{N} directories made in {:?}", made.elapsed());
+    let listed = Instant::now();
+    let out = c.command(&["ls", "/big"]).output().unwrap();
+    eprintln!("listed in {:?}", listed.elapsed());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), N);
+    assert_eq!(lines[0], "/big/d000000");
+    assert_eq!(lines[N - 1], format!("/big/d{:06}", N - 1));
+    assert!(lines.windows(2).all(|w| w[0] < w[1]), "in name order");
+}

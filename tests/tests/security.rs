@@ -65,6 +65,7 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
         capacity: 1 << 40,
         available: 1 << 40,
         chunks,
+        report_follows: false,
     };
     let nn = Peer::namenode(c.namenode_addr);
 
@@ -111,6 +112,8 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
             ChunkReport {
                 node: real.id,
                 chunks: Vec::new(),
+                first: true,
+                last: true,
             },
         )
         .await
