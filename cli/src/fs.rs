@@ -340,6 +340,7 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                         d.node.addr.to_string(),
                         d.node.id.to_string(),
                         match d.state {
+                            NodeState::Live if d.full => "full",
                             NodeState::Live => "live",
                             NodeState::Dead => "dead",
                         },

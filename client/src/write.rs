@@ -314,7 +314,16 @@ async fn send_pipeline(
     let mut off = 0;
     while off < data.len() {
         let end = (off + PIECE).min(data.len());
-        s.send_piece(data.slice(off..end)).await?;
+        if let Err(sending) = s.send_piece(data.slice(off..end)).await {
+            // A datanode that refuses the chunk (disk full, bad token)
+            // answers and stops reading: its answer says why, the failed
+            // send only that it stopped.
+            let answer = tokio::time::timeout(Duration::from_millis(500), s.reply::<WriteAck>());
+            return Err(match answer.await {
+                Ok(Err(refused @ quern_proto::Error::Remote(_))) => refused,
+                _ => sending,
+            });
+        }
         off = end;
     }
     s.finish()?;

@@ -37,6 +37,9 @@ pub(crate) async fn run(node: Arc<Node>) {
             }
         }
         let (capacity, available) = node.store.capacity();
+        if node.is_full() && available >= crate::service::room_again(capacity) {
+            node.set_full(false);
+        }
         let result = if !registered {
             register(&node, capacity, available).await
         } else if last_report.elapsed() >= node.cfg.report_interval {
@@ -59,6 +62,7 @@ pub(crate) async fn run(node: Arc<Node>) {
                         chunks,
                         trash_bytes,
                         scrub: node.scrub.status(),
+                        full: node.is_full(),
                     },
                 )
                 .await

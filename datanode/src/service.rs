@@ -65,9 +65,36 @@ pub(crate) struct Node {
     /// The cluster this node belongs to (kept in `DIR/cluster_id`).
     pub cluster_id: std::sync::Mutex<Option<String>>,
     pub scrub: crate::scrub::ScrubState,
+    /// Set when the disk ran out of space; cleared by a heartbeat that
+    /// finds room again. A full node takes no new chunks.
+    pub full: std::sync::atomic::AtomicBool,
+}
+
+/// Space a full node must have free again before it takes chunks: a
+/// default chunk, or a quarter of a small disk.
+pub(crate) fn room_again(capacity: u64) -> u64 {
+    (64u64 << 20).min(capacity / 4)
 }
 
 impl Node {
+    pub(crate) fn is_full(&self) -> bool {
+        self.full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_full(&self, full: bool) {
+        let was = self.full.swap(full, std::sync::atomic::Ordering::Relaxed);
+        if was != full {
+            if full {
+                tracing::warn!(
+                    "{}: disk full; taking no new chunks until space returns",
+                    self.describe()
+                );
+            } else {
+                tracing::info!("{}: space is back; taking chunks again", self.describe());
+            }
+        }
+    }
+
     pub(crate) fn namenode(&self) -> Peer {
         Peer::namenode(self.cfg.namenode)
     }
@@ -107,6 +134,7 @@ impl Node {
 
     pub(crate) fn store_error(&self, e: &StoreError) -> WireError {
         if e.is_disk_full() {
+            self.set_full(true);
             WireError::new(
                 ErrorCode::NoSpace,
                 format!(
@@ -187,6 +215,7 @@ impl Datanode {
             keys: Default::default(),
             cluster_id: std::sync::Mutex::new(cluster_id),
             scrub: Default::default(),
+            full: Default::default(),
         });
         tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
         let tasks = vec![
@@ -348,6 +377,21 @@ async fn write_chunk(
             ErrorCode::InvalidArgument,
             format!(
                 "{}: {} of {} bytes exceeds the {MAX_CHUNK}-byte chunk limit",
+                node.describe(),
+                meta.id,
+                meta.size
+            ),
+        ));
+    }
+    // A node that filled up is refused before a byte is received, so the
+    // writer moves on at once (the namenode's view of its space lags by
+    // up to a heartbeat).
+    if node.is_full() {
+        let (_, available) = node.store.capacity();
+        return Err(WireError::new(
+            ErrorCode::NoSpace,
+            format!(
+                "{}: disk full ({available} bytes free, {} needs {}); free space or add datanodes",
                 node.describe(),
                 meta.id,
                 meta.size

@@ -21,6 +21,7 @@ pub struct NodeEntry {
     pub chunks: u64,
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
+    pub full: bool,
     pub last_heartbeat: Instant,
     /// Bytes placed on the node since its last heartbeat, so a burst of
     /// allocations spreads out before usage figures catch up.
@@ -98,6 +99,7 @@ impl Cluster {
             .iter()
             .filter(|(id, e)| {
                 !exclude.contains(id)
+                    && !e.full
                     && e.last_heartbeat.elapsed() <= self.dead_timeout
                     && e.available.saturating_sub(e.placed_since_heartbeat) >= size
             })
@@ -149,6 +151,7 @@ impl Cluster {
             chunks: 0,
             trash_bytes: 0,
             scrub: ScrubStatus::default(),
+            full: false,
             last_heartbeat: Instant::now(),
             placed_since_heartbeat: 0,
             commands: Vec::new(),
@@ -312,6 +315,7 @@ impl Cluster {
         let n = self.nodes.get_mut(&hb.node)?;
         n.trash_bytes = hb.trash_bytes;
         n.scrub = hb.scrub;
+        n.full = hb.full;
         n.capacity = hb.capacity;
         n.available = hb.available;
         n.used = hb.used;
@@ -341,6 +345,7 @@ impl Cluster {
                 chunks: n.chunks,
                 trash_bytes: n.trash_bytes,
                 scrub: n.scrub.clone(),
+                full: n.full,
                 since_heartbeat_secs: n.last_heartbeat.elapsed().as_secs_f64(),
             })
             .collect();

@@ -195,6 +195,7 @@ pub struct DatanodeReport {
     /// Chunks moved aside instead of deleted, kept for the trash time.
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
+    pub full: bool,
     pub since_heartbeat_secs: f64,
 }
 
@@ -427,6 +428,8 @@ pub struct Heartbeat {
     pub chunks: u64,
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
+    /// The disk filled up: place no chunks here until this clears.
+    pub full: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -88,6 +88,7 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
                 chunks: 0,
                 trash_bytes: 0,
                 scrub: Default::default(),
+                full: false,
             },
         )
         .await
