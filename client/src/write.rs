@@ -300,15 +300,20 @@ async fn send_pipeline(
     data: Bytes,
 ) -> Result<WriteAck, quern_proto::Error> {
     let first = targets[0];
-    let mut s = client
-        .endpoint()
-        .request(
+    let ep = client.endpoint();
+    // Each hop may wait out a stuck next hop for one piece's idle time
+    // before acknowledging without it: the answer is allowed that much
+    // per hop beyond the usual deadline.
+    let patience = ep.rpc_timeout() + ep.piece_idle() * targets.len() as u32;
+    let mut s = ep
+        .request_within(
             first,
             WriteChunk {
                 meta,
                 pipeline: targets[1..].to_vec(),
                 token: Some(token),
             },
+            patience,
         )
         .await?;
     let mut off = 0;

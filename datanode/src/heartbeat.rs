@@ -7,7 +7,7 @@
 //! cluster) is logged and ignored while the node keeps every chunk and
 //! keeps retrying. Deletions from a namenode in safe mode are ignored too.
 
-use crate::service::{write_cluster_id, Node};
+use crate::node::{write_cluster_id, Node};
 use crate::transfer::push_chunk;
 use quern_proto::msg::{ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register};
 use quern_proto::{ErrorCode, KeyRing};
@@ -37,7 +37,7 @@ pub(crate) async fn run(node: Arc<Node>) {
             }
         }
         let (capacity, available) = node.store.capacity();
-        if node.is_full() && available >= crate::service::room_again(capacity) {
+        if node.is_full() && available >= crate::node::room_again(capacity) {
             node.set_full(false);
         }
         let result = if !registered {

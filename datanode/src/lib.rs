@@ -2,6 +2,7 @@
 //! writes, serves reads and follows the namenode's commands.
 
 mod heartbeat;
+mod node;
 mod scrub;
 mod service;
 mod store;

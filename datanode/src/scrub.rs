@@ -3,7 +3,7 @@
 //! longer match their digest, so a chunk that rots is replaced before
 //! anyone needs it rather than found when someone reads it.
 
-use crate::service::Node;
+use crate::node::Node;
 use crate::transfer::read_pieces;
 use quern_proto::msg::{ReportBadReplica, ScrubStatus};
 use quern_proto::{ChunkId, Digest};

@@ -1,172 +1,21 @@
 //! Datanode requests: pipelined chunk writes, chunk reads, map tasks, ping.
 
+pub use crate::node::DatanodeConfig;
+use crate::node::{Node, MAX_CHUNK};
 use crate::store::{ChunkInfo, ChunkStore, StoreError};
 use crate::transfer::{disk_writer, read_pieces, PIECE};
+use quern_proto::background::Background;
 use quern_proto::msg::*;
-use quern_proto::transport::{serve, Endpoint, Peer, RequestStream, ServerStream, Service, Tuning};
-use quern_proto::{tls::Identity, Access, ChunkId, ChunkToken, Digest, ErrorCode, KeyRing};
+use quern_proto::transport::{serve, Endpoint, RequestStream, ServerStream, Service};
+use quern_proto::{tls::Identity, Access, ChunkToken, Digest, ErrorCode};
 use quern_proto::{NodeId, Role, WireError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// Largest chunk a datanode accepts; checked before anything is allocated.
-pub const MAX_CHUNK: u64 = 1 << 30;
-
-#[derive(Debug, Clone)]
-pub struct DatanodeConfig {
-    pub dir: PathBuf,
-    pub listen: SocketAddr,
-    /// Address others use to reach this node; the listen address when unset
-    /// (with 127.0.0.1 for an unspecified IP).
-    pub advertise: Option<SocketAddr>,
-    pub namenode: SocketAddr,
-    pub heartbeat: Duration,
-    /// How often the full chunk report is sent besides registration.
-    pub report_interval: Duration,
-    /// How long chunks moved to the trash are kept.
-    pub trash_ttl: Duration,
-    pub scrub: crate::scrub::ScrubConfig,
-    /// Transport settings (piece idle deadline, hedging).
-    pub tuning: Tuning,
-    /// Chunks per page of a chunk report.
-    pub report_page: usize,
-}
-
-impl DatanodeConfig {
-    pub fn new(dir: PathBuf, listen: SocketAddr, namenode: SocketAddr) -> DatanodeConfig {
-        DatanodeConfig {
-            dir,
-            listen,
-            advertise: None,
-            namenode,
-            heartbeat: Duration::from_secs(3),
-            report_interval: Duration::from_secs(60),
-            trash_ttl: Duration::from_secs(24 * 3600),
-            scrub: Default::default(),
-            tuning: Tuning::tuned(),
-            report_page: quern_proto::msg::REPORT_PAGE,
-        }
-    }
-}
-
-pub(crate) struct Node {
-    pub id: NodeId,
-    pub addr: SocketAddr,
-    pub cfg: DatanodeConfig,
-    pub store: Arc<ChunkStore>,
-    pub endpoint: Arc<Endpoint>,
-    /// Map and gradient tasks running at once: one per core.
-    pub task_slots: tokio::sync::Semaphore,
-    pub jobs: crate::train::Jobs,
-    /// The namenode's token keys, as of its last reply.
-    pub keys: std::sync::RwLock<KeyRing>,
-    /// The cluster this node belongs to (kept in `DIR/cluster_id`).
-    pub cluster_id: std::sync::Mutex<Option<String>>,
-    pub scrub: crate::scrub::ScrubState,
-    /// Set when the disk ran out of space; cleared by a heartbeat that
-    /// finds room again. A full node takes no new chunks.
-    pub full: std::sync::atomic::AtomicBool,
-}
-
-/// Space a full node must have free again before it takes chunks: a
-/// default chunk, or a quarter of a small disk.
-pub(crate) fn room_again(capacity: u64) -> u64 {
-    (64u64 << 20).min(capacity / 4)
-}
-
-impl Node {
-    pub(crate) fn is_full(&self) -> bool {
-        self.full.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_full(&self, full: bool) {
-        let was = self.full.swap(full, std::sync::atomic::Ordering::Relaxed);
-        if was != full {
-            if full {
-                tracing::warn!(
-                    "{}: disk full; taking no new chunks until space returns",
-                    self.describe()
-                );
-            } else {
-                tracing::info!("{}: space is back; taking chunks again", self.describe());
-            }
-        }
-    }
-
-    pub(crate) fn namenode(&self) -> Peer {
-        Peer::namenode(self.cfg.namenode)
-    }
-
-    /// Checks that `token` grants one of `wants` on `chunk`; returns the
-    /// access it was accepted for.
-    pub(crate) fn authorize(
-        &self,
-        token: Option<&ChunkToken>,
-        chunk: ChunkId,
-        wants: &[Access],
-    ) -> Result<Access, WireError> {
-        let ring = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let now = quern_proto::token::now_ms();
-        let mut why = String::new();
-        for want in wants {
-            match ring.check(token, chunk, *want, now) {
-                Ok(()) => return Ok(*want),
-                // A token that claims this access failed for a reason of
-                // its own (signature, expiry): that is the answer.
-                Err(e) if token.is_some_and(|t| t.access.allows(*want)) => {
-                    why = e;
-                    break;
-                }
-                Err(e) => why = e,
-            }
-        }
-        Err(WireError::new(
-            ErrorCode::PermissionDenied,
-            format!("permission denied by {}: {why}", self.describe()),
-        ))
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        format!("datanode {} ({})", self.id, self.addr)
-    }
-
-    pub(crate) fn store_error(&self, e: &StoreError) -> WireError {
-        if e.is_disk_full() {
-            self.set_full(true);
-            WireError::new(
-                ErrorCode::NoSpace,
-                format!(
-                    "{}: disk full ({e}); free space or add datanodes",
-                    self.describe()
-                ),
-            )
-        } else if let StoreError::Missing(_) = e {
-            WireError::new(ErrorCode::NotFound, format!("{}: {e}", self.describe()))
-        } else {
-            WireError::new(ErrorCode::Io, format!("{}: {e}", self.describe()))
-        }
-    }
-
-    /// Tells the namenode a replica arrived, so it is readable at once.
-    pub fn announce(self: &Arc<Self>, chunk: StoredChunk) {
-        let node = self.clone();
-        tokio::spawn(async move {
-            let req = ChunkReceived {
-                node: node.id,
-                chunk,
-            };
-            if let Err(e) = node.endpoint.call(node.namenode(), req).await {
-                tracing::debug!("could not announce {}: {e}", chunk.id);
-            }
-        });
-    }
-}
 
 pub struct Datanode {
     node: Arc<Node>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Background,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,14 +67,11 @@ impl Datanode {
             full: Default::default(),
         });
         tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
-        let tasks = vec![
-            tokio::spawn(serve(
-                endpoint,
-                Arc::new(DataService { node: node.clone() }),
-            )),
-            tokio::spawn(crate::heartbeat::run(node.clone())),
-            tokio::spawn(crate::scrub::run(node.clone())),
-        ];
+        let mut tasks = Background::default();
+        let service = Arc::new(DataService { node: node.clone() });
+        tasks.spawn("requests", serve(endpoint, service));
+        tasks.spawn("heartbeat", crate::heartbeat::run(node.clone()));
+        tasks.spawn("scrubber", crate::scrub::run(node.clone()));
         Ok(Datanode { node, tasks })
     }
 
@@ -249,9 +95,12 @@ impl Datanode {
     /// Stops at once, as a crash would (no goodbye to the namenode).
     pub fn shutdown(self) {
         self.node.endpoint.close();
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.tasks.stop();
+    }
+
+    /// The node's background tasks, by name.
+    pub fn tasks(&self) -> &Background {
+        &self.tasks
     }
 }
 
@@ -297,14 +146,6 @@ fn read_cluster_id(dir: &std::path::Path) -> Result<Option<String>, StartError> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StartError::Dir(path, e)),
     }
-}
-
-/// Keeps the cluster id beside `node_id` at the first registration.
-pub(crate) fn write_cluster_id(dir: &std::path::Path, id: &str) -> std::io::Result<()> {
-    let path = dir.join("cluster_id");
-    let tmp = dir.join("cluster_id.tmp");
-    std::fs::write(&tmp, format!("{id}\n"))?;
-    std::fs::rename(&tmp, &path)
 }
 
 struct DataService {

@@ -1,7 +1,7 @@
 //! The task executor: map tasks run here, next to the chunk they read, on a
 //! bounded pool so that tasks never starve reads and writes of CPU.
 
-use crate::service::Node;
+use crate::node::Node;
 use bytes::Bytes;
 use quern_proto::chunk::fetch_chunk;
 use quern_proto::msg::*;

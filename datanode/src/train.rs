@@ -1,7 +1,7 @@
 //! Training jobs on a datanode: the job's records stay decoded in memory
 //! between steps; each step receives parameters and returns gradient sums.
 
-use crate::service::Node;
+use crate::node::Node;
 use crate::tasks::{fetch_remote, read_local};
 use quern_compute::ops;
 use quern_compute::train::{f32s_from_le, f32s_to_le, StepRequest, Worker, WorkerSpec};

@@ -7,5 +7,6 @@ mod monitor;
 mod namespace;
 mod perm;
 mod service;
+mod state;
 
 pub use service::{Namenode, NamenodeConfig};

@@ -1,7 +1,7 @@
 //! Background duties (lease expiry, dead datanodes, re-replication) and the
 //! health check that reports on them.
 
-use crate::service::State;
+use crate::state::State;
 use quern_proto::msg::{DatanodeCommand, Fsck, FsckFile, FsckReport, Health, LIST_PAGE};
 use quern_proto::{NodeId, RemotePath, WireError};
 use std::sync::Arc;
@@ -38,7 +38,7 @@ async fn expire_leases(state: &State) {
         .collect();
     for id in expired {
         tracing::info!(file = %id, "write lease expired");
-        if let Err(e) = crate::service::abandon(state, id).await {
+        if let Err(e) = crate::state::abandon(state, id).await {
             tracing::warn!(file = %id, "could not drop expired file: {e}");
         }
     }

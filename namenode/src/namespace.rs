@@ -272,10 +272,23 @@ const CLUSTER_ID: &[u8] = b"cluster_id";
 
 impl Namespace {
     fn open_db(dir: &std::path::Path) -> Result<sled::Db, StoreError> {
-        Ok(sled::Config::new()
+        let config = sled::Config::new()
             .path(dir.join("meta"))
-            .flush_every_ms(Some(1000))
-            .open()?)
+            .flush_every_ms(Some(1000));
+        // sled's flusher thread lets go of the file lock a moment after a
+        // Db is dropped: a store just formatted in this process may still
+        // be locked for a few milliseconds.
+        let mut tries = 0;
+        loop {
+            match config.open() {
+                Ok(db) => return Ok(db),
+                Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Writes a new cluster id and an empty namespace into `dir`, which

@@ -2,6 +2,7 @@
 //! paths, errors, framing over QUIC streams, TLS material and client
 //! configuration.
 
+pub mod background;
 pub mod chunk;
 pub mod config;
 pub mod error;

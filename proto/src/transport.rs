@@ -417,6 +417,7 @@ impl Endpoint {
             send,
             recv,
             idle: self.piece_idle,
+            patience: deadline,
             deadline: Instant::now() + deadline,
             body: BodyFault::new(fault),
         };
@@ -495,6 +496,8 @@ pub struct RequestStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     idle: Duration,
+    /// How long the answer may take once the request is complete.
+    patience: Duration,
     deadline: Instant,
     body: BodyFault,
 }
@@ -506,8 +509,10 @@ impl RequestStream {
         send_piece(&mut self.send, piece, self.peer, self.kind, self.idle).await
     }
 
-    /// Ends the request's body (or a request without one).
+    /// Ends the request's body (or a request without one). The answer's
+    /// deadline counts from here: a body's own pace is bounded per piece.
     pub fn finish(&mut self) -> Result<()> {
+        self.deadline = Instant::now() + self.patience;
         self.send.finish().map_err(|e| stream_error(self.peer, e))
     }
 
@@ -519,10 +524,7 @@ impl RequestStream {
             .map_err(|_| Error::Timeout {
                 peer: self.peer.to_string(),
                 what: self.kind.to_string(),
-                secs: self
-                    .deadline
-                    .saturating_duration_since(Instant::now())
-                    .as_secs(),
+                secs: self.patience.as_secs(),
             })?;
         let reply: Reply<T> = reply.map_err(|e| self.peer_error(e))?;
         reply.map_err(Error::Remote)
