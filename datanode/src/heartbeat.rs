@@ -75,6 +75,7 @@ pub(crate) async fn run(node: Arc<Node>) {
             let trash_bytes = tokio::task::spawn_blocking(move || store.trash_bytes())
                 .await
                 .unwrap_or(0);
+            let (jobs, job_bytes) = node.jobs.usage();
             node.endpoint
                 .call(
                     node.namenode(),
@@ -86,6 +87,8 @@ pub(crate) async fn run(node: Arc<Node>) {
                         chunks,
                         trash_bytes,
                         scrub: node.scrub.status(),
+                        jobs,
+                        job_bytes,
                     },
                 )
                 .await

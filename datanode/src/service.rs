@@ -30,6 +30,12 @@ pub struct DatanodeConfig {
     /// How long chunks moved to the trash are kept.
     pub trash_ttl: Duration,
     pub scrub: crate::scrub::ScrubConfig,
+    /// A training job neither stepped nor renewed for this long is freed
+    /// (its coordinator is gone).
+    pub job_lease: Duration,
+    /// Most bytes of decoded records all training jobs together may hold;
+    /// a TrainOpen beyond it is refused.
+    pub job_memory: u64,
 }
 
 impl DatanodeConfig {
@@ -43,6 +49,8 @@ impl DatanodeConfig {
             report_interval: Duration::from_secs(60),
             trash_ttl: Duration::from_secs(24 * 3600),
             scrub: Default::default(),
+            job_lease: Duration::from_secs(60),
+            job_memory: crate::train::default_job_memory(),
         }
     }
 }
@@ -55,7 +63,7 @@ pub(crate) struct Node {
     pub endpoint: Arc<Endpoint>,
     /// Map and gradient tasks running at once: one per core.
     pub task_slots: tokio::sync::Semaphore,
-    pub jobs: crate::train::Jobs,
+    pub jobs: Arc<crate::train::Jobs>,
     /// The namenode's token keys, as of its last reply.
     pub keys: std::sync::RwLock<KeyRing>,
     /// The cluster this node belongs to (kept in `DIR/cluster_id`).
@@ -170,6 +178,7 @@ impl Datanode {
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
+        let jobs = Arc::new(crate::train::Jobs::new(cfg.job_lease, cfg.job_memory));
         let node = Arc::new(Node {
             id,
             addr,
@@ -179,7 +188,7 @@ impl Datanode {
             task_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
-            jobs: Default::default(),
+            jobs,
             keys: Default::default(),
             cluster_id: std::sync::Mutex::new(cluster_id),
             scrub: Default::default(),
@@ -192,6 +201,7 @@ impl Datanode {
             )),
             tokio::spawn(crate::heartbeat::run(node.clone())),
             tokio::spawn(crate::scrub::run(node.clone())),
+            tokio::spawn(crate::train::sweeper(node.jobs.clone())),
         ];
         Ok(Datanode { node, tasks })
     }
@@ -301,6 +311,10 @@ impl Service for DataService {
             DataRequest::TrainClose(r) => {
                 let reply = crate::train::close(&self.node, &stream.caller, r);
                 stream.reply(&reply).await
+            }
+            DataRequest::TrainRenew(r) => {
+                let reply = crate::train::renew(&self.node, &stream.caller, r);
+                stream.reply(&Ok(reply)).await
             }
         };
         if let Err(e) = result {

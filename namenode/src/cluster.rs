@@ -21,6 +21,9 @@ pub struct NodeEntry {
     pub chunks: u64,
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
+    /// Training jobs the node holds in memory, as of its last heartbeat.
+    pub jobs: u64,
+    pub job_bytes: u64,
     pub last_heartbeat: Instant,
     /// Bytes placed on the node since its last heartbeat, so a burst of
     /// allocations spreads out before usage figures catch up.
@@ -142,6 +145,8 @@ impl Cluster {
             chunks: 0,
             trash_bytes: 0,
             scrub: ScrubStatus::default(),
+            jobs: 0,
+            job_bytes: 0,
             last_heartbeat: Instant::now(),
             placed_since_heartbeat: 0,
             commands: Vec::new(),
@@ -306,6 +311,8 @@ impl Cluster {
         let n = self.nodes.get_mut(&hb.node)?;
         n.trash_bytes = hb.trash_bytes;
         n.scrub = hb.scrub;
+        n.jobs = hb.jobs;
+        n.job_bytes = hb.job_bytes;
         n.capacity = hb.capacity;
         n.available = hb.available;
         n.used = hb.used;
@@ -335,6 +342,8 @@ impl Cluster {
                 chunks: n.chunks,
                 trash_bytes: n.trash_bytes,
                 scrub: n.scrub.clone(),
+                jobs: n.jobs,
+                job_bytes: n.job_bytes,
                 since_heartbeat_secs: n.last_heartbeat.elapsed().as_secs_f64(),
             })
             .collect();

@@ -175,6 +175,10 @@ pub struct DatanodeReport {
     /// Chunks moved aside instead of deleted, kept for the trash time.
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
+    /// Training jobs whose records the node holds in memory, and their
+    /// bytes (charged against the node's `--job-memory` budget).
+    pub jobs: u64,
+    pub job_bytes: u64,
     pub since_heartbeat_secs: f64,
 }
 
@@ -369,6 +373,9 @@ pub struct Heartbeat {
     pub chunks: u64,
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
+    /// Training jobs held in memory and the bytes charged for them.
+    pub jobs: u64,
+    pub job_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -491,6 +498,11 @@ pub struct TaskOutput {
 /// or from `sources[i]` when this node holds no replica of chunk i), decode
 /// and keep their records in memory for the job's life. `spec` is an
 /// encoded `quern_compute::train::WorkerSpec`.
+///
+/// The job lives under a lease: the node frees it once no request of the
+/// job has been in progress and none of TrainOpen, TrainStep or
+/// TrainRenew has come for a whole lease (`TrainOpened::lease_ms`). A node
+/// refuses (NoSpace) a job whose records do not fit its job memory budget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainOpen {
     pub job: u64,
@@ -508,6 +520,8 @@ pub struct TrainOpened {
     pub records: u64,
     pub local_bytes: u64,
     pub fetched_bytes: u64,
+    /// The node's job lease: the coordinator renews more often than this.
+    pub lease_ms: u64,
 }
 
 /// One training round on this node's shard. `request` is an encoded
@@ -537,6 +551,21 @@ pub struct TrainClose {
     pub job: u64,
 }
 
+/// Keeps the caller's jobs on this node alive for another lease, while
+/// the coordinator does something other than step them (a long step on
+/// another node, validation, reopening a lost worker's share elsewhere).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainRenew {
+    pub jobs: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainRenewed {
+    /// Jobs of the request this node does not hold (expired, closed or
+    /// never opened here, or another caller's).
+    pub unknown: Vec<u64>,
+}
+
 rpcs!(DataRequest {
     WriteChunk(WriteChunk) -> WriteAck,
     ReadChunk(ReadChunk) -> ReadHeader,
@@ -545,4 +574,5 @@ rpcs!(DataRequest {
     TrainOpen(TrainOpen) -> TrainOpened,
     TrainStep(TrainStep) -> TrainStepOutput,
     TrainClose(TrainClose) -> (),
+    TrainRenew(TrainRenew) -> TrainRenewed,
 });

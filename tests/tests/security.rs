@@ -87,6 +87,8 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
                 chunks: 0,
                 trash_bytes: 0,
                 scrub: Default::default(),
+                jobs: 0,
+                job_bytes: 0,
             },
         )
         .await
