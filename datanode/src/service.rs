@@ -193,7 +193,14 @@ impl Datanode {
             cluster_id: std::sync::Mutex::new(cluster_id),
             scrub: Default::default(),
         });
-        tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
+        tracing::info!(
+            node = %id,
+            %addr,
+            chunks = node.store.list().len(),
+            job_lease = ?node.cfg.job_lease,
+            job_memory = node.cfg.job_memory,
+            "datanode listening"
+        );
         let tasks = vec![
             tokio::spawn(serve(
                 endpoint,
