@@ -32,6 +32,10 @@ pub struct Options {
     pub replication_interval: Duration,
     pub report_interval: Duration,
     pub token_lifetime: Duration,
+    /// The datanodes' training job lease.
+    pub job_lease: Duration,
+    /// The datanodes' training job memory budget (their default if unset).
+    pub job_memory: Option<u64>,
 }
 
 impl Default for Options {
@@ -44,6 +48,8 @@ impl Default for Options {
             replication_interval: Duration::from_secs(3600),
             report_interval: Duration::from_secs(3600),
             token_lifetime: Duration::from_secs(3600),
+            job_lease: Duration::from_secs(60),
+            job_memory: None,
         }
     }
 }
@@ -137,6 +143,10 @@ impl TestCluster {
         );
         cfg.heartbeat = self.opts.heartbeat;
         cfg.report_interval = self.opts.report_interval;
+        cfg.job_lease = self.opts.job_lease;
+        if let Some(m) = self.opts.job_memory {
+            cfg.job_memory = m;
+        }
         let dn = Datanode::start(cfg, &self.datanode_identity(i))
             .await
             .expect("datanode");
