@@ -37,7 +37,8 @@ pub enum ClusterCommand {
         groups: Vec<String>,
     },
     /// Start (or restart) a local cluster in the background.
-    Up(UpArgs),
+    // Boxed: the flags of `up` make it far larger than the other commands.
+    Up(Box<UpArgs>),
     /// Show the cluster's processes and datanodes.
     Status {
         #[arg(long)]
@@ -170,7 +171,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<i32> {
         ClusterCommand::AddUser { name, dir, groups } => {
             add_user(&dir, &name, groups).await.map(|_| 0)
         }
-        ClusterCommand::Up(a) => up(a).await.map(|_| 0),
+        ClusterCommand::Up(a) => up(*a).await.map(|_| 0),
         ClusterCommand::Status { dir, json } => status(&dir, json).await,
         ClusterCommand::Down { dir } => down(&dir).map(|_| 0),
     }
