@@ -239,17 +239,18 @@ async fn close_worker(client: &Client, job: u64, node: NodeAddr) {
 /// Renews the job on every worker each third of the lease; nothing is
 /// sent until the first worker has opened and told its lease.
 async fn renew_leases(client: Client, job: u64, state: Arc<Mutex<LeaseState>>) {
+    let mut every = Duration::from_millis(100);
     loop {
+        tokio::time::sleep(every).await;
+        // Read after the wait: a worker lost meanwhile is not renewed.
         let (nodes, lease) = {
             let s = state.lock().unwrap_or_else(|p| p.into_inner());
             (s.nodes.clone(), s.lease)
         };
         let Some(lease) = lease else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let every = (lease / 3).max(Duration::from_millis(10));
-        tokio::time::sleep(every).await;
+        every = (lease / 3).max(Duration::from_millis(10));
         // One task per worker: a dead worker's timeout must not delay the
         // others' renewals.
         for node in nodes {
