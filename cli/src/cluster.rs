@@ -37,7 +37,8 @@ pub enum ClusterCommand {
         groups: Vec<String>,
     },
     /// Start (or restart) a local cluster in the background.
-    Up(UpArgs),
+    // Boxed: the flags of `up` make it far larger than the other commands.
+    Up(Box<UpArgs>),
     /// Show the cluster's processes and datanodes.
     Status {
         #[arg(long)]
@@ -77,6 +78,14 @@ pub struct UpArgs {
     /// Most bytes per second each datanode's scrubber reads.
     #[arg(long, default_value = "16MiB")]
     pub scrub_rate: String,
+    /// How long the datanodes keep a training job whose coordinator went
+    /// silent.
+    #[arg(long, default_value = "60s")]
+    pub job_lease: String,
+    /// Memory budget for training jobs on each datanode (default: a
+    /// quarter of the machine's memory).
+    #[arg(long, value_name = "BYTES")]
+    pub job_memory: Option<String>,
     /// How long to wait for every datanode to register.
     #[arg(long, default_value = "30s", value_parser = crate::duration::parse)]
     pub wait: Duration,
@@ -97,6 +106,8 @@ impl UpArgs {
             report_interval: "60s".into(),
             scrub_interval: "24h".into(),
             scrub_rate: "16MiB".into(),
+            job_lease: "60s".into(),
+            job_memory: None,
             wait: Duration::from_secs(30),
         }
     }
@@ -160,7 +171,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<i32> {
         ClusterCommand::AddUser { name, dir, groups } => {
             add_user(&dir, &name, groups).await.map(|_| 0)
         }
-        ClusterCommand::Up(a) => up(a).await.map(|_| 0),
+        ClusterCommand::Up(a) => up(*a).await.map(|_| 0),
         ClusterCommand::Status { dir, json } => status(&dir, json).await,
         ClusterCommand::Down { dir } => down(&dir).map(|_| 0),
     }
@@ -355,7 +366,7 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
         let cert_name = crate::servers::datanode_cert_name(id);
         files.issue(&cert_name, &Principal::new(Role::Datanode(id)))?;
         let (cert, key) = files.cert(&cert_name);
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "datanode".into(),
             "--dir".into(),
             dir.join(&name).display().to_string(),
@@ -377,7 +388,12 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
             a.scrub_interval.clone(),
             "--scrub-rate".into(),
             a.scrub_rate.clone(),
+            "--job-lease".into(),
+            a.job_lease.clone(),
         ];
+        if let Some(m) = &a.job_memory {
+            args.extend(["--job-memory".into(), m.clone()]);
+        }
         let p = start_process(&dir, "datanode", &name, args).await?;
         cluster.datanodes.push(p);
         cluster.save()?;

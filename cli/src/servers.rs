@@ -95,6 +95,15 @@ pub struct DatanodeArgs {
     /// Most bytes per second the scrubber reads.
     #[arg(long, default_value = "16MiB", value_parser = quern_proto::size::parse_size)]
     pub scrub_rate: u64,
+    /// A training job whose coordinator neither steps nor renews it for
+    /// this long is freed (the coordinator died).
+    #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
+    pub job_lease: Duration,
+    /// Most memory the decoded records of all training jobs may take on
+    /// this node; a job beyond it is refused [default: a quarter of the
+    /// machine's memory].
+    #[arg(long, value_name = "BYTES", value_parser = quern_proto::size::parse_size)]
+    pub job_memory: Option<u64>,
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
 }
@@ -211,6 +220,13 @@ pub async fn datanode(a: DatanodeArgs) -> Result<()> {
         interval: a.scrub_interval,
         rate: a.scrub_rate,
     };
+    if a.job_lease.is_zero() {
+        bail!("--job-lease must be more than zero");
+    }
+    cfg.job_lease = a.job_lease;
+    if let Some(m) = a.job_memory {
+        cfg.job_memory = m;
+    }
     let dn = Datanode::start(cfg, &identity)
         .await
         .with_context(|| format!("starting the datanode on {}", a.listen))?;

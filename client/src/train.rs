@@ -18,6 +18,7 @@ use quern_proto::msg::*;
 use quern_proto::NodeId;
 use serde::Serialize;
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -129,6 +130,151 @@ struct Chunk {
     all: Vec<NodeAddr>,
 }
 
+/// The datanodes a job was opened on, kept alive and cleaned up.
+///
+/// A datanode frees a job's records once the job has had no request for a
+/// lease (`--job-lease`, learned from `TrainOpened::lease_ms`). Between
+/// steps the coordinator can be busy for longer than that (a validation
+/// pass, reopening a lost worker's share, a slow worker's step), so a
+/// background task renews every worker with a `TrainRenew` every third of
+/// the shortest lease, for as long as the job runs: two renewals may be
+/// lost before a live job expires.
+///
+/// Every worker an open was sent to is closed when the job ends, however
+/// it ends: explicitly at the end of [`Client::train`] (success or error),
+/// at once when a worker is lost, and from `Drop` when the training future
+/// is dropped (cancelled, or its task aborted). A coordinator that dies
+/// closes nothing; the lease frees its jobs.
+struct JobLease {
+    client: Client,
+    job: u64,
+    state: Arc<Mutex<LeaseState>>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct LeaseState {
+    nodes: Vec<NodeAddr>,
+    /// The shortest lease of the workers opened so far.
+    lease: Option<Duration>,
+}
+
+impl JobLease {
+    fn start(client: Client, job: u64) -> JobLease {
+        let state = Arc::new(Mutex::new(LeaseState::default()));
+        let renewer = tokio::spawn(renew_leases(client.clone(), job, state.clone()));
+        JobLease {
+            client,
+            job,
+            state,
+            renewer,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before an open is sent: the node may hold the job from now on.
+    fn opening(&self, node: NodeAddr) {
+        let mut s = self.lock();
+        if !s.nodes.iter().any(|n| n.id == node.id) {
+            s.nodes.push(node);
+        }
+    }
+
+    fn opened(&self, lease_ms: u64) {
+        let lease = Duration::from_millis(lease_ms);
+        let mut s = self.lock();
+        s.lease = Some(s.lease.map_or(lease, |l| l.min(lease)));
+    }
+
+    /// A worker the job no longer uses: closed now (it may be alive and
+    /// holding records) and no longer renewed, so its lease frees the job
+    /// there even when the close does not arrive.
+    fn lost(&self, node: NodeAddr) {
+        self.lock().nodes.retain(|n| n.id != node.id);
+        let (client, job) = (self.client.clone(), self.job);
+        tokio::spawn(async move { close_worker(&client, job, node).await });
+    }
+
+    /// Closes every worker at once; nothing is left for `Drop`.
+    async fn close(&mut self) {
+        self.renewer.abort();
+        let nodes = std::mem::take(&mut self.lock().nodes);
+        let mut set = tokio::task::JoinSet::new();
+        for node in nodes {
+            let (client, job) = (self.client.clone(), self.job);
+            set.spawn(async move { close_worker(&client, job, node).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
+
+impl Drop for JobLease {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        let nodes = std::mem::take(&mut self.lock().nodes);
+        if nodes.is_empty() {
+            return;
+        }
+        // Without a runtime (it is shutting down) nothing can be sent; the
+        // datanodes' leases free the job.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for node in nodes {
+            let (client, job) = (self.client.clone(), self.job);
+            rt.spawn(async move { close_worker(&client, job, node).await });
+        }
+    }
+}
+
+async fn close_worker(client: &Client, job: u64, node: NodeAddr) {
+    if let Err(e) = client.endpoint().call(node, TrainClose { job }).await {
+        tracing::debug!(worker = %node.addr, "closing training job {job:016x}: {e}");
+    }
+}
+
+/// Renews the job on every worker each third of the lease; nothing is
+/// sent until the first worker has opened and told its lease.
+async fn renew_leases(client: Client, job: u64, state: Arc<Mutex<LeaseState>>) {
+    let mut every = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(every).await;
+        // Read after the wait: a worker lost meanwhile is not renewed.
+        let (nodes, lease) = {
+            let s = state.lock().unwrap_or_else(|p| p.into_inner());
+            (s.nodes.clone(), s.lease)
+        };
+        let Some(lease) = lease else {
+            continue;
+        };
+        every = (lease / 3).max(Duration::from_millis(10));
+        // One task per worker: a dead worker's timeout must not delay the
+        // others' renewals.
+        for node in nodes {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let call = client.endpoint().call(node, TrainRenew { jobs: vec![job] });
+                match tokio::time::timeout(lease, call).await {
+                    Ok(Ok(r)) if !r.unknown.is_empty() => tracing::debug!(
+                        worker = %node.addr,
+                        "training job {job:016x} is not held there (yet, or any more)"
+                    ),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(worker = %node.addr, "renewing training job {job:016x}: {e}")
+                    }
+                    Err(_) => {
+                        tracing::debug!(worker = %node.addr, "renewing training job {job:016x} timed out")
+                    }
+                }
+            });
+        }
+    }
+}
+
 impl Client {
     /// The scaler a job uses: fitted on the dataset's statistics, which
     /// are computed by map tasks first when the manifest has none.
@@ -184,11 +330,17 @@ impl Client {
     ) -> Result<TrainOutcome> {
         // Not generic below this line: the coordinator's hot loop is then
         // compiled (and optimised) in this crate, not in the caller's.
-        self.train_job(ds, val, opts, &mut on_event).await
+        let mut lease = JobLease::start(self.clone(), rand::random());
+        let outcome = self.train_job(&lease, ds, val, opts, &mut on_event).await;
+        // Success or error, the workers free the job's records now rather
+        // than a lease later.
+        lease.close().await;
+        outcome
     }
 
     async fn train_job(
         &self,
+        lease: &JobLease,
         ds: &mut Dataset,
         val: Option<&Dataset>,
         opts: &TrainOptions,
@@ -245,7 +397,7 @@ impl Client {
                 }),
             }
         }
-        let job: u64 = rand::random();
+        let job = lease.job;
         let spec = ops::encode(&WorkerSpec {
             model_json: opts.model_json.clone(),
             layout: ds.manifest.layout.clone(),
@@ -260,16 +412,27 @@ impl Client {
         let mut pending: Vec<(NodeAddr, Vec<usize>)> =
             workers.iter().map(|w| (w.node, w.chunks.clone())).collect();
         while let Some((node, idx)) = pending.pop() {
-            match self.open_worker(job, &spec, node, &idx, &chunks).await {
+            // Lost since this open was queued: its chunks moved already.
+            if lost.contains(&node.id) {
+                continue;
+            }
+            match self.open_worker(lease, &spec, node, &idx, &chunks).await {
                 Ok(o) => opened(&mut summary, &mut workers, node, &o),
                 Err(e) => {
-                    workers.retain(|w| w.node.id != node.id);
+                    // All of the worker's chunks move, not only this open's:
+                    // a share moved to it earlier (say, from a node whose
+                    // memory budget was full) would be dropped otherwise.
+                    let gone = match workers.iter().position(|w| w.node.id == node.id) {
+                        Some(p) => workers.remove(p).chunks,
+                        None => idx,
+                    };
+                    lease.lost(node);
                     let moved = self.reassign(
                         &mut workers,
                         &mut sched,
                         &mut lost,
                         node,
-                        &idx,
+                        &gone,
                         &chunks,
                         &e,
                     )?;
@@ -278,7 +441,7 @@ impl Client {
                             iteration: 0,
                             worker: node.addr.to_string(),
                             error: e.to_string(),
-                            chunks_moved: idx.len(),
+                            chunks_moved: gone.len(),
                         },
                         &mut events,
                     );
@@ -369,6 +532,7 @@ impl Client {
                         return Err(e);
                     };
                     let gone = workers.remove(pos);
+                    lease.lost(node);
                     let moved = self.reassign(
                         &mut workers,
                         &mut sched,
@@ -389,11 +553,15 @@ impl Client {
                     );
                     let mut queue = moved;
                     while let Some((n, idx)) = queue.pop() {
-                        match self.open_worker(job, &spec, n, &idx, &chunks).await {
+                        if lost.contains(&n.id) {
+                            continue;
+                        }
+                        match self.open_worker(lease, &spec, n, &idx, &chunks).await {
                             Ok(o) => opened(&mut summary, &mut workers, n, &o),
                             Err(e2) => {
                                 if let Some(p) = workers.iter().position(|w| w.node.id == n.id) {
                                     let g = workers.remove(p);
+                                    lease.lost(n);
                                     queue.extend(self.reassign(
                                         &mut workers,
                                         &mut sched,
@@ -480,9 +648,6 @@ impl Client {
                 break;
             }
         }
-        for w in &workers {
-            let _ = self.endpoint().call(w.node, TrainClose { job }).await;
-        }
         summary.iterations = iteration;
         summary.wall_s = started.elapsed().as_secs_f64();
         summary.samples_per_sec = if step_us > 0 {
@@ -507,14 +672,15 @@ impl Client {
 
     async fn open_worker(
         &self,
-        job: u64,
+        lease: &JobLease,
         spec: &[u8],
         node: NodeAddr,
         idx: &[usize],
         chunks: &[Chunk],
     ) -> Result<TrainOpened> {
+        lease.opening(node);
         let req = TrainOpen {
-            job,
+            job: lease.job,
             spec: spec.to_vec(),
             chunks: idx.iter().map(|&i| chunks[i].meta).collect(),
             sources: idx.iter().map(|&i| chunks[i].all.clone()).collect(),
@@ -528,7 +694,11 @@ impl Client {
         )
         .await
         {
-            Ok(r) => Ok(r?),
+            Ok(r) => {
+                let o = r?;
+                lease.opened(o.lease_ms);
+                Ok(o)
+            }
             Err(_) => Err(Error::Job(format!(
                 "{}: loading the job's records timed out",
                 node.addr

@@ -330,6 +330,46 @@ impl Worker {
         self.y.len() as u64
     }
 
+    /// Memory one record takes once decoded: its features as f32, its
+    /// label, and its place in the epoch's shuffled order.
+    pub fn bytes_per_record(layout: &RecordLayout) -> u64 {
+        (layout.features() as u64 + 2) * 4
+    }
+
+    /// Memory the records in `chunk_bytes` encoded bytes take once a worker
+    /// holds them: what a datanode charges a job before loading them.
+    /// Features are stored as f32, so u8 images take four times their
+    /// encoded size.
+    pub fn decoded_bytes(layout: &RecordLayout, chunk_bytes: u64) -> u64 {
+        let records = chunk_bytes / layout.record_size().max(1) as u64;
+        records.saturating_mul(Self::bytes_per_record(layout))
+    }
+
+    /// Makes room for `records` more records at once, so loading a job's
+    /// chunks allocates what was charged for them: a vector grown chunk by
+    /// chunk can hold up to twice its length.
+    pub fn reserve(&mut self, records: u64) {
+        let n = usize::try_from(records).unwrap_or(usize::MAX);
+        self.x.reserve_exact(n.saturating_mul(self.features));
+        self.y.reserve_exact(n);
+    }
+
+    /// Bytes this worker holds: records, their shuffled order, the batch
+    /// buffers and the optimizer state of `--sync K`.
+    pub fn memory_bytes(&self) -> u64 {
+        let perm = self.perm.as_ref().map_or(0, |(_, _, p)| p.capacity());
+        let opt = self
+            .local_opt
+            .as_ref()
+            .map_or(0, |o| o.state_len() as u64 * 4);
+        let words = self.x.capacity()
+            + self.y.capacity()
+            + perm
+            + self.batch_x.capacity()
+            + self.batch_y.capacity();
+        words as u64 * 4 + opt
+    }
+
     /// The shard's order in `epoch`: Fisher-Yates keyed by the job's seed,
     /// the epoch and the worker's index.
     fn permutation(&mut self, epoch: u64, worker: u32) -> &[u32] {

@@ -51,6 +51,7 @@ pub(crate) async fn run(node: Arc<Node>) {
             let trash_bytes = tokio::task::spawn_blocking(move || store.trash_bytes())
                 .await
                 .unwrap_or(0);
+            let (jobs, job_bytes) = node.jobs.usage();
             node.endpoint
                 .call(
                     node.namenode(),
@@ -63,6 +64,8 @@ pub(crate) async fn run(node: Arc<Node>) {
                         trash_bytes,
                         scrub: node.scrub.status(),
                         full: node.is_full(),
+                        jobs,
+                        job_bytes,
                     },
                 )
                 .await

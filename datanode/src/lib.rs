@@ -13,3 +13,4 @@ mod transfer;
 pub use scrub::ScrubConfig;
 pub use service::{Datanode, DatanodeConfig};
 pub use store::{ChunkStore, StoreError};
+pub use train::default_job_memory;

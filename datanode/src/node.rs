@@ -29,6 +29,12 @@ pub struct DatanodeConfig {
     /// How long chunks moved to the trash are kept.
     pub trash_ttl: Duration,
     pub scrub: crate::scrub::ScrubConfig,
+    /// A training job neither stepped nor renewed for this long is freed
+    /// (its coordinator is gone).
+    pub job_lease: Duration,
+    /// Most bytes of decoded records all training jobs together may hold;
+    /// a TrainOpen beyond it is refused.
+    pub job_memory: u64,
     /// Transport settings (piece idle deadline, hedging).
     pub tuning: Tuning,
     /// Chunks per page of a chunk report.
@@ -46,6 +52,8 @@ impl DatanodeConfig {
             report_interval: Duration::from_secs(60),
             trash_ttl: Duration::from_secs(24 * 3600),
             scrub: Default::default(),
+            job_lease: Duration::from_secs(60),
+            job_memory: crate::train::default_job_memory(),
             tuning: Tuning::tuned(),
             report_page: quern_proto::msg::REPORT_PAGE,
         }
@@ -60,7 +68,7 @@ pub(crate) struct Node {
     pub endpoint: Arc<Endpoint>,
     /// Map and gradient tasks running at once: one per core.
     pub task_slots: tokio::sync::Semaphore,
-    pub jobs: crate::train::Jobs,
+    pub jobs: Arc<crate::train::Jobs>,
     /// The namenode's token keys, as of its last reply.
     pub keys: std::sync::RwLock<KeyRing>,
     /// The cluster this node belongs to (kept in `DIR/cluster_id`).

@@ -51,6 +51,7 @@ impl Datanode {
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
+        let jobs = Arc::new(crate::train::Jobs::new(cfg.job_lease, cfg.job_memory));
         let node = Arc::new(Node {
             id,
             addr,
@@ -60,18 +61,26 @@ impl Datanode {
             task_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
-            jobs: Default::default(),
+            jobs,
             keys: Default::default(),
             cluster_id: std::sync::Mutex::new(cluster_id),
             scrub: Default::default(),
             full: Default::default(),
         });
-        tracing::info!(node = %id, %addr, chunks = node.store.list().len(), "datanode listening");
+        tracing::info!(
+            node = %id,
+            %addr,
+            chunks = node.store.list().len(),
+            job_lease = ?node.cfg.job_lease,
+            job_memory = node.cfg.job_memory,
+            "datanode listening"
+        );
         let mut tasks = Background::default();
         let service = Arc::new(DataService { node: node.clone() });
         tasks.spawn("requests", serve(endpoint, service));
         tasks.spawn("heartbeat", crate::heartbeat::run(node.clone()));
         tasks.spawn("scrubber", crate::scrub::run(node.clone()));
+        tasks.spawn("job sweeper", crate::train::sweeper(node.jobs.clone()));
         Ok(Datanode { node, tasks })
     }
 
@@ -180,6 +189,10 @@ impl Service for DataService {
             DataRequest::TrainClose(r) => {
                 let reply = crate::train::close(&self.node, &stream.caller, r);
                 stream.reply(&reply).await
+            }
+            DataRequest::TrainRenew(r) => {
+                let reply = crate::train::renew(&self.node, &stream.caller, r);
+                stream.reply(&Ok(reply)).await
             }
         };
         if let Err(e) = result {

@@ -22,6 +22,9 @@ pub struct NodeEntry {
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
     pub full: bool,
+    /// Training jobs the node holds in memory, as of its last heartbeat.
+    pub jobs: u64,
+    pub job_bytes: u64,
     pub last_heartbeat: Instant,
     /// Bytes placed on the node since its last heartbeat, so a burst of
     /// allocations spreads out before usage figures catch up.
@@ -152,6 +155,8 @@ impl Cluster {
             trash_bytes: 0,
             scrub: ScrubStatus::default(),
             full: false,
+            jobs: 0,
+            job_bytes: 0,
             last_heartbeat: Instant::now(),
             placed_since_heartbeat: 0,
             commands: Vec::new(),
@@ -316,6 +321,8 @@ impl Cluster {
         n.trash_bytes = hb.trash_bytes;
         n.scrub = hb.scrub;
         n.full = hb.full;
+        n.jobs = hb.jobs;
+        n.job_bytes = hb.job_bytes;
         n.capacity = hb.capacity;
         n.available = hb.available;
         n.used = hb.used;
@@ -346,6 +353,8 @@ impl Cluster {
                 trash_bytes: n.trash_bytes,
                 scrub: n.scrub.clone(),
                 full: n.full,
+                jobs: n.jobs,
+                job_bytes: n.job_bytes,
                 since_heartbeat_secs: n.last_heartbeat.elapsed().as_secs_f64(),
             })
             .collect();

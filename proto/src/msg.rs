@@ -196,6 +196,10 @@ pub struct DatanodeReport {
     pub trash_bytes: u64,
     pub scrub: ScrubStatus,
     pub full: bool,
+    /// Training jobs whose records the node holds in memory, and their
+    /// bytes (charged against the node's `--job-memory` budget).
+    pub jobs: u64,
+    pub job_bytes: u64,
     pub since_heartbeat_secs: f64,
 }
 
@@ -430,6 +434,9 @@ pub struct Heartbeat {
     pub scrub: ScrubStatus,
     /// The disk filled up: place no chunks here until this clears.
     pub full: bool,
+    /// Training jobs held in memory and the bytes charged for them.
+    pub jobs: u64,
+    pub job_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -560,6 +567,11 @@ pub struct TaskOutput {
 /// or from `sources[i]` when this node holds no replica of chunk i), decode
 /// and keep their records in memory for the job's life. `spec` is an
 /// encoded `quern_compute::train::WorkerSpec`.
+///
+/// The job lives under a lease: the node frees it once no request of the
+/// job has been in progress and none of TrainOpen, TrainStep or
+/// TrainRenew has come for a whole lease (`TrainOpened::lease_ms`). A node
+/// refuses (NoSpace) a job whose records do not fit its job memory budget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainOpen {
     pub job: u64,
@@ -577,6 +589,8 @@ pub struct TrainOpened {
     pub records: u64,
     pub local_bytes: u64,
     pub fetched_bytes: u64,
+    /// The node's job lease: the coordinator renews more often than this.
+    pub lease_ms: u64,
 }
 
 /// One training round on this node's shard. `request` is an encoded
@@ -606,6 +620,21 @@ pub struct TrainClose {
     pub job: u64,
 }
 
+/// Keeps the caller's jobs on this node alive for another lease, while
+/// the coordinator does something other than step them (a long step on
+/// another node, validation, reopening a lost worker's share elsewhere).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainRenew {
+    pub jobs: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainRenewed {
+    /// Jobs of the request this node does not hold (expired, closed or
+    /// never opened here, or another caller's).
+    pub unknown: Vec<u64>,
+}
+
 rpcs!(DataRequest {
     WriteChunk(WriteChunk) -> WriteAck,
     ReadChunk(ReadChunk) -> ReadHeader,
@@ -614,4 +643,5 @@ rpcs!(DataRequest {
     TrainOpen(TrainOpen) -> TrainOpened,
     TrainStep(TrainStep) -> TrainStepOutput,
     TrainClose(TrainClose) -> (),
+    TrainRenew(TrainRenew) -> TrainRenewed,
 });

@@ -36,6 +36,10 @@ pub struct Options {
     pub piece_idle: Duration,
     /// Chunks per page of a datanode's chunk report.
     pub report_page: usize,
+    /// The datanodes' training job lease.
+    pub job_lease: Duration,
+    /// The datanodes' training job memory budget (their default if unset).
+    pub job_memory: Option<u64>,
 }
 
 impl Default for Options {
@@ -50,6 +54,8 @@ impl Default for Options {
             token_lifetime: Duration::from_secs(3600),
             piece_idle: Duration::from_secs(10),
             report_page: quern_proto::msg::REPORT_PAGE,
+            job_lease: Duration::from_secs(60),
+            job_memory: None,
         }
     }
 }
@@ -148,6 +154,10 @@ impl TestCluster {
             piece_idle: self.opts.piece_idle,
             ..quern_proto::transport::Tuning::tuned()
         };
+        cfg.job_lease = self.opts.job_lease;
+        if let Some(m) = self.opts.job_memory {
+            cfg.job_memory = m;
+        }
         let dn = Datanode::start(cfg, &self.datanode_identity(i))
             .await
             .expect("datanode");

@@ -89,6 +89,8 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
                 trash_bytes: 0,
                 scrub: Default::default(),
                 full: false,
+                jobs: 0,
+                job_bytes: 0,
             },
         )
         .await

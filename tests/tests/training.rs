@@ -7,9 +7,13 @@ use quern_compute::import::parse_idx;
 use quern_compute::nn::{Model, OptimizerConfig, Sgd};
 use quern_compute::train::{train_local, ScaleKind, Scaler, Worker, WorkerSpec};
 use quern_proto::fault::{Direction, Fault, Rule};
+use quern_proto::msg::*;
+use quern_proto::transport::{Endpoint, Tuning};
+use quern_proto::ErrorCode;
 use quern_tests::*;
 use std::path::Path;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// The fixture MLP made small (16 and 8 hidden units) with a dropout
 /// layer, so that masks are part of what must agree.
@@ -313,4 +317,280 @@ async fn a_datanode_partitioned_during_training_hands_its_share_over() {
         .expect("training finishes without the partitioned datanode");
     assert_eq!(losses(&run.events).len(), 30);
     assert_eq!(run.summary.workers_lost, 1);
+}
+
+/// Jobs and job bytes per datanode, from the namenode's report.
+async fn job_usage(client: &Client) -> Vec<(u64, u64)> {
+    match client.report().await {
+        Ok(r) => r.datanodes.iter().map(|d| (d.jobs, d.job_bytes)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn no_jobs_left(client: &Client) -> bool {
+    let usage = job_usage(client).await;
+    !usage.is_empty() && usage.iter().all(|&u| u == (0, 0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_job_is_freed_within_two_leases() {
+    let lease = Duration::from_secs(1);
+    let c = TestCluster::start(Options {
+        job_lease: lease,
+        ..Options::default()
+    })
+    .await;
+    let client = c.client();
+    let mut ds = dataset(&client, 600, 13).await;
+    let model = tiny_model();
+    let opts = TrainOptions {
+        epochs: 10_000,
+        max_iter: None,
+        ..options(&model, 2)
+    };
+    let (tx, rx) = mpsc::channel();
+    let job = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .train(&mut ds, None, &opts, move |e| {
+                    if let TrainEvent::Step { iteration: 3, .. } = e {
+                        let _ = tx.send(());
+                    }
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("training reaches iteration 3");
+    wait_for(Duration::from_secs(5), "the job in the report", || {
+        let client = client.clone();
+        async move {
+            job_usage(&client)
+                .await
+                .iter()
+                .any(|&(j, b)| j > 0 && b > 0)
+        }
+    })
+    .await;
+    // Training mid-way, with the workers' records loaded: abandon it.
+    job.abort();
+    assert!(job.await.is_err_and(|e| e.is_cancelled()));
+    let abandoned = Instant::now();
+    wait_for(lease * 2, "every datanode to free the job", || {
+        let client = client.clone();
+        async move { no_jobs_left(&client).await }
+    })
+    .await;
+    // Sooner than any lease: dropping the training future closed them.
+    let took = abandoned.elapsed();
+    assert!(took < lease, "freed {took:?} after the abandon");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_coordinators_job_expires_and_a_renewed_one_does_not() {
+    let lease = Duration::from_secs(1);
+    let c = TestCluster::start(Options {
+        datanodes: 1,
+        job_lease: lease,
+        ..Options::default()
+    })
+    .await;
+    let client = c.client();
+    let ds = {
+        let (images, labels, _, _) = random_idx(100, 28, 28, 10, 21);
+        let data = parse_idx("images", &images, "labels", &labels).unwrap();
+        let opts = ImportOptions {
+            chunk_size: 785 * 40,
+            replication: 1,
+            ..ImportOptions::default()
+        };
+        client.import_dataset("/lease", &data, &opts).await.unwrap()
+    };
+    let loc = client.locate(&ds.part_paths()[0]).await.unwrap();
+    let chunk = &loc.chunks[0];
+    let node = chunk.replicas[0].node;
+    let spec = quern_compute::ops::encode(&WorkerSpec {
+        model_json: tiny_model().keras_json().to_string(),
+        layout: ds.manifest.layout.clone(),
+        scaler: Scaler::none(),
+        seed: 1,
+    })
+    .unwrap();
+    // A coordinator of its own, which opens two jobs, renews one and
+    // then says nothing more, as if it had died.
+    let coordinator = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
+    for job in [1, 2] {
+        let opened = coordinator
+            .call(
+                node,
+                TrainOpen {
+                    job,
+                    spec: spec.clone(),
+                    chunks: vec![chunk.meta],
+                    sources: vec![vec![]],
+                    tokens: vec![Some(chunk.token.clone())],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(opened.records, 40);
+        assert_eq!(opened.lease_ms, 1000);
+    }
+    wait_for(Duration::from_secs(5), "two jobs in the report", || {
+        let client = client.clone();
+        async move { job_usage(&client).await.first().is_some_and(|u| u.0 == 2) }
+    })
+    .await;
+    // Three leases of renewing job 2 only.
+    let started = Instant::now();
+    while started.elapsed() < lease * 3 {
+        tokio::time::sleep(lease / 3).await;
+        let r = coordinator
+            .call(node, TrainRenew { jobs: vec![2] })
+            .await
+            .unwrap();
+        assert!(r.unknown.is_empty(), "the renewed job is held");
+    }
+    let r = coordinator
+        .call(node, TrainRenew { jobs: vec![1, 2] })
+        .await
+        .unwrap();
+    assert_eq!(r.unknown, vec![1], "the silent job expired");
+    // Now nothing renews job 2: gone within two leases.
+    let silent = Instant::now();
+    wait_for(lease * 2, "the last job to expire", || {
+        let client = client.clone();
+        async move { no_jobs_left(&client).await }
+    })
+    .await;
+    eprintln!("expired {:?} after the last renewal", silent.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_busy_for_longer_than_the_lease_keeps_its_workers() {
+    let c = TestCluster::start(Options {
+        job_lease: Duration::from_millis(500),
+        ..Options::default()
+    })
+    .await;
+    let client = c.client();
+    let mut ds = dataset(&client, 300, 17).await;
+    let model = tiny_model();
+    let opts = TrainOptions {
+        max_iter: Some(6),
+        ..options(&model, 9)
+    };
+    let run = client
+        .train(&mut ds, None, &opts, |e| {
+            // Between steps the coordinator does something else for
+            // three leases (as a validation pass would).
+            if let TrainEvent::Step { iteration: 2, .. } = e {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        })
+        .await
+        .expect("train");
+    assert_eq!(run.summary.iterations, 6);
+    assert_eq!(run.summary.workers_lost, 0, "{:?}", run.events);
+    wait_for(
+        Duration::from_secs(5),
+        "the finished job to be closed",
+        || {
+            let client = client.clone();
+            async move { no_jobs_left(&client).await }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_the_memory_budget_is_refused_clearly() {
+    let c = TestCluster::start(Options {
+        job_memory: Some(64 << 10),
+        ..Options::default()
+    })
+    .await;
+    let client = c.client();
+    let mut ds = dataset(&client, 400, 19).await;
+    let model = tiny_model();
+    let e = match client
+        .train(&mut ds, None, &options(&model, 1), |_| {})
+        .await
+    {
+        Ok(_) => panic!("a job over every node's budget trained"),
+        Err(e) => e.to_string(),
+    };
+    // Each chunk decodes to 40 * (784 + 2) * 4 bytes: more than a 64 KiB
+    // budget, so every holder refuses its share.
+    for want in [
+        "does not fit in memory",
+        "65536 bytes",
+        "--job-memory",
+        "datanode",
+    ] {
+        assert!(e.contains(want), "{want:?} missing: {e}");
+    }
+    assert!(
+        no_jobs_left(&client).await,
+        "{:?}",
+        job_usage(&client).await
+    );
+
+    // The refusal is the datanode's, with NoSpace, straight from TrainOpen.
+    let loc = client.locate(&ds.part_paths()[0]).await.unwrap();
+    let chunk = &loc.chunks[0];
+    let spec = quern_compute::ops::encode(&WorkerSpec {
+        model_json: model.keras_json().to_string(),
+        layout: ds.manifest.layout.clone(),
+        scaler: Scaler::none(),
+        seed: 1,
+    })
+    .unwrap();
+    let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
+    let e = ep
+        .call(
+            chunk.replicas[0].node,
+            TrainOpen {
+                job: 7,
+                spec,
+                chunks: vec![chunk.meta],
+                sources: vec![vec![]],
+                tokens: vec![Some(chunk.token.clone())],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NoSpace), "{e}");
+    let e = e.to_string();
+    let node = chunk.replicas[0].node.addr.to_string();
+    for want in [&node, "125760 bytes", "65536 bytes", "--job-memory"] {
+        assert!(e.contains(want), "{want:?} missing: {e}");
+    }
+}
+
+#[test]
+fn a_workers_memory_is_what_its_datanode_charges() {
+    let model = tiny_model();
+    let (images, labels, _, _) = random_idx(100, 28, 28, 10, 4);
+    let data = parse_idx("images", &images, "labels", &labels).unwrap();
+    let layout = data.layout.clone();
+    let mut w = Worker::new(WorkerSpec {
+        model_json: model.keras_json().to_string(),
+        layout: layout.clone(),
+        scaler: Scaler::none(),
+        seed: 1,
+    })
+    .unwrap();
+    let charged = Worker::decoded_bytes(&layout, data.bytes.len() as u64);
+    assert_eq!(charged, 100 * (784 + 2) * 4);
+    w.reserve(100);
+    let half = data.bytes.len() / 2;
+    w.add_chunk(&data.bytes[..half]).unwrap();
+    w.add_chunk(&data.bytes[half..]).unwrap();
+    // Features and labels, in what was reserved; the shuffle order comes
+    // with the first step.
+    assert_eq!(w.memory_bytes(), charged - 100 * 4);
 }

@@ -1,12 +1,14 @@
 //! Models and training through the real `quern` binary: model summary and
 //! predict, a Fashion-MNIST slice trained and scored, a datanode SIGKILLed
-//! mid-training, and bad models and flags.
+//! mid-training, a coordinator SIGKILLed mid-training, and bad models and
+//! flags.
 
 use quern_compute::nn::npy;
 use quern_tests::*;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 fn ok(r: &Run) {
     assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
@@ -283,6 +285,103 @@ fn training_survives_a_sigkilled_datanode() {
         "{}",
         log.stdout
     );
+}
+
+/// Each datanode's (jobs, job_bytes) from `quern report --json`.
+fn job_usage(c: &BinCluster) -> Vec<(u64, u64)> {
+    let r = c.quern(&["report", "--json"]);
+    let Ok(j) = serde_json::from_str::<serde_json::Value>(&r.stdout) else {
+        return Vec::new();
+    };
+    j["datanodes"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .map(|n| {
+                    let field = |k: &str| n[k].as_u64().expect("jobs and job_bytes in --json");
+                    (field("jobs"), field("job_bytes"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_sigkilled_coordinators_jobs_are_freed_within_two_leases() {
+    let lease = Duration::from_secs(2);
+    let heartbeat = Duration::from_millis(200);
+    let c = BinCluster::up(3, &["--job-lease", "2s"]);
+    let local = tempfile::tempdir().unwrap();
+    ok(&c.import_random(
+        local.path(),
+        "/rand",
+        2000,
+        28,
+        28,
+        10,
+        4,
+        &["--chunk-size", "64K", "-r", "2"],
+    ));
+    // Far more iterations than the test waits for; nothing is read from
+    // the child, so nothing can block it.
+    let mut child = c
+        .command(&[
+            "train",
+            "--model",
+            &fixture("mlp.json"),
+            "--data",
+            "/rand",
+            "--epochs",
+            "1000",
+            "--batch-size",
+            "64",
+            "--out",
+            "/models/lease",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !job_usage(&c).iter().any(|&(j, b)| j > 0 && b > 0) {
+        assert!(
+            Instant::now() < deadline,
+            "no datanode reported the job: {:?}",
+            job_usage(&c)
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "quern train ended early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A live coordinator's job outlives two leases.
+    std::thread::sleep(lease * 2);
+    let usage = job_usage(&c);
+    assert!(
+        usage.iter().any(|&(j, _)| j > 0),
+        "a running job was freed: {usage:?}"
+    );
+    let text = c.quern(&["report"]);
+    assert!(text.stdout.contains("JOBS"), "{}", text.stdout);
+
+    child.kill().unwrap(); // SIGKILL: nothing is closed
+    child.wait().unwrap();
+    let killed = Instant::now();
+    let limit = lease * 2 + heartbeat;
+    loop {
+        let usage = job_usage(&c);
+        if !usage.is_empty() && usage.iter().all(|&u| u == (0, 0)) {
+            break;
+        }
+        assert!(
+            killed.elapsed() <= limit,
+            "jobs still held {:?} after the coordinator died: {usage:?}",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("freed within {:?} of the SIGKILL", killed.elapsed());
 }
 
 #[test]

@@ -90,6 +90,11 @@ impl Optimizer {
         }
     }
 
+    /// Values of state kept (velocity, moments), for memory accounting.
+    pub fn state_len(&self) -> usize {
+        self.m.len() + self.v.len()
+    }
+
     /// One update with the mean gradient over the global batch.
     pub fn step(&mut self, params: &mut [f32], grad_mean: &[f32]) -> Result<()> {
         if params.len() != grad_mean.len() {
