@@ -405,6 +405,8 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
         cert,
         key,
         rpc_timeout_secs: None,
+        piece_idle_secs: None,
+        hedge_after_ms: None,
     };
     let cfg_path = dir.join("client.toml");
     client_cfg.save(&cfg_path)?;
@@ -539,6 +541,8 @@ async fn add_user(dir: &Path, name: &str, groups: Vec<String>) -> Result<()> {
         cert,
         key,
         rpc_timeout_secs: None,
+        piece_idle_secs: None,
+        hedge_after_ms: None,
     }
     .save(&cfg_path)?;
     println!("user {name}: certificate in {}", files.dir.display());

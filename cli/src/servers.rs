@@ -95,6 +95,10 @@ pub struct DatanodeArgs {
     /// Most bytes per second the scrubber reads.
     #[arg(long, default_value = "16MiB", value_parser = quern_proto::size::parse_size)]
     pub scrub_rate: u64,
+    /// How long a transfer may go without a piece moving before the peer
+    /// counts as stuck.
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
+    pub piece_idle: Duration,
     /// A training job whose coordinator neither steps nor renews it for
     /// this long is freed (the coordinator died).
     #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
@@ -216,6 +220,7 @@ pub async fn datanode(a: DatanodeArgs) -> Result<()> {
     cfg.heartbeat = a.heartbeat;
     cfg.report_interval = a.report_interval;
     cfg.trash_ttl = a.trash_ttl;
+    cfg.tuning.piece_idle = a.piece_idle;
     cfg.scrub = quern_datanode::ScrubConfig {
         interval: a.scrub_interval,
         rate: a.scrub_rate,

@@ -100,7 +100,7 @@ impl Client {
 
     pub fn from_config(cfg: &ClientConfig) -> Result<Client> {
         let timeout = Duration::from_secs(cfg.rpc_timeout_secs.unwrap_or(30));
-        Client::new(&cfg.identity()?, cfg.namenode, timeout)
+        Client::with_tuning(&cfg.identity()?, cfg.namenode, timeout, cfg.tuning())
     }
 
     /// The fault rules of this client's endpoint (for tests).

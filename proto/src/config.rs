@@ -17,6 +17,14 @@ pub struct ClientConfig {
     /// Seconds an RPC may take before it fails (default 30).
     #[serde(default)]
     pub rpc_timeout_secs: Option<u64>,
+    /// Seconds a transfer may go without a piece moving before the peer
+    /// counts as stuck (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece_idle_secs: Option<u64>,
+    /// Milliseconds without progress before a read also starts on the next
+    /// replica (default: adaptive, 30 ms to 1 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge_after_ms: Option<u64>,
 }
 
 impl ClientConfig {
@@ -64,6 +72,18 @@ impl ClientConfig {
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = toml::to_string(self).map_err(|e| Error::Config(e.to_string()))?;
         std::fs::write(path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// The transport settings this configuration asks for.
+    pub fn tuning(&self) -> crate::transport::Tuning {
+        let mut t = crate::transport::Tuning::tuned();
+        if let Some(s) = self.piece_idle_secs {
+            t.piece_idle = std::time::Duration::from_secs(s.max(1));
+        }
+        if let Some(ms) = self.hedge_after_ms {
+            t.hedge_after = Some(std::time::Duration::from_millis(ms));
+        }
+        t
     }
 
     pub fn identity(&self) -> Result<Identity> {

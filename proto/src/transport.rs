@@ -408,9 +408,16 @@ impl Endpoint {
                 });
             }
         };
-        send.write_all(&crate::PROTOCOL_VERSION.to_be_bytes())
-            .await
-            .map_err(|e| stream_error(peer, e))?;
+        if let Err(e) = send.write_all(&crate::PROTOCOL_VERSION.to_be_bytes()).await {
+            self.forget(peer);
+            return Err(match e {
+                quinn::WriteError::ConnectionLost(c) => Error::Stream {
+                    peer: peer.to_string(),
+                    reason: explain_connection_error(&c),
+                },
+                other => stream_error(peer, other),
+            });
+        }
         let mut s = RequestStream {
             peer,
             kind: R::KIND,
@@ -474,9 +481,13 @@ fn stream_error(peer: SocketAddr, e: impl std::fmt::Display) -> Error {
 pub fn explain_connection_error(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
     let lower = text.to_ascii_lowercase();
+    // A refused client certificate can surface after the client thinks
+    // the handshake is over, as a connection closed with a TLS alert
+    // (116 certificate required, 42 bad certificate, 48 unknown CA).
     if lower.contains("certificate")
         || lower.contains("unknownissuer")
         || lower.contains("bad cert")
+        || lower.contains("cryptographic handshake failed")
     {
         format!(
             "TLS refused ({text}): both sides need certificates signed by the same cluster CA; \
@@ -561,12 +572,24 @@ impl RequestStream {
 fn peer_error(peer: SocketAddr, e: Error) -> Error {
     match e {
         Error::Io { cause: source, .. } => {
-            let reason = match source
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
-            {
-                Some(quinn::ReadError::ConnectionLost(c)) => explain_connection_error(c),
-                _ => source.to_string(),
+            let inner = source.get_ref();
+            let lost = inner
+                .and_then(|i| i.downcast_ref::<quinn::ReadError>())
+                .and_then(|r| match r {
+                    quinn::ReadError::ConnectionLost(c) => Some(c),
+                    _ => None,
+                })
+                .or_else(|| {
+                    inner
+                        .and_then(|i| i.downcast_ref::<quinn::WriteError>())
+                        .and_then(|w| match w {
+                            quinn::WriteError::ConnectionLost(c) => Some(c),
+                            _ => None,
+                        })
+                });
+            let reason = match lost {
+                Some(c) => explain_connection_error(c),
+                None => source.to_string(),
             };
             stream_error(peer, reason)
         }
