@@ -398,16 +398,8 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
         cluster.datanodes.push(p);
         cluster.save()?;
     }
-    let (cert, key) = files.cert(quern_proto::tls::ADMIN);
-    let client_cfg = ClientConfig {
-        namenode: cluster.namenode.addr,
-        ca: files.ca(),
-        cert,
-        key,
-        rpc_timeout_secs: None,
-        piece_idle_secs: None,
-        hedge_after_ms: None,
-    };
+    let client_cfg =
+        ClientConfig::for_identity(cluster.namenode.addr, &files, quern_proto::tls::ADMIN);
     let cfg_path = dir.join("client.toml");
     client_cfg.save(&cfg_path)?;
     let client = Client::from_config(&client_cfg)?;
@@ -531,20 +523,10 @@ async fn add_user(dir: &Path, name: &str, groups: Vec<String>) -> Result<()> {
             groups,
         },
     )?;
-    let (cert, key) = files.cert(&cert_name);
     let users = cluster.dir.join("users");
     std::fs::create_dir_all(&users).with_context(|| format!("creating {}", users.display()))?;
     let cfg_path = users.join(format!("{name}.toml"));
-    ClientConfig {
-        namenode: cluster.namenode.addr,
-        ca: files.ca(),
-        cert,
-        key,
-        rpc_timeout_secs: None,
-        piece_idle_secs: None,
-        hedge_after_ms: None,
-    }
-    .save(&cfg_path)?;
+    ClientConfig::for_identity(cluster.namenode.addr, &files, &cert_name).save(&cfg_path)?;
     println!("user {name}: certificate in {}", files.dir.display());
     let admin = Client::from_config(&ClientConfig::load(&cluster.dir.join("client.toml"))?)?;
     let home = format!("/user/{name}");

@@ -44,35 +44,47 @@ struct InodeV1 {
     chunks: Vec<ChunkMeta>,
 }
 
-/// Inodes are stored behind this tag; a record without it is a V1 inode.
-/// V1 records start with the `FileKind` tag (0 or 1), never 0xff.
-const INODE_V2: &[u8] = &[0xff, 2];
+/// Records written since owners exist start with this tag. Records
+/// without it are from the release before: a V1 inode starts with its
+/// `FileKind` (0 or 1), a V1 pending file with its path's length, a bincode
+/// varint whose first byte is never 0xff.
+const V2: &[u8] = &[0xff, 2];
+
+fn enc_v2<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = V2.to_vec();
+    out.extend(enc(v));
+    out
+}
+
+/// Decodes a tagged record, or upgrades an untagged one from `Old`.
+fn dec_v2<T, Old>(bytes: &[u8], what: &str, upgrade: impl FnOnce(Old) -> T) -> Result<T, StoreError>
+where
+    T: for<'de> Deserialize<'de>,
+    Old: for<'de> Deserialize<'de>,
+{
+    match bytes.strip_prefix(V2) {
+        Some(rest) => dec(rest, what),
+        None => Ok(upgrade(dec(bytes, what)?)),
+    }
+}
 
 fn enc_inode(i: &Inode) -> Vec<u8> {
-    let mut v = INODE_V2.to_vec();
-    v.extend(enc(i));
-    v
+    enc_v2(i)
 }
 
 fn dec_inode(bytes: &[u8]) -> Result<Inode, StoreError> {
-    match bytes.strip_prefix(INODE_V2) {
-        Some(rest) => dec(rest, "inode"),
-        None => {
-            // Metadata from before users upgrades in place: owned by the admin.
-            let v1: InodeV1 = dec(bytes, "inode")?;
-            Ok(Inode {
-                kind: v1.kind,
-                mode: v1.mode,
-                mtime_ms: v1.mtime_ms,
-                replication: v1.replication,
-                chunk_size: v1.chunk_size,
-                size: v1.size,
-                chunks: v1.chunks,
-                owner: quern_proto::tls::ADMIN_USER.into(),
-                group: SUPERGROUP.into(),
-            })
-        }
-    }
+    // Metadata from before users upgrades in place: owned by the admin.
+    dec_v2(bytes, "inode", |v1: InodeV1| Inode {
+        kind: v1.kind,
+        mode: v1.mode,
+        mtime_ms: v1.mtime_ms,
+        replication: v1.replication,
+        chunk_size: v1.chunk_size,
+        size: v1.size,
+        chunks: v1.chunks,
+        owner: quern_proto::tls::ADMIN_USER.into(),
+        group: SUPERGROUP.into(),
+    })
 }
 
 /// A pending file as stored before owners existed; read, never written.
@@ -87,35 +99,23 @@ struct PendingFileV1 {
     allocated: Vec<quern_proto::ChunkId>,
 }
 
-/// Pending files are stored behind this tag; V1 records start with the
-/// path's length, a bincode varint, whose first byte is never 0xff.
-const PENDING_V2: &[u8] = &[0xff, 2];
-
 fn enc_pending(p: &PendingFile) -> Vec<u8> {
-    let mut v = PENDING_V2.to_vec();
-    v.extend(enc(p));
-    v
+    enc_v2(p)
 }
 
 fn dec_pending(bytes: &[u8]) -> Result<PendingFile, StoreError> {
-    match bytes.strip_prefix(PENDING_V2) {
-        Some(rest) => dec(rest, "pending file"),
-        None => {
-            // A write under way across the upgrade: the admin's.
-            let v1: PendingFileV1 = dec(bytes, "pending file")?;
-            Ok(PendingFile {
-                path: v1.path,
-                replication: v1.replication,
-                chunk_size: v1.chunk_size,
-                mode: v1.mode,
-                overwrite: v1.overwrite,
-                owner: quern_proto::tls::ADMIN_USER.into(),
-                group: SUPERGROUP.into(),
-                chunks: v1.chunks,
-                allocated: v1.allocated,
-            })
-        }
-    }
+    // A write under way across the upgrade: the admin's.
+    dec_v2(bytes, "pending file", |v1: PendingFileV1| PendingFile {
+        path: v1.path,
+        replication: v1.replication,
+        chunk_size: v1.chunk_size,
+        mode: v1.mode,
+        overwrite: v1.overwrite,
+        owner: quern_proto::tls::ADMIN_USER.into(),
+        group: SUPERGROUP.into(),
+        chunks: v1.chunks,
+        allocated: v1.allocated,
+    })
 }
 
 impl Inode {

@@ -25,13 +25,19 @@ pub struct Hedge {
     /// Smoothed gap between pieces, in microseconds.
     gap_us: AtomicU64,
     fixed: Option<Duration>,
+    /// Replicas that recently made no progress: tried last for a while,
+    /// so a frozen node costs one threshold per reader, not per chunk.
+    suspects: std::sync::Mutex<std::collections::HashMap<crate::NodeId, Instant>>,
 }
 
-/// Bounds of the adaptive threshold: never so short that a busy but
-/// healthy replica is doubled, never so long that a stuck one is waited
-/// on for more than a second.
-const MIN_HEDGE: Duration = Duration::from_millis(30);
+/// Bounds of the adaptive threshold: never so short that a healthy replica
+/// on a busy machine (scheduling delays of tens of milliseconds) is read
+/// twice, which costs far more than it saves; never so long that a stuck
+/// one is waited on for more than a second. HDFS's default is 500 ms.
+const MIN_HEDGE: Duration = Duration::from_millis(200);
 const MAX_HEDGE: Duration = Duration::from_secs(1);
+/// How long a replica that stalled is tried after the others.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
 
 impl Hedge {
     /// Adaptive, or a fixed threshold when given.
@@ -40,7 +46,28 @@ impl Hedge {
             // 60 ms until pieces are seen: a 480 ms first threshold.
             gap_us: AtomicU64::new(60_000),
             fixed,
+            suspects: Default::default(),
         }
+    }
+
+    fn suspect(&self, node: crate::NodeId, stalled: bool) {
+        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        if stalled {
+            s.insert(node, Instant::now() + SUSPECT_FOR);
+        } else {
+            s.remove(&node);
+        }
+    }
+
+    /// `replicas` with recently stalled ones moved to the end.
+    fn order(&self, replicas: &[NodeAddr]) -> Vec<NodeAddr> {
+        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        s.retain(|_, until| *until > now);
+        let (mut ok, bad): (Vec<NodeAddr>, Vec<NodeAddr>) =
+            replicas.iter().partition(|r| !s.contains_key(&r.id));
+        ok.extend(bad);
+        ok
     }
 
     pub fn threshold(&self) -> Duration {
@@ -94,6 +121,7 @@ pub async fn fetch_chunk(
     hedge: &Hedge,
 ) -> (Option<Fetched>, Vec<FetchFailure>) {
     let start = Instant::now();
+    let replicas = &hedge.order(replicas)[..];
     let mut failures = Vec::new();
     let mut running = FuturesUnordered::new();
     let mut progress: Vec<Arc<AtomicU64>> = Vec::new();
@@ -121,14 +149,24 @@ pub async fn fetch_chunk(
         let stuck_at = start + Duration::from_micros(newest) + hedge.threshold();
         tokio::select! {
             Some((i, result)) = running.next() => match result {
-                Ok(bytes) => return (Some(Fetched { bytes, node: replicas[i], skipped: next - 1 }), failures),
+                Ok(bytes) => {
+                    hedge.suspect(replicas[i].id, false);
+                    return (Some(Fetched { bytes, node: replicas[i], skipped: next - 1 }), failures);
+                }
                 Err((error, corrupt)) => {
                     tracing::warn!(chunk = %meta.id, node = %replicas[i].id, addr = %replicas[i].addr, "{error}; trying another replica");
                     failures.push(FetchFailure { node: replicas[i], error, corrupt });
                 }
             },
             _ = tokio::time::sleep_until(stuck_at), if next < replicas.len() => {
+                // Pieces may have arrived while waiting: only a read that
+                // is still silent a whole threshold later is hedged.
+                let latest = progress[next - 1].load(Ordering::Relaxed);
+                if start + Duration::from_micros(latest) + hedge.threshold() > Instant::now() {
+                    continue;
+                }
                 tracing::info!(chunk = %meta.id, node = %replicas[next - 1].id, "no progress within {:?}; hedging on another replica", hedge.threshold());
+                hedge.suspect(replicas[next - 1].id, true);
                 progress.push(Arc::new(AtomicU64::new(micros(start))));
                 running.push(attempt(ep, next, replicas[next], meta, token, progress[next].clone(), start, hedge));
                 next += 1;
@@ -224,14 +262,33 @@ mod tests {
         for _ in 0..100 {
             h.observe(Duration::from_millis(2));
         }
+        assert_eq!(h.threshold(), MIN_HEDGE);
+        for _ in 0..100 {
+            h.observe(Duration::from_millis(50));
+        }
         let t = h.threshold();
-        assert!(t < Duration::from_millis(40), "{t:?}");
-        assert!(t >= MIN_HEDGE);
+        assert!(t > MIN_HEDGE && t < MAX_HEDGE, "{t:?}");
         for _ in 0..100 {
             h.observe(Duration::from_secs(5));
         }
         assert_eq!(h.threshold(), MAX_HEDGE);
         let fixed = Hedge::new(Some(Duration::from_millis(7)));
         assert_eq!(fixed.threshold(), Duration::from_millis(7));
+    }
+
+    #[test]
+    fn replicas_that_stalled_are_tried_last() {
+        let h = Hedge::default();
+        let node = |i: u64| NodeAddr {
+            id: crate::NodeId(i),
+            addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+        };
+        let all = [node(1), node(2), node(3)];
+        assert_eq!(h.order(&all), all.to_vec());
+        h.suspect(crate::NodeId(1), true);
+        let ids: Vec<u64> = h.order(&all).iter().map(|n| n.id.0).collect();
+        assert_eq!(ids, vec![2, 3, 1]);
+        h.suspect(crate::NodeId(1), false);
+        assert_eq!(h.order(&all), all.to_vec());
     }
 }

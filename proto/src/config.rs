@@ -30,6 +30,25 @@ pub struct ClientConfig {
 impl ClientConfig {
     pub const ENV: &'static str = "QUERN_CONFIG";
 
+    /// A configuration acting as the identity `name` of a cluster's
+    /// certificate directory, with every setting at its default.
+    pub fn for_identity(
+        namenode: SocketAddr,
+        files: &crate::tls::ClusterFiles,
+        name: &str,
+    ) -> ClientConfig {
+        let (cert, key) = files.cert(name);
+        ClientConfig {
+            namenode,
+            ca: files.ca(),
+            cert,
+            key,
+            rpc_timeout_secs: None,
+            piece_idle_secs: None,
+            hedge_after_ms: None,
+        }
+    }
+
     /// `--config FILE`, else `$QUERN_CONFIG`, else `~/.config/quern/client.toml`.
     pub fn discover(explicit: Option<&Path>) -> Result<ClientConfig> {
         if let Some(p) = explicit {

@@ -255,6 +255,23 @@ where
     }
 }
 
+/// Stores `data` at `path` with the given replication and chunk size.
+pub async fn put_file(client: &Client, path: &str, data: &[u8], replication: u8, chunk_size: u64) {
+    let mut w = client
+        .create(
+            path,
+            quern_client::WriteOptions {
+                replication,
+                chunk_size,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+    w.write(data).await.expect("write");
+    w.close().await.expect("close");
+}
+
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     use rand::{RngCore, SeedableRng};
     let mut v = vec![0u8; len];

@@ -3,26 +3,14 @@
 //! heartbeats. No process is killed and no test waits on a real default
 //! timeout.
 
-use quern_client::{Client, WriteOptions};
+use quern_client::Client;
 use quern_proto::fault::{Direction, Fault, Rule};
 use quern_proto::msg::NodeState;
 use quern_tests::*;
 use std::time::{Duration, Instant};
 
 async fn put(client: &Client, path: &str, data: &[u8], replication: u8) {
-    let mut w = client
-        .create(
-            path,
-            WriteOptions {
-                replication,
-                chunk_size: 4 << 20,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    w.write(data).await.unwrap();
-    w.close().await.unwrap();
+    put_file(client, path, data, replication, 4 << 20).await
 }
 
 fn datanode(c: &TestCluster, id: quern_proto::NodeId) -> &quern_datanode::Datanode {
@@ -187,4 +175,38 @@ async fn late_heartbeats_within_the_dead_timeout_declare_nobody_dead() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_keeps_progressing_is_not_hedged() {
+    let c = TestCluster::start(Options::default()).await;
+    let admin = c.client();
+    let data = random_bytes(64 << 20, 5);
+    put_file(&admin, "/h", &data, 3, 64 << 20).await;
+    let loc = admin.locate("/h").await.unwrap();
+    // A threshold far shorter than the whole read: only silence, not a
+    // long read, may start another replica.
+    let tuning = quern_proto::transport::Tuning {
+        hedge_after: Some(Duration::from_millis(50)),
+        ..quern_proto::transport::Tuning::tuned()
+    };
+    let reader = Client::with_tuning(
+        &c.admin_identity(),
+        c.namenode_addr,
+        Duration::from_secs(20),
+        tuning,
+    )
+    .unwrap();
+    // 64 MiB takes well over 50 ms here (over 1.3 GB/s would be needed).
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (bytes, source) = reader.read_chunk("/h", &loc.chunks[0]).await.unwrap();
+        assert_eq!(bytes.len(), data.len());
+        assert_eq!(
+            source.skipped,
+            0,
+            "a healthy read of {:?} was hedged",
+            t.elapsed()
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! moves on, the node says it is full and takes nothing until space
 //! returns. The disk is a small tmpfs (tests run as root, as in CI).
 
-use quern_client::{Client, WriteOptions};
+use quern_client::Client;
 use quern_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,19 +31,7 @@ impl Drop for Tmpfs {
 }
 
 async fn put(client: &Client, path: &str, data: &[u8]) {
-    let mut w = client
-        .create(
-            path,
-            WriteOptions {
-                replication: 1,
-                chunk_size: 4 << 20,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    w.write(data).await.unwrap();
-    w.close().await.unwrap();
+    put_file(client, path, data, 1, 4 << 20).await
 }
 
 async fn full(client: &Client, node: quern_proto::NodeId) -> bool {

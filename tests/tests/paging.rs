@@ -1,25 +1,13 @@
 //! Large answers come in pages: directory listings, fsck, locate and the
 //! datanodes' chunk reports, each page far under the frame limit.
 
-use quern_client::{Client, WriteOptions};
+use quern_client::Client;
 use quern_proto::msg::*;
 use quern_tests::*;
 use std::time::Duration;
 
 async fn put(client: &Client, path: &str, data: &[u8], replication: u8) {
-    let mut w = client
-        .create(
-            path,
-            WriteOptions {
-                replication,
-                chunk_size: 64 << 10,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    w.write(data).await.unwrap();
-    w.close().await.unwrap();
+    put_file(client, path, data, replication, 64 << 10).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,16 @@ fn all_chunk_files(c: &BinCluster, datanodes: usize) -> Vec<PathBuf> {
     v
 }
 
+/// A child process killed when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn tls(c: &BinCluster) -> PathBuf {
     c.dir.path().join("tls")
 }
@@ -116,20 +126,22 @@ fn datanodes_refuse_a_namenode_of_another_cluster_and_keep_every_chunk() {
         other.to_str().unwrap(),
     ]));
     let log = c.dir.path().join("other-namenode.log");
-    let mut imposter = Command::new(quern_bin())
-        .args([
-            "namenode",
-            "--dir",
-            other.to_str().unwrap(),
-            "--listen",
-            &addr,
-            "--tls",
-            tls(&c).to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let imposter = Child(
+        Command::new(quern_bin())
+            .args([
+                "namenode",
+                "--dir",
+                other.to_str().unwrap(),
+                "--listen",
+                &addr,
+                "--tls",
+                tls(&c).to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let dn_log = c.dir.path().join("logs/datanode-1.log");
     wait(Duration::from_secs(15), "the refusal in the log", || {
         std::fs::read_to_string(&log)
@@ -150,8 +162,7 @@ fn datanodes_refuse_a_namenode_of_another_cluster_and_keep_every_chunk() {
     assert!(std::fs::read_to_string(&dn_log)
         .unwrap()
         .contains("belongs to another cluster"));
-    let _ = imposter.kill();
-    let _ = imposter.wait();
+    drop(imposter);
     assert_eq!(all_chunk_files(&c, 2), before, "every chunk file stays");
 
     // The right namenode back: the same bytes.
@@ -213,33 +224,34 @@ fn a_datanode_runs_only_with_its_own_certificate() {
     // A second process with datanode 1's certificate: refused registration
     // while the real one is live.
     let log = c.dir.path().join("copy.log");
-    let mut copy = Command::new(quern_bin())
-        .args([
-            "datanode",
-            "--dir",
-            spare,
-            "--namenode",
-            &addr,
-            "--heartbeat",
-            "200ms",
-            "--cert",
-            cert1.to_str().unwrap(),
-            "--key",
-            key1.to_str().unwrap(),
-            "--ca",
-            t.join("ca.pem").to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let copy = Child(
+        Command::new(quern_bin())
+            .args([
+                "datanode",
+                "--dir",
+                spare,
+                "--namenode",
+                &addr,
+                "--heartbeat",
+                "200ms",
+                "--cert",
+                cert1.to_str().unwrap(),
+                "--key",
+                key1.to_str().unwrap(),
+                "--ca",
+                t.join("ca.pem").to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     wait(Duration::from_secs(15), "the copy to be refused", || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .contains("a second process with its certificate")
     });
-    let _ = copy.kill();
-    let _ = copy.wait();
+    drop(copy);
     let r = c.quern(&["report", "--json"]);
     let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(j["datanodes"].as_array().unwrap().len(), 2, "{}", r.stdout);
