@@ -2,6 +2,7 @@
 //! writes, serves reads and follows the namenode's commands.
 
 mod heartbeat;
+mod jobs;
 mod node;
 mod scrub;
 mod service;
@@ -10,7 +11,7 @@ mod tasks;
 mod train;
 mod transfer;
 
-pub use scrub::ScrubConfig;
+pub use jobs::default_job_memory;
+pub use node::ScrubConfig;
 pub use service::{Datanode, DatanodeConfig};
 pub use store::{ChunkStore, StoreError};
-pub use train::default_job_memory;

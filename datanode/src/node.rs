@@ -1,7 +1,9 @@
 //! What every part of a datanode shares: its settings, its identity, its
-//! store and endpoint, token keys and state flags. The request handlers
-//! (`service`) and the background tasks (heartbeat, scrubber, job sweeper)
-//! are each handed a `Node`; none of them reaches into another.
+//! store and endpoint, token keys, the job table and progress figures. The
+//! request handlers (`service`, `tasks`, `train`) and the background tasks
+//! (heartbeat, scrubber, job sweeper) are each handed a `Node` (or the part
+//! of it they need); this module depends only on the store and the job
+//! table, never on the code that uses it.
 
 use crate::store::{ChunkStore, StoreError};
 use quern_proto::msg::*;
@@ -9,8 +11,50 @@ use quern_proto::transport::{Endpoint, Peer, Tuning};
 use quern_proto::{Access, ChunkId, ChunkToken, ErrorCode, KeyRing, NodeId, WireError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// How often and how fast to scrub.
+#[derive(Debug, Clone, Copy)]
+pub struct ScrubConfig {
+    /// A full pass starts this long after the previous one started (or
+    /// right after it ends, when a pass takes longer).
+    pub interval: Duration,
+    /// Bytes per second read at most, so the scrubber never competes with
+    /// clients for the disk.
+    pub rate: u64,
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        // HDFS scans every block once in three weeks; a daily pass at
+        // 16 MiB/s (a few percent of a disk) finds rot sooner and still
+        // covers about 1.3 TiB a day.
+        ScrubConfig {
+            interval: Duration::from_secs(24 * 3600),
+            rate: 16 << 20,
+        }
+    }
+}
+
+/// Progress shared with heartbeats.
+#[derive(Default)]
+pub(crate) struct ScrubState {
+    status: Mutex<ScrubStatus>,
+}
+
+impl ScrubState {
+    pub fn status(&self) -> ScrubStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut ScrubStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
 
 /// Largest chunk a datanode accepts; checked before anything is allocated.
 pub const MAX_CHUNK: u64 = 1 << 30;
@@ -28,7 +72,7 @@ pub struct DatanodeConfig {
     pub report_interval: Duration,
     /// How long chunks moved to the trash are kept.
     pub trash_ttl: Duration,
-    pub scrub: crate::scrub::ScrubConfig,
+    pub scrub: ScrubConfig,
     /// A training job neither stepped nor renewed for this long is freed
     /// (its coordinator is gone).
     pub job_lease: Duration,
@@ -53,7 +97,7 @@ impl DatanodeConfig {
             trash_ttl: Duration::from_secs(24 * 3600),
             scrub: Default::default(),
             job_lease: Duration::from_secs(60),
-            job_memory: crate::train::default_job_memory(),
+            job_memory: crate::jobs::default_job_memory(),
             tuning: Tuning::tuned(),
             report_page: quern_proto::msg::REPORT_PAGE,
         }
@@ -68,12 +112,12 @@ pub(crate) struct Node {
     pub endpoint: Arc<Endpoint>,
     /// Map and gradient tasks running at once: one per core.
     pub task_slots: tokio::sync::Semaphore,
-    pub jobs: Arc<crate::train::Jobs>,
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// The namenode's token keys, as of its last reply.
     pub keys: std::sync::RwLock<KeyRing>,
     /// The cluster this node belongs to (kept in `DIR/cluster_id`).
     pub cluster_id: std::sync::Mutex<Option<String>>,
-    pub scrub: crate::scrub::ScrubState,
+    pub scrub: ScrubState,
     /// Set when the disk ran out of space; cleared by a heartbeat that
     /// finds room again. A full node takes no new chunks.
     pub full: std::sync::atomic::AtomicBool,

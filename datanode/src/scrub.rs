@@ -5,53 +5,11 @@
 
 use crate::node::Node;
 use crate::transfer::read_pieces;
-use quern_proto::msg::{ReportBadReplica, ScrubStatus};
+use quern_proto::msg::ReportBadReplica;
 use quern_proto::{ChunkId, Digest};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// How often and how fast to scrub.
-#[derive(Debug, Clone, Copy)]
-pub struct ScrubConfig {
-    /// A full pass starts this long after the previous one started (or
-    /// right after it ends, when a pass takes longer).
-    pub interval: Duration,
-    /// Bytes per second read at most, so the scrubber never competes with
-    /// clients for the disk.
-    pub rate: u64,
-}
-
-impl Default for ScrubConfig {
-    fn default() -> Self {
-        // HDFS scans every block once in three weeks; a daily pass at
-        // 16 MiB/s (a few percent of a disk) finds rot sooner and still
-        // covers about 1.3 TiB a day.
-        ScrubConfig {
-            interval: Duration::from_secs(24 * 3600),
-            rate: 16 << 20,
-        }
-    }
-}
-
-/// Progress shared with heartbeats.
-#[derive(Default)]
-pub(crate) struct ScrubState {
-    status: Mutex<ScrubStatus>,
-}
-
-impl ScrubState {
-    pub fn status(&self) -> ScrubStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn update(&self, f: impl FnOnce(&mut ScrubStatus)) {
-        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-}
 
 pub(crate) async fn run(node: Arc<Node>) {
     let cfg = node.cfg.scrub;

@@ -51,7 +51,7 @@ impl Datanode {
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        let jobs = Arc::new(crate::train::Jobs::new(cfg.job_lease, cfg.job_memory));
+        let jobs = Arc::new(crate::jobs::Jobs::new(cfg.job_lease, cfg.job_memory));
         let node = Arc::new(Node {
             id,
             addr,
@@ -80,7 +80,7 @@ impl Datanode {
         tasks.spawn("requests", serve(endpoint, service));
         tasks.spawn("heartbeat", crate::heartbeat::run(node.clone()));
         tasks.spawn("scrubber", crate::scrub::run(node.clone()));
-        tasks.spawn("job sweeper", crate::train::sweeper(node.jobs.clone()));
+        tasks.spawn("job sweeper", crate::jobs::sweeper(node.jobs.clone()));
         Ok(Datanode { node, tasks })
     }
 
