@@ -321,7 +321,7 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                     println!("{s}");
                 }
                 println!(
-                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>11} {:>5} {:>16} {:>9}",
+                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>20} {:>5} {:>16} {:>9}",
                     "ADDRESS",
                     "ID",
                     "STATE",
@@ -339,7 +339,7 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                     // Training jobs held in memory, and how much they hold.
                     let jobs = format!("{} ({})", d.jobs, format_size(d.job_bytes));
                     println!(
-                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>11} {:>5} {:>16} {:>8.1}s",
+                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>20} {:>5} {:>16} {:>8.1}s",
                         d.node.addr.to_string(),
                         d.node.id.to_string(),
                         match d.state {
@@ -352,7 +352,12 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                         format_size(d.available),
                         d.chunks,
                         format_size(d.trash_bytes),
-                        scrub_age(d.scrub.last_pass_end_ms),
+                        // When the last full pass ended, and the chunks it verified.
+                        format!(
+                            "{} ({})",
+                            scrub_age(d.scrub.last_pass_end_ms),
+                            d.scrub.last_pass_chunks
+                        ),
                         d.scrub.errors,
                         jobs,
                         d.since_heartbeat_secs
