@@ -23,6 +23,29 @@ fn chunk_files(c: &BinCluster, datanodes: usize) -> usize {
         .sum()
 }
 
+/// The first replica of `path`'s first chunk: its datanode's address and
+/// index in the cluster, and the chunk file on its disk.
+fn first_replica_file(c: &BinCluster, path: &str) -> (String, usize, std::path::PathBuf) {
+    let loc: serde_json::Value =
+        serde_json::from_str(&c.quern(&["locate", "--json", path]).stdout).unwrap();
+    let addr = loc["chunks"][0]["replicas"][0]["node"]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chunk_id = loc["chunks"][0]["meta"]["id"].as_u64().unwrap();
+    let idx = c.cluster_json()["datanodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|d| d["addr"] == addr.as_str())
+        .unwrap();
+    let file = c
+        .datanode_dir(idx)
+        .join("chunks")
+        .join(format!("{chunk_id:016x}.chunk"));
+    (addr, idx, file)
+}
+
 fn wait(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
@@ -215,24 +238,7 @@ fn a_flipped_byte_on_disk_is_read_around_and_fsck_says_corrupt() {
     let data = random_bytes(50_000, 40);
     let src = write_local(local.path(), "c", &data);
     ok(&c.quern(&["put", &src, "/c"]));
-    let loc: serde_json::Value =
-        serde_json::from_str(&c.quern(&["locate", "--json", "/c"]).stdout).unwrap();
-    let first_addr = loc["chunks"][0]["replicas"][0]["node"]["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let chunk_id = loc["chunks"][0]["meta"]["id"].as_u64().unwrap();
-    let j = c.cluster_json();
-    let idx = j["datanodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|d| d["addr"] == first_addr.as_str())
-        .unwrap();
-    let file = c
-        .datanode_dir(idx)
-        .join("chunks")
-        .join(format!("{chunk_id:016x}.chunk"));
+    let (first_addr, _, file) = first_replica_file(&c, "/c");
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[777] ^= 1;
     std::fs::write(&file, bytes).unwrap();
@@ -474,22 +480,8 @@ fn the_scrubber_finds_a_flipped_byte_and_the_replica_is_healed_without_a_read() 
     let data = random_bytes(300_000, 41);
     let src = write_local(local.path(), "s", &data);
     ok(&c.quern(&["put", &src, "/s", "-r", "2"]));
-    let loc: serde_json::Value =
-        serde_json::from_str(&c.quern(&["locate", "--json", "/s"]).stdout).unwrap();
-    let bad_addr = loc["chunks"][0]["replicas"][0]["node"]["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let chunk_id = loc["chunks"][0]["meta"]["id"].as_u64().unwrap();
-    let j = c.cluster_json();
-    let idx = j["datanodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|d| d["addr"] == bad_addr.as_str())
-        .unwrap();
-    let name = format!("{chunk_id:016x}.chunk");
-    let file = c.datanode_dir(idx).join("chunks").join(&name);
+    let (bad_addr, idx, file) = first_replica_file(&c, "/s");
+    let name = file.file_name().unwrap().to_owned();
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[4321] ^= 0x10;
     std::fs::write(&file, bytes).unwrap();

@@ -154,21 +154,13 @@ async fn the_same_seed_gives_the_same_weights() {
     assert_ne!(a.params, c2.params, "another seed, another model");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_datanode_hands_its_share_to_other_holders() {
-    let mut c = TestCluster::start(Options::default()).await;
-    let client = Client::new(
-        &c.admin_identity(),
-        c.namenode_addr,
-        std::time::Duration::from_secs(3),
-    )
-    .unwrap();
-    let mut ds = dataset(&client, 600, 9).await;
-    let model = tiny_model();
-    let opts = TrainOptions {
-        max_iter: Some(40),
-        ..options(&model, 3)
-    };
+/// Starts training in the background, slowed to 20 ms a step so a test
+/// can act mid-job, and returns once step 5 is done.
+async fn train_past_step_5(
+    client: &Client,
+    mut ds: Dataset,
+    opts: TrainOptions,
+) -> tokio::task::JoinHandle<quern_client::Result<quern_client::TrainOutcome>> {
     let (tx, rx) = mpsc::channel();
     let job = tokio::spawn({
         let client = client.clone();
@@ -178,7 +170,6 @@ async fn a_lost_datanode_hands_its_share_to_other_holders() {
                     if let TrainEvent::Step { iteration: 5, .. } = e {
                         let _ = tx.send(());
                     }
-                    // Slow enough that the datanode stops mid-job.
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 })
                 .await
@@ -188,6 +179,25 @@ async fn a_lost_datanode_hands_its_share_to_other_holders() {
         .await
         .unwrap()
         .unwrap();
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_datanode_hands_its_share_to_other_holders() {
+    let mut c = TestCluster::start(Options::default()).await;
+    let client = Client::new(
+        &c.admin_identity(),
+        c.namenode_addr,
+        std::time::Duration::from_secs(3),
+    )
+    .unwrap();
+    let ds = dataset(&client, 600, 9).await;
+    let model = tiny_model();
+    let opts = TrainOptions {
+        max_iter: Some(40),
+        ..options(&model, 3)
+    };
+    let job = train_past_step_5(&client, ds, opts).await;
     c.stop_datanode(1);
     let run = job
         .await
@@ -277,30 +287,13 @@ async fn a_datanode_partitioned_during_training_hands_its_share_over() {
         std::time::Duration::from_secs(1),
     )
     .unwrap();
-    let mut ds = dataset(&client, 600, 9).await;
+    let ds = dataset(&client, 600, 9).await;
     let model = tiny_model();
     let opts = TrainOptions {
         max_iter: Some(30),
         ..options(&model, 3)
     };
-    let (tx, rx) = mpsc::channel();
-    let job = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .train(&mut ds, None, &opts, move |e| {
-                    if let TrainEvent::Step { iteration: 5, .. } = e {
-                        let _ = tx.send(());
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                })
-                .await
-        }
-    });
-    tokio::task::spawn_blocking(move || rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let job = train_past_step_5(&client, ds, opts).await;
     // Cut off, not stopped: it runs on, but nothing reaches it or leaves it.
     let cut = c.datanodes[1].as_ref().unwrap();
     for direction in [Direction::Incoming, Direction::Outgoing] {
