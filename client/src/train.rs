@@ -450,6 +450,10 @@ impl Client {
             }
         }
         let mut params = opts.init.clone();
+        // The coordinator folds BatchNormalization's batch statistics into
+        // the moving averages after each step.
+        let model = quern_compute::nn::Model::from_keras_json(&opts.model_json)
+            .map_err(|e| Error::Job(format!("the job's model: {e}")))?;
         let mut opt = Optimizer::new(opts.optimizer, params.len());
         let total: u64 = workers.iter().map(|w| w.records).sum();
         let steps_per_epoch = total.div_ceil(opts.batch.max(1));
@@ -596,7 +600,7 @@ impl Client {
                     for (r, _) in results.iter().flatten() {
                         sum.add(r).map_err(job_err)?;
                     }
-                    sum.apply(&mut opt, &mut params).map_err(job_err)?
+                    sum.apply(&mut opt, &model, &mut params).map_err(job_err)?
                 };
                 let took = t.elapsed().as_micros();
                 step_us += took;

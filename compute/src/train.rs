@@ -10,7 +10,9 @@
 //! epoch visits every record once. The coordinator adds the workers'
 //! gradient sums in worker order and divides by the examples actually used.
 
-use crate::nn::{DropoutRng, Model, NnError, Optimizer, OptimizerConfig, Params, SplitMix64};
+use crate::nn::{
+    DropoutRng, Model, NnError, Optimizer, OptimizerConfig, Params, SplitMix64, StatSums,
+};
 use crate::ops::DatasetStats;
 use crate::records::{RecordLayout, Records};
 use ndarray::{ArrayViewD, IxDyn};
@@ -268,6 +270,10 @@ pub struct StepResult {
     /// Time the worker spent computing, for the coordinator's accounting
     /// of how much of a step is waiting on the network.
     pub compute_us: u64,
+    /// BatchNormalization's batch sums over the share (one step), for the
+    /// moving statistics.
+    #[serde(default)]
+    pub stats: Vec<StatSums>,
 }
 
 /// A worker's state for the life of a job: the model and its decoded,
@@ -397,10 +403,12 @@ impl Worker {
             .model
             .params_from_flat(std::mem::take(&mut req.params))?;
         let (mut loss_sum, mut correct, mut count) = (0.0, 0, 0);
+        let mut stats = Vec::new();
         let values = match (req.local, req.steps.as_slice()) {
             (None, [one]) => {
                 let g = self.grad_sum(&params, req.worker, one)?;
                 (loss_sum, correct, count) = (g.loss_sum, g.correct, g.count);
+                stats = g.stats;
                 g.grad
             }
             (None, steps) => {
@@ -426,6 +434,8 @@ impl Worker {
                         let inv = 1.0 / g.count as f32;
                         g.grad.iter_mut().for_each(|v| *v *= inv);
                         opt.step(params.as_mut_slice(), &g.grad)?;
+                        self.model
+                            .update_moving_stats(params.as_mut_slice(), &g.stats)?;
                     }
                 }
                 self.local_opt = Some(opt);
@@ -438,6 +448,7 @@ impl Worker {
             count,
             values,
             compute_us: started.elapsed().as_micros() as u64,
+            stats,
         })
     }
 
@@ -492,6 +503,8 @@ pub struct StepSum {
     pub correct: u64,
     pub count: u64,
     pub grad: Vec<f32>,
+    /// Batch statistics summed over workers, None before the first.
+    pub stats: Option<Vec<StatSums>>,
 }
 
 impl StepSum {
@@ -501,6 +514,7 @@ impl StepSum {
             correct: 0,
             count: 0,
             grad: vec![0.0; params],
+            stats: None,
         }
     }
 
@@ -518,17 +532,39 @@ impl StepSum {
         for (a, b) in self.grad.iter_mut().zip(&r.values) {
             *a += b;
         }
+        match &mut self.stats {
+            None => self.stats = Some(r.stats.clone()),
+            Some(acc) => {
+                if acc.len() != r.stats.len() {
+                    return Err(TrainError::Invalid(format!(
+                        "a worker sent statistics of {} BatchNormalization calls, another of {}",
+                        r.stats.len(),
+                        acc.len()
+                    )));
+                }
+                for (a, b) in acc.iter_mut().zip(&r.stats) {
+                    a.add(b).map_err(TrainError::Invalid)?;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Divides by the examples used and applies the optimizer.
-    pub fn apply(mut self, opt: &mut Optimizer, params: &mut [f32]) -> Result<StepStats> {
+    /// Divides by the examples used, applies the optimizer, and folds the
+    /// batch statistics into the moving averages.
+    pub fn apply(
+        mut self,
+        opt: &mut Optimizer,
+        model: &Model,
+        params: &mut [f32],
+    ) -> Result<StepStats> {
         if self.count == 0 {
             return Err(TrainError::Invalid("a step with no examples".into()));
         }
         let inv = 1.0 / self.count as f32;
         self.grad.iter_mut().for_each(|g| *g *= inv);
         opt.step(params, &self.grad)?;
+        model.update_moving_stats(params, self.stats.as_deref().unwrap_or(&[]))?;
         Ok(StepStats {
             loss: self.loss_sum / self.count as f64,
             accuracy: self.correct as f64 / self.count as f64,
@@ -613,6 +649,10 @@ pub fn train_local(
         batch,
     };
     let mut opt = Optimizer::new(optimizer, params.len());
+    let model = workers
+        .first()
+        .map(|w| w.model().clone())
+        .ok_or_else(|| TrainError::Invalid("no workers".into()))?;
     let mut iteration = 0;
     for epoch in 0..epochs {
         for i in 0..plan.steps_per_epoch() {
@@ -633,7 +673,7 @@ pub fn train_local(
                 })?;
                 sum.add(&r)?;
             }
-            let stats = sum.apply(&mut opt, params.as_mut_slice())?;
+            let stats = sum.apply(&mut opt, &model, params.as_mut_slice())?;
             on_step(iteration, &stats);
             iteration += 1;
         }

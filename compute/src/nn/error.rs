@@ -16,6 +16,9 @@ pub enum NnError {
     },
     #[error("model: {0}")]
     Model(String),
+    /// Every layer or option of a model that cannot be imported, at once.
+    #[error("{}", unsupported_message(.0))]
+    Unsupported(Vec<super::config::Problem>),
     #[error("{name}: {message}")]
     Array { name: String, message: String },
     #[error("weights: {0}")]
@@ -41,6 +44,18 @@ pub enum NnError {
         limit: u64,
         why: String,
     },
+}
+
+fn unsupported_message(problems: &[super::config::Problem]) -> String {
+    let mut s = match problems.len() {
+        1 => "the model cannot be imported:".to_string(),
+        n => format!("the model cannot be imported ({n} problems):"),
+    };
+    for p in problems {
+        s.push_str("\n  - ");
+        s.push_str(&p.to_string());
+    }
+    s
 }
 
 pub type Result<T, E = NnError> = std::result::Result<T, E>;

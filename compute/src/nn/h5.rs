@@ -10,8 +10,9 @@ use ndarray::ArrayD;
 
 use super::error::{NnError, Result};
 
-/// Reads the weights of `layers` — each a Keras layer name with the number
-/// of variables the model expects it to hold — from the bytes of a
+/// Reads the weights of `layers` — each a Keras layer name, the path of its
+/// `vars` group, and the number of variables the model expects it to hold —
+/// from the bytes of a
 /// `model.weights.h5`, in `get_weights()` order. Arrays are labelled by
 /// their path in the file. `what` names the file in errors. The arrays
 /// together may take at most `limit` bytes as float32 (`why` says where the
@@ -19,7 +20,7 @@ use super::error::{NnError, Result};
 /// own size limit could still decode to gigabytes.
 pub(crate) fn keras_weights(
     bytes: &[u8],
-    layers: &[(&str, usize)],
+    layers: &[(&str, &str, usize)],
     what: &str,
     limit: u64,
     why: &str,
@@ -29,23 +30,22 @@ pub(crate) fn keras_weights(
         Hdf5File::from_bytes(bytes).map_err(|e| err(format!("not a readable HDF5 file: {e}")))?;
     let mut arrays = Vec::new();
     let mut decoded = 0u64;
-    for &(layer, count) in layers {
+    for &(layer, path, count) in layers {
         if count == 0 {
             continue;
         }
-        let path = format!("layers/{layer}/vars");
-        let group = file.group(&path).map_err(|e| {
+        let group = file.group(path).map_err(|e| {
             if is_not_found(&e) {
                 err(format!(
                     "no weights for layer `{layer}` (no {path}; was the file saved from this model?)"
                 ))
             } else {
-                err(unreadable(&path, &e))
+                err(unreadable(path, &e))
             }
         })?;
         let (_, names) = group
             .member_names()
-            .map_err(|e| err(unreadable(&path, &e)))?;
+            .map_err(|e| err(unreadable(path, &e)))?;
         let mut indices: Vec<usize> = names.iter().filter_map(|n| n.parse().ok()).collect();
         indices.sort_unstable();
         if indices != (0..count).collect::<Vec<_>>() {
@@ -78,9 +78,15 @@ pub(crate) fn keras_weights(
                     why: why.to_string(),
                 });
             }
-            let array = dataset
-                .read_array::<f32>()
-                .map_err(|e| err(unreadable(&name, &e)))?;
+            // Normalization's `count` is an int64 scalar; every other
+            // variable is float32.
+            let array = match dataset.read_array::<f32>() {
+                Ok(a) => a,
+                Err(e) => match dataset.read_array::<i64>() {
+                    Ok(a) => a.mapv(|v| v as f32),
+                    Err(_) => return Err(err(unreadable(&name, &e))),
+                },
+            };
             arrays.push((name, array));
         }
     }

@@ -1,26 +1,38 @@
-//! Neural networks: layers, Keras import, forward/backward, optimizers.
+//! Neural networks: Keras import, layers, forward/backward, optimizers.
 //!
-//! A [`Model`] is a sequential chain imported from Keras JSON or a `.keras`
-//! archive. Its parameters are one flat f32 vector ([`Params`]) in Keras
-//! `get_weights()` order, which is also how they travel over the network and
-//! how they are saved (`.npz`, loadable with Keras `set_weights`).
+//! A [`Model`] is any Keras 3 model (Sequential, or a functional graph with
+//! branches, merges, shared layers and nested models) imported from its
+//! JSON or a `.keras` archive. Its parameters are one flat f32 vector
+//! ([`Params`]) in Keras `get_weights()` order, which is also how they
+//! travel over the network and how they are saved (`.npz`, loadable with
+//! Keras `set_weights`).
+//!
+//! Layers live in [`layers`], one file per family, each layer's config
+//! parsing, shape rule, forward and backward side by side.
 
+mod activation;
 mod bench;
+mod config;
 mod error;
 mod exec;
 mod gemm;
+mod graph;
 mod h5;
-mod keras;
+mod init;
 mod layers;
 mod model;
 pub mod npy;
 mod optim;
 mod rng;
+mod summary;
 
+pub use activation::Activation;
 pub use bench::{bench_train_step, BenchReport};
+pub use config::Problem;
 pub use error::{NnError, Result};
 pub use exec::DropoutRng;
-pub use layers::{Activation, FanMode, Init, Layer, LayerKind, Padding, ParamSpec};
-pub use model::{Evaluation, GradSum, KerasArchive, Model, Params};
+pub use init::{Distribution, FanMode, Init};
+pub use layers::{Padding, StatSums, SUPPORTED_LAYERS};
+pub use model::{Evaluation, GradSum, KerasArchive, Model, ParamSpec, Params};
 pub use optim::{Adam, Optimizer, OptimizerConfig, Sgd};
 pub use rng::SplitMix64;

@@ -1,5 +1,4 @@
-//! The sequential model: import, parameters, summary, inference, loss and
-//! gradients.
+//! A model: import, parameters, inference, loss and gradients.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -7,16 +6,15 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 
+use super::activation::Activation;
 use super::error::{NnError, Result};
-use super::exec::{DropoutRng, Net};
+use super::exec::{DropoutRng, Exec};
+use super::graph::{self, Graph};
 use super::h5;
-use super::keras;
-use super::layers::{Activation, FanMode, Init, Layer, LayerKind, ParamSpec};
+use super::init::Init;
+use super::layers::{shape_str, StatSums};
 use super::npy;
-use super::rng::SplitMix64;
-
-/// A parameter a layer declares: name suffix, shape, initialiser, fans.
-type NewSpec = (&'static str, Vec<usize>, Init, (usize, usize));
+use super::summary;
 
 /// Keras clips probabilities to [EPS, 1 - EPS] before taking the log.
 const CCE_EPSILON: f32 = 1e-7;
@@ -40,16 +38,28 @@ const WEIGHTS_BYTES_PER_PARAM: u64 = 4 * 4 * 2;
 /// headers and zip records of an `.npz`. Tens of KiB in practice.
 const WEIGHTS_OVERHEAD: u64 = 16 << 20;
 
-/// A sequential chain of layers imported from Keras.
+/// A Keras model (Sequential or any functional graph) ready to run.
 #[derive(Debug, Clone)]
 pub struct Model {
-    name: String,
-    input_shape: Vec<usize>,
-    layers: Vec<Layer>,
+    graph: Arc<Graph>,
     specs: Arc<[ParamSpec]>,
-    first_param: Vec<usize>,
     param_count: usize,
     keras_json: String,
+}
+
+/// One weight tensor in Keras `get_weights()` order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    /// `layer/kernel`, `layer/moving_mean`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Where it starts in the flat parameter vector.
+    pub offset: usize,
+    pub len: usize,
+    pub init: Init,
+    /// False for statistics (moving mean and variance) and for the weights
+    /// of frozen layers: they get no gradient and no optimizer update.
+    pub trainable: bool,
 }
 
 /// A `.keras` archive: the model and, when the archive carries them, its
@@ -74,13 +84,19 @@ pub struct Params {
 /// partial results from several workers add up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradSum {
-    /// Sum of the per-example sparse categorical cross-entropy.
+    /// Sum of the per-example sparse categorical cross-entropy, plus the
+    /// weights' regularization penalty once per example.
     pub loss_sum: f64,
     /// Examples whose arg-max prediction equals the label.
     pub correct: u64,
     pub count: u64,
     /// Sum of the per-example gradients, laid out like [`Params`].
     pub grad: Vec<f32>,
+    /// Per-channel input sums of each BatchNormalization call in training
+    /// mode, in call order: added over workers, they give the global
+    /// batch's statistics for the moving averages
+    /// ([`Model::update_moving_stats`]).
+    pub stats: Vec<StatSums>,
 }
 
 /// Scoring counts for a labelled set; partial results [`merge`](Self::merge).
@@ -247,8 +263,8 @@ impl Params {
 impl Model {
     /// Imports `model.to_json()` text (Keras 3, or Keras 2 style).
     pub fn from_keras_json(text: &str) -> Result<Model> {
-        let raw = keras::parse(text)?;
-        Model::build(raw, text.to_string())
+        let graph = graph::parse(text)?;
+        Ok(Model::build(graph, text.to_string()))
     }
 
     /// Reads a `.keras` archive held in memory.
@@ -351,158 +367,58 @@ impl Model {
         Ok((model, params))
     }
 
-    fn build(raw: keras::RawModel, keras_json: String) -> Result<Model> {
-        let mut shape = raw.input_shape.clone();
-        let mut layers = Vec::with_capacity(raw.layers.len());
-        let mut specs: Vec<ParamSpec> = Vec::new();
-        let mut first_param = Vec::with_capacity(raw.layers.len());
+    /// Lays the layers' weights out in Keras `weights` order: layers in
+    /// config order (a nested model's in place), each layer's weights in
+    /// the order it creates them.
+    fn build(mut graph: Graph, keras_json: String) -> Model {
+        let mut specs = Vec::new();
         let mut offset = 0usize;
-        for rl in raw.layers {
-            let err = |m: String| NnError::Layer {
-                layer: rl.name.clone(),
-                class: rl.class.clone(),
-                message: m,
-            };
-            let spatial = |shape: &[usize]| -> Result<()> {
-                if shape.len() == 3 {
-                    Ok(())
-                } else {
-                    Err(err(format!(
-                        "needs a (height, width, channels) input, got {}",
-                        batch_shape_str(shape)
-                    )))
-                }
-            };
-            let mut new_specs: Vec<NewSpec> = Vec::new();
-            let out_shape = match &rl.kind {
-                LayerKind::Dense {
-                    units, use_bias, ..
-                } => {
-                    if shape.len() != 1 {
-                        return Err(err(format!(
-                            "Dense on an input of shape {} is not supported; add a Flatten first",
-                            batch_shape_str(&shape)
-                        )));
-                    }
-                    new_specs.push((
-                        "kernel",
-                        vec![shape[0], *units],
-                        rl.kernel_init,
-                        (shape[0], *units),
-                    ));
-                    if *use_bias {
-                        new_specs.push(("bias", vec![*units], rl.bias_init, (0, 0)));
-                    }
-                    vec![*units]
-                }
-                LayerKind::Conv2D {
-                    filters,
-                    kernel,
-                    strides,
-                    padding,
-                    use_bias,
-                    ..
-                } => {
-                    spatial(&shape)?;
-                    let (oh, ow) =
-                        window_output(*padding, &shape, *kernel, *strides).ok_or_else(|| {
-                            err(format!(
-                                "kernel {kernel:?} is larger than the input {}",
-                                batch_shape_str(&shape)
-                            ))
-                        })?;
-                    let area = kernel[0] * kernel[1];
-                    new_specs.push((
-                        "kernel",
-                        vec![kernel[0], kernel[1], shape[2], *filters],
-                        rl.kernel_init,
-                        (area * shape[2], area * filters),
-                    ));
-                    if *use_bias {
-                        new_specs.push(("bias", vec![*filters], rl.bias_init, (0, 0)));
-                    }
-                    vec![oh, ow, *filters]
-                }
-                LayerKind::MaxPool2D {
-                    pool,
-                    strides,
-                    padding,
-                }
-                | LayerKind::AvgPool2D {
-                    pool,
-                    strides,
-                    padding,
-                } => {
-                    spatial(&shape)?;
-                    let (oh, ow) =
-                        window_output(*padding, &shape, *pool, *strides).ok_or_else(|| {
-                            err(format!(
-                                "pool {pool:?} is larger than the input {}",
-                                batch_shape_str(&shape)
-                            ))
-                        })?;
-                    vec![oh, ow, shape[2]]
-                }
-                LayerKind::Flatten => vec![shape.iter().product()],
-                LayerKind::Dropout { .. } | LayerKind::Activation(_) => shape.clone(),
-            };
-            if shape.iter().product::<usize>() > u32::MAX as usize {
-                return Err(err("the input of this layer is too large".into()));
-            }
-            first_param.push(specs.len());
-            for (suffix, pshape, init, fans) in new_specs {
-                let len = pshape.iter().product();
+        for layer in &mut graph.layers {
+            layer.params.clear();
+            for d in &layer.decls {
+                let len = d.shape.iter().product();
+                layer.params.push(specs.len());
                 specs.push(ParamSpec {
-                    name: format!("{}/{suffix}", rl.name),
-                    shape: pshape,
+                    name: format!("{}/{}", layer.name, d.name),
+                    shape: d.shape.clone(),
                     offset,
                     len,
-                    init,
-                    fans,
+                    init: d.init,
+                    trainable: d.trainable && layer.trainable,
                 });
                 offset += len;
             }
-            layers.push(Layer {
-                name: rl.name,
-                class: rl.class,
-                kind: rl.kind,
-                input_shape: shape.clone(),
-                output_shape: out_shape.clone(),
-                kernel_init: rl.kernel_init,
-                bias_init: rl.bias_init,
-            });
-            shape = out_shape;
         }
-        Ok(Model {
-            name: raw.name,
-            input_shape: raw.input_shape,
-            layers,
+        Model {
+            graph: Arc::new(graph),
             specs: specs.into(),
-            first_param,
             param_count: offset,
             keras_json,
-        })
+        }
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.graph.name
     }
 
     /// Per-sample input shape (without the batch dimension).
     pub fn input_shape(&self) -> &[usize] {
-        &self.input_shape
+        &self.graph.shapes[self.graph.input]
     }
 
     /// Per-sample output shape.
     pub fn output_shape(&self) -> &[usize] {
-        self.layers
-            .last()
-            .map(|l| l.output_shape.as_slice())
-            .unwrap_or(&self.input_shape)
+        &self.graph.shapes[self.graph.output]
     }
 
-    pub fn layers(&self) -> &[Layer] {
-        &self.layers
+    /// The layers' names and classes, in config order (nested models'
+    /// layers in place).
+    pub fn layer_names(&self) -> Vec<(&str, &str)> {
+        self.graph
+            .layers
+            .iter()
+            .map(|l| (l.name.as_str(), l.class.as_str()))
+            .collect()
     }
 
     /// The JSON this model was imported from, to ship it to other nodes.
@@ -520,26 +436,27 @@ impl Model {
         self.param_count
     }
 
-    /// Fresh parameters as Keras initialises them (glorot_uniform kernels,
-    /// zero biases unless the config says otherwise), from `seed`.
+    /// Scalar parameters that train (the rest are statistics or frozen).
+    pub fn trainable_count(&self) -> usize {
+        self.specs
+            .iter()
+            .filter(|s| s.trainable)
+            .map(|s| s.len)
+            .sum()
+    }
+
+    /// Fresh parameters drawn from each weight's Keras initializer
+    /// (glorot_uniform kernels and zero biases unless the config says
+    /// otherwise), from `seed`.
     pub fn init_params(&self, seed: u64) -> Params {
         let mut values = vec![0.0f32; self.param_count];
         for (i, s) in self.specs.iter().enumerate() {
-            let dst = &mut values[s.offset..s.offset + s.len];
-            match s.init {
-                Init::Constant(c) => dst.fill(c),
-                Init::VarianceUniform { scale, mode } => {
-                    let fan = match mode {
-                        FanMode::In => s.fans.0 as f64,
-                        FanMode::Avg => (s.fans.0 + s.fans.1) as f64 / 2.0,
-                    };
-                    let limit = (scale / fan.max(1.0)).sqrt() as f32;
-                    let mut rng = SplitMix64::derive(seed, 0x1417, i as u64);
-                    for v in dst {
-                        *v = (rng.next_f32() * 2.0 - 1.0) * limit;
-                    }
-                }
-            }
+            s.init.fill(
+                &mut values[s.offset..s.offset + s.len],
+                &s.shape,
+                seed,
+                i as u64,
+            );
         }
         Params {
             values,
@@ -614,20 +531,14 @@ impl Model {
     }
 
     /// Reads the bytes of a Keras 3 `model.weights.h5` (as saved inside a
-    /// `.keras` archive): each layer's `layers/<name>/vars/<i>`.
+    /// `.keras` archive): each layer's `layers/<name>/vars/<i>` (nested
+    /// models' layers under `layers/<model>/layers/<name>/vars`).
     pub fn params_from_keras_h5_bytes(&self, bytes: &[u8], what: &str) -> Result<Params> {
-        let layers: Vec<(&str, usize)> = self
+        let layers: Vec<(&str, &str, usize)> = self
+            .graph
             .layers
             .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let end = self
-                    .first_param
-                    .get(i + 1)
-                    .copied()
-                    .unwrap_or(self.specs.len());
-                (l.name.as_str(), end - self.first_param[i])
-            })
+            .map(|l| (l.name.as_str(), l.h5_path.as_str(), l.params.len()))
             .collect();
         let (limit, why) = self.weights_limit();
         let arrays = h5::keras_weights(bytes, &layers, what, limit, &why)?;
@@ -656,11 +567,10 @@ impl Model {
         self.params_from_npz_bytes(&bytes, &path.display().to_string())
     }
 
-    fn net(&self) -> Net<'_> {
-        Net {
-            layers: &self.layers,
+    fn exec(&self) -> Exec<'_> {
+        Exec {
+            graph: &self.graph,
             specs: &self.specs,
-            first_param: &self.first_param,
         }
     }
 
@@ -670,10 +580,11 @@ impl Model {
                 "the parameters belong to a different model".into(),
             ));
         }
-        if x.ndim() != self.input_shape.len() + 1 || x.shape()[1..] != self.input_shape[..] {
+        let want = self.input_shape();
+        if x.ndim() != want.len() + 1 || x.shape()[1..] != want[..] {
             return Err(NnError::Input(format!(
                 "expected a batch of shape {}, got {}",
-                batch_shape_str(&self.input_shape),
+                batch_shape_str(want),
                 npy::shape_str(x.shape())
             )));
         }
@@ -687,7 +598,8 @@ impl Model {
     }
 
     /// Runs the model on a batch `[n, ...input_shape]`. With `dropout`
-    /// set, dropout layers are active (training mode).
+    /// set, the model runs in training mode (dropout and noise on,
+    /// BatchNormalization on the batch's statistics).
     pub fn forward(
         &self,
         params: &Params,
@@ -697,8 +609,9 @@ impl Model {
         let n = self.check(params, &x)?;
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
-        let mut tape = self.net().forward(&params.values, xs, n, dropout);
-        let out = tape.outs.pop().unwrap_or_else(|| xs.to_vec());
+        let train = dropout.map(Some);
+        let mut tape = self.exec().forward(&params.values, xs, n, train, false);
+        let out = tape.take(self.graph.output).unwrap_or_else(|| xs.to_vec());
         Ok(self.batch_array(n, self.output_shape(), out))
     }
 
@@ -713,21 +626,28 @@ impl Model {
         Ok(self.batch_array(n, self.output_shape(), out))
     }
 
-    /// Every layer's output (inference mode), for inspection and tests.
+    /// Every layer call's output (inference mode), labelled by layer name,
+    /// for inspection and tests.
     pub fn layer_outputs(
         &self,
         params: &Params,
         x: ArrayViewD<'_, f32>,
-    ) -> Result<Vec<ArrayD<f32>>> {
+    ) -> Result<Vec<(String, ArrayD<f32>)>> {
         let n = self.check(params, &x)?;
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
-        let tape = self.net().forward(&params.values, xs, n, None);
-        Ok(tape
-            .outs
-            .into_iter()
-            .zip(&self.layers)
-            .map(|(o, l)| self.batch_array(n, &l.output_shape, o))
+        let mut tape = self.exec().forward(&params.values, xs, n, None, true);
+        Ok(self
+            .graph
+            .calls
+            .iter()
+            .map(|c| {
+                let v = tape.take(c.output).unwrap_or_default();
+                (
+                    self.graph.layers[c.layer].name.clone(),
+                    self.batch_array(n, &self.graph.shapes[c.output], v),
+                )
+            })
             .collect())
     }
 
@@ -766,10 +686,21 @@ impl Model {
         Ok(eval)
     }
 
-    /// Sparse categorical cross-entropy summed over the batch, the number
-    /// of correct predictions, and the gradient summed over the batch
-    /// (not averaged: divide by the global batch size after adding the
-    /// shares of all workers). `dropout: None` disables dropout.
+    /// The activation the last layer applies, if it is fused into it.
+    fn final_activation(&self) -> Option<Activation> {
+        let g = &self.graph;
+        g.calls
+            .iter()
+            .rfind(|c| c.output == g.output)
+            .and_then(|c| g.layers[c.layer].op.activation())
+    }
+
+    /// Training-mode sparse categorical cross-entropy summed over the
+    /// batch, the number of correct predictions, the gradient summed over
+    /// the batch (not averaged: divide by the global batch size after
+    /// adding the shares of all workers), and BatchNormalization's batch
+    /// sums. `dropout: None` runs with dropout and noise off (batch
+    /// statistics stay on).
     ///
     /// Deterministic: the same inputs give bit-identical results for any
     /// number of threads.
@@ -800,20 +731,21 @@ impl Model {
                 correct: 0,
                 count: 0,
                 grad,
+                stats: Vec::new(),
             });
         }
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
-        let net = self.net();
-        let tape = net.forward(&params.values, xs, n, dropout);
-        let probs = tape.outs.last().expect("a model has layers");
-        let pv = ArrayViewD::from_shape(IxDyn(&[n, classes]), probs.as_slice())
-            .expect("output size matches");
-        let (loss_sum, correct, _) = score(pv, labels, classes)?;
+        let exec = self.exec();
+        let tape = exec.forward(&params.values, xs, n, Some(dropout), true);
+        let stats = exec.stats(&tape).into_iter().map(|(_, s)| s).collect();
+        let probs = tape.get(self.graph.output).unwrap_or(&[]);
+        let pv = ArrayViewD::from_shape(IxDyn(&[n, classes]), probs)
+            .map_err(|e| NnError::Model(format!("output of the wrong size: {e}")))?;
+        let (mut loss_sum, correct, _) = score(pv, labels, classes)?;
 
-        let softmax_last =
-            self.layers.last().and_then(Layer::activation) == Some(Activation::Softmax);
-        let mut dy = probs.clone();
+        let softmax_last = self.final_activation() == Some(Activation::Softmax);
+        let mut dy = probs.to_vec();
         for (row, &l) in dy.chunks_exact_mut(classes).zip(labels) {
             let l = l as usize;
             if softmax_last {
@@ -827,111 +759,151 @@ impl Model {
                 }
             }
         }
-        net.backward(&params.values, xs, n, &tape, dy, softmax_last, &mut grad);
+        exec.backward(&params.values, xs, n, tape, dy, softmax_last, &mut grad);
+        loss_sum += self.regularize(params, n, &mut grad);
         Ok(GradSum {
             loss_sum,
             correct,
             count: n as u64,
             grad,
+            stats,
         })
+    }
+
+    /// Adds `n` times the weights' regularization penalty's gradient to
+    /// `grad` and returns `n` times the penalty: summed over workers and
+    /// divided by the global batch, that is the penalty once per batch, as
+    /// Keras adds it.
+    fn regularize(&self, params: &Params, n: usize, grad: &mut [f32]) -> f64 {
+        let mut penalty = 0.0;
+        for layer in &self.graph.layers {
+            for (d, &pi) in layer.decls.iter().zip(&layer.params) {
+                let s = &self.specs[pi];
+                if let (Some(r), true) = (d.regularizer, s.trainable) {
+                    let w = &params.values[s.offset..s.offset + s.len];
+                    penalty += r.penalty(w);
+                    r.add_grad(w, &mut grad[s.offset..s.offset + s.len], n as f32);
+                }
+            }
+        }
+        penalty * n as f64
+    }
+
+    /// Folds a training step's batch statistics (summed over every worker,
+    /// in the order [`loss_and_grad_sum`](Self::loss_and_grad_sum) gives
+    /// them) into the BatchNormalization moving averages, as Keras does
+    /// after each step.
+    pub fn update_moving_stats(&self, params: &mut [f32], stats: &[StatSums]) -> Result<()> {
+        if params.len() != self.param_count {
+            return Err(NnError::Weights(
+                "the parameters belong to a different model".into(),
+            ));
+        }
+        let g = &self.graph;
+        let stateful: Vec<usize> = g
+            .calls
+            .iter()
+            .filter(|c| {
+                let l = &g.layers[c.layer];
+                l.class == "BatchNormalization" && l.trainable
+            })
+            .map(|c| c.layer)
+            .collect();
+        if stateful.len() != stats.len() {
+            return Err(NnError::Input(format!(
+                "{} batch statistics for {} BatchNormalization calls",
+                stats.len(),
+                stateful.len()
+            )));
+        }
+        for (&li, st) in stateful.iter().zip(stats) {
+            let layer = &g.layers[li];
+            let mut slices: Vec<&mut [f32]> = Vec::new();
+            let mut rest: &mut [f32] = params;
+            let mut base = 0;
+            for &pi in &layer.params {
+                let s = &self.specs[pi];
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(s.offset - base);
+                let (mine, tail) = tail.split_at_mut(s.len);
+                slices.push(mine);
+                rest = tail;
+                base = s.offset + s.len;
+            }
+            layer.op.apply_stats(&mut slices, st);
+        }
+        Ok(())
     }
 
     /// Multiply-adds x2 per sample: (forward, forward + backward).
     pub fn flops_per_sample(&self) -> (f64, f64) {
+        let g = &self.graph;
         let mut fwd = 0.0;
         let mut train = 0.0;
-        for (i, l) in self.layers.iter().enumerate() {
-            let f = match &l.kind {
-                LayerKind::Dense { units, .. } => 2.0 * l.input_shape[0] as f64 * *units as f64,
-                LayerKind::Conv2D {
-                    kernel, filters, ..
-                } => {
-                    2.0 * (l.output_shape[0] * l.output_shape[1]) as f64
-                        * (kernel[0] * kernel[1] * l.input_shape[2]) as f64
-                        * *filters as f64
-                }
-                _ => 0.0,
-            };
+        for (i, c) in g.calls.iter().enumerate() {
+            let ins: Vec<Vec<usize>> = c.inputs.iter().map(|&t| g.shapes[t].clone()).collect();
+            let f = g.layers[c.layer].op.flops(&ins, &g.shapes[c.output]);
             fwd += f;
-            // Backward: the kernel gradient, plus the input gradient except
-            // for the first layer.
-            train += f + f + if i > 0 { f } else { 0.0 };
+            // Backward: the weight gradient, plus the input gradient except
+            // where the input is the model's.
+            let first = c.inputs.iter().all(|&t| t == g.input);
+            train += f + f + if i > 0 && !first { f } else { 0.0 };
         }
         (fwd, train)
     }
 
-    /// The table `model.summary()` prints in Keras 3.
+    /// The table `model.summary()` prints in Keras 3 (for functional models
+    /// with the "Connected to" column), and the parameter counts.
     pub fn summary(&self) -> String {
-        const W: [usize; 3] = [33, 24, 15];
-        let line = |l: char, m: char, r: char, fill: char| -> String {
-            let mut s = String::new();
-            s.push(l);
-            for (i, w) in W.iter().enumerate() {
-                s.extend(std::iter::repeat_n(fill, *w));
-                s.push(if i + 1 < W.len() { m } else { r });
-            }
-            s
+        let g = &self.graph;
+        let count = |layers: &[usize], trainable: Option<bool>| -> usize {
+            layers
+                .iter()
+                .flat_map(|&li| g.layers[li].params.iter())
+                .map(|&pi| &self.specs[pi])
+                .filter(|s| trainable.is_none_or(|t| s.trainable == t))
+                .map(|s| s.len)
+                .sum()
         };
-        let row = |sep: char, a: &str, b: &str, c: &str| -> String {
-            format!(
-                "{sep} {a:<w0$} {sep} {b:<w1$} {sep} {c:>w2$} {sep}",
-                w0 = W[0] - 2,
-                w1 = W[1] - 2,
-                w2 = W[2] - 2
-            )
-        };
-        let mut out = vec![
-            format!("Model: \"{}\"", self.name),
-            line('┏', '┳', '┓', '━'),
-            row('┃', "Layer (type)", "Output Shape", "Param #"),
-            line('┡', '╇', '┩', '━'),
-        ];
-        for (i, l) in self.layers.iter().enumerate() {
-            let first = self.first_param[i];
-            let end = self
-                .first_param
-                .get(i + 1)
-                .copied()
-                .unwrap_or(self.specs.len());
-            let count: usize = self.specs[first..end].iter().map(|s| s.len).sum();
-            out.push(row(
-                '│',
-                &format!("{} ({})", l.name, l.class),
-                &batch_shape_str(&l.output_shape),
-                &thousands(count),
-            ));
-            out.push(if i + 1 < self.layers.len() {
-                line('├', '┼', '┤', '─')
-            } else {
-                line('└', '┴', '┘', '─')
-            });
-        }
+        let rows: Vec<summary::Row> = g
+            .rows
+            .iter()
+            .filter(|r| !(g.sequential && r.class == "InputLayer"))
+            .map(|r| summary::Row {
+                name: format!("{} ({})", r.name, r.class),
+                shape: r
+                    .output_shape
+                    .as_deref()
+                    .map(batch_shape_str)
+                    .unwrap_or_else(|| "?".into()),
+                params: thousands(count(&r.layers, None)),
+                connected: if r.connected.is_empty() {
+                    "-".into()
+                } else {
+                    r.connected.join(", ")
+                },
+            })
+            .collect();
         let total = self.param_count;
-        out.push(format!(
-            " Total params: {} ({})",
-            thousands(total),
-            memory_size(total * 4)
-        ));
-        out.push(format!(
-            " Trainable params: {} ({})",
-            thousands(total),
-            memory_size(total * 4)
-        ));
-        out.push(" Non-trainable params: 0 (0.00 B)".to_string());
-        let mut s = out.join("\n");
-        s.push('\n');
-        s
+        let trainable = self.trainable_count();
+        summary::table(
+            self.name(),
+            &rows,
+            !g.sequential,
+            [
+                (thousands(total), memory_size(total * 4)),
+                (thousands(trainable), memory_size(trainable * 4)),
+                (
+                    thousands(total - trainable),
+                    memory_size((total - trainable) * 4),
+                ),
+            ],
+        )
     }
 }
 
 /// `(None, 28, 28, 1)`.
 pub(crate) fn batch_shape_str(shape: &[usize]) -> String {
-    let mut s = String::from("(None");
-    for d in shape {
-        s.push_str(&format!(", {d}"));
-    }
-    s.push(')');
-    s
+    shape_str(shape)
 }
 
 fn thousands(n: usize) -> String {
@@ -958,17 +930,4 @@ fn memory_size(bytes: usize) -> String {
         v /= 1024.0;
     }
     format!("{v:.2} PB")
-}
-
-/// Output height and width of a sliding window (convolution or pooling)
-/// over an HWC input; None when the window does not fit.
-fn window_output(
-    padding: crate::nn::Padding,
-    shape: &[usize],
-    window: [usize; 2],
-    strides: [usize; 2],
-) -> Option<(usize, usize)> {
-    let (oh, _) = padding.output_and_pad(shape[0], window[0], strides[0])?;
-    let (ow, _) = padding.output_and_pad(shape[1], window[1], strides[1])?;
-    Some((oh, ow))
 }

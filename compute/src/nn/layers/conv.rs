@@ -1,0 +1,1110 @@
+//! Convolutions: Conv1D and Conv2D (strides, dilation, groups),
+//! DepthwiseConv2D, SeparableConv2D and Conv2DTranspose, all NHWC.
+//!
+//! Dense convolutions multiply im2col blocks of about 1 MiB with the kernel;
+//! depthwise convolutions are memory-bound, so they run as direct loops.
+
+use rayon::prelude::*;
+
+use super::core::{finish_linear, unfinish_linear, CONSTRAINTS};
+use super::{column_sums, size, Back, Ctx, Op, Padding, ParamDecl, Regularizer, Saved};
+use crate::nn::activation::Activation;
+use crate::nn::config::{Cfg, Parsed};
+use crate::nn::gemm::{gemm_serial, Mat};
+use crate::nn::init::{Init, GLOROT_UNIFORM};
+
+pub(crate) fn build(cfg: &Cfg<'_>) -> Parsed<Option<Box<dyn Op>>> {
+    Ok(Some(match cfg.class {
+        "Conv2D" | "Convolution2D" => Box::new(Conv::parse(cfg, 2)?),
+        "Conv1D" | "Convolution1D" => Box::new(Conv::parse(cfg, 1)?),
+        "Conv2DTranspose" | "Convolution2DTranspose" => Box::new(ConvTranspose::parse(cfg)?),
+        "DepthwiseConv2D" => Box::new(Depthwise::parse(cfg, "depthwise_kernel")?),
+        "SeparableConv2D" | "SeparableConvolution2D" => Box::new(Separable::parse(cfg)?),
+        _ => return Ok(None),
+    }))
+}
+
+/// Padding with the causal mode Conv1D adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pad {
+    Keras(Padding),
+    Causal,
+}
+
+fn parse_pad(cfg: &Cfg<'_>, rank: usize) -> Parsed<Pad> {
+    match cfg.get("padding").and_then(|v| v.as_str()) {
+        Some("causal") if rank == 1 => Ok(Pad::Causal),
+        _ => cfg.padding().map(Pad::Keras),
+    }
+}
+
+/// Geometry of a sliding window over one HWC sample.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geom {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub pt: usize,
+    pub pl: usize,
+}
+
+impl Geom {
+    /// None when the window does not fit the input.
+    pub fn new(
+        hwc: [usize; 3],
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        dilation: [usize; 2],
+        pad: Pad,
+    ) -> Option<Geom> {
+        let [h, w, c] = hwc;
+        let eh = (kernel[0] - 1) * dilation[0] + 1;
+        let ew = (kernel[1] - 1) * dilation[1] + 1;
+        let ((oh, pt), (ow, pl)) = match pad {
+            Pad::Keras(p) => (
+                p.output_and_pad(h, eh, strides[0])?,
+                p.output_and_pad(w, ew, strides[1])?,
+            ),
+            // Causal: everything padded before, output as long as the input.
+            Pad::Causal => (
+                (h.div_ceil(strides[0]), 0),
+                (w.div_ceil(strides[1]), ew - 1),
+            ),
+        };
+        (oh > 0 && ow > 0).then_some(Geom {
+            h,
+            w,
+            c,
+            kh: kernel[0],
+            kw: kernel[1],
+            sh: strides[0],
+            sw: strides[1],
+            dh: dilation[0],
+            dw: dilation[1],
+            oh,
+            ow,
+            pt,
+            pl,
+        })
+    }
+
+    pub fn per_in(&self) -> usize {
+        self.h * self.w * self.c
+    }
+
+    /// Input pixel for output (oy, ox) and window offset (ky, kx), or None
+    /// inside the padding.
+    #[inline]
+    pub fn src(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<usize> {
+        let iy = (oy * self.sh + ky * self.dh).checked_sub(self.pt)?;
+        let ix = (ox * self.sw + kx * self.dw).checked_sub(self.pl)?;
+        (iy < self.h && ix < self.w).then_some(iy * self.w + ix)
+    }
+
+    /// One row per output position, columns in (ky, kx, channel) order over
+    /// channels `c0..c0 + cg`, matching an HWIO kernel viewed as a
+    /// (kh*kw*cg, cout) matrix.
+    fn im2col(&self, x: &[f32], col: &mut [f32], c0: usize, cg: usize) {
+        let kd = self.kh * self.kw * cg;
+        let per_col = self.oh * self.ow * kd;
+        let c = self.c;
+        for (dst, src) in col
+            .chunks_mut(per_col.max(1))
+            .zip(x.chunks(self.per_in().max(1)))
+        {
+            let mut r = 0;
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    let row = &mut dst[r..r + kd];
+                    r += kd;
+                    let mut o = 0;
+                    for ky in 0..self.kh {
+                        for kx in 0..self.kw {
+                            match self.src(oy, ox, ky, kx) {
+                                Some(p) => {
+                                    let s = p * c + c0;
+                                    row[o..o + cg]
+                                        .iter_mut()
+                                        .zip(&src[s..s + cg])
+                                        .for_each(|(d, s)| *d = *s)
+                                }
+                                None => row[o..o + cg].fill(0.0),
+                            }
+                            o += cg;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scatter-adds im2col-shaped gradients back into the input layout.
+    fn col2im(&self, dcol: &[f32], dx: &mut [f32], c0: usize, cg: usize) {
+        let kd = self.kh * self.kw * cg;
+        let per_col = self.oh * self.ow * kd;
+        let c = self.c;
+        for (dst, src) in dx
+            .chunks_mut(self.per_in().max(1))
+            .zip(dcol.chunks(per_col.max(1)))
+        {
+            let mut r = 0;
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    let row = &src[r..r + kd];
+                    r += kd;
+                    let mut o = 0;
+                    for ky in 0..self.kh {
+                        for kx in 0..self.kw {
+                            if let Some(p) = self.src(oy, ox, ky, kx) {
+                                let s = p * c + c0;
+                                dst[s..s + cg]
+                                    .iter_mut()
+                                    .zip(&row[o..o + cg])
+                                    .for_each(|(d, s)| *d += s);
+                            }
+                            o += cg;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Samples per im2col block: about 1 MiB of columns, so a block stays in
+    /// cache between being written and being multiplied. Depends only on
+    /// the layer's shape, which keeps the summation order fixed.
+    fn chunk_samples(&self, kd: usize) -> usize {
+        ((1usize << 18) / (self.oh * self.ow * kd).max(1)).max(1)
+    }
+
+    /// `y = conv(x, w)` for an HWIO kernel with `groups` groups; `y` is
+    /// overwritten.
+    pub fn conv(&self, x: &[f32], w: &[f32], filters: usize, groups: usize, y: &mut [f32]) {
+        let cg = self.c / groups;
+        let fg = filters / groups;
+        let kd = self.kh * self.kw * cg;
+        let per_out = self.oh * self.ow * filters;
+        let cs = self.chunk_samples(kd);
+        y.par_chunks_mut((cs * per_out).max(1))
+            .zip(x.par_chunks((cs * self.per_in()).max(1)))
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(col, tmp), (yc, xc)| {
+                    let rows = yc.len() / filters.max(1);
+                    col.resize(rows * kd, 0.0);
+                    for g in 0..groups {
+                        self.im2col(xc, col, g * cg, cg);
+                        let wg = Mat {
+                            data: &w[g * fg..],
+                            rs: filters,
+                            cs: 1,
+                        };
+                        if groups == 1 {
+                            gemm_serial(rows, kd, filters, Mat::rows(col, kd), wg, yc, false);
+                        } else {
+                            tmp.resize(rows * fg, 0.0);
+                            gemm_serial(rows, kd, fg, Mat::rows(col, kd), wg, tmp, false);
+                            for (yr, tr) in yc.chunks_exact_mut(filters).zip(tmp.chunks_exact(fg)) {
+                                yr[g * fg..(g + 1) * fg].copy_from_slice(tr);
+                            }
+                        }
+                    }
+                },
+            );
+    }
+
+    /// Kernel gradient (added into `dw` when given) and, when `need_dx`,
+    /// the input gradient. Blocks of samples run in parallel; each block sums
+    /// its kernel gradient in sample order and blocks are added in order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        filters: usize,
+        groups: usize,
+        dy: &[f32],
+        dw: Option<&mut [f32]>,
+        need_dx: bool,
+    ) -> Option<Vec<f32>> {
+        let cg = self.c / groups;
+        let fg = filters / groups;
+        let kd = self.kh * self.kw * cg;
+        let per_in = self.per_in();
+        let per_out = self.oh * self.ow * filters;
+        let n = dy.len() / per_out.max(1);
+        let cs = self.chunk_samples(kd);
+        let chunks = n.div_ceil(cs);
+        let group = cs * chunks.div_ceil(8).max(1);
+        let ngroups = n.div_ceil(group);
+        let want_dw = dw.is_some();
+        let work = |gi: usize, mut dxg: Option<&mut [f32]>| -> Vec<f32> {
+            let s0 = gi * group;
+            let s1 = (s0 + group).min(n);
+            let mut part = if want_dw {
+                vec![0.0f32; kd * filters]
+            } else {
+                Vec::new()
+            };
+            let mut tmp = vec![0.0f32; if groups > 1 { kd * fg } else { 0 }];
+            let (mut col, mut dcol) = (Vec::new(), Vec::new());
+            let mut s = s0;
+            while s < s1 {
+                let e = (s + cs).min(s1);
+                let rows = (e - s) * self.oh * self.ow;
+                let dyc = &dy[s * per_out..e * per_out];
+                col.resize(rows * kd, 0.0);
+                for g in 0..groups {
+                    let dyg = Mat {
+                        data: &dyc[g * fg..],
+                        rs: filters,
+                        cs: 1,
+                    };
+                    if want_dw {
+                        self.im2col(&x[s * per_in..e * per_in], &mut col, g * cg, cg);
+                        if groups == 1 {
+                            gemm_serial(kd, rows, fg, Mat::rows_t(&col, kd), dyg, &mut part, true);
+                        } else {
+                            gemm_serial(kd, rows, fg, Mat::rows_t(&col, kd), dyg, &mut tmp, false);
+                            for (pr, tr) in part.chunks_exact_mut(filters).zip(tmp.chunks_exact(fg))
+                            {
+                                pr[g * fg..(g + 1) * fg]
+                                    .iter_mut()
+                                    .zip(tr)
+                                    .for_each(|(p, t)| *p += t);
+                            }
+                        }
+                    }
+                    if let Some(dxg) = dxg.as_deref_mut() {
+                        dcol.resize(rows * kd, 0.0);
+                        let wt = Mat {
+                            data: &w[g * fg..],
+                            rs: 1,
+                            cs: filters,
+                        };
+                        gemm_serial(rows, fg, kd, dyg, wt, &mut dcol, false);
+                        let off = (s - s0) * per_in;
+                        self.col2im(&dcol, &mut dxg[off..off + (e - s) * per_in], g * cg, cg);
+                    }
+                }
+                s = e;
+            }
+            part
+        };
+        let mut dx = need_dx.then(|| vec![0.0f32; n * per_in]);
+        let parts: Vec<Vec<f32>> = match dx.as_mut() {
+            Some(dx) => dx
+                .par_chunks_mut((group * per_in).max(1))
+                .enumerate()
+                .map(|(gi, dxg)| work(gi, Some(dxg)))
+                .collect(),
+            None => (0..ngroups)
+                .into_par_iter()
+                .map(|gi| work(gi, None))
+                .collect(),
+        };
+        if let Some(dw) = dw {
+            for p in &parts {
+                dw.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+            }
+        }
+        dx
+    }
+}
+
+/// The spatial view of an input: (h, w, c), with 1-D inputs as h = 1.
+fn hwc(shape: &[usize], rank: usize) -> Result<[usize; 3], String> {
+    match (rank, shape) {
+        (2, [h, w, c]) => Ok([*h, *w, *c]),
+        (1, [s, c]) => Ok([1, *s, *c]),
+        _ => Err(format!(
+            "needs a {} input, got {}",
+            if rank == 2 {
+                "(batch, height, width, channels)"
+            } else {
+                "(batch, steps, channels)"
+            },
+            super::shape_str(shape)
+        )),
+    }
+}
+
+fn out_spatial(rank: usize, g: &Geom, channels: usize) -> Vec<usize> {
+    if rank == 2 {
+        vec![g.oh, g.ow, channels]
+    } else {
+        vec![g.ow, channels]
+    }
+}
+
+/// Kernel, stride and dilation options as 2-D pairs (1-D as height 1).
+fn window(cfg: &Cfg<'_>, rank: usize) -> Parsed<([usize; 2], [usize; 2], [usize; 2])> {
+    if rank == 2 {
+        let kernel = cfg
+            .tuple::<2>("kernel_size")?
+            .ok_or_else(|| cfg.err("option kernel_size is missing"))?;
+        Ok((
+            kernel,
+            cfg.tuple::<2>("strides")?.unwrap_or([1, 1]),
+            cfg.tuple::<2>("dilation_rate")?.unwrap_or([1, 1]),
+        ))
+    } else {
+        let kernel = cfg
+            .tuple::<1>("kernel_size")?
+            .ok_or_else(|| cfg.err("option kernel_size is missing"))?;
+        let s = cfg.tuple::<1>("strides")?.unwrap_or([1]);
+        let d = cfg.tuple::<1>("dilation_rate")?.unwrap_or([1]);
+        Ok(([1, kernel[0]], [1, s[0]], [1, d[0]]))
+    }
+}
+
+fn check_stride_dilation(cfg: &Cfg<'_>, strides: [usize; 2], dilation: [usize; 2]) -> Parsed<()> {
+    if strides.iter().any(|&s| s > 1) && dilation.iter().any(|&d| d > 1) {
+        return Err(cfg.err(
+            "strides > 1 together with dilation_rate > 1 is not supported (Keras refuses it too)",
+        ));
+    }
+    Ok(())
+}
+
+/// Conv1D and Conv2D.
+#[derive(Debug)]
+pub(crate) struct Conv {
+    rank: usize,
+    filters: usize,
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilation: [usize; 2],
+    pad: Pad,
+    groups: usize,
+    act: Activation,
+    use_bias: bool,
+    kernel_init: Init,
+    bias_init: Init,
+    kernel_reg: Option<Regularizer>,
+    bias_reg: Option<Regularizer>,
+}
+
+impl Conv {
+    fn parse(cfg: &Cfg<'_>, rank: usize) -> Parsed<Conv> {
+        cfg.require_null(&CONSTRAINTS)?;
+        cfg.channels_last()?;
+        let (kernel, strides, dilation) = window(cfg, rank)?;
+        check_stride_dilation(cfg, strides, dilation)?;
+        let filters = cfg.usize("filters")?;
+        let groups = cfg.usize_or("groups", 1)?;
+        if filters % groups != 0 {
+            return Err(cfg.err(format!(
+                "filters ({filters}) must be a multiple of groups ({groups})"
+            )));
+        }
+        Ok(Conv {
+            rank,
+            filters,
+            kernel,
+            strides,
+            dilation,
+            pad: parse_pad(cfg, rank)?,
+            groups,
+            act: cfg.activation("activation")?,
+            use_bias: cfg.bool("use_bias", true)?,
+            kernel_init: cfg.initializer("kernel_initializer", GLOROT_UNIFORM)?,
+            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
+            kernel_reg: cfg.regularizer("kernel_regularizer")?,
+            bias_reg: cfg.regularizer("bias_regularizer")?,
+        })
+    }
+
+    fn geom(&self, shape: &[usize]) -> Result<Geom, String> {
+        let s = hwc(shape, self.rank)?;
+        if s[2] % self.groups != 0 {
+            return Err(format!(
+                "input channels ({}) must be a multiple of groups ({})",
+                s[2], self.groups
+            ));
+        }
+        Geom::new(s, self.kernel, self.strides, self.dilation, self.pad).ok_or_else(|| {
+            format!(
+                "kernel {:?} (dilation {:?}) is larger than the input {}",
+                self.kernel,
+                self.dilation,
+                super::shape_str(shape)
+            )
+        })
+    }
+
+    /// Depthwise as Conv2D(groups = channels = filters), as ConvNeXt
+    /// writes it: the kernel (kh, kw, 1, C) has the same layout as a
+    /// depthwise kernel (kh, kw, C, 1), and the direct loop is faster.
+    fn is_depthwise(&self, g: &Geom) -> bool {
+        self.groups > 1 && self.groups == g.c && self.filters == g.c
+    }
+
+    fn depthwise(&self, g: &Geom) -> DepthwiseGeom {
+        DepthwiseGeom { g: *g, mult: 1 }
+    }
+}
+
+impl Op for Conv {
+    fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = ins else {
+            return Err(format!("takes one input, got {}", ins.len()));
+        };
+        Ok(out_spatial(self.rank, &self.geom(s)?, self.filters))
+    }
+
+    fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
+        let cin = *ins[0].last().unwrap_or(&1) / self.groups;
+        let shape = if self.rank == 2 {
+            vec![self.kernel[0], self.kernel[1], cin, self.filters]
+        } else {
+            vec![self.kernel[1], cin, self.filters]
+        };
+        let mut p =
+            vec![ParamDecl::new("kernel", shape, self.kernel_init).regularized(self.kernel_reg)];
+        if self.use_bias {
+            p.push(
+                ParamDecl::new("bias", vec![self.filters], self.bias_init)
+                    .regularized(self.bias_reg),
+            );
+        }
+        p
+    }
+
+    fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
+        let g = self.geom(&cx.ins[0]).expect("shapes checked at build");
+        let mut y = vec![0.0f32; cx.n * size(cx.out)];
+        if self.is_depthwise(&g) {
+            self.depthwise(&g).forward(xs[0], cx.w[0], &mut y);
+        } else {
+            g.conv(xs[0], cx.w[0], self.filters, self.groups, &mut y);
+        }
+        let s = finish_linear(
+            &mut y,
+            self.use_bias.then(|| cx.w[1]),
+            self.filters,
+            self.act,
+        );
+        (y, s)
+    }
+
+    fn backward(&self, cx: &Ctx<'_>, mut b: Back<'_>) -> Vec<Option<Vec<f32>>> {
+        let g = self.geom(&cx.ins[0]).expect("shapes checked at build");
+        if !b.skip_act {
+            unfinish_linear(self.act, b.saved, b.y, &mut b.dy, self.filters);
+        }
+        let (dk, db) = match b.dw {
+            [] => (None, None),
+            [k] => (Some(k.as_mut_slice()), None),
+            [k, bias, ..] => (Some(k.as_mut_slice()), Some(bias)),
+        };
+        if let Some(db) = db {
+            column_sums(&b.dy, self.filters, db);
+        }
+        let dx = if self.is_depthwise(&g) {
+            self.depthwise(&g)
+                .backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0])
+        } else {
+            g.conv_backward(
+                b.xs[0],
+                cx.w[0],
+                self.filters,
+                self.groups,
+                &b.dy,
+                dk,
+                b.need[0],
+            )
+        };
+        vec![dx]
+    }
+
+    fn activation(&self) -> Option<Activation> {
+        Some(self.act)
+    }
+
+    fn flops(&self, ins: &[Vec<usize>], out: &[usize]) -> f64 {
+        let cin = *ins[0].last().unwrap_or(&1) / self.groups;
+        2.0 * size(out) as f64 * (self.kernel[0] * self.kernel[1] * cin) as f64
+    }
+}
+
+/// A depthwise convolution's geometry: each input channel convolved with
+/// its own `mult` filters; output channel `c * mult + j`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DepthwiseGeom {
+    g: Geom,
+    mult: usize,
+}
+
+/// Samples per block of a depthwise kernel gradient: fixed, so the
+/// summation order does not depend on the number of threads.
+const DEPTHWISE_BLOCK: usize = 4;
+
+impl DepthwiseGeom {
+    fn forward(&self, x: &[f32], k: &[f32], y: &mut [f32]) {
+        let g = &self.g;
+        let (c, m) = (g.c, self.mult);
+        let per_out = g.oh * g.ow * c * m;
+        y.par_chunks_mut(per_out.max(1))
+            .zip(x.par_chunks(g.per_in().max(1)))
+            .for_each(|(ys, xs)| {
+                ys.fill(0.0);
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let yo = &mut ys[(oy * g.ow + ox) * c * m..][..c * m];
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let Some(p) = g.src(oy, ox, ky, kx) else {
+                                    continue;
+                                };
+                                let xr = &xs[p * c..p * c + c];
+                                let kr = &k[(ky * g.kw + kx) * c * m..][..c * m];
+                                if m == 1 {
+                                    for ((y, x), k) in yo.iter_mut().zip(xr).zip(kr) {
+                                        *y += x * k;
+                                    }
+                                } else {
+                                    for (ci, x) in xr.iter().enumerate() {
+                                        for j in 0..m {
+                                            yo[ci * m + j] += x * kr[ci * m + j];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    fn backward(
+        &self,
+        x: &[f32],
+        k: &[f32],
+        dy: &[f32],
+        dk: Option<&mut [f32]>,
+        need_dx: bool,
+    ) -> Option<Vec<f32>> {
+        let g = &self.g;
+        let (c, m) = (g.c, self.mult);
+        let per_in = g.per_in();
+        let per_out = g.oh * g.ow * c * m;
+        let n = x.len() / per_in.max(1);
+        if let Some(dk) = dk {
+            let parts: Vec<Vec<f32>> = (0..n.div_ceil(DEPTHWISE_BLOCK))
+                .into_par_iter()
+                .map(|bi| {
+                    let mut part = vec![0.0f32; k.len()];
+                    let s1 = ((bi + 1) * DEPTHWISE_BLOCK).min(n);
+                    for s in bi * DEPTHWISE_BLOCK..s1 {
+                        let xs = &x[s * per_in..(s + 1) * per_in];
+                        let ds = &dy[s * per_out..(s + 1) * per_out];
+                        for oy in 0..g.oh {
+                            for ox in 0..g.ow {
+                                let d = &ds[(oy * g.ow + ox) * c * m..][..c * m];
+                                for ky in 0..g.kh {
+                                    for kx in 0..g.kw {
+                                        let Some(p) = g.src(oy, ox, ky, kx) else {
+                                            continue;
+                                        };
+                                        let xr = &xs[p * c..p * c + c];
+                                        let pr = &mut part[(ky * g.kw + kx) * c * m..][..c * m];
+                                        if m == 1 {
+                                            for ((p, x), d) in pr.iter_mut().zip(xr).zip(d) {
+                                                *p += x * d;
+                                            }
+                                        } else {
+                                            for (ci, x) in xr.iter().enumerate() {
+                                                for j in 0..m {
+                                                    pr[ci * m + j] += x * d[ci * m + j];
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    part
+                })
+                .collect();
+            for p in &parts {
+                dk.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+            }
+        }
+        need_dx.then(|| {
+            let mut dx = vec![0.0f32; n * per_in];
+            dx.par_chunks_mut(per_in.max(1))
+                .zip(dy.par_chunks(per_out.max(1)))
+                .for_each(|(dxs, ds)| {
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let d = &ds[(oy * g.ow + ox) * c * m..][..c * m];
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let Some(p) = g.src(oy, ox, ky, kx) else {
+                                        continue;
+                                    };
+                                    let kr = &k[(ky * g.kw + kx) * c * m..][..c * m];
+                                    let xr = &mut dxs[p * c..p * c + c];
+                                    if m == 1 {
+                                        for ((x, k), d) in xr.iter_mut().zip(kr).zip(d) {
+                                            *x += k * d;
+                                        }
+                                    } else {
+                                        for (ci, x) in xr.iter_mut().enumerate() {
+                                            for j in 0..m {
+                                                *x += kr[ci * m + j] * d[ci * m + j];
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            dx
+        })
+    }
+}
+
+/// DepthwiseConv2D, and the depthwise half of SeparableConv2D.
+#[derive(Debug)]
+pub(crate) struct Depthwise {
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilation: [usize; 2],
+    pad: Padding,
+    mult: usize,
+    act: Activation,
+    use_bias: bool,
+    kernel_init: Init,
+    bias_init: Init,
+    kernel_reg: Option<Regularizer>,
+    bias_reg: Option<Regularizer>,
+}
+
+impl Depthwise {
+    fn parse(cfg: &Cfg<'_>, kernel_name: &str) -> Parsed<Depthwise> {
+        cfg.require_null(&[
+            "depthwise_constraint",
+            "bias_constraint",
+            "activity_regularizer",
+        ])?;
+        cfg.channels_last()?;
+        let (kernel, strides, dilation) = window(cfg, 2)?;
+        check_stride_dilation(cfg, strides, dilation)?;
+        Ok(Depthwise {
+            kernel,
+            strides,
+            dilation,
+            pad: cfg.padding()?,
+            mult: cfg.usize_or("depth_multiplier", 1)?,
+            act: cfg.activation("activation")?,
+            use_bias: cfg.bool("use_bias", true)?,
+            kernel_init: cfg.initializer(&format!("{kernel_name}_initializer"), GLOROT_UNIFORM)?,
+            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
+            kernel_reg: cfg.regularizer(&format!("{kernel_name}_regularizer"))?,
+            bias_reg: cfg.regularizer("bias_regularizer")?,
+        })
+    }
+
+    fn geom(&self, shape: &[usize]) -> Result<DepthwiseGeom, String> {
+        let s = hwc(shape, 2)?;
+        let g = Geom::new(
+            s,
+            self.kernel,
+            self.strides,
+            self.dilation,
+            Pad::Keras(self.pad),
+        )
+        .ok_or_else(|| {
+            format!(
+                "kernel {:?} is larger than the input {}",
+                self.kernel,
+                super::shape_str(shape)
+            )
+        })?;
+        Ok(DepthwiseGeom { g, mult: self.mult })
+    }
+
+    fn kernel_shape(&self, c: usize) -> Vec<usize> {
+        vec![self.kernel[0], self.kernel[1], c, self.mult]
+    }
+}
+
+impl Op for Depthwise {
+    fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = ins else {
+            return Err(format!("takes one input, got {}", ins.len()));
+        };
+        let d = self.geom(s)?;
+        Ok(vec![d.g.oh, d.g.ow, d.g.c * self.mult])
+    }
+
+    fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
+        let c = *ins[0].last().unwrap_or(&1);
+        let mut p =
+            vec![
+                ParamDecl::new("depthwise_kernel", self.kernel_shape(c), self.kernel_init)
+                    .regularized(self.kernel_reg),
+            ];
+        if self.use_bias {
+            p.push(
+                ParamDecl::new("bias", vec![c * self.mult], self.bias_init)
+                    .regularized(self.bias_reg),
+            );
+        }
+        p
+    }
+
+    fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
+        let d = self.geom(&cx.ins[0]).expect("shapes checked at build");
+        let mut y = vec![0.0f32; cx.n * size(cx.out)];
+        d.forward(xs[0], cx.w[0], &mut y);
+        let width = d.g.c * self.mult;
+        let s = finish_linear(&mut y, self.use_bias.then(|| cx.w[1]), width, self.act);
+        (y, s)
+    }
+
+    fn backward(&self, cx: &Ctx<'_>, mut b: Back<'_>) -> Vec<Option<Vec<f32>>> {
+        let d = self.geom(&cx.ins[0]).expect("shapes checked at build");
+        let width = d.g.c * self.mult;
+        if !b.skip_act {
+            unfinish_linear(self.act, b.saved, b.y, &mut b.dy, width);
+        }
+        let (dk, db) = match b.dw {
+            [] => (None, None),
+            [k] => (Some(k.as_mut_slice()), None),
+            [k, bias, ..] => (Some(k.as_mut_slice()), Some(bias)),
+        };
+        if let Some(db) = db {
+            column_sums(&b.dy, width, db);
+        }
+        vec![d.backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0])]
+    }
+
+    fn activation(&self) -> Option<Activation> {
+        Some(self.act)
+    }
+
+    fn flops(&self, _ins: &[Vec<usize>], out: &[usize]) -> f64 {
+        2.0 * size(out) as f64 * (self.kernel[0] * self.kernel[1]) as f64
+    }
+}
+
+/// SeparableConv2D: a depthwise convolution, then a 1x1 convolution with
+/// bias and activation. Weights: depthwise_kernel, pointwise_kernel, bias.
+#[derive(Debug)]
+pub(crate) struct Separable {
+    depth: Depthwise,
+    filters: usize,
+    pointwise_init: Init,
+    pointwise_reg: Option<Regularizer>,
+}
+
+/// The depthwise output, input of the pointwise product.
+struct Mid(Vec<f32>, Saved);
+
+impl Separable {
+    fn parse(cfg: &Cfg<'_>) -> Parsed<Separable> {
+        cfg.require_null(&["pointwise_constraint"])?;
+        let depth = Depthwise::parse(cfg, "depthwise")?;
+        Ok(Separable {
+            depth,
+            filters: cfg.usize("filters")?,
+            pointwise_init: cfg.initializer("pointwise_initializer", GLOROT_UNIFORM)?,
+            pointwise_reg: cfg.regularizer("pointwise_regularizer")?,
+        })
+    }
+}
+
+impl Op for Separable {
+    fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let mut s = self.depth.out_shape(ins)?;
+        *s.last_mut().unwrap_or(&mut 0) = self.filters;
+        Ok(s)
+    }
+
+    fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
+        let c = *ins[0].last().unwrap_or(&1);
+        let mid = c * self.depth.mult;
+        let mut p = vec![
+            ParamDecl::new(
+                "depthwise_kernel",
+                self.depth.kernel_shape(c),
+                self.depth.kernel_init,
+            )
+            .regularized(self.depth.kernel_reg),
+            ParamDecl::new(
+                "pointwise_kernel",
+                vec![1, 1, mid, self.filters],
+                self.pointwise_init,
+            )
+            .regularized(self.pointwise_reg),
+        ];
+        if self.depth.use_bias {
+            p.push(
+                ParamDecl::new("bias", vec![self.filters], self.depth.bias_init)
+                    .regularized(self.depth.bias_reg),
+            );
+        }
+        p
+    }
+
+    fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
+        let d = self
+            .depth
+            .geom(&cx.ins[0])
+            .expect("shapes checked at build");
+        let mid_c = d.g.c * self.depth.mult;
+        let rows = cx.n * d.g.oh * d.g.ow;
+        let mut mid = vec![0.0f32; rows * mid_c];
+        d.forward(xs[0], cx.w[0], &mut mid);
+        let mut y = vec![0.0f32; rows * self.filters];
+        crate::nn::gemm::gemm(
+            rows,
+            mid_c,
+            self.filters,
+            Mat::rows(&mid, mid_c),
+            Mat::rows(cx.w[1], self.filters),
+            &mut y,
+            false,
+        );
+        let bias = self.depth.use_bias.then(|| cx.w[2]);
+        let s = finish_linear(&mut y, bias, self.filters, self.depth.act);
+        (y, super::saved(Mid(mid, s)))
+    }
+
+    fn backward(&self, cx: &Ctx<'_>, mut b: Back<'_>) -> Vec<Option<Vec<f32>>> {
+        let d = self
+            .depth
+            .geom(&cx.ins[0])
+            .expect("shapes checked at build");
+        let mid_c = d.g.c * self.depth.mult;
+        let rows = cx.n * d.g.oh * d.g.ow;
+        let Some(Mid(mid, inner)) = super::get_saved::<Mid>(b.saved) else {
+            unreachable!("separable forward always saves its middle")
+        };
+        if !b.skip_act {
+            unfinish_linear(self.depth.act, inner, b.y, &mut b.dy, self.filters);
+        }
+        let want_dw = !b.dw.is_empty();
+        if want_dw {
+            crate::nn::gemm::gemm(
+                mid_c,
+                rows,
+                self.filters,
+                Mat::rows_t(mid, mid_c),
+                Mat::rows(&b.dy, self.filters),
+                &mut b.dw[1],
+                false,
+            );
+            if self.depth.use_bias {
+                column_sums(&b.dy, self.filters, &mut b.dw[2]);
+            }
+        }
+        let mut dmid = vec![0.0f32; rows * mid_c];
+        crate::nn::gemm::gemm(
+            rows,
+            self.filters,
+            mid_c,
+            Mat::rows(&b.dy, self.filters),
+            Mat::rows_t(cx.w[1], self.filters),
+            &mut dmid,
+            false,
+        );
+        let dk = if want_dw {
+            Some(b.dw[0].as_mut_slice())
+        } else {
+            None
+        };
+        vec![d.backward(b.xs[0], cx.w[0], &dmid, dk, b.need[0])]
+    }
+
+    fn activation(&self) -> Option<Activation> {
+        Some(self.depth.act)
+    }
+
+    fn flops(&self, ins: &[Vec<usize>], out: &[usize]) -> f64 {
+        let c = *ins[0].last().unwrap_or(&1) * self.depth.mult;
+        let pixels = (size(out) / self.filters.max(1)) as f64;
+        2.0 * pixels * c as f64 * (self.depth.kernel[0] * self.depth.kernel[1]) as f64
+            + 2.0 * pixels * (c * self.filters) as f64
+    }
+}
+
+/// Conv2DTranspose: the input gradient of a convolution from the output's
+/// shape to the input's, with kernel (kh, kw, filters, in_channels).
+#[derive(Debug)]
+pub(crate) struct ConvTranspose {
+    filters: usize,
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilation: [usize; 2],
+    pad: Padding,
+    act: Activation,
+    use_bias: bool,
+    kernel_init: Init,
+    bias_init: Init,
+    kernel_reg: Option<Regularizer>,
+    bias_reg: Option<Regularizer>,
+}
+
+impl ConvTranspose {
+    fn parse(cfg: &Cfg<'_>) -> Parsed<ConvTranspose> {
+        cfg.require_null(&CONSTRAINTS)?;
+        cfg.channels_last()?;
+        if let Some(v) = cfg.get("output_padding") {
+            return Err(cfg.unsupported("output_padding", v, "null"));
+        }
+        let (kernel, strides, dilation) = window(cfg, 2)?;
+        check_stride_dilation(cfg, strides, dilation)?;
+        Ok(ConvTranspose {
+            filters: cfg.usize("filters")?,
+            kernel,
+            strides,
+            dilation,
+            pad: cfg.padding()?,
+            act: cfg.activation("activation")?,
+            use_bias: cfg.bool("use_bias", true)?,
+            kernel_init: cfg.initializer("kernel_initializer", GLOROT_UNIFORM)?,
+            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
+            kernel_reg: cfg.regularizer("kernel_regularizer")?,
+            bias_reg: cfg.regularizer("bias_regularizer")?,
+        })
+    }
+
+    /// Keras's `deconv_output_length` per axis.
+    fn out_len(&self, input: usize, axis: usize) -> usize {
+        let k = (self.kernel[axis] - 1) * self.dilation[axis] + 1;
+        let s = self.strides[axis];
+        match self.pad {
+            Padding::Valid => input * s + k.saturating_sub(s),
+            Padding::Same => input * s,
+        }
+    }
+
+    /// The forward convolution whose input gradient this layer computes:
+    /// from (out_h, out_w, filters) to the input's (h, w, c).
+    fn geom(&self, shape: &[usize]) -> Result<Geom, String> {
+        let [h, w, _] = hwc(shape, 2)?;
+        let (oh, ow) = (self.out_len(h, 0), self.out_len(w, 1));
+        let g = Geom::new(
+            [oh, ow, self.filters],
+            self.kernel,
+            self.strides,
+            self.dilation,
+            Pad::Keras(self.pad),
+        )
+        .ok_or("the kernel does not fit")?;
+        if (g.oh, g.ow) != (h, w) {
+            return Err(format!(
+                "cannot invert a convolution onto {}",
+                super::shape_str(shape)
+            ));
+        }
+        Ok(g)
+    }
+}
+
+impl Op for ConvTranspose {
+    fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = ins else {
+            return Err(format!("takes one input, got {}", ins.len()));
+        };
+        let g = self.geom(s)?;
+        Ok(vec![g.h, g.w, self.filters])
+    }
+
+    fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
+        let c = *ins[0].last().unwrap_or(&1);
+        let mut p = vec![ParamDecl::new(
+            "kernel",
+            vec![self.kernel[0], self.kernel[1], self.filters, c],
+            self.kernel_init,
+        )
+        .regularized(self.kernel_reg)];
+        if self.use_bias {
+            p.push(
+                ParamDecl::new("bias", vec![self.filters], self.bias_init)
+                    .regularized(self.bias_reg),
+            );
+        }
+        p
+    }
+
+    fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
+        let g = self.geom(&cx.ins[0]).expect("shapes checked at build");
+        let c = *cx.ins[0].last().unwrap_or(&1);
+        // The reference convolution's backward with dy = x gives y as its dx.
+        let mut y = g
+            .conv_backward_input_only(xs[0], cx.w[0], c, cx.n)
+            .unwrap_or_default();
+        let s = finish_linear(
+            &mut y,
+            self.use_bias.then(|| cx.w[1]),
+            self.filters,
+            self.act,
+        );
+        (y, s)
+    }
+
+    fn backward(&self, cx: &Ctx<'_>, mut b: Back<'_>) -> Vec<Option<Vec<f32>>> {
+        let g = self.geom(&cx.ins[0]).expect("shapes checked at build");
+        let c = *cx.ins[0].last().unwrap_or(&1);
+        if !b.skip_act {
+            unfinish_linear(self.act, b.saved, b.y, &mut b.dy, self.filters);
+        }
+        let (dk, db) = match b.dw {
+            [] => (None, None),
+            [k] => (Some(k.as_mut_slice()), None),
+            [k, bias, ..] => (Some(k.as_mut_slice()), Some(bias)),
+        };
+        if let Some(db) = db {
+            column_sums(&b.dy, self.filters, db);
+        }
+        // Kernel gradient: the reference convolution's kernel gradient
+        // with its input = dy and its output gradient = x.
+        if let Some(dk) = dk {
+            g.conv_backward(&b.dy, cx.w[0], c, 1, b.xs[0], Some(dk), false);
+        }
+        let dx = b.need[0].then(|| {
+            let mut dx = vec![0.0f32; cx.n * size(&cx.ins[0])];
+            g.conv(&b.dy, cx.w[0], c, 1, &mut dx);
+            dx
+        });
+        vec![dx]
+    }
+
+    fn activation(&self) -> Option<Activation> {
+        Some(self.act)
+    }
+
+    fn flops(&self, ins: &[Vec<usize>], _out: &[usize]) -> f64 {
+        2.0 * size(&ins[0]) as f64 * (self.kernel[0] * self.kernel[1] * self.filters) as f64
+    }
+}
+
+impl Geom {
+    /// The input gradient of a convolution with `filters` outputs for
+    /// output gradient `dy` of `n` samples.
+    fn conv_backward_input_only(
+        &self,
+        dy: &[f32],
+        w: &[f32],
+        filters: usize,
+        n: usize,
+    ) -> Option<Vec<f32>> {
+        debug_assert_eq!(dy.len(), n * self.oh * self.ow * filters);
+        self.conv_backward(&[], w, filters, 1, dy, None, true)
+    }
+}
