@@ -177,7 +177,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Cluster(c) => cluster::run(c).await,
         Command::Bench(b) => bench::run(b).await.map(|_| 0),
         Command::Dataset(d) => dataset::run(d, cli.config.as_deref()).await,
-        Command::Model(m) => model::run(m).map(|_| 0),
+        Command::Model(m) => model::run(m, cli.config.as_deref()).await.map(|_| 0),
         Command::Demo(d) => demo::run(d).await,
         Command::Train(t) => train::train(t, cli.config.as_deref()).await,
         Command::Score(s) => train::score(s, cli.config.as_deref()).await,

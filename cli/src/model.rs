@@ -30,6 +30,18 @@ pub enum ModelCommand {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Write a checkpoint of `quern train --out` as a `.keras` file that
+    /// Keras's `keras.saving.load_model` opens (compiled with the job's
+    /// optimizer, ready for `fit`).
+    Export {
+        /// The checkpoint directory in quern (what `quern train --out` wrote).
+        checkpoint: String,
+        /// The `.keras` file to write on the local disk.
+        out: PathBuf,
+        /// Replace `out` if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Time training steps (forward + backward + update) on random data.
     Bench {
         /// `model.to_json()` file or `.keras` archive.
@@ -46,8 +58,13 @@ pub enum ModelCommand {
     },
 }
 
-pub fn run(cmd: ModelCommand) -> Result<()> {
+pub async fn run(cmd: ModelCommand, config: Option<&Path>) -> Result<()> {
     match cmd {
+        ModelCommand::Export {
+            checkpoint,
+            out,
+            force,
+        } => export(&checkpoint, &out, force, config).await,
         ModelCommand::Summary { model } => {
             print!("{}", load(&model)?.summary());
             Ok(())
@@ -98,6 +115,28 @@ fn predict(model: &Path, weights: Option<&Path>, input: &Path, output: &Path) ->
         y.shape()[0],
         &y.shape()[1..],
         output.display()
+    );
+    Ok(())
+}
+
+async fn export(checkpoint: &str, out: &Path, force: bool, config: Option<&Path>) -> Result<()> {
+    if out.exists() && !force {
+        anyhow::bail!("{} exists; give --force to replace it", out.display());
+    }
+    let cfg = crate::client_config(config)?;
+    let client = quern_client::Client::from_config(&cfg)?;
+    let ck = crate::train::load_checkpoint(&client, checkpoint).await?;
+    let train = crate::train::read_checkpoint_file(&client, checkpoint, "train.json").await?;
+    let train: serde_json::Value =
+        serde_json::from_slice(&train).with_context(|| format!("{checkpoint}/train.json"))?;
+    let compile = crate::train::compile_config_of(&train);
+    ck.model
+        .save_keras(out, &ck.params, compile.as_ref())
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "wrote {} ({} parameters); open it with keras.saving.load_model",
+        out.display(),
+        ck.model.param_count()
     );
     Ok(())
 }

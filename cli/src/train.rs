@@ -310,8 +310,13 @@ async fn save_checkpoint(
         "summary": o.summary,
     });
     client.mkdir(&a.out, true).await?;
-    let files: [(&str, Vec<u8>); 4] = [
+    let compile = optimizer(a)?.keras_compile_config();
+    let files: [(&str, Vec<u8>); 5] = [
         ("model.json", model.keras_json().as_bytes().to_vec()),
+        (
+            "model.keras",
+            model.to_keras_bytes(&params, Some(&compile))?,
+        ),
         ("weights.npz", params.to_npz_bytes()?),
         ("log.jsonl", log.into_bytes()),
         ("train.json", serde_json::to_vec_pretty(&train_json)?),
@@ -321,7 +326,7 @@ async fn save_checkpoint(
         client.write_small(&path, &bytes, 3, true).await?;
     }
     eprintln!(
-        "checkpoint written to {} (model.json, weights.npz, log.jsonl, train.json)",
+        "checkpoint written to {} (model.keras, model.json, weights.npz, log.jsonl, train.json)",
         a.out
     );
     Ok(())
@@ -334,18 +339,36 @@ pub struct Checkpoint {
     pub scaler: Scaler,
 }
 
+/// One file of a checkpoint directory.
+pub async fn read_checkpoint_file(client: &Client, dir: &str, name: &str) -> Result<Vec<u8>> {
+    let path = format!("{}/{name}", dir.trim_end_matches('/'));
+    client
+        .read_all(&path)
+        .await
+        .with_context(|| format!("{path}: not a checkpoint written by `quern train --out`"))
+}
+
+/// The Keras `compile_config` of the job a checkpoint's `train.json`
+/// describes, when its optimizer settings are readable.
+pub fn compile_config_of(train: &serde_json::Value) -> Option<serde_json::Value> {
+    let lr = train["lr"].as_f64()? as f32;
+    let opt = match train["optimizer"].as_str()? {
+        "adam" => OptimizerConfig::Adam(Adam {
+            lr,
+            ..Adam::default()
+        }),
+        _ => OptimizerConfig::Sgd(Sgd {
+            lr,
+            momentum: train["momentum"].as_f64().unwrap_or(0.0) as f32,
+            nesterov: train["nesterov"].as_bool().unwrap_or(false),
+        }),
+    };
+    Some(opt.keras_compile_config())
+}
+
 pub async fn load_checkpoint(client: &Client, dir: &str) -> Result<Checkpoint> {
     let dir = dir.trim_end_matches('/');
-    let read = |name: &'static str| {
-        let path = format!("{dir}/{name}");
-        let client = client.clone();
-        async move {
-            client
-                .read_all(&path)
-                .await
-                .with_context(|| format!("{path}: not a checkpoint written by `quern train --out`"))
-        }
-    };
+    let read = |name: &'static str| read_checkpoint_file(client, dir, name);
     let json = String::from_utf8(read("model.json").await?).context("model.json is not UTF-8")?;
     let model = Model::from_keras_json(&json)?;
     let params =

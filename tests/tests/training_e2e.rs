@@ -163,7 +163,13 @@ fn train_then_score_a_fashion_mnist_slice() {
         "an SVG plot"
     );
     let ls = c.quern(&["ls", "/models/mlp"]);
-    for f in ["model.json", "weights.npz", "log.jsonl", "train.json"] {
+    for f in [
+        "model.keras",
+        "model.json",
+        "weights.npz",
+        "log.jsonl",
+        "train.json",
+    ] {
         assert!(ls.stdout.contains(f), "{f} missing: {}", ls.stdout);
     }
     let log = c.quern(&["cat", "/models/mlp/log.jsonl"]);
@@ -222,6 +228,36 @@ fn train_then_score_a_fashion_mnist_slice() {
         "--output",
         local.path().join("p.npy").to_str().unwrap(),
     ]));
+
+    // `quern model export` writes a .keras file that predicts the same; it
+    // refuses to overwrite without --force.
+    let keras = local.path().join("mlp.keras");
+    ok(&c.quern(&["model", "export", "/models/mlp", keras.to_str().unwrap()]));
+    let again = c.quern(&["model", "export", "/models/mlp", keras.to_str().unwrap()]);
+    assert!(
+        again.status != 0 && again.stderr.contains("--force"),
+        "{}",
+        again.stderr
+    );
+    ok(&run_quern(&[
+        "model",
+        "predict",
+        "--model",
+        keras.to_str().unwrap(),
+        "--input",
+        &fixture("mlp.input.npy"),
+        "--output",
+        local.path().join("p2.npy").to_str().unwrap(),
+    ]));
+    let p1 = std::fs::read(local.path().join("p.npy")).unwrap();
+    let p2 = std::fs::read(local.path().join("p2.npy")).unwrap();
+    assert_eq!(
+        p1, p2,
+        "the exported model predicts what its weights predict"
+    );
+    let bytes = std::fs::read(&keras).unwrap();
+    let archive = quern_compute::nn::Model::from_keras_bytes(&bytes, "mlp.keras").unwrap();
+    assert!(archive.has_h5_weights);
 }
 
 #[test]

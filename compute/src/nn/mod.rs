@@ -15,6 +15,7 @@ mod bench;
 mod config;
 mod error;
 mod exec;
+mod export;
 mod gemm;
 mod graph;
 mod h5;

@@ -421,6 +421,23 @@ impl Model {
             .collect()
     }
 
+    /// Each layer with weights: its class, the path of its variables in
+    /// `model.weights.h5`, and its weights in Keras order.
+    pub(crate) fn layer_params(&self) -> Vec<(&str, &str, Vec<&ParamSpec>)> {
+        self.graph
+            .layers
+            .iter()
+            .filter(|l| !l.params.is_empty())
+            .map(|l| {
+                (
+                    l.class.as_str(),
+                    l.h5_path.as_str(),
+                    l.params.iter().map(|&i| &self.specs[i]).collect(),
+                )
+            })
+            .collect()
+    }
+
     /// The JSON this model was imported from, to ship it to other nodes.
     pub fn keras_json(&self) -> &str {
         &self.keras_json

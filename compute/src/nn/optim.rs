@@ -162,3 +162,52 @@ impl Optimizer {
         Ok(())
     }
 }
+
+impl OptimizerConfig {
+    /// The optimizer as Keras serialises it in a model's `compile_config`.
+    pub fn to_keras(&self) -> serde_json::Value {
+        let (class, config) = match *self {
+            OptimizerConfig::Sgd(s) => (
+                "SGD",
+                serde_json::json!({
+                    "name": "SGD",
+                    "learning_rate": s.lr,
+                    "momentum": s.momentum,
+                    "nesterov": s.nesterov,
+                }),
+            ),
+            OptimizerConfig::Adam(a) => (
+                "Adam",
+                serde_json::json!({
+                    "name": "adam",
+                    "learning_rate": a.lr,
+                    "beta_1": a.beta1,
+                    "beta_2": a.beta2,
+                    "epsilon": a.epsilon,
+                    "amsgrad": false,
+                }),
+            ),
+        };
+        serde_json::json!({
+            "module": "keras.optimizers",
+            "class_name": class,
+            "config": config,
+            "registered_name": null,
+        })
+    }
+
+    /// A `compile_config` for a classifier trained with this optimizer and
+    /// sparse categorical cross-entropy, as quern trains it.
+    pub fn keras_compile_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "optimizer": self.to_keras(),
+            "loss": "sparse_categorical_crossentropy",
+            "loss_weights": null,
+            "metrics": ["accuracy"],
+            "weighted_metrics": null,
+            "run_eagerly": false,
+            "steps_per_execution": 1,
+            "jit_compile": false,
+        })
+    }
+}

@@ -18,7 +18,7 @@ pub(crate) fn build(cfg: &Cfg<'_>) -> Parsed<Option<Box<dyn Op>>> {
         "Conv2D" | "Convolution2D" => Box::new(Conv::parse(cfg, 2)?),
         "Conv1D" | "Convolution1D" => Box::new(Conv::parse(cfg, 1)?),
         "Conv2DTranspose" | "Convolution2DTranspose" => Box::new(ConvTranspose::parse(cfg)?),
-        "DepthwiseConv2D" => Box::new(Depthwise::parse(cfg, "depthwise_kernel")?),
+        "DepthwiseConv2D" => Box::new(Depthwise::parse(cfg, "kernel")?),
         "SeparableConv2D" | "SeparableConvolution2D" => Box::new(Separable::parse(cfg)?),
         _ => return Ok(None),
     }))
@@ -679,6 +679,7 @@ impl DepthwiseGeom {
 /// DepthwiseConv2D, and the depthwise half of SeparableConv2D.
 #[derive(Debug)]
 pub(crate) struct Depthwise {
+    weight: &'static str,
     kernel: [usize; 2],
     strides: [usize; 2],
     dilation: [usize; 2],
@@ -693,7 +694,9 @@ pub(crate) struct Depthwise {
 }
 
 impl Depthwise {
-    fn parse(cfg: &Cfg<'_>, kernel_name: &str) -> Parsed<Depthwise> {
+    /// `weight`: Keras 3 names the kernel `kernel` in DepthwiseConv2D and
+    /// `depthwise_kernel` in SeparableConv2D; both read `depthwise_*` options.
+    fn parse(cfg: &Cfg<'_>, weight: &'static str) -> Parsed<Depthwise> {
         cfg.require_null(&[
             "depthwise_constraint",
             "bias_constraint",
@@ -710,9 +713,10 @@ impl Depthwise {
             mult: cfg.usize_or("depth_multiplier", 1)?,
             act: cfg.activation("activation")?,
             use_bias: cfg.bool("use_bias", true)?,
-            kernel_init: cfg.initializer(&format!("{kernel_name}_initializer"), GLOROT_UNIFORM)?,
+            weight,
+            kernel_init: cfg.initializer("depthwise_initializer", GLOROT_UNIFORM)?,
             bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
-            kernel_reg: cfg.regularizer(&format!("{kernel_name}_regularizer"))?,
+            kernel_reg: cfg.regularizer("depthwise_regularizer")?,
             bias_reg: cfg.regularizer("bias_regularizer")?,
         })
     }
@@ -752,11 +756,10 @@ impl Op for Depthwise {
 
     fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
         let c = *ins[0].last().unwrap_or(&1);
-        let mut p =
-            vec![
-                ParamDecl::new("depthwise_kernel", self.kernel_shape(c), self.kernel_init)
-                    .regularized(self.kernel_reg),
-            ];
+        let mut p = vec![
+            ParamDecl::new(self.weight, self.kernel_shape(c), self.kernel_init)
+                .regularized(self.kernel_reg),
+        ];
         if self.use_bias {
             p.push(
                 ParamDecl::new("bias", vec![c * self.mult], self.bias_init)
@@ -817,7 +820,7 @@ struct Mid(Vec<f32>, Saved);
 impl Separable {
     fn parse(cfg: &Cfg<'_>) -> Parsed<Separable> {
         cfg.require_null(&["pointwise_constraint"])?;
-        let depth = Depthwise::parse(cfg, "depthwise")?;
+        let depth = Depthwise::parse(cfg, "depthwise_kernel")?;
         Ok(Separable {
             depth,
             filters: cfg.usize("filters")?,

@@ -51,17 +51,31 @@ pub(crate) fn build(cfg: &Cfg<'_>) -> Parsed<Option<Box<dyn Op>>> {
         "PReLU" => Box::new(PRelu::parse(cfg)?),
         "Identity" => Box::new(Act(Activation::Linear)),
         "Dropout" | "SpatialDropout1D" | "SpatialDropout2D" | "SpatialDropout3D" => {
-            if let Some(v) = cfg.get("noise_shape") {
-                return Err(cfg.unsupported("noise_shape", v, "null"));
-            }
             let rate = cfg.f32_or("rate", -1.0)?;
             if !(0.0..1.0).contains(&rate) {
                 return Err(cfg.err("option rate is missing or not in [0, 1)"));
             }
-            Box::new(Noisy::Dropout {
-                rate,
-                spatial: cfg.class.starts_with("Spatial"),
-            })
+            // SpatialDropout drops whole channels: noise shape (1, ..., 1, C).
+            let noise_shape = match cfg.get("noise_shape") {
+                _ if cfg.class.starts_with("Spatial") => Some(NoiseShape::Channels),
+                None => None,
+                Some(Value::Array(a)) if a.first().is_some_and(Value::is_null) => {
+                    Some(NoiseShape::Dims(
+                        a[1..]
+                            .iter()
+                            .map(|d| d.as_u64().map(|d| d as usize))
+                            .collect(),
+                    ))
+                }
+                Some(v) => {
+                    return Err(cfg.unsupported(
+                        "noise_shape",
+                        v,
+                        "null, or a shape starting with None (the batch)",
+                    ))
+                }
+            };
+            Box::new(Noisy::Dropout { rate, noise_shape })
         }
         "GaussianNoise" => Box::new(Noisy::Gaussian {
             stddev: cfg.f32_or("stddev", 0.0)?,
@@ -398,10 +412,10 @@ impl Op for PRelu {
 /// inference.
 #[derive(Debug)]
 pub(crate) enum Noisy {
-    /// `spatial` drops whole channels (SpatialDropout).
+    /// One draw per element of the noise shape, broadcast over the rest.
     Dropout {
         rate: f32,
-        spatial: bool,
+        noise_shape: Option<NoiseShape>,
     },
     Gaussian {
         stddev: f32,
@@ -412,6 +426,72 @@ pub(crate) enum Noisy {
 }
 
 struct Mask(Vec<f32>);
+
+/// Dropout's `noise_shape` (per sample): where it is 1 (or SpatialDropout's
+/// non-channel axes) one draw covers the whole axis.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum NoiseShape {
+    /// SpatialDropout: one draw per channel.
+    Channels,
+    /// Keras's noise_shape without the batch axis; None takes the input's
+    /// size.
+    Dims(Vec<Option<usize>>),
+}
+
+impl NoiseShape {
+    /// The per-sample noise dims for input `shape`, or why they do not fit.
+    fn dims(&self, shape: &[usize]) -> Result<Vec<usize>, String> {
+        match self {
+            NoiseShape::Channels => {
+                let mut d = vec![1; shape.len()];
+                if let (Some(l), Some(c)) = (d.last_mut(), shape.last()) {
+                    *l = *c;
+                }
+                Ok(d)
+            }
+            NoiseShape::Dims(dims) => {
+                if dims.len() != shape.len() {
+                    return Err(format!(
+                        "noise_shape has {} axes after the batch, the input {}",
+                        dims.len(),
+                        shape.len()
+                    ));
+                }
+                dims.iter()
+                    .zip(shape)
+                    .map(|(n, &s)| match n {
+                        None => Ok(s),
+                        Some(1) => Ok(1),
+                        Some(d) if *d == s => Ok(s),
+                        Some(d) => Err(format!(
+                            "noise_shape size {d} neither 1 nor the input's {s}"
+                        )),
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// For each element of a sample, the index of its draw in the noise.
+fn noise_index(shape: &[usize], noise: &[usize]) -> Vec<u32> {
+    let mut strides = vec![0usize; noise.len()];
+    let mut st = 1;
+    for k in (0..noise.len()).rev() {
+        strides[k] = if noise[k] == 1 { 0 } else { st };
+        st *= noise[k];
+    }
+    (0..size(shape))
+        .map(|mut i| {
+            let mut off = 0;
+            for k in (0..shape.len()).rev() {
+                off += (i % shape[k]) * strides[k];
+                i /= shape[k];
+            }
+            off as u32
+        })
+        .collect()
+}
 
 impl Noisy {
     fn active(&self) -> bool {
@@ -425,7 +505,16 @@ impl Noisy {
 impl Op for Noisy {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
         match ins {
-            [s] => Ok(s.clone()),
+            [s] => {
+                if let Noisy::Dropout {
+                    noise_shape: Some(ns),
+                    ..
+                } = self
+                {
+                    ns.dims(s)?;
+                }
+                Ok(s.clone())
+            }
             _ => Err(format!("takes one input, got {}", ins.len())),
         }
     }
@@ -435,26 +524,32 @@ impl Op for Noisy {
             return (xs[0].to_vec(), None);
         };
         let per = size(cx.out).max(1);
-        let channels = *cx.out.last().unwrap_or(&1);
         let mut y = xs[0].to_vec();
         match *self {
-            Noisy::Dropout { rate, spatial } => {
+            Noisy::Dropout {
+                rate,
+                ref noise_shape,
+            } => {
                 let keep = 1.0 / (1.0 - rate);
+                let dims = match noise_shape {
+                    Some(ns) => ns.dims(cx.out).unwrap_or_else(|_| cx.out.to_vec()),
+                    None => cx.out.to_vec(),
+                };
+                let draws = size(&dims);
+                let index = (draws != per).then(|| noise_index(cx.out, &dims));
                 let mut mask = vec![0.0f32; y.len()];
                 mask.par_chunks_mut(per).enumerate().for_each(|(i, m)| {
                     let mut rng =
                         SplitMix64::derive(noise.seed, noise.stream, noise.first_sample + i as u64);
-                    if spatial {
-                        let per_channel: Vec<f32> = (0..channels)
-                            .map(|_| if rng.next_f32() >= rate { keep } else { 0.0 })
-                            .collect();
-                        for row in m.chunks_exact_mut(channels.max(1)) {
-                            row.copy_from_slice(&per_channel);
-                        }
-                    } else {
-                        for v in m.iter_mut() {
-                            *v = if rng.next_f32() >= rate { keep } else { 0.0 };
-                        }
+                    let drawn: Vec<f32> = (0..draws)
+                        .map(|_| if rng.next_f32() >= rate { keep } else { 0.0 })
+                        .collect();
+                    match &index {
+                        None => m.copy_from_slice(&drawn),
+                        Some(ix) => m
+                            .iter_mut()
+                            .zip(ix)
+                            .for_each(|(v, j)| *v = drawn[*j as usize]),
                     }
                 });
                 y.iter_mut().zip(&mask).for_each(|(v, m)| *v *= m);
