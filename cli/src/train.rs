@@ -33,13 +33,16 @@ pub struct TrainArgs {
     /// Stop after this many iterations.
     #[arg(long)]
     pub max_iter: Option<u64>,
-    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adam"])]
-    pub optimizer: String,
-    #[arg(long, default_value_t = 0.01)]
-    pub lr: f32,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.0)]
-    pub momentum: f32,
+    /// The optimizer; by default the model's own compile settings (from a
+    /// compiled `.keras` file), else sgd.
+    #[arg(long, value_parser = ["sgd", "adam"])]
+    pub optimizer: Option<String>,
+    /// Learning rate (default: the model's compile settings, else 0.01).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// SGD momentum (default 0).
+    #[arg(long)]
+    pub momentum: Option<f32>,
     /// Nesterov momentum (SGD).
     #[arg(long)]
     pub nesterov: bool,
@@ -80,40 +83,58 @@ pub struct ScoreArgs {
     pub json: bool,
 }
 
-fn optimizer(a: &TrainArgs) -> Result<OptimizerConfig> {
-    if !(a.lr > 0.0 && a.lr.is_finite()) {
-        bail!("--lr {} must be a positive number", a.lr);
-    }
+/// The optimizer: from the flags when any is given, else the model's own
+/// `compile_config`, else SGD at 0.01. Also says where it came from.
+fn optimizer(a: &TrainArgs, model: &Model) -> Result<(OptimizerConfig, &'static str)> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     if a.sync == 0 {
         bail!("--sync must be at least 1 (1 is exact minibatch SGD)");
     }
-    Ok(match a.optimizer.as_str() {
+    let flags = a.optimizer.is_some() || a.lr.is_some() || a.momentum.is_some() || a.nesterov;
+    if !flags {
+        if let Some(c) = model.compile_settings()? {
+            return Ok((c.optimizer, "the model's compile settings"));
+        }
+    }
+    let lr = a.lr.unwrap_or(0.01);
+    if !(lr > 0.0 && lr.is_finite()) {
+        bail!("--lr {lr} must be a positive number");
+    }
+    let momentum = a.momentum.unwrap_or(0.0);
+    let opt = match a.optimizer.as_deref().unwrap_or("sgd") {
         "adam" => {
-            if a.momentum != 0.0 || a.nesterov {
+            if momentum != 0.0 || a.nesterov {
                 bail!("--momentum and --nesterov apply to sgd, not adam");
             }
             OptimizerConfig::Adam(Adam {
-                lr: a.lr,
+                lr,
                 ..Adam::default()
             })
         }
         _ => {
-            if !(0.0..1.0).contains(&a.momentum) {
-                bail!("--momentum {} must be in [0, 1)", a.momentum);
+            if !(0.0..1.0).contains(&momentum) {
+                bail!("--momentum {momentum} must be in [0, 1)");
             }
-            if a.nesterov && a.momentum == 0.0 {
+            if a.nesterov && momentum == 0.0 {
                 bail!("--nesterov needs a --momentum above 0");
             }
             OptimizerConfig::Sgd(Sgd {
-                lr: a.lr,
-                momentum: a.momentum,
+                lr,
+                momentum,
                 nesterov: a.nesterov,
             })
         }
-    })
+    };
+    Ok((
+        opt,
+        if flags {
+            "the command line"
+        } else {
+            "the default"
+        },
+    ))
 }
 
 /// The model and its starting parameters.
@@ -130,8 +151,12 @@ pub fn load_model(path: &Path, weights: Option<&Path>, seed: u64) -> Result<(Mod
 }
 
 pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
-    let opt = optimizer(&a)?;
     let (model, params) = load_model(&a.model, a.weights.as_deref(), a.seed)?;
+    let (opt, from) = optimizer(&a, &model)?;
+    eprintln!(
+        "optimizer {} (from {from}), loss sparse_categorical_crossentropy",
+        opt.to_keras()["config"]
+    );
     quern_proto::RemotePath::parse(&a.out).map_err(|e| anyhow::anyhow!("--out: {e}"))?;
     let cfg = crate::client_config(config)?;
     let client = Client::from_config(&cfg)?;
@@ -147,7 +172,7 @@ pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
         None => None,
     };
     let outcome = run_training(&client, &model, params, opt, &a, &mut ds, val.as_ref()).await?;
-    save_checkpoint(&client, &a, &model, &outcome).await?;
+    save_checkpoint(&client, &a, &model, &opt, &outcome).await?;
     if let Some(p) = &a.plot {
         crate::plot::write_svg(p, &outcome.events)?;
         eprintln!("plot written to {}", p.display());
@@ -285,6 +310,7 @@ async fn save_checkpoint(
     client: &Client,
     a: &TrainArgs,
     model: &Model,
+    opt: &OptimizerConfig,
     o: &TrainOutcome,
 ) -> Result<()> {
     let params = model.params_from_flat(o.params.clone())?;
@@ -300,17 +326,15 @@ async fn save_checkpoint(
         "epochs": a.epochs,
         "batch_size": a.batch_size,
         "max_iter": a.max_iter,
-        "optimizer": a.optimizer,
-        "lr": a.lr,
-        "momentum": a.momentum,
-        "nesterov": a.nesterov,
+        "optimizer": opt.to_keras(),
+        "compile_config": opt.keras_compile_config(),
         "seed": a.seed,
         "sync": a.sync,
         "scaler": o.scaler,
         "summary": o.summary,
     });
     client.mkdir(&a.out, true).await?;
-    let compile = optimizer(a)?.keras_compile_config();
+    let compile = opt.keras_compile_config();
     let files: [(&str, Vec<u8>); 5] = [
         ("model.json", model.keras_json().as_bytes().to_vec()),
         (
@@ -349,21 +373,12 @@ pub async fn read_checkpoint_file(client: &Client, dir: &str, name: &str) -> Res
 }
 
 /// The Keras `compile_config` of the job a checkpoint's `train.json`
-/// describes, when its optimizer settings are readable.
+/// describes.
 pub fn compile_config_of(train: &serde_json::Value) -> Option<serde_json::Value> {
-    let lr = train["lr"].as_f64()? as f32;
-    let opt = match train["optimizer"].as_str()? {
-        "adam" => OptimizerConfig::Adam(Adam {
-            lr,
-            ..Adam::default()
-        }),
-        _ => OptimizerConfig::Sgd(Sgd {
-            lr,
-            momentum: train["momentum"].as_f64().unwrap_or(0.0) as f32,
-            nesterov: train["nesterov"].as_bool().unwrap_or(false),
-        }),
-    };
-    Some(opt.keras_compile_config())
+    train
+        .get("compile_config")
+        .filter(|c| c.is_object())
+        .cloned()
 }
 
 pub async fn load_checkpoint(client: &Client, dir: &str) -> Result<Checkpoint> {

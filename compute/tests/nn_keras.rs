@@ -525,3 +525,35 @@ fn functional_configs_without_input_and_output_lists_import() {
         "{msg}"
     );
 }
+
+#[test]
+fn compile_settings_come_from_the_model() {
+    let (model, _) = load("resnet_mini");
+    let c = model
+        .compile_settings()
+        .unwrap()
+        .expect("resnet_mini is compiled");
+    assert_eq!(
+        c.optimizer,
+        quern_compute::nn::OptimizerConfig::Sgd(quern_compute::nn::Sgd {
+            lr: 0.01,
+            momentum: 0.9,
+            nesterov: false
+        })
+    );
+    assert_eq!(c.loss, "sparse_categorical_crossentropy");
+    assert_eq!(c.metrics, vec!["accuracy".to_string()]);
+
+    let mut v = seed_cnn_json();
+    v["compile_config"]["optimizer"]["class_name"] = "RMSprop".into();
+    v["compile_config"]["optimizer"]["config"]["clipnorm"] = 1.0.into();
+    let m = Model::from_keras_json(&v.to_string()).unwrap();
+    let msg = m.compile_settings().unwrap_err().to_string();
+    assert!(
+        msg.contains("rmsprop") && msg.contains("clipnorm") && msg.contains("--optimizer"),
+        "{msg}"
+    );
+    v.as_object_mut().unwrap().remove("compile_config");
+    let m = Model::from_keras_json(&v.to_string()).unwrap();
+    assert!(m.compile_settings().unwrap().is_none());
+}

@@ -12,6 +12,7 @@
 
 mod activation;
 mod bench;
+mod compile;
 mod config;
 mod error;
 mod exec;
@@ -29,6 +30,7 @@ mod summary;
 
 pub use activation::Activation;
 pub use bench::{bench_train_step, BenchReport};
+pub use compile::CompileSettings;
 pub use config::Problem;
 pub use error::{NnError, Result};
 pub use exec::DropoutRng;

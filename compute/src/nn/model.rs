@@ -438,6 +438,14 @@ impl Model {
             .collect()
     }
 
+    /// The optimizer, loss and metrics the model was compiled with, when
+    /// its config records them (a compiled `.keras` file).
+    pub fn compile_settings(&self) -> Result<Option<super::compile::CompileSettings>> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.keras_json).map_err(|e| NnError::Json(e.to_string()))?;
+        super::compile::parse(&v)
+    }
+
     /// The JSON this model was imported from, to ship it to other nodes.
     pub fn keras_json(&self) -> &str {
         &self.keras_json
