@@ -72,12 +72,69 @@ fn losses(events: &[TrainEvent]) -> Vec<f64> {
         .collect()
 }
 
+/// A small residual network with BatchNormalization: conv, BN, relu, a
+/// second conv added back to the first block, global pooling, softmax.
+fn tiny_bn_model() -> Model {
+    let t = |from: &str| {
+        serde_json::json!({"class_name": "__keras_tensor__",
+            "config": {"keras_history": [from, 0, 0]}})
+    };
+    let layer = |class: &str, name: &str, config: serde_json::Value, from: &[&str]| {
+        let mut config = config;
+        config["name"] = name.into();
+        let args: Vec<_> = from.iter().map(|f| t(f)).collect();
+        let args = if args.len() == 1 {
+            serde_json::json!(args)
+        } else {
+            serde_json::json!([args])
+        };
+        serde_json::json!({"class_name": class, "name": name, "config": config,
+            "inbound_nodes": [{"args": args, "kwargs": {}}]})
+    };
+    let j = serde_json::json!({"class_name": "Functional", "config": {"name": "tiny_bn",
+        "layers": [
+            {"class_name": "InputLayer", "name": "in", "config": {"name": "in", "batch_shape": [null, 28, 28, 1]}, "inbound_nodes": []},
+            layer("Conv2D", "c1", serde_json::json!({"filters": 4, "kernel_size": 3, "strides": 2, "padding": "same", "use_bias": false}), &["in"]),
+            layer("BatchNormalization", "bn", serde_json::json!({"momentum": 0.9}), &["c1"]),
+            layer("Activation", "r1", serde_json::json!({"activation": "relu"}), &["bn"]),
+            layer("Conv2D", "c2", serde_json::json!({"filters": 4, "kernel_size": 3, "padding": "same"}), &["r1"]),
+            layer("Add", "add", serde_json::json!({}), &["r1", "c2"]),
+            layer("GlobalAveragePooling2D", "gap", serde_json::json!({}), &["add"]),
+            layer("Dense", "out", serde_json::json!({"units": 10, "activation": "softmax"}), &["gap"]),
+        ],
+        "input_layers": [["in", 0, 0]], "output_layers": [["out", 0, 0]]}});
+    Model::from_keras_json(&j.to_string()).expect("tiny BN model")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_training_follows_the_one_process_algorithm() {
+    follows_the_one_process_algorithm(tiny_model()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_normalization_trains_as_its_one_process_replay() {
+    let model = tiny_bn_model();
+    let params = follows_the_one_process_algorithm(model.clone()).await;
+    // The moving statistics moved with the global batch's statistics.
+    let mm = model
+        .param_specs()
+        .iter()
+        .find(|s| s.name == "bn/moving_mean")
+        .unwrap();
+    assert!(
+        params[mm.offset..mm.offset + mm.len]
+            .iter()
+            .any(|v| *v != 0.0),
+        "moving mean updated"
+    );
+}
+
+/// Trains `model` on an in-process cluster and replays the run in one
+/// process; returns the final weights.
+async fn follows_the_one_process_algorithm(model: Model) -> Vec<f32> {
     let c = TestCluster::start(Options::default()).await;
     let client = c.client();
     let mut ds = dataset(&client, 500, 3).await;
-    let model = tiny_model();
     let opts = options(&model, 7);
     let run = client
         .train(&mut ds, None, &opts, |_| {})
@@ -137,6 +194,7 @@ async fn distributed_training_follows_the_one_process_algorithm() {
         );
     }
     assert_eq!(params.as_slice(), &run.params[..], "same final weights");
+    run.params
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

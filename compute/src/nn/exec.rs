@@ -114,7 +114,7 @@ impl Exec<'_> {
             let (y, s) = layer.op.forward(&cx, &xs);
             debug_assert_eq!(y.len(), n * g.shapes[call.output].iter().product::<usize>());
             vals[call.output] = Some(y);
-            saved.push(if train.is_some() { s } else { None });
+            saved.push(if keep { s } else { None });
             if !keep {
                 for &t in &call.inputs {
                     if last[t] == ci && t != g.output {

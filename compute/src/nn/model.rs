@@ -720,6 +720,19 @@ impl Model {
             .and_then(|c| g.layers[c.layer].op.activation())
     }
 
+    /// As [`loss_and_grad_sum`](Self::loss_and_grad_sum) with every layer
+    /// in inference mode (BatchNormalization on its moving statistics,
+    /// dropout and noise off), as Keras computes gradients of
+    /// `model(x, training=False)`.
+    pub fn inference_loss_and_grad_sum(
+        &self,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        labels: &[u32],
+    ) -> Result<GradSum> {
+        self.grad_sum(params, x, labels, None)
+    }
+
     /// Training-mode sparse categorical cross-entropy summed over the
     /// batch, the number of correct predictions, the gradient summed over
     /// the batch (not averaged: divide by the global batch size after
@@ -735,6 +748,18 @@ impl Model {
         x: ArrayViewD<'_, f32>,
         labels: &[u32],
         dropout: Option<DropoutRng>,
+    ) -> Result<GradSum> {
+        self.grad_sum(params, x, labels, Some(dropout))
+    }
+
+    /// `train`: None for inference mode, else training mode with optional
+    /// dropout randomness.
+    fn grad_sum(
+        &self,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        labels: &[u32],
+        train: Option<Option<DropoutRng>>,
     ) -> Result<GradSum> {
         let classes = self.classes()?;
         let n = self.check(params, &x)?;
@@ -762,7 +787,7 @@ impl Model {
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
         let exec = self.exec();
-        let tape = exec.forward(&params.values, xs, n, Some(dropout), true);
+        let tape = exec.forward(&params.values, xs, n, train, true);
         let stats = exec.stats(&tape).into_iter().map(|(_, s)| s).collect();
         let probs = tape.get(self.graph.output).unwrap_or(&[]);
         let pv = ArrayViewD::from_shape(IxDyn(&[n, classes]), probs)
