@@ -32,7 +32,13 @@ pub enum Activation {
     Softplus,
     Softsign,
     Exponential,
+    Mish,
+    Celu,
+    HardTanh,
+    LogSigmoid,
     Softmax,
+    /// Per row along the last axis, like softmax.
+    LogSoftmax,
 }
 
 pub const RELU: Activation = Activation::Relu {
@@ -43,7 +49,8 @@ pub const RELU: Activation = Activation::Relu {
 
 /// The names `activation=` accepts, for error messages.
 pub const SUPPORTED: &str = "linear, relu, relu6, leaky_relu, elu, selu, gelu, sigmoid, \
-     hard_sigmoid, tanh, swish, silu, hard_swish, hard_silu, softplus, softsign, exponential, softmax";
+     hard_sigmoid, tanh, swish, silu, hard_swish, hard_silu, softplus, softsign, exponential, \
+     mish, celu, hard_tanh, log_sigmoid, softmax, log_softmax";
 
 const SELU_ALPHA: f32 = 1.673_263_2;
 const SELU_SCALE: f32 = 1.050_701;
@@ -73,7 +80,12 @@ impl Activation {
             "softplus" => Activation::Softplus,
             "softsign" => Activation::Softsign,
             "exponential" => Activation::Exponential,
+            "mish" => Activation::Mish,
+            "celu" => Activation::Celu,
+            "hard_tanh" => Activation::HardTanh,
+            "log_sigmoid" => Activation::LogSigmoid,
             "softmax" => Activation::Softmax,
+            "log_softmax" => Activation::LogSoftmax,
             _ => return None,
         })
     }
@@ -112,7 +124,12 @@ impl Activation {
             Activation::Softplus => "softplus",
             Activation::Softsign => "softsign",
             Activation::Exponential => "exponential",
+            Activation::Mish => "mish",
+            Activation::Celu => "celu",
+            Activation::HardTanh => "hard_tanh",
+            Activation::LogSigmoid => "log_sigmoid",
             Activation::Softmax => "softmax",
+            Activation::LogSoftmax => "log_softmax",
         }
     }
 
@@ -125,6 +142,7 @@ impl Activation {
                 | Activation::Sigmoid
                 | Activation::Tanh
                 | Activation::Softmax
+                | Activation::LogSoftmax
                 | Activation::Exponential
                 | Activation::Relu {
                     negative_slope: 0.0,
@@ -141,6 +159,9 @@ impl Activation {
             Activation::Softmax => y
                 .par_chunks_mut((width * 64).max(1))
                 .for_each(|b| b.chunks_exact_mut(width.max(1)).for_each(softmax_row)),
+            Activation::LogSoftmax => y
+                .par_chunks_mut((width * 64).max(1))
+                .for_each(|b| b.chunks_exact_mut(width.max(1)).for_each(log_softmax_row)),
             f => y
                 .par_chunks_mut(BLOCK)
                 .for_each(|b| b.iter_mut().for_each(|v| *v = f.scalar(*v))),
@@ -149,7 +170,17 @@ impl Activation {
 
     fn scalar(self, x: f32) -> f32 {
         match self {
-            Activation::Linear | Activation::Softmax => x,
+            Activation::Linear | Activation::Softmax | Activation::LogSoftmax => x,
+            Activation::Mish => x * softplus(x).tanh(),
+            Activation::Celu => {
+                if x > 0.0 {
+                    x
+                } else {
+                    x.exp_m1()
+                }
+            }
+            Activation::HardTanh => x.clamp(-1.0, 1.0),
+            Activation::LogSigmoid => -softplus(-x),
             Activation::Relu {
                 negative_slope,
                 max_value,
@@ -197,7 +228,26 @@ impl Activation {
     /// d f(x) / dx, from the input `x` and the output `y`.
     fn derivative(self, x: f32, y: f32) -> f32 {
         match self {
-            Activation::Linear | Activation::Softmax => 1.0,
+            Activation::Linear | Activation::Softmax | Activation::LogSoftmax => 1.0,
+            Activation::Mish => {
+                let t = softplus(x).tanh();
+                t + x * (1.0 - t * t) * sigmoid(x)
+            }
+            Activation::Celu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    x.exp()
+                }
+            }
+            Activation::HardTanh => {
+                if x > -1.0 && x < 1.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::LogSigmoid => sigmoid(-x),
             Activation::Relu {
                 negative_slope,
                 max_value,
@@ -292,6 +342,18 @@ impl Activation {
                         }
                     })
             }
+            (Activation::LogSoftmax, _) => {
+                // d x_i = dy_i - softmax_i * sum(dy), softmax = exp(y).
+                let w = width.max(1);
+                dy.par_chunks_mut(w * 64)
+                    .zip(y.par_chunks(w * 64))
+                    .for_each(|(d, y)| {
+                        for (d, y) in d.chunks_exact_mut(w).zip(y.chunks_exact(w)) {
+                            let sum: f32 = d.iter().sum();
+                            d.iter_mut().zip(y).for_each(|(d, y)| *d -= y.exp() * sum);
+                        }
+                    })
+            }
             (f, Some(x)) => dy
                 .par_chunks_mut(BLOCK)
                 .zip(x.par_chunks(BLOCK).zip(y.par_chunks(BLOCK)))
@@ -344,6 +406,13 @@ fn softplus(x: f32) -> f32 {
     } else {
         x.exp().ln_1p()
     }
+}
+
+fn log_softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+    let log = sum.ln();
+    row.iter_mut().for_each(|v| *v = *v - max - log);
 }
 
 pub(crate) fn softmax_row(row: &mut [f32]) {

@@ -34,20 +34,15 @@ pub(crate) fn build(cfg: &Cfg<'_>) -> Parsed<Option<Box<dyn Op>>> {
             Box::new(Act(Activation::LeakyRelu(slope)))
         }
         "ELU" => Box::new(Act(Activation::Elu(cfg.f32_or("alpha", 1.0)?))),
-        "Softmax" => {
-            match cfg.get("axis") {
-                None => {}
-                Some(v) if v.as_i64() == Some(-1) => {}
-                Some(v) => {
-                    return Err(cfg.unsupported(
-                        "axis",
-                        v,
-                        "-1; put a Permute before and after to soften another axis",
-                    ))
-                }
-            }
-            Box::new(Act(Activation::Softmax))
-        }
+        "Softmax" => match cfg.get("axis") {
+            None => Box::new(Act(Activation::Softmax)),
+            Some(v) if v.as_i64() == Some(-1) => Box::new(Act(Activation::Softmax)),
+            Some(v) => Box::new(SoftmaxAxis {
+                axis: v
+                    .as_i64()
+                    .ok_or_else(|| cfg.unsupported("axis", v, "one axis"))?,
+            }),
+        },
         "PReLU" => Box::new(PRelu::parse(cfg)?),
         "Identity" => Box::new(Act(Activation::Linear)),
         "Dropout" | "SpatialDropout1D" | "SpatialDropout2D" | "SpatialDropout3D" => {
@@ -589,6 +584,83 @@ impl Op for Noisy {
         if let Some(Mask(m)) = get_saved::<Mask>(b.saved) {
             dx.iter_mut().zip(m).for_each(|(d, m)| *d *= m);
         }
+        vec![Some(dx)]
+    }
+}
+
+/// Softmax along an axis other than the last.
+#[derive(Debug)]
+pub(crate) struct SoftmaxAxis {
+    axis: i64,
+}
+
+impl SoftmaxAxis {
+    /// (outer, length, inner) of the axis within one sample.
+    fn split(&self, s: &[usize]) -> Result<(usize, usize, usize), String> {
+        let full = s.len() as i64 + 1;
+        let a = if self.axis < 0 {
+            self.axis + full
+        } else {
+            self.axis
+        };
+        if a <= 0 || a >= full {
+            return Err(format!(
+                "axis {} is out of range for inputs of rank {full}",
+                self.axis
+            ));
+        }
+        let a = a as usize - 1;
+        Ok((size(&s[..a]), s[a], size(&s[a + 1..])))
+    }
+}
+
+impl Op for SoftmaxAxis {
+    fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = ins else {
+            return Err(format!("takes one input, got {}", ins.len()));
+        };
+        self.split(s)?;
+        Ok(s.clone())
+    }
+
+    fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
+        let (_, len, inner) = self.split(&cx.ins[0]).expect("shapes checked at build");
+        let mut y = xs[0].to_vec();
+        y.par_chunks_mut((len * inner).max(1)).for_each(|block| {
+            for i in 0..inner {
+                let max = (0..len)
+                    .map(|k| block[k * inner + i])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for k in 0..len {
+                    let v = (block[k * inner + i] - max).exp();
+                    block[k * inner + i] = v;
+                    sum += v;
+                }
+                for k in 0..len {
+                    block[k * inner + i] /= sum;
+                }
+            }
+        });
+        (y, None)
+    }
+
+    fn backward(&self, cx: &Ctx<'_>, b: Back<'_>) -> Vec<Option<Vec<f32>>> {
+        if !b.need[0] {
+            return vec![None];
+        }
+        let (_, len, inner) = self.split(&cx.ins[0]).expect("shapes checked at build");
+        let mut dx = b.dy;
+        dx.par_chunks_mut((len * inner).max(1))
+            .zip(b.y.par_chunks((len * inner).max(1)))
+            .for_each(|(d, y)| {
+                for i in 0..inner {
+                    let dot: f32 = (0..len).map(|k| d[k * inner + i] * y[k * inner + i]).sum();
+                    for k in 0..len {
+                        d[k * inner + i] = y[k * inner + i] * (d[k * inner + i] - dot);
+                    }
+                }
+            });
         vec![Some(dx)]
     }
 }

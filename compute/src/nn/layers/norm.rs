@@ -375,17 +375,21 @@ impl Op for BatchNorm {
 
 #[derive(Debug)]
 pub(crate) struct LayerNorm {
-    axis: i64,
+    /// Keras axes (negative from the end); they must be the trailing axes.
+    axes: Vec<i64>,
     epsilon: f32,
     center: bool,
     scale: bool,
+    /// Keras's deprecated `rms_scaling`: x / std * gamma, no centring of
+    /// the output and no beta.
+    rms: bool,
     beta_init: Init,
     gamma_init: Init,
     beta_reg: Option<Regularizer>,
     gamma_reg: Option<Regularizer>,
 }
 
-/// Normalized input and 1/std per row.
+/// Normalized input, 1/std per row.
 struct LnSaved {
     xhat: Vec<f32>,
     rstd: Vec<f32>,
@@ -394,19 +398,62 @@ struct LnSaved {
 impl LayerNorm {
     fn parse(cfg: &Cfg<'_>) -> Parsed<LayerNorm> {
         cfg.require_null(&["beta_constraint", "gamma_constraint"])?;
-        if cfg.bool("rms_scaling", false)? {
-            return Err(cfg.err("unsupported option rms_scaling = true (supported: false)"));
-        }
+        let axes = match cfg.get("axis") {
+            None => vec![-1],
+            Some(Value::Number(n)) => vec![n
+                .as_i64()
+                .ok_or_else(|| cfg.err("option axis is not an integer"))?],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(Value::as_i64)
+                .collect::<Option<Vec<i64>>>()
+                .ok_or_else(|| cfg.err("option axis is not a list of integers"))?,
+            Some(v) => return Err(cfg.unsupported("axis", v, "an axis or a list of axes")),
+        };
         Ok(LayerNorm {
-            axis: last_axis_only(cfg, -1)?,
+            axes,
             epsilon: cfg.f32_or("epsilon", 1e-3)?,
             center: cfg.bool("center", true)?,
             scale: cfg.bool("scale", true)?,
+            rms: cfg.bool("rms_scaling", false)?,
             beta_init: cfg.initializer("beta_initializer", Init::Constant(0.0))?,
             gamma_init: cfg.initializer("gamma_initializer", Init::Constant(1.0))?,
             beta_reg: cfg.regularizer("beta_regularizer")?,
             gamma_reg: cfg.regularizer("gamma_regularizer")?,
         })
+    }
+
+    /// The first normalized axis of a sample of shape `s`: the axes must
+    /// be the trailing ones, each once.
+    fn first(&self, s: &[usize]) -> Result<usize, String> {
+        let full = s.len() as i64 + 1;
+        let mut axes: Vec<i64> = self
+            .axes
+            .iter()
+            .map(|&a| if a < 0 { a + full } else { a })
+            .collect();
+        axes.sort_unstable();
+        axes.dedup();
+        let first = full - axes.len() as i64;
+        if axes.len() != self.axes.len()
+            || axes.iter().enumerate().any(|(i, &a)| a != first + i as i64)
+            || first < 1
+        {
+            return Err(format!(
+                "normalizes axes {:?} of a rank-{full} input; only the trailing axes \
+                 (ending with the last) are supported",
+                self.axes
+            ));
+        }
+        Ok(first as usize - 1)
+    }
+
+    fn has_gamma(&self) -> bool {
+        self.scale || self.rms
+    }
+
+    fn has_beta(&self) -> bool {
+        self.center && !self.rms
     }
 }
 
@@ -415,27 +462,32 @@ impl Op for LayerNorm {
         let [s] = ins else {
             return Err(format!("takes one input, got {}", ins.len()));
         };
-        check_last(self.axis, s)?;
+        self.first(s)?;
         Ok(s.clone())
     }
 
     fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
-        let c = *ins[0].last().unwrap_or(&1);
+        let s = &ins[0];
+        let shape = s[self.first(s).unwrap_or(0)..].to_vec();
         let mut p = Vec::new();
-        if self.scale {
-            p.push(ParamDecl::new("gamma", vec![c], self.gamma_init).regularized(self.gamma_reg));
+        if self.has_gamma() {
+            p.push(
+                ParamDecl::new("gamma", shape.clone(), self.gamma_init).regularized(self.gamma_reg),
+            );
         }
-        if self.center {
-            p.push(ParamDecl::new("beta", vec![c], self.beta_init).regularized(self.beta_reg));
+        if self.has_beta() {
+            p.push(ParamDecl::new("beta", shape, self.beta_init).regularized(self.beta_reg));
         }
         p
     }
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let x = xs[0];
-        let (rows, c) = rows_channels(x, &cx.ins[0]);
-        let gamma = self.scale.then(|| cx.w[0]);
-        let beta = self.center.then(|| cx.w[self.scale as usize]);
+        let s = &cx.ins[0];
+        let c = size(&s[self.first(s).expect("shapes checked at build")..]).max(1);
+        let rows = x.len() / c;
+        let gamma = self.has_gamma().then(|| cx.w[0]);
+        let beta = self.has_beta().then(|| cx.w[self.has_gamma() as usize]);
         let mut y = vec![0.0f32; x.len()];
         let mut xhat = vec![0.0f32; x.len()];
         let mut rstd = vec![0.0f32; rows];
@@ -455,7 +507,12 @@ impl Op for LayerNorm {
                 for j in 0..c {
                     let h = (xr[j] - mean as f32) * r;
                     hr[j] = h;
-                    yr[j] = h * gamma.map_or(1.0, |g| g[j]) + beta.map_or(0.0, |b| b[j]);
+                    let g = gamma.map_or(1.0, |g| g[j]);
+                    yr[j] = if self.rms {
+                        xr[j] * r * g
+                    } else {
+                        h * g + beta.map_or(0.0, |b| b[j])
+                    };
                 }
             });
         (y, saved(LnSaved { xhat, rstd }))
@@ -463,31 +520,39 @@ impl Op for LayerNorm {
 
     fn backward(&self, cx: &Ctx<'_>, b: Back<'_>) -> Vec<Option<Vec<f32>>> {
         let x = b.xs[0];
-        let (rows, c) = rows_channels(x, &cx.ins[0]);
-        let Some(s) = get_saved::<LnSaved>(b.saved) else {
+        let s = &cx.ins[0];
+        let c = size(&s[self.first(s).expect("shapes checked at build")..]).max(1);
+        let rows = x.len() / c;
+        let Some(sv) = get_saved::<LnSaved>(b.saved) else {
             unreachable!("layer normalization always saves its statistics")
         };
-        let gamma = self.scale.then(|| cx.w[0]);
+        let gamma = self.has_gamma().then(|| cx.w[0]);
         let dy = &b.dy;
         if !b.dw.is_empty() {
-            let sum_dy_xhat = channel_sums(rows, c, |r, acc| {
+            // d gamma: dy times what gamma multiplies (x*r for rms, else xhat).
+            let sum_dy_h = channel_sums(rows, c, |r, acc| {
                 for j in 0..c {
-                    acc[j] += (dy[r * c + j] * s.xhat[r * c + j]) as f64;
+                    let h = if self.rms {
+                        x[r * c + j] * sv.rstd[r]
+                    } else {
+                        sv.xhat[r * c + j]
+                    };
+                    acc[j] += (dy[r * c + j] * h) as f64;
                 }
             });
-            let sum_dy = channel_sums(rows, c, |r, acc| {
-                for (a, d) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
-                    *a += *d as f64;
-                }
-            });
-            if self.scale {
+            if self.has_gamma() {
                 b.dw[0]
                     .iter_mut()
-                    .zip(&sum_dy_xhat)
+                    .zip(&sum_dy_h)
                     .for_each(|(w, v)| *w += *v as f32);
             }
-            if self.center {
-                b.dw[self.scale as usize]
+            if self.has_beta() {
+                let sum_dy = channel_sums(rows, c, |r, acc| {
+                    for (a, d) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
+                        *a += *d as f64;
+                    }
+                });
+                b.dw[self.has_gamma() as usize]
                     .iter_mut()
                     .zip(&sum_dy)
                     .for_each(|(w, v)| *w += *v as f32);
@@ -496,21 +561,28 @@ impl Op for LayerNorm {
         let dx = b.need[0].then(|| {
             let mut dx = vec![0.0f32; x.len()];
             dx.par_chunks_mut(c)
-                .zip(dy.par_chunks(c))
-                .zip(s.xhat.par_chunks(c).zip(s.rstd.par_iter()))
-                .for_each(|((xr, dr), (hr, rs))| {
-                    let mut mean_g = 0.0f32;
-                    let mut mean_gh = 0.0f32;
-                    for j in 0..c {
-                        let gj = dr[j] * gamma.map_or(1.0, |g| g[j]);
-                        mean_g += gj;
-                        mean_gh += gj * hr[j];
-                    }
-                    mean_g /= c as f32;
-                    mean_gh /= c as f32;
-                    for j in 0..c {
-                        let gj = dr[j] * gamma.map_or(1.0, |g| g[j]);
-                        xr[j] = rs * (gj - mean_g - hr[j] * mean_gh);
+                .zip(dy.par_chunks(c).zip(x.par_chunks(c)))
+                .zip(sv.xhat.par_chunks(c).zip(sv.rstd.par_iter()))
+                .for_each(|((xr, (dr, inr)), (hr, rs))| {
+                    let g = |j: usize| dr[j] * gamma.map_or(1.0, |g| g[j]);
+                    if self.rms {
+                        // y = x r g with r from the centred variance.
+                        let s: f32 = (0..c).map(|j| g(j) * inr[j]).sum();
+                        for j in 0..c {
+                            xr[j] = rs * g(j) - rs * rs * hr[j] * s / c as f32;
+                        }
+                    } else {
+                        let mut mean_g = 0.0f32;
+                        let mut mean_gh = 0.0f32;
+                        for j in 0..c {
+                            mean_g += g(j);
+                            mean_gh += g(j) * hr[j];
+                        }
+                        mean_g /= c as f32;
+                        mean_gh /= c as f32;
+                        for j in 0..c {
+                            xr[j] = rs * (g(j) - mean_g - hr[j] * mean_gh);
+                        }
                     }
                 });
             dx
