@@ -574,9 +574,9 @@ impl Op for LayerNorm {
                     } else {
                         let mut mean_g = 0.0f32;
                         let mut mean_gh = 0.0f32;
-                        for j in 0..c {
+                        for (j, h) in hr.iter().enumerate() {
                             mean_g += g(j);
-                            mean_gh += g(j) * hr[j];
+                            mean_gh += g(j) * h;
                         }
                         mean_g /= c as f32;
                         mean_gh /= c as f32;
