@@ -185,9 +185,28 @@ impl Geom {
         ((1usize << 18) / (self.oh * self.ow * kd).max(1)).max(1)
     }
 
+    /// A 1x1 convolution with stride 1 and no padding: the input already is
+    /// the im2col matrix, one row per pixel.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.pt == 0 && self.pl == 0
+    }
+
     /// `y = conv(x, w)` for an HWIO kernel with `groups` groups; `y` is
     /// overwritten.
     pub fn conv(&self, x: &[f32], w: &[f32], filters: usize, groups: usize, y: &mut [f32]) {
+        if groups == 1 && self.is_pointwise() {
+            let rows = y.len() / filters.max(1);
+            crate::nn::gemm::gemm(
+                rows,
+                self.c,
+                filters,
+                Mat::rows(x, self.c),
+                Mat::rows(w, filters),
+                y,
+                false,
+            );
+            return;
+        }
         let cg = self.c / groups;
         let fg = filters / groups;
         let kd = self.kh * self.kw * cg;
@@ -241,6 +260,33 @@ impl Geom {
         let per_in = self.per_in();
         let per_out = self.oh * self.ow * filters;
         let n = dy.len() / per_out.max(1);
+        if groups == 1 && self.is_pointwise() {
+            let rows = n * self.oh * self.ow;
+            if let Some(dw) = dw {
+                crate::nn::gemm::gemm(
+                    self.c,
+                    rows,
+                    filters,
+                    Mat::rows_t(x, self.c),
+                    Mat::rows(dy, filters),
+                    dw,
+                    true,
+                );
+            }
+            return need_dx.then(|| {
+                let mut dx = vec![0.0f32; rows * self.c];
+                crate::nn::gemm::gemm(
+                    rows,
+                    filters,
+                    self.c,
+                    Mat::rows(dy, filters),
+                    Mat::rows_t(w, filters),
+                    &mut dx,
+                    false,
+                );
+                dx
+            });
+        }
         let cs = self.chunk_samples(kd);
         let chunks = n.div_ceil(cs);
         let group = cs * chunks.div_ceil(8).max(1);
