@@ -162,9 +162,50 @@ impl Activation {
             Activation::LogSoftmax => y
                 .par_chunks_mut((width * 64).max(1))
                 .for_each(|b| b.chunks_exact_mut(width.max(1)).for_each(log_softmax_row)),
-            f => y
-                .par_chunks_mut(BLOCK)
-                .for_each(|b| b.iter_mut().for_each(|v| *v = f.scalar(*v))),
+            f => y.par_chunks_mut(BLOCK).for_each(|b| f.apply_block(b)),
+        }
+    }
+
+    /// The common functions get loops of their own (the match hoisted out,
+    /// so they vectorize); the rest go element by element.
+    fn apply_block(self, b: &mut [f32]) {
+        fn each(b: &mut [f32], f: impl Fn(f32) -> f32) {
+            b.iter_mut().for_each(|v| *v = f(*v));
+        }
+        match self {
+            RELU => each(b, |x| x.max(0.0)),
+            Activation::Relu {
+                negative_slope: 0.0,
+                max_value: Some(m),
+                threshold: 0.0,
+            } => each(b, |x| x.clamp(0.0, m)),
+            Activation::Swish => each(b, |x| x * sigmoid(x)),
+            Activation::Sigmoid => each(b, sigmoid),
+            Activation::Tanh => each(b, f32::tanh),
+            f => each(b, |x| f.scalar(x)),
+        }
+    }
+
+    /// `d *= f'(x)` over a block, with the same specializations.
+    fn grad_block(self, x: &[f32], y: &[f32], d: &mut [f32]) {
+        fn each(d: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
+            d.iter_mut().zip(x).for_each(|(d, x)| *d *= f(*x));
+        }
+        match self {
+            Activation::Relu {
+                negative_slope: 0.0,
+                max_value: Some(m),
+                threshold: 0.0,
+            } => each(d, x, |x| if x > 0.0 && x < m { 1.0 } else { 0.0 }),
+            Activation::Swish => each(d, x, |x| {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            }),
+            f => {
+                for ((d, x), y) in d.iter_mut().zip(x).zip(y) {
+                    *d *= f.derivative(*x, *y);
+                }
+            }
         }
     }
 
@@ -357,11 +398,7 @@ impl Activation {
             (f, Some(x)) => dy
                 .par_chunks_mut(BLOCK)
                 .zip(x.par_chunks(BLOCK).zip(y.par_chunks(BLOCK)))
-                .for_each(|(d, (x, y))| {
-                    for ((d, x), y) in d.iter_mut().zip(x).zip(y) {
-                        *d *= f.derivative(*x, *y);
-                    }
-                }),
+                .for_each(|(d, (x, y))| f.grad_block(x, y, d)),
             (Activation::Relu { .. }, None) => dy
                 .par_chunks_mut(BLOCK)
                 .zip(y.par_chunks(BLOCK))
