@@ -7,7 +7,8 @@
 
 resnet_mini: tests/fixtures/keras/resnet_mini.keras (compiled SGD 0.01, momentum 0.9,
 sparse categorical cross-entropy) trained one epoch, batch 100, on Fashion-MNIST scaled to
-[0, 1] (what quern's min-max scaling gives on this data), then scored on the test set.
+[0, 1] by /255, or with SCALE=minmax per pixel as quern's default --scale minmax does, then
+scored on the test set.
 mobilenet_v2: tests/fixtures/keras/apps/mobilenet_v2.json (alpha 0.35, 32x32x3, 10 classes),
 batch 64, SGD; the median of 20 timed train_on_batch steps after 3 warm-up steps.
 Prints one JSON line.
@@ -41,11 +42,20 @@ def resnet_mini():
     y = idx(f"{FASHION}/train-labels-idx1-ubyte.gz").astype("int64")
     xt = idx(f"{FASHION}/t10k-images-idx3-ubyte.gz").astype("float32").reshape(-1, 28, 28, 1) / 255.0
     yt = idx(f"{FASHION}/t10k-labels-idx1-ubyte.gz").astype("int64")
+    if os.environ.get("SCALE") == "minmax":
+        # Per pixel, as sklearn's MinMaxScaler (and quern's --scale minmax) does.
+        raw = x * 255.0
+        lo, hi = raw.min(axis=0), raw.max(axis=0)
+        rng = np.where(hi > lo, hi - lo, 1.0)
+        x = (raw - lo) / rng
+        xt = (xt * 255.0 - lo) / rng
     t = time.time()
-    m.fit(x, y, batch_size=100, epochs=1, verbose=0)
+    h = m.fit(x, y, batch_size=100, epochs=1, verbose=0)
     secs = time.time() - t
     loss, acc = m.evaluate(xt, yt, batch_size=500, verbose=0)
-    return {"model": "resnet_mini", "test_accuracy": acc, "test_loss": loss,
+    return {"model": "resnet_mini", "scale": os.environ.get("SCALE", "/255"),
+            "train_loss": h.history["loss"][-1], "train_accuracy": h.history["accuracy"][-1],
+            "test_accuracy": acc, "test_loss": loss,
             "epoch_seconds": secs, "samples_per_s": len(x) / secs}
 
 
