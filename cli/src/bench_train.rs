@@ -90,7 +90,7 @@ async fn measure(
         let opts = TrainOptions {
             model_json: model.keras_json().to_string(),
             init: model.init_params(42).into_vec(),
-            optimizer: OptimizerConfig::Sgd(Sgd {
+            optimizer: OptimizerConfig::from(Sgd {
                 lr: 0.01,
                 momentum: 0.9,
                 nesterov: true,

@@ -161,7 +161,7 @@ async fn demo(
         plot: a.plot.clone(),
         json: false,
     };
-    let opt = OptimizerConfig::Sgd(Sgd {
+    let opt = OptimizerConfig::from(Sgd {
         lr: 0.01,
         momentum: 0.9,
         nesterov: true,

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use quern_client::{Client, TrainEvent, TrainOptions, TrainOutcome};
-use quern_compute::nn::{Adam, Model, OptimizerConfig, Params, Sgd};
+use quern_compute::nn::{Adagrad, Adam, Algorithm, Model, OptimizerConfig, Params, RmsProp, Sgd};
 use quern_compute::train::{ScaleKind, Scaler, Scores};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -33,9 +33,9 @@ pub struct TrainArgs {
     /// Stop after this many iterations.
     #[arg(long)]
     pub max_iter: Option<u64>,
-    /// The optimizer; by default the model's own compile settings (from a
-    /// compiled `.keras` file), else sgd.
-    #[arg(long, value_parser = ["sgd", "adam"])]
+    /// The optimizer (Keras's defaults but for --lr); by default the model's
+    /// own compile settings (from a compiled `.keras` file), else sgd.
+    #[arg(long, value_parser = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam"])]
     pub optimizer: Option<String>,
     /// Learning rate (default: the model's compile settings, else 0.01).
     #[arg(long)]
@@ -103,16 +103,28 @@ fn optimizer(a: &TrainArgs, model: &Model) -> Result<(OptimizerConfig, &'static 
         bail!("--lr {lr} must be a positive number");
     }
     let momentum = a.momentum.unwrap_or(0.0);
-    let opt = match a.optimizer.as_deref().unwrap_or("sgd") {
-        "adam" => {
-            if momentum != 0.0 || a.nesterov {
-                bail!("--momentum and --nesterov apply to sgd, not adam");
-            }
-            OptimizerConfig::Adam(Adam {
-                lr,
-                ..Adam::default()
-            })
-        }
+    let name = a.optimizer.as_deref().unwrap_or("sgd");
+    if name != "sgd" && (momentum != 0.0 || a.nesterov) {
+        bail!("--momentum and --nesterov apply to sgd, not {name}");
+    }
+    let adam = Adam {
+        lr,
+        ..Adam::default()
+    };
+    let opt: OptimizerConfig = match name {
+        "adam" => Algorithm::Adam(adam).into(),
+        "adamw" => Algorithm::AdamW(adam).into(),
+        "nadam" => Algorithm::Nadam(adam).into(),
+        "rmsprop" => Algorithm::RmsProp(RmsProp {
+            lr,
+            ..RmsProp::default()
+        })
+        .into(),
+        "adagrad" => Algorithm::Adagrad(Adagrad {
+            lr,
+            ..Adagrad::default()
+        })
+        .into(),
         _ => {
             if !(0.0..1.0).contains(&momentum) {
                 bail!("--momentum {momentum} must be in [0, 1)");
@@ -120,7 +132,7 @@ fn optimizer(a: &TrainArgs, model: &Model) -> Result<(OptimizerConfig, &'static 
             if a.nesterov && momentum == 0.0 {
                 bail!("--nesterov needs a --momentum above 0");
             }
-            OptimizerConfig::Sgd(Sgd {
+            OptimizerConfig::from(Sgd {
                 lr,
                 momentum,
                 nesterov: a.nesterov,
@@ -171,7 +183,16 @@ pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
         Some(v) => Some(client.open_dataset(v).await?),
         None => None,
     };
-    let outcome = run_training(&client, &model, params, opt, &a, &mut ds, val.as_ref()).await?;
+    let outcome = run_training(
+        &client,
+        &model,
+        params,
+        opt.clone(),
+        &a,
+        &mut ds,
+        val.as_ref(),
+    )
+    .await?;
     save_checkpoint(&client, &a, &model, &opt, &outcome).await?;
     if let Some(p) = &a.plot {
         crate::plot::write_svg(p, &outcome.events)?;

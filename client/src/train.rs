@@ -454,7 +454,8 @@ impl Client {
         // the moving averages after each step.
         let model = quern_compute::nn::Model::from_keras_json(&opts.model_json)
             .map_err(|e| Error::Job(format!("the job's model: {e}")))?;
-        let mut opt = Optimizer::new(opts.optimizer, params.len());
+        let mut opt = Optimizer::new(opts.optimizer.clone(), params.len())
+            .with_variables(model.trainable_variables());
         let total: u64 = workers.iter().map(|w| w.records).sum();
         let steps_per_epoch = total.div_ceil(opts.batch.max(1));
         let iterations = opts
@@ -508,7 +509,7 @@ impl Client {
                                 share: shares[j as usize][w],
                             })
                             .collect(),
-                        local: (sync > 1).then_some(opts.optimizer),
+                        local: (sync > 1).then(|| opts.optimizer.clone()),
                         params: Vec::new(),
                     };
                     let client = self.clone();

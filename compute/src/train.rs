@@ -423,7 +423,9 @@ impl Worker {
                     .local_opt
                     .take()
                     .filter(|o| o.config == cfg)
-                    .unwrap_or_else(|| Optimizer::new(cfg, n));
+                    .unwrap_or_else(|| {
+                        Optimizer::new(cfg, n).with_variables(self.model.trainable_variables())
+                    });
                 let mut opt = opt;
                 for s in steps {
                     let mut g = self.grad_sum(&params, req.worker, s)?;
@@ -648,11 +650,12 @@ pub fn train_local(
         shards: workers.iter().map(Worker::records).collect(),
         batch,
     };
-    let mut opt = Optimizer::new(optimizer, params.len());
     let model = workers
         .first()
         .map(|w| w.model().clone())
         .ok_or_else(|| TrainError::Invalid("no workers".into()))?;
+    let mut opt =
+        Optimizer::new(optimizer, params.len()).with_variables(model.trainable_variables());
     let mut iteration = 0;
     for epoch in 0..epochs {
         for i in 0..plan.steps_per_epoch() {

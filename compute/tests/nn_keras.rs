@@ -535,7 +535,7 @@ fn compile_settings_come_from_the_model() {
         .expect("resnet_mini is compiled");
     assert_eq!(
         c.optimizer,
-        quern_compute::nn::OptimizerConfig::Sgd(quern_compute::nn::Sgd {
+        quern_compute::nn::OptimizerConfig::from(quern_compute::nn::Sgd {
             lr: 0.01,
             momentum: 0.9,
             nesterov: false

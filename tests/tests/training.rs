@@ -47,7 +47,7 @@ fn options(model: &Model, seed: u64) -> TrainOptions {
     TrainOptions {
         model_json: model.keras_json().to_string(),
         init: model.init_params(seed).into_vec(),
-        optimizer: OptimizerConfig::Sgd(Sgd {
+        optimizer: OptimizerConfig::from(Sgd {
             lr: 0.05,
             momentum: 0.9,
             nesterov: true,

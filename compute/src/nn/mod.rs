@@ -30,12 +30,12 @@ mod summary;
 
 pub use activation::Activation;
 pub use bench::{bench_train_step, BenchReport};
-pub use compile::CompileSettings;
+pub use compile::{parse_optimizer, CompileSettings};
 pub use config::Problem;
 pub use error::{NnError, Result};
 pub use exec::DropoutRng;
 pub use init::{Distribution, FanMode, Init};
 pub use layers::{Padding, StatSums, SUPPORTED_LAYERS};
 pub use model::{Evaluation, GradSum, KerasArchive, Model, ParamSpec, Params};
-pub use optim::{Adam, Optimizer, OptimizerConfig, Sgd};
+pub use optim::{Adagrad, Adam, Algorithm, Optimizer, OptimizerConfig, RmsProp, Schedule, Sgd};
 pub use rng::SplitMix64;

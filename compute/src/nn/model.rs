@@ -461,6 +461,16 @@ impl Model {
         self.param_count
     }
 
+    /// The trainable weights as (offset, length) in the flat vector: what an
+    /// optimizer updates.
+    pub fn trainable_variables(&self) -> Vec<(usize, usize)> {
+        self.specs
+            .iter()
+            .filter(|s| s.trainable)
+            .map(|s| (s.offset, s.len))
+            .collect()
+    }
+
     /// Scalar parameters that train (the rest are statistics or frozen).
     pub fn trainable_count(&self) -> usize {
         self.specs
