@@ -544,13 +544,21 @@ fn compile_settings_come_from_the_model() {
     assert_eq!(c.loss, "sparse_categorical_crossentropy");
     assert_eq!(c.metrics, vec!["accuracy".to_string()]);
 
+    // Supported settings come through: RMSprop with clipping.
     let mut v = seed_cnn_json();
     v["compile_config"]["optimizer"]["class_name"] = "RMSprop".into();
     v["compile_config"]["optimizer"]["config"]["clipnorm"] = 1.0.into();
     let m = Model::from_keras_json(&v.to_string()).unwrap();
+    let c = m.compile_settings().unwrap().unwrap();
+    assert_eq!(c.optimizer.clipnorm, Some(1.0));
+
+    // Unsupported ones are all named, with the flags to use instead.
+    v["compile_config"]["optimizer"]["class_name"] = "Lion".into();
+    v["compile_config"]["loss"] = "mean_squared_error".into();
+    let m = Model::from_keras_json(&v.to_string()).unwrap();
     let msg = m.compile_settings().unwrap_err().to_string();
     assert!(
-        msg.contains("rmsprop") && msg.contains("clipnorm") && msg.contains("--optimizer"),
+        msg.contains("lion") && msg.contains("mean_squared_error") && msg.contains("--optimizer"),
         "{msg}"
     );
     v.as_object_mut().unwrap().remove("compile_config");
