@@ -88,6 +88,7 @@ async fn measure(
     let test = client.open_dataset("/bench/test").await?;
     for sync in [1, b.sync] {
         let opts = TrainOptions {
+            objective: Default::default(),
             model_json: model.keras_json().to_string(),
             init: model.init_params(42).into_vec(),
             optimizer: OptimizerConfig::from(Sgd {
@@ -105,7 +106,13 @@ async fn measure(
         };
         let run = client.train(&mut ds, None, &opts, |_| {}).await?;
         let (scores, _) = client
-            .score(&test, model.keras_json(), &run.params, &run.scaler)
+            .score(
+                &test,
+                model.keras_json(),
+                &run.params,
+                &run.scaler,
+                Default::default(),
+            )
             .await?;
         let s = &run.summary;
         println!(

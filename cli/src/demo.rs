@@ -151,6 +151,8 @@ async fn demo(
         optimizer: Some("sgd".into()),
         lr: Some(0.01),
         momentum: Some(0.9),
+        loss: None,
+        target: Default::default(),
         nesterov: true,
         seed: 42,
         scale: ScaleKind::Minmax,
@@ -167,14 +169,32 @@ async fn demo(
         nesterov: true,
     });
     let params = model.init_params(args.seed);
-    let outcome = run_training(&client, model, params, opt, &args, &mut train, Some(&test)).await?;
+    let outcome = run_training(
+        &client,
+        model,
+        params,
+        crate::train::Recipe {
+            optimizer: opt,
+            objective: Default::default(),
+        },
+        &args,
+        &mut train,
+        Some(&test),
+    )
+    .await?;
     if let Some(p) = &a.plot {
         crate::plot::write_svg(p, &outcome.events)?;
         println!("plot written to {}", p.display());
     }
     println!("== scoring on the test set by map tasks");
     let (scores, job) = client
-        .score(&test, model.keras_json(), &outcome.params, &outcome.scaler)
+        .score(
+            &test,
+            model.keras_json(),
+            &outcome.params,
+            &outcome.scaler,
+            Default::default(),
+        )
         .await?;
     print_scores(&scores, Some(&names));
     print_summary("score job", &job);

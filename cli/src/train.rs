@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use quern_client::{Client, TrainEvent, TrainOptions, TrainOutcome};
 use quern_compute::nn::{Adagrad, Adam, Algorithm, Model, OptimizerConfig, Params, RmsProp, Sgd};
-use quern_compute::train::{ScaleKind, Scaler, Scores};
+use quern_compute::train::{Objective, ScaleKind, Scaler, Scores, TargetKind};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -43,6 +43,16 @@ pub struct TrainArgs {
     /// SGD momentum (default 0).
     #[arg(long)]
     pub momentum: Option<f32>,
+    /// The loss, as Keras names it (sparse_categorical_crossentropy,
+    /// categorical_crossentropy, binary_crossentropy, mse, mae, huber);
+    /// by default the model's compile settings, else
+    /// sparse_categorical_crossentropy.
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// What the outputs are compared with: the records' labels, or the
+    /// input itself (an autoencoder).
+    #[arg(long, default_value = "labels")]
+    pub target: TargetKind,
     /// Nesterov momentum (SGD).
     #[arg(long)]
     pub nesterov: bool,
@@ -149,6 +159,22 @@ fn optimizer(a: &TrainArgs, model: &Model) -> Result<(OptimizerConfig, &'static 
     ))
 }
 
+/// The loss from --loss, else the model's compile settings, else sparse
+/// categorical cross-entropy; and the target.
+fn objective(a: &TrainArgs, model: &Model) -> Result<Objective> {
+    let loss = match &a.loss {
+        Some(name) => quern_compute::nn::Loss::from_keras(&serde_json::Value::String(name.clone()))
+            .map_err(|e| anyhow::anyhow!("--loss: {e}"))?,
+        None => model.compile_loss()?.unwrap_or_default(),
+    };
+    let o = Objective {
+        loss,
+        target: a.target,
+    };
+    o.check(model)?;
+    Ok(o)
+}
+
 /// The model and its starting parameters.
 pub fn load_model(path: &Path, weights: Option<&Path>, seed: u64) -> Result<(Model, Params)> {
     let model = Model::load(path)?;
@@ -165,9 +191,12 @@ pub fn load_model(path: &Path, weights: Option<&Path>, seed: u64) -> Result<(Mod
 pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
     let (model, params) = load_model(&a.model, a.weights.as_deref(), a.seed)?;
     let (opt, from) = optimizer(&a, &model)?;
+    let objective = objective(&a, &model)?;
     eprintln!(
-        "optimizer {} (from {from}), loss sparse_categorical_crossentropy",
-        opt.to_keras()["config"]
+        "optimizer {} (from {from}), loss {}, target {:?}",
+        opt.to_keras()["config"],
+        objective.loss.to_keras()["class_name"],
+        objective.target
     );
     quern_proto::RemotePath::parse(&a.out).map_err(|e| anyhow::anyhow!("--out: {e}"))?;
     let cfg = crate::client_config(config)?;
@@ -187,13 +216,16 @@ pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
         &client,
         &model,
         params,
-        opt.clone(),
+        Recipe {
+            optimizer: opt.clone(),
+            objective,
+        },
         &a,
         &mut ds,
         val.as_ref(),
     )
     .await?;
-    save_checkpoint(&client, &a, &model, &opt, &outcome).await?;
+    save_checkpoint(&client, &a, &model, &opt, objective, &outcome).await?;
     if let Some(p) = &a.plot {
         crate::plot::write_svg(p, &outcome.events)?;
         eprintln!("plot written to {}", p.display());
@@ -204,15 +236,25 @@ pub async fn train(a: TrainArgs, config: Option<&Path>) -> Result<i32> {
     Ok(0)
 }
 
+/// How a job trains: the optimizer and the loss with its targets.
+pub struct Recipe {
+    pub optimizer: OptimizerConfig,
+    pub objective: Objective,
+}
+
 pub async fn run_training(
     client: &Client,
     model: &Model,
     params: Params,
-    opt: OptimizerConfig,
+    recipe: Recipe,
     a: &TrainArgs,
     ds: &mut quern_client::Dataset,
     val: Option<&quern_client::Dataset>,
 ) -> Result<TrainOutcome> {
+    let Recipe {
+        optimizer: opt,
+        objective,
+    } = recipe;
     let opts = TrainOptions {
         model_json: model.keras_json().to_string(),
         init: params.into_vec(),
@@ -224,6 +266,7 @@ pub async fn run_training(
         scale: a.scale,
         display: a.display,
         sync: a.sync,
+        objective,
     };
     let mut bar: Option<ProgressBar> = None;
     let tty = std::io::stderr().is_terminal();
@@ -332,6 +375,7 @@ async fn save_checkpoint(
     a: &TrainArgs,
     model: &Model,
     opt: &OptimizerConfig,
+    objective: Objective,
     o: &TrainOutcome,
 ) -> Result<()> {
     let params = model.params_from_flat(o.params.clone())?;
@@ -348,14 +392,15 @@ async fn save_checkpoint(
         "batch_size": a.batch_size,
         "max_iter": a.max_iter,
         "optimizer": opt.to_keras(),
-        "compile_config": opt.keras_compile_config(),
+        "compile_config": opt.keras_compile_config_with(&objective.loss),
+        "objective": objective,
         "seed": a.seed,
         "sync": a.sync,
         "scaler": o.scaler,
         "summary": o.summary,
     });
     client.mkdir(&a.out, true).await?;
-    let compile = opt.keras_compile_config();
+    let compile = opt.keras_compile_config_with(&objective.loss);
     let files: [(&str, Vec<u8>); 5] = [
         ("model.json", model.keras_json().as_bytes().to_vec()),
         (
@@ -382,6 +427,7 @@ pub struct Checkpoint {
     pub model: Model,
     pub params: Params,
     pub scaler: Scaler,
+    pub objective: Objective,
 }
 
 /// One file of a checkpoint directory.
@@ -413,10 +459,17 @@ pub async fn load_checkpoint(client: &Client, dir: &str) -> Result<Checkpoint> {
         .with_context(|| format!("{dir}/train.json"))?;
     let scaler: Scaler = serde_json::from_value(train["scaler"].clone())
         .with_context(|| format!("{dir}/train.json: scaler"))?;
+    // Checkpoints from before losses were configurable hold none.
+    let objective: Objective = match train.get("objective") {
+        Some(o) => serde_json::from_value(o.clone())
+            .with_context(|| format!("{dir}/train.json: objective"))?,
+        None => Objective::default(),
+    };
     Ok(Checkpoint {
         model,
         params,
         scaler,
+        objective,
     })
 }
 
@@ -426,11 +479,18 @@ pub async fn score(a: ScoreArgs, config: Option<&Path>) -> Result<i32> {
     let ck = load_checkpoint(&client, &a.model).await?;
     let ds = client.open_dataset(&a.data).await?;
     let (s, job) = client
-        .score(&ds, ck.model.keras_json(), ck.params.as_slice(), &ck.scaler)
+        .score(
+            &ds,
+            ck.model.keras_json(),
+            ck.params.as_slice(),
+            &ck.scaler,
+            ck.objective,
+        )
         .await?;
+    let classification = ck.objective.loss.is_classification();
     if a.json {
         let doc = serde_json::json!({
-            "accuracy": s.accuracy(),
+            "accuracy": classification.then(|| s.accuracy()),
             "loss": s.loss(),
             "count": s.count,
             "confusion": s.confusion.chunks(s.classes.max(1)).collect::<Vec<_>>(),
@@ -439,7 +499,18 @@ pub async fn score(a: ScoreArgs, config: Option<&Path>) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(0);
     }
-    print_scores(&s, ds.manifest.class_names.as_deref());
+    if classification {
+        print_scores(&s, ds.manifest.class_names.as_deref());
+    } else {
+        println!(
+            "loss      {:.6} ({}, {} examples)",
+            s.loss(),
+            ck.objective.loss.to_keras()["class_name"]
+                .as_str()
+                .unwrap_or("?"),
+            s.count
+        );
+    }
     print_summary("job", &job);
     Ok(0)
 }

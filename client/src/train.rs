@@ -11,8 +11,8 @@ use crate::{Client, Error, Result};
 use quern_compute::nn::{Optimizer, OptimizerConfig};
 use quern_compute::ops::{self, Operator, Partial};
 use quern_compute::train::{
-    f32s_from_le, f32s_to_le, LocalStep, ModelAverage, ScaleKind, Scaler, ScoreOp, Scores,
-    StepPlan, StepRequest, StepResult, StepStats, StepSum, WorkerSpec,
+    f32s_from_le, f32s_to_le, LocalStep, ModelAverage, Objective, ScaleKind, Scaler, ScoreOp,
+    Scores, StepPlan, StepRequest, StepResult, StepStats, StepSum, WorkerSpec,
 };
 use quern_proto::msg::*;
 use quern_proto::NodeId;
@@ -37,6 +37,8 @@ pub struct TrainOptions {
     /// Local steps per worker between model averages; 1 is exact
     /// synchronous minibatch SGD.
     pub sync: u64,
+    /// The loss and what it compares outputs with.
+    pub objective: Objective,
 }
 
 /// What happens during a job, as it happens.
@@ -300,11 +302,13 @@ impl Client {
         model_json: &str,
         params: &[f32],
         scaler: &Scaler,
+        objective: Objective,
     ) -> Result<(Scores, crate::JobSummary)> {
         let op = Operator::Score(ScoreOp {
             model_json: model_json.to_string(),
             params: params.to_vec(),
             scaler: scaler.clone(),
+            objective,
         });
         let (p, summary) = self
             .run_map(
@@ -403,6 +407,7 @@ impl Client {
             layout: ds.manifest.layout.clone(),
             scaler: scaler.clone(),
             seed: opts.seed,
+            objective: opts.objective,
         })
         .map_err(|e| Error::Job(e.to_string()))?;
         let mut summary = TrainSummary::default();
@@ -632,7 +637,9 @@ impl Client {
             let train_secs = epoch_start.elapsed().as_secs_f64();
             let (val_loss, val_accuracy) = match val {
                 Some(v) => {
-                    let (s, _) = self.score(v, &opts.model_json, &params, &scaler).await?;
+                    let (s, _) = self
+                        .score(v, &opts.model_json, &params, &scaler, opts.objective)
+                        .await?;
                     (Some(s.loss()), Some(s.accuracy()))
                 }
                 None => (None, None),

@@ -11,7 +11,8 @@
 //! gradient sums in worker order and divides by the examples actually used.
 
 use crate::nn::{
-    DropoutRng, Model, NnError, Optimizer, OptimizerConfig, Params, SplitMix64, StatSums,
+    DropoutRng, Loss, Model, NnError, Optimizer, OptimizerConfig, Params, SplitMix64, StatSums,
+    Target,
 };
 use crate::ops::DatasetStats;
 use crate::records::{RecordLayout, Records};
@@ -223,6 +224,75 @@ pub fn f32s_from_le(bytes: &[u8]) -> Result<Vec<f32>, String> {
         .collect())
 }
 
+/// What the model's outputs are compared with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// The records' class labels.
+    #[default]
+    Labels,
+    /// The (scaled) input itself: an autoencoder.
+    Input,
+}
+
+impl std::str::FromStr for TargetKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "labels" => Ok(TargetKind::Labels),
+            "input" => Ok(TargetKind::Input),
+            other => Err(format!("unknown target '{other}': use labels or input")),
+        }
+    }
+}
+
+/// The loss and what it compares the outputs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Objective {
+    pub loss: Loss,
+    pub target: TargetKind,
+}
+
+impl Objective {
+    /// Refuses a model whose outputs cannot be compared with the targets.
+    pub fn check(&self, model: &Model) -> Result<()> {
+        let out: usize = model.output_shape().iter().product();
+        let inp: usize = model.input_shape().iter().product();
+        match self.target {
+            TargetKind::Input if out != inp => Err(TargetKind::mismatch(model)),
+            TargetKind::Labels
+                if matches!(self.loss, Loss::SparseCategoricalCrossentropy { .. })
+                    && model.output_shape().len() != 1 =>
+            {
+                Err(TrainError::Invalid(format!(
+                    "model {} outputs {:?} per example; class labels need one score per class",
+                    model.name(),
+                    model.output_shape()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn target<'a>(&self, labels: &'a [u32], x: &'a [f32]) -> Target<'a> {
+        match self.target {
+            TargetKind::Labels => Target::Classes(labels),
+            TargetKind::Input => Target::Values(x),
+        }
+    }
+}
+
+impl TargetKind {
+    fn mismatch(model: &Model) -> TrainError {
+        TrainError::Invalid(format!(
+            "--target input needs a model whose output has the input's shape; {} maps {:?} to {:?}",
+            model.name(),
+            model.input_shape(),
+            model.output_shape()
+        ))
+    }
+}
+
 /// What a worker needs to know to join a training job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
@@ -230,6 +300,8 @@ pub struct WorkerSpec {
     pub layout: RecordLayout,
     pub scaler: Scaler,
     pub seed: u64,
+    #[serde(default)]
+    pub objective: Objective,
 }
 
 /// One iteration's part for one worker.
@@ -305,6 +377,7 @@ impl Worker {
             )));
         }
         spec.scaler.check(features)?;
+        spec.objective.check(&model)?;
         Ok(Worker {
             model,
             spec,
@@ -491,9 +564,14 @@ impl Worker {
             seed: SplitMix64::derive(self.spec.seed, 0xd0, step.iteration).next_u64(),
             first_sample,
         };
-        Ok(self
-            .model
-            .loss_and_grad_sum(params, xv, &self.batch_y, Some(dropout))?)
+        let target = self.spec.objective.target(&self.batch_y, &self.batch_x);
+        Ok(self.model.loss_and_grad_sum_with(
+            &self.spec.objective.loss,
+            params,
+            xv,
+            target,
+            Some(dropout),
+        )?)
     }
 }
 
@@ -723,6 +801,8 @@ pub struct ScoreOp {
     pub model_json: String,
     pub params: Vec<f32>,
     pub scaler: Scaler,
+    #[serde(default)]
+    pub objective: Objective,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -774,8 +854,16 @@ impl crate::ops::MapOp for ScoreOp {
         let mut dims = vec![y.len()];
         dims.extend_from_slice(model.input_shape());
         let xv = ArrayViewD::from_shape(IxDyn(&dims), &x).map_err(|e| fail(e.to_string()))?;
+        self.objective
+            .check(&model)
+            .map_err(|e| fail(e.to_string()))?;
         let e = model
-            .evaluate(&params, xv, &y)
+            .evaluate_with(
+                &self.objective.loss,
+                &params,
+                xv,
+                self.objective.target(&y, &x),
+            )
             .map_err(|e| fail(e.to_string()))?;
         Ok(Scores {
             classes: e.classes,

@@ -270,6 +270,7 @@ mod tests {
             {"class_name": "InputLayer", "config": {"batch_shape": [null, 4]}},
             {"class_name": "Dense", "config": {"units": 2, "activation": "softmax"}}]}}"#;
         Worker::new(WorkerSpec {
+            objective: Default::default(),
             model_json: model.into(),
             layout: RecordLayout::new(vec![4], DType::U8, DType::U8).map_err(internal)?,
             scaler: Scaler::none(),

@@ -45,6 +45,7 @@ async fn dataset(client: &Client, n: usize, seed: u64) -> Dataset {
 
 fn options(model: &Model, seed: u64) -> TrainOptions {
     TrainOptions {
+        objective: Default::default(),
         model_json: model.keras_json().to_string(),
         init: model.init_params(seed).into_vec(),
         optimizer: OptimizerConfig::from(Sgd {
@@ -166,6 +167,7 @@ async fn follows_the_one_process_algorithm(model: Model) -> Vec<f32> {
                 layout: ds.manifest.layout.clone(),
                 scaler: scaler.clone(),
                 seed: opts.seed,
+                objective: Default::default(),
             })
             .unwrap();
             for &i in idx {
@@ -464,6 +466,7 @@ async fn a_silent_coordinators_job_expires_and_a_renewed_one_does_not() {
     let chunk = &loc.chunks[0];
     let node = chunk.replicas[0].node;
     let spec = quern_compute::ops::encode(&WorkerSpec {
+        objective: Default::default(),
         model_json: tiny_model().keras_json().to_string(),
         layout: ds.manifest.layout.clone(),
         scaler: Scaler::none(),
@@ -594,6 +597,7 @@ async fn a_job_over_the_memory_budget_is_refused_clearly() {
     let loc = client.locate(&ds.part_paths()[0]).await.unwrap();
     let chunk = &loc.chunks[0];
     let spec = quern_compute::ops::encode(&WorkerSpec {
+        objective: Default::default(),
         model_json: model.keras_json().to_string(),
         layout: ds.manifest.layout.clone(),
         scaler: Scaler::none(),
@@ -629,6 +633,7 @@ fn a_workers_memory_is_what_its_datanode_charges() {
     let data = parse_idx("images", &images, "labels", &labels).unwrap();
     let layout = data.layout.clone();
     let mut w = Worker::new(WorkerSpec {
+        objective: Default::default(),
         model_json: model.keras_json().to_string(),
         layout: layout.clone(),
         scaler: Scaler::none(),
@@ -644,4 +649,71 @@ fn a_workers_memory_is_what_its_datanode_charges() {
     // Features and labels, in what was reserved; the shuffle order comes
     // with the first step.
     assert_eq!(w.memory_bytes(), charged - 100 * 4);
+}
+
+/// A convolutional autoencoder (Conv2D down, Conv2DTranspose up, sigmoid
+/// output) trained with MSE against its own input.
+fn tiny_autoencoder() -> Model {
+    let j = serde_json::json!({"class_name": "Sequential", "config": {"name": "ae", "layers": [
+        {"class_name": "InputLayer", "config": {"name": "in", "batch_shape": [null, 28, 28, 1]}},
+        {"class_name": "Conv2D", "config": {"name": "enc", "filters": 4, "kernel_size": 3,
+            "strides": 2, "padding": "same", "activation": "relu"}},
+        {"class_name": "Conv2DTranspose", "config": {"name": "dec", "filters": 1, "kernel_size": 3,
+            "strides": 2, "padding": "same", "activation": "sigmoid"}}
+    ]}});
+    Model::from_keras_json(&j.to_string()).expect("autoencoder")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoencoder_learns_its_input_with_mse() {
+    use quern_compute::nn::Loss;
+    use quern_compute::train::{Objective, TargetKind};
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 400, 21).await;
+    let model = tiny_autoencoder();
+    let objective = Objective {
+        loss: Loss::MeanSquaredError,
+        target: TargetKind::Input,
+    };
+    let opts = TrainOptions {
+        objective,
+        optimizer: quern_compute::nn::Adam {
+            lr: 0.01,
+            ..Default::default()
+        }
+        .into(),
+        max_iter: Some(36),
+        ..options(&model, 5)
+    };
+    let run = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
+    let l = losses(&run.events);
+    assert_eq!(l.len(), 36);
+    let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = l[31..].iter().sum::<f64>() / 5.0;
+    assert!(last < 0.8 * first, "MSE went from {first} to {last}");
+
+    // Scoring reports the reconstruction loss; accuracy has no meaning.
+    let (s, _) = client
+        .score(&ds, &opts.model_json, &run.params, &run.scaler, objective)
+        .await
+        .unwrap();
+    assert_eq!(s.count, 400);
+    assert!(s.confusion.is_empty());
+    assert!(
+        s.loss() > 0.0 && s.loss() < first,
+        "scored MSE {}",
+        s.loss()
+    );
+
+    // A model whose output is not the input's shape is refused up front.
+    let bad = TrainOptions {
+        model_json: tiny_model().keras_json().to_string(),
+        init: tiny_model().init_params(1).into_vec(),
+        ..opts.clone()
+    };
+    let Err(err) = client.train(&mut ds, None, &bad, |_| {}).await else {
+        panic!("a classifier cannot be trained to reproduce its input");
+    };
+    assert!(err.to_string().contains("--target input"), "{err}");
 }

@@ -6,15 +6,14 @@
 use serde_json::Value;
 
 use super::error::{NnError, Result};
+use super::loss::Loss;
 use super::optim::{Adagrad, Adam, Algorithm, OptimizerConfig, RmsProp, Schedule, Sgd};
 
 /// What quern takes from a `compile_config`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompileSettings {
     pub optimizer: OptimizerConfig,
-    /// The loss as Keras names it (only sparse categorical cross-entropy on
-    /// probabilities is trained today).
-    pub loss: String,
+    pub loss: Loss,
     pub metrics: Vec<String>,
 }
 
@@ -35,36 +34,16 @@ pub fn parse(config: &Value) -> Result<Option<CompileSettings>> {
             None
         }
     };
-    let loss = match cc.get("loss") {
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => {
-            let name = v
-                .get("class_name")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string();
-            let cfg = v.get("config");
-            if cfg
-                .and_then(|c| c.get("from_logits"))
-                .and_then(Value::as_bool)
-                == Some(true)
-            {
-                problems.push(format!(
-                    "loss {name} with from_logits = true (end the model with a softmax activation)"
-                ));
+    let loss = match cc.get("loss").filter(|v| !v.is_null()) {
+        None => Some(Loss::default()),
+        Some(v) => match Loss::from_keras(v) {
+            Ok(l) => Some(l),
+            Err(p) => {
+                problems.push(p);
+                None
             }
-            name
-        }
-        None => "sparse_categorical_crossentropy".into(),
+        },
     };
-    if !matches!(
-        loss.as_str(),
-        "sparse_categorical_crossentropy" | "SparseCategoricalCrossentropy"
-    ) {
-        problems.push(format!(
-            "loss {loss} (supported: sparse_categorical_crossentropy on probabilities)"
-        ));
-    }
     let metrics = cc
         .get("metrics")
         .and_then(Value::as_array)
@@ -83,15 +62,15 @@ pub fn parse(config: &Value) -> Result<Option<CompileSettings>> {
                 .collect()
         })
         .unwrap_or_default();
-    match (optimizer, problems.is_empty()) {
-        (Some(optimizer), true) => Ok(Some(CompileSettings {
+    match (optimizer, loss, problems.is_empty()) {
+        (Some(optimizer), Some(loss), true) => Ok(Some(CompileSettings {
             optimizer,
-            loss: "sparse_categorical_crossentropy".into(),
+            loss,
             metrics,
         })),
         _ => Err(NnError::Model(format!(
-            "the model's compile_config uses {}; give --optimizer and --lr to train with \
-             other settings",
+            "the model's compile_config uses {}; give --optimizer, --lr and --loss to train \
+             with other settings",
             problems.join(", ")
         ))),
     }

@@ -13,6 +13,7 @@ use super::graph::{self, Graph};
 use super::h5;
 use super::init::Init;
 use super::layers::{shape_str, StatSums};
+use super::loss::{Loss, Target};
 use super::npy;
 use super::summary;
 
@@ -446,6 +447,20 @@ impl Model {
         super::compile::parse(&v)
     }
 
+    /// The loss the model was compiled with, when its config records one.
+    pub fn compile_loss(&self) -> Result<Option<Loss>> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.keras_json).map_err(|e| NnError::Json(e.to_string()))?;
+        match v.get("compile_config").and_then(|c| c.get("loss")) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(l) => Loss::from_keras(l).map(Some).map_err(|m| {
+                NnError::Model(format!(
+                    "the model's compile_config uses {m}; give --loss to train with another"
+                ))
+            }),
+        }
+    }
+
     /// The JSON this model was imported from, to ship it to other nodes.
     pub fn keras_json(&self) -> &str {
         &self.keras_json
@@ -771,17 +786,37 @@ impl Model {
         labels: &[u32],
         train: Option<Option<DropoutRng>>,
     ) -> Result<GradSum> {
-        let classes = self.classes()?;
+        self.classes()?;
+        self.grad_sum_with(&Loss::default(), params, x, Target::Classes(labels), train)
+    }
+
+    /// Training-mode loss and gradient sums for any [`Loss`] and target
+    /// (class labels, or values such as the input itself).
+    pub fn loss_and_grad_sum_with(
+        &self,
+        loss: &Loss,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        target: Target<'_>,
+        dropout: Option<DropoutRng>,
+    ) -> Result<GradSum> {
+        self.grad_sum_with(loss, params, x, target, Some(dropout))
+    }
+
+    fn grad_sum_with(
+        &self,
+        loss: &Loss,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        target: Target<'_>,
+        train: Option<Option<DropoutRng>>,
+    ) -> Result<GradSum> {
         let n = self.check(params, &x)?;
-        if labels.len() != n {
+        let per: usize = self.output_shape().iter().product();
+        if target.len(per) != n {
             return Err(NnError::Input(format!(
-                "{n} examples but {} labels",
-                labels.len()
-            )));
-        }
-        if let Some(bad) = labels.iter().find(|&&l| l as usize >= classes) {
-            return Err(NnError::Input(format!(
-                "label {bad} is out of range for {classes} classes"
+                "{n} examples but {} targets",
+                target.len(per)
             )));
         }
         let mut grad = vec![0.0f32; self.param_count];
@@ -799,35 +834,66 @@ impl Model {
         let exec = self.exec();
         let tape = exec.forward(&params.values, xs, n, train, true);
         let stats = exec.stats(&tape).into_iter().map(|(_, s)| s).collect();
-        let probs = tape.get(self.graph.output).unwrap_or(&[]);
-        let pv = ArrayViewD::from_shape(IxDyn(&[n, classes]), probs)
-            .map_err(|e| NnError::Model(format!("output of the wrong size: {e}")))?;
-        let (mut loss_sum, correct, _) = score(pv, labels, classes)?;
-
-        let softmax_last = self.final_activation() == Some(Activation::Softmax);
-        let mut dy = probs.to_vec();
-        for (row, &l) in dy.chunks_exact_mut(classes).zip(labels) {
-            let l = l as usize;
-            if softmax_last {
-                // d(-log softmax_l)/d logits = p - onehot; exact and stable.
-                row[l] -= 1.0;
-            } else {
-                let p = row[l];
-                row.fill(0.0);
-                if p > CCE_EPSILON && p < 1.0 - CCE_EPSILON {
-                    row[l] = -1.0 / p;
-                }
-            }
-        }
-        exec.backward(&params.values, xs, n, tape, dy, softmax_last, &mut grad);
-        loss_sum += self.regularize(params, n, &mut grad);
+        let out = tape.get(self.graph.output).unwrap_or(&[]);
+        let e = loss
+            .evaluate(out, per, target, self.final_activation())
+            .map_err(NnError::Input)?;
+        exec.backward(&params.values, xs, n, tape, e.dy, e.preact, &mut grad);
+        let loss_sum = e.loss_sum + self.regularize(params, n, &mut grad);
         Ok(GradSum {
             loss_sum,
-            correct,
+            correct: e.correct,
             count: n as u64,
             grad,
             stats,
         })
+    }
+
+    /// Loss (and, for classification losses, correct predictions) over a
+    /// set, at inference, in bounded-memory batches.
+    pub fn evaluate_with(
+        &self,
+        loss: &Loss,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        target: Target<'_>,
+    ) -> Result<Evaluation> {
+        if let (Loss::SparseCategoricalCrossentropy { from_logits: false }, Target::Classes(l)) =
+            (loss, target)
+        {
+            return self.evaluate(params, x, l);
+        }
+        let n = self.check(params, &x)?;
+        let per: usize = self.output_shape().iter().product();
+        if target.len(per) != n {
+            return Err(NnError::Input(format!(
+                "{n} examples but {} targets",
+                target.len(per)
+            )));
+        }
+        let mut eval = Evaluation::new(0);
+        for (i, chunk) in x.axis_chunks_iter(Axis(0), PREDICT_BATCH).enumerate() {
+            let rows = chunk.shape()[0];
+            let out = self.forward(params, chunk, None)?;
+            let start = i * PREDICT_BATCH;
+            let t = match target {
+                Target::Classes(c) => Target::Classes(&c[start..start + rows]),
+                Target::Values(v) => Target::Values(&v[start * per..(start + rows) * per]),
+            };
+            let out = out.as_standard_layout();
+            let e = loss
+                .evaluate(
+                    out.as_slice().unwrap_or(&[]),
+                    per,
+                    t,
+                    self.final_activation(),
+                )
+                .map_err(NnError::Input)?;
+            eval.loss_sum += e.loss_sum;
+            eval.correct += e.correct;
+            eval.count += rows as u64;
+        }
+        Ok(eval)
     }
 
     /// Adds `n` times the weights' regularization penalty's gradient to

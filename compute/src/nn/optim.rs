@@ -577,14 +577,19 @@ impl OptimizerConfig {
         })
     }
 
-    /// A `compile_config` for a classifier trained with this optimizer and
-    /// `loss` (a Keras loss name).
-    pub fn keras_compile_config_with(&self, loss: &str) -> serde_json::Value {
+    /// A `compile_config` for a model trained with this optimizer and
+    /// `loss`.
+    pub fn keras_compile_config_with(&self, loss: &super::loss::Loss) -> serde_json::Value {
+        let metrics = if loss.is_classification() {
+            serde_json::json!(["accuracy"])
+        } else {
+            serde_json::json!([])
+        };
         serde_json::json!({
             "optimizer": self.to_keras(),
-            "loss": loss,
+            "loss": loss.to_keras(),
+            "metrics": metrics,
             "loss_weights": null,
-            "metrics": ["accuracy"],
             "weighted_metrics": null,
             "run_eagerly": false,
             "steps_per_execution": 1,
@@ -595,7 +600,7 @@ impl OptimizerConfig {
     /// [`keras_compile_config_with`](Self::keras_compile_config_with) for
     /// sparse categorical cross-entropy.
     pub fn keras_compile_config(&self) -> serde_json::Value {
-        self.keras_compile_config_with("sparse_categorical_crossentropy")
+        self.keras_compile_config_with(&super::loss::Loss::default())
     }
 }
 
