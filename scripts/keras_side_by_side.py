@@ -36,7 +36,7 @@ def idx(path):
 
 
 def resnet_mini():
-    keras.utils.set_random_seed(42)
+    keras.utils.set_random_seed(int(os.environ.get("SEED", "42")))
     m = keras.saving.load_model(os.path.join(ROOT, "tests/fixtures/keras/resnet_mini.keras"))
     x = idx(f"{FASHION}/train-images-idx3-ubyte.gz").astype("float32").reshape(-1, 28, 28, 1) / 255.0
     y = idx(f"{FASHION}/train-labels-idx1-ubyte.gz").astype("int64")
@@ -54,6 +54,7 @@ def resnet_mini():
     secs = time.time() - t
     loss, acc = m.evaluate(xt, yt, batch_size=500, verbose=0)
     return {"model": "resnet_mini", "scale": os.environ.get("SCALE", "/255"),
+            "seed": int(os.environ.get("SEED", "42")),
             "train_loss": h.history["loss"][-1], "train_accuracy": h.history["accuracy"][-1],
             "test_accuracy": acc, "test_loss": loss,
             "epoch_seconds": secs, "samples_per_s": len(x) / secs}

@@ -339,6 +339,27 @@ impl Builder {
             sequential,
         };
         let mut previous: Option<String> = None;
+        // Keras 3 files each layer's variables under a name made from its
+        // class, numbered in the container's order (`conv2d`, `conv2d_1`),
+        // not under the layer's own name.
+        let mut used: HashMap<String, usize> = HashMap::new();
+        let mut h5_name = |class: &str| {
+            let base = snake_case(if class == "Model" {
+                "Functional"
+            } else {
+                class
+            });
+            match used.get_mut(&base) {
+                Some(k) => {
+                    *k += 1;
+                    format!("{base}_{k}")
+                }
+                None => {
+                    used.insert(base.clone(), 0);
+                    base
+                }
+            }
+        };
         for (i, lv) in list.iter().enumerate() {
             let lo = obj(lv, &format!("layer {i} of {name}"))?;
             let lclass = lo
@@ -417,9 +438,10 @@ impl Builder {
                     })
                     .unwrap_or_default()
             };
+            let stored = h5_name(lclass);
             let entry = match lclass {
                 "Sequential" | "Functional" | "Model" => {
-                    let path = format!("{prefix}layers/{lname}/");
+                    let path = format!("{prefix}layers/{stored}/");
                     let m = self.template(lv, &path, trainable)?;
                     for args in calls {
                         t.nodes
@@ -447,7 +469,7 @@ impl Builder {
                             class: lclass.to_string(),
                             op,
                             trainable: trainable && layer_trainable,
-                            h5_path: format!("{prefix}layers/{lname}/vars"),
+                            h5_path: format!("{prefix}layers/{stored}/vars"),
                             decls: Vec::new(),
                             params: Vec::new(),
                         }),
@@ -746,6 +768,80 @@ impl Builder {
                 Entry::Nested(mi) => self.leaves(mi, out),
                 Entry::Input => {}
             }
+        }
+    }
+}
+
+/// Keras's `naming.to_snake_case` of a class name: `Conv2DTranspose` ->
+/// `conv2d_transpose`, `ReLU` -> `re_lu`.
+pub(crate) fn snake_case(name: &str) -> String {
+    let chars: Vec<char> = name
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    // (.)([A-Z][a-z]+) -> \1_\2
+    let mut a = Vec::with_capacity(chars.len() + 4);
+    let mut i = 0;
+    while i < chars.len() {
+        let starts_word = i + 2 < chars.len() + 1
+            && chars.get(i + 1).is_some_and(|c| c.is_ascii_uppercase())
+            && chars.get(i + 2).is_some_and(|c| c.is_ascii_lowercase());
+        if starts_word {
+            a.push(chars[i]);
+            a.push('_');
+            a.push(chars[i + 1]);
+            let mut j = i + 2;
+            while j < chars.len() && chars[j].is_ascii_lowercase() {
+                a.push(chars[j]);
+                j += 1;
+            }
+            i = j;
+        } else {
+            a.push(chars[i]);
+            i += 1;
+        }
+    }
+    // ([a-z])([A-Z]) -> \1_\2
+    let mut out = String::with_capacity(a.len() + 4);
+    let mut i = 0;
+    while i < a.len() {
+        if a[i].is_ascii_lowercase() && a.get(i + 1).is_some_and(|c| c.is_ascii_uppercase()) {
+            out.push(a[i]);
+            out.push('_');
+            out.push(a[i + 1]);
+            i += 2;
+        } else {
+            out.push(a[i]);
+            i += 1;
+        }
+    }
+    out.to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snake_case;
+
+    #[test]
+    fn class_names_snake_case_as_keras_does() {
+        for (class, want) in [
+            ("Conv2D", "conv2d"),
+            ("Conv2DTranspose", "conv2d_transpose"),
+            ("BatchNormalization", "batch_normalization"),
+            ("ReLU", "re_lu"),
+            ("PReLU", "p_re_lu"),
+            ("GlobalAveragePooling2D", "global_average_pooling2d"),
+            ("DepthwiseConv2D", "depthwise_conv2d"),
+            ("InputLayer", "input_layer"),
+            ("LayerScale", "layer_scale"),
+            ("Dense", "dense"),
+            ("Functional", "functional"),
+            ("ELU", "elu"),
+            ("LeakyReLU", "leaky_re_lu"),
+            ("UpSampling2D", "up_sampling2d"),
+            ("SeparableConv2D", "separable_conv2d"),
+        ] {
+            assert_eq!(snake_case(class), want, "{class}");
         }
     }
 }
