@@ -59,14 +59,12 @@ impl Model {
             ));
         }
         let mut root = Group::default();
-        for (layer, path, specs) in self.layer_params() {
+        for (path, specs) in self.layer_params() {
             let g = root.at(path);
             for (i, s) in specs.iter().enumerate() {
                 let values = params.as_slice()[s.offset..s.offset + s.len].to_vec();
-                // Normalization's sample count is an int64 variable in Keras.
-                let int = layer == "Normalization" && s.name.ends_with("/count");
                 g.datasets
-                    .push((i.to_string(), values, s.shape.clone(), int));
+                    .push((i.to_string(), values, s.shape.clone(), s.integer));
             }
         }
         let mut file = hdf5_pure::FileBuilder::new();

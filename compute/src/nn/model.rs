@@ -61,6 +61,8 @@ pub struct ParamSpec {
     /// False for statistics (moving mean and variance) and for the weights
     /// of frozen layers: they get no gradient and no optimizer update.
     pub trainable: bool,
+    /// Keras keeps it as an integer (Normalization's sample count).
+    pub integer: bool,
 }
 
 /// A `.keras` archive: the model and, when the archive carries them, its
@@ -386,6 +388,7 @@ impl Model {
                     len,
                     init: d.init,
                     trainable: d.trainable && layer.trainable,
+                    integer: d.integer,
                 });
                 offset += len;
             }
@@ -422,16 +425,15 @@ impl Model {
             .collect()
     }
 
-    /// Each layer with weights: its class, the path of its variables in
+    /// Each layer with weights: the path of its variables in
     /// `model.weights.h5`, and its weights in Keras order.
-    pub(crate) fn layer_params(&self) -> Vec<(&str, &str, Vec<&ParamSpec>)> {
+    pub(crate) fn layer_params(&self) -> Vec<(&str, Vec<&ParamSpec>)> {
         self.graph
             .layers
             .iter()
             .filter(|l| !l.params.is_empty())
             .map(|l| {
                 (
-                    l.class.as_str(),
                     l.h5_path.as_str(),
                     l.params.iter().map(|&i| &self.specs[i]).collect(),
                 )
@@ -931,7 +933,7 @@ impl Model {
             .iter()
             .filter(|c| {
                 let l = &g.layers[c.layer];
-                l.class == "BatchNormalization" && l.trainable
+                l.op.keeps_moving_stats() && l.trainable
             })
             .map(|c| c.layer)
             .collect();

@@ -7,7 +7,10 @@
 use rayon::prelude::*;
 
 use super::core::{finish_linear, unfinish_linear, CONSTRAINTS};
-use super::{column_sums, size, Back, Ctx, Op, Padding, ParamDecl, Regularizer, Saved};
+use super::{
+    column_sums, kernel_grad, one_input, size, Back, Ctx, KernelBias, Op, Padding, ParamDecl,
+    Regularizer, Saved,
+};
 use crate::nn::activation::Activation;
 use crate::nn::config::{Cfg, Parsed};
 use crate::nn::gemm::{gemm_serial, Mat};
@@ -432,11 +435,7 @@ pub(crate) struct Conv {
     pad: Pad,
     groups: usize,
     act: Activation,
-    use_bias: bool,
-    kernel_init: Init,
-    bias_init: Init,
-    kernel_reg: Option<Regularizer>,
-    bias_reg: Option<Regularizer>,
+    w: KernelBias,
 }
 
 impl Conv {
@@ -461,11 +460,7 @@ impl Conv {
             pad: parse_pad(cfg, rank)?,
             groups,
             act: cfg.activation("activation")?,
-            use_bias: cfg.bool("use_bias", true)?,
-            kernel_init: cfg.initializer("kernel_initializer", GLOROT_UNIFORM)?,
-            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
-            kernel_reg: cfg.regularizer("kernel_regularizer")?,
-            bias_reg: cfg.regularizer("bias_regularizer")?,
+            w: KernelBias::parse(cfg, "kernel")?,
         })
     }
 
@@ -501,9 +496,7 @@ impl Conv {
 
 impl Op for Conv {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         Ok(out_spatial(self.rank, &self.geom(s)?, self.filters))
     }
 
@@ -514,15 +507,7 @@ impl Op for Conv {
         } else {
             vec![self.kernel[1], cin, self.filters]
         };
-        let mut p =
-            vec![ParamDecl::new("kernel", shape, self.kernel_init).regularized(self.kernel_reg)];
-        if self.use_bias {
-            p.push(
-                ParamDecl::new("bias", vec![self.filters], self.bias_init)
-                    .regularized(self.bias_reg),
-            );
-        }
-        p
+        self.w.decls("kernel", shape, self.filters)
     }
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
@@ -535,7 +520,7 @@ impl Op for Conv {
         }
         let s = finish_linear(
             &mut y,
-            self.use_bias.then(|| cx.w[1]),
+            self.w.use_bias.then(|| cx.w[1]),
             self.filters,
             self.act,
         );
@@ -547,14 +532,7 @@ impl Op for Conv {
         if !b.skip_act {
             unfinish_linear(self.act, b.saved, b.y, &mut b.dy, self.filters);
         }
-        let (dk, db) = match b.dw {
-            [] => (None, None),
-            [k] => (Some(k.as_mut_slice()), None),
-            [k, bias, ..] => (Some(k.as_mut_slice()), Some(bias)),
-        };
-        if let Some(db) = db {
-            column_sums(&b.dy, self.filters, db);
-        }
+        let dk = kernel_grad(b.dw, &b.dy, self.filters);
         let dx = if self.is_depthwise(&g) {
             self.depthwise(&g)
                 .backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0])
@@ -732,11 +710,7 @@ pub(crate) struct Depthwise {
     pad: Padding,
     mult: usize,
     act: Activation,
-    use_bias: bool,
-    kernel_init: Init,
-    bias_init: Init,
-    kernel_reg: Option<Regularizer>,
-    bias_reg: Option<Regularizer>,
+    w: KernelBias,
 }
 
 impl Depthwise {
@@ -758,12 +732,8 @@ impl Depthwise {
             pad: cfg.padding()?,
             mult: cfg.usize_or("depth_multiplier", 1)?,
             act: cfg.activation("activation")?,
-            use_bias: cfg.bool("use_bias", true)?,
             weight,
-            kernel_init: cfg.initializer("depthwise_initializer", GLOROT_UNIFORM)?,
-            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
-            kernel_reg: cfg.regularizer("depthwise_regularizer")?,
-            bias_reg: cfg.regularizer("bias_regularizer")?,
+            w: KernelBias::parse(cfg, "depthwise")?,
         })
     }
 
@@ -793,26 +763,15 @@ impl Depthwise {
 
 impl Op for Depthwise {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         let d = self.geom(s)?;
         Ok(vec![d.g.oh, d.g.ow, d.g.c * self.mult])
     }
 
     fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
         let c = *ins[0].last().unwrap_or(&1);
-        let mut p = vec![
-            ParamDecl::new(self.weight, self.kernel_shape(c), self.kernel_init)
-                .regularized(self.kernel_reg),
-        ];
-        if self.use_bias {
-            p.push(
-                ParamDecl::new("bias", vec![c * self.mult], self.bias_init)
-                    .regularized(self.bias_reg),
-            );
-        }
-        p
+        self.w
+            .decls(self.weight, self.kernel_shape(c), c * self.mult)
     }
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
@@ -820,7 +779,7 @@ impl Op for Depthwise {
         let mut y = vec![0.0f32; cx.n * size(cx.out)];
         d.forward(xs[0], cx.w[0], &mut y);
         let width = d.g.c * self.mult;
-        let s = finish_linear(&mut y, self.use_bias.then(|| cx.w[1]), width, self.act);
+        let s = finish_linear(&mut y, self.w.use_bias.then(|| cx.w[1]), width, self.act);
         (y, s)
     }
 
@@ -830,14 +789,7 @@ impl Op for Depthwise {
         if !b.skip_act {
             unfinish_linear(self.act, b.saved, b.y, &mut b.dy, width);
         }
-        let (dk, db) = match b.dw {
-            [] => (None, None),
-            [k] => (Some(k.as_mut_slice()), None),
-            [k, bias, ..] => (Some(k.as_mut_slice()), Some(bias)),
-        };
-        if let Some(db) = db {
-            column_sums(&b.dy, width, db);
-        }
+        let dk = kernel_grad(b.dw, &b.dy, width);
         vec![d.backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0])]
     }
 
@@ -887,12 +839,9 @@ impl Op for Separable {
         let c = *ins[0].last().unwrap_or(&1);
         let mid = c * self.depth.mult;
         let mut p = vec![
-            ParamDecl::new(
-                "depthwise_kernel",
-                self.depth.kernel_shape(c),
-                self.depth.kernel_init,
-            )
-            .regularized(self.depth.kernel_reg),
+            self.depth
+                .w
+                .kernel("depthwise_kernel", self.depth.kernel_shape(c)),
             ParamDecl::new(
                 "pointwise_kernel",
                 vec![1, 1, mid, self.filters],
@@ -900,12 +849,7 @@ impl Op for Separable {
             )
             .regularized(self.pointwise_reg),
         ];
-        if self.depth.use_bias {
-            p.push(
-                ParamDecl::new("bias", vec![self.filters], self.depth.bias_init)
-                    .regularized(self.depth.bias_reg),
-            );
-        }
+        p.extend(self.depth.w.bias(self.filters));
         p
     }
 
@@ -928,7 +872,7 @@ impl Op for Separable {
             &mut y,
             false,
         );
-        let bias = self.depth.use_bias.then(|| cx.w[2]);
+        let bias = self.depth.w.use_bias.then(|| cx.w[2]);
         let s = finish_linear(&mut y, bias, self.filters, self.depth.act);
         (y, super::saved(Mid(mid, s)))
     }
@@ -957,7 +901,7 @@ impl Op for Separable {
                 &mut b.dw[1],
                 false,
             );
-            if self.depth.use_bias {
+            if self.depth.w.use_bias {
                 column_sums(&b.dy, self.filters, &mut b.dw[2]);
             }
         }
@@ -1001,11 +945,7 @@ pub(crate) struct ConvTranspose {
     dilation: [usize; 2],
     pad: Padding,
     act: Activation,
-    use_bias: bool,
-    kernel_init: Init,
-    bias_init: Init,
-    kernel_reg: Option<Regularizer>,
-    bias_reg: Option<Regularizer>,
+    w: KernelBias,
 }
 
 impl ConvTranspose {
@@ -1024,11 +964,7 @@ impl ConvTranspose {
             dilation,
             pad: cfg.padding()?,
             act: cfg.activation("activation")?,
-            use_bias: cfg.bool("use_bias", true)?,
-            kernel_init: cfg.initializer("kernel_initializer", GLOROT_UNIFORM)?,
-            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
-            kernel_reg: cfg.regularizer("kernel_regularizer")?,
-            bias_reg: cfg.regularizer("bias_regularizer")?,
+            w: KernelBias::parse(cfg, "kernel")?,
         })
     }
 
@@ -1067,28 +1003,18 @@ impl ConvTranspose {
 
 impl Op for ConvTranspose {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         let g = self.geom(s)?;
         Ok(vec![g.h, g.w, self.filters])
     }
 
     fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
         let c = *ins[0].last().unwrap_or(&1);
-        let mut p = vec![ParamDecl::new(
+        self.w.decls(
             "kernel",
             vec![self.kernel[0], self.kernel[1], self.filters, c],
-            self.kernel_init,
+            self.filters,
         )
-        .regularized(self.kernel_reg)];
-        if self.use_bias {
-            p.push(
-                ParamDecl::new("bias", vec![self.filters], self.bias_init)
-                    .regularized(self.bias_reg),
-            );
-        }
-        p
     }
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
@@ -1100,7 +1026,7 @@ impl Op for ConvTranspose {
             .unwrap_or_default();
         let s = finish_linear(
             &mut y,
-            self.use_bias.then(|| cx.w[1]),
+            self.w.use_bias.then(|| cx.w[1]),
             self.filters,
             self.act,
         );
@@ -1113,14 +1039,7 @@ impl Op for ConvTranspose {
         if !b.skip_act {
             unfinish_linear(self.act, b.saved, b.y, &mut b.dy, self.filters);
         }
-        let (dk, db) = match b.dw {
-            [] => (None, None),
-            [k] => (Some(k.as_mut_slice()), None),
-            [k, bias, ..] => (Some(k.as_mut_slice()), Some(bias)),
-        };
-        if let Some(db) = db {
-            column_sums(&b.dy, self.filters, db);
-        }
+        let dk = kernel_grad(b.dw, &b.dy, self.filters);
         // Kernel gradient: the reference convolution's kernel gradient
         // with its input = dy and its output gradient = x.
         if let Some(dk) = dk {

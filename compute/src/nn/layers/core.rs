@@ -4,11 +4,14 @@
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::{column_sums, get_saved, saved, size, Back, Ctx, Op, ParamDecl, Regularizer, Saved};
+use super::{
+    get_saved, kernel_grad, one_input, saved, size, Back, Ctx, KernelBias, Op, ParamDecl,
+    Regularizer, Saved,
+};
 use crate::nn::activation::Activation;
 use crate::nn::config::{Cfg, Parsed};
 use crate::nn::gemm::{gemm, Mat};
-use crate::nn::init::{Init, GLOROT_UNIFORM};
+use crate::nn::init::Init;
 use crate::nn::rng::SplitMix64;
 
 pub(crate) fn build(cfg: &Cfg<'_>) -> Parsed<Option<Box<dyn Op>>> {
@@ -99,11 +102,7 @@ pub(crate) const CONSTRAINTS: [&str; 4] = [
 pub(crate) struct Dense {
     units: usize,
     act: Activation,
-    use_bias: bool,
-    kernel_init: Init,
-    bias_init: Init,
-    kernel_reg: Option<Regularizer>,
-    bias_reg: Option<Regularizer>,
+    w: KernelBias,
 }
 
 impl Dense {
@@ -115,11 +114,7 @@ impl Dense {
         Ok(Dense {
             units: cfg.usize("units")?,
             act: cfg.activation("activation")?,
-            use_bias: cfg.bool("use_bias", true)?,
-            kernel_init: cfg.initializer("kernel_initializer", GLOROT_UNIFORM)?,
-            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
-            kernel_reg: cfg.regularizer("kernel_regularizer")?,
-            bias_reg: cfg.regularizer("bias_regularizer")?,
+            w: KernelBias::parse(cfg, "kernel")?,
         })
     }
 }
@@ -161,9 +156,7 @@ pub(crate) fn unfinish_linear(
 
 impl Op for Dense {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         if s.is_empty() {
             return Err("needs an input with at least one axis besides the batch".into());
         }
@@ -174,16 +167,7 @@ impl Op for Dense {
 
     fn params(&self, ins: &[Vec<usize>]) -> Vec<ParamDecl> {
         let fin = ins[0].last().copied().unwrap_or(1);
-        let mut p = vec![
-            ParamDecl::new("kernel", vec![fin, self.units], self.kernel_init)
-                .regularized(self.kernel_reg),
-        ];
-        if self.use_bias {
-            p.push(
-                ParamDecl::new("bias", vec![self.units], self.bias_init).regularized(self.bias_reg),
-            );
-        }
-        p
+        self.w.decls("kernel", vec![fin, self.units], self.units)
     }
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
@@ -199,7 +183,7 @@ impl Op for Dense {
             &mut y,
             false,
         );
-        let bias = self.use_bias.then(|| cx.w[1]);
+        let bias = self.w.use_bias.then(|| cx.w[1]);
         let s = finish_linear(&mut y, bias, self.units, self.act);
         (y, s)
     }
@@ -210,19 +194,16 @@ impl Op for Dense {
         if !b.skip_act {
             unfinish_linear(self.act, b.saved, b.y, &mut b.dy, self.units);
         }
-        if !b.dw.is_empty() {
+        if let Some(dk) = kernel_grad(b.dw, &b.dy, self.units) {
             gemm(
                 fin,
                 rows,
                 self.units,
                 Mat::rows_t(b.xs[0], fin),
                 Mat::rows(&b.dy, self.units),
-                &mut b.dw[0],
+                dk,
                 false,
             );
-            if self.use_bias {
-                column_sums(&b.dy, self.units, &mut b.dw[1]);
-            }
         }
         let dx = b.need[0].then(|| {
             let mut dx = vec![0.0f32; rows * fin];
@@ -255,10 +236,7 @@ pub(crate) struct Act(pub Activation);
 
 impl Op for Act {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        match ins {
-            [s] => Ok(s.clone()),
-            _ => Err(format!("takes one input, got {}", ins.len())),
-        }
+        one_input(ins).cloned()
     }
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
@@ -340,9 +318,7 @@ impl PRelu {
 
 impl Op for PRelu {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         if let Some(a) = self.shared.iter().find(|&&a| a > s.len()) {
             return Err(format!("shared axis {a} is beyond the input's rank"));
         }
@@ -616,9 +592,7 @@ impl SoftmaxAxis {
 
 impl Op for SoftmaxAxis {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         self.split(s)?;
         Ok(s.clone())
     }

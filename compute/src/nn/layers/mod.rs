@@ -86,6 +86,77 @@ impl Regularizer {
     }
 }
 
+/// A kernel and an optional bias, as every layer with weights configures
+/// them: `use_bias` and the initializers and regularizers of both.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KernelBias {
+    pub use_bias: bool,
+    pub kernel_init: Init,
+    pub bias_init: Init,
+    pub kernel_reg: Option<Regularizer>,
+    pub bias_reg: Option<Regularizer>,
+}
+
+impl KernelBias {
+    /// `prefix` names the kernel's options: `kernel` reads
+    /// `kernel_initializer` and `kernel_regularizer`, `depthwise` reads
+    /// `depthwise_initializer` and so on.
+    pub fn parse(cfg: &Cfg<'_>, prefix: &str) -> Parsed<KernelBias> {
+        Ok(KernelBias {
+            use_bias: cfg.bool("use_bias", true)?,
+            kernel_init: cfg.initializer(
+                &format!("{prefix}_initializer"),
+                super::init::GLOROT_UNIFORM,
+            )?,
+            bias_init: cfg.initializer("bias_initializer", Init::Constant(0.0))?,
+            kernel_reg: cfg.regularizer(&format!("{prefix}_regularizer"))?,
+            bias_reg: cfg.regularizer("bias_regularizer")?,
+        })
+    }
+
+    pub fn kernel(&self, name: &'static str, shape: Vec<usize>) -> ParamDecl {
+        ParamDecl::new(name, shape, self.kernel_init).regularized(self.kernel_reg)
+    }
+
+    pub fn bias(&self, len: usize) -> Option<ParamDecl> {
+        self.use_bias
+            .then(|| ParamDecl::new("bias", vec![len], self.bias_init).regularized(self.bias_reg))
+    }
+
+    /// The kernel, then the bias when the layer has one.
+    pub fn decls(&self, kernel: &'static str, shape: Vec<usize>, bias: usize) -> Vec<ParamDecl> {
+        let mut p = vec![self.kernel(kernel, shape)];
+        p.extend(self.bias(bias));
+        p
+    }
+}
+
+/// Splits a backward pass's weight gradients into the kernel's buffer and
+/// the bias's, which gets the column sums of `dy` (rows of `width`). None
+/// when the layer does not train.
+pub(crate) fn kernel_grad<'a>(
+    dw: &'a mut [Vec<f32>],
+    dy: &[f32],
+    width: usize,
+) -> Option<&'a mut [f32]> {
+    match dw {
+        [] => None,
+        [k] => Some(k),
+        [k, bias, ..] => {
+            column_sums(dy, width, bias);
+            Some(k)
+        }
+    }
+}
+
+/// The single input of a layer that takes one.
+pub(crate) fn one_input(ins: &[Vec<usize>]) -> Result<&Vec<usize>, String> {
+    match ins {
+        [s] => Ok(s),
+        _ => Err(format!("takes one input, got {}", ins.len())),
+    }
+}
+
 /// One weight a layer creates, in the layer's `weights` order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamDecl {
@@ -96,6 +167,8 @@ pub struct ParamDecl {
     /// False for statistics such as BatchNormalization's moving mean.
     pub trainable: bool,
     pub regularizer: Option<Regularizer>,
+    /// Keras keeps it as an integer (Normalization's sample count).
+    pub integer: bool,
 }
 
 impl ParamDecl {
@@ -106,7 +179,13 @@ impl ParamDecl {
             init,
             trainable: true,
             regularizer: None,
+            integer: false,
         }
+    }
+
+    pub fn integer(mut self) -> Self {
+        self.integer = true;
+        self
     }
 
     pub fn frozen(mut self) -> Self {
@@ -238,6 +317,12 @@ pub(crate) trait Op: Debug + Send + Sync {
     /// Multiply-adds x2 per sample of the forward pass.
     fn flops(&self, _ins: &[Vec<usize>], _out: &[usize]) -> f64 {
         0.0
+    }
+
+    /// Whether training-mode calls report batch statistics
+    /// ([`stat_sums`](Self::stat_sums)) for moving averages.
+    fn keeps_moving_stats(&self) -> bool {
+        false
     }
 
     /// Batch statistics to fold into moving averages after a training step.

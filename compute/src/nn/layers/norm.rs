@@ -5,7 +5,9 @@
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::{get_saved, saved, size, Back, Ctx, Op, ParamDecl, Regularizer, Saved, StatSums};
+use super::{
+    get_saved, one_input, saved, size, Back, Ctx, Op, ParamDecl, Regularizer, Saved, StatSums,
+};
 use crate::nn::config::{Cfg, Parsed};
 use crate::nn::init::Init;
 
@@ -57,6 +59,20 @@ fn rows_channels(x: &[f32], shape: &[usize]) -> (usize, usize) {
 /// Rows per block of a per-channel sum: fixed, so the order of additions
 /// does not depend on the number of threads.
 const SUM_BLOCK: usize = 1024;
+
+/// Per-channel sums of `dy` over its rows.
+fn row_sums(dy: &[f32], rows: usize, c: usize) -> Vec<f64> {
+    channel_sums(rows, c, |r, acc| {
+        for (a, d) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
+            *a += *d as f64;
+        }
+    })
+}
+
+/// `dst += sums`, rounded to f32.
+fn add_sums(dst: &mut [f32], sums: &[f64]) {
+    dst.iter_mut().zip(sums).for_each(|(w, s)| *w += *s as f32);
+}
 
 /// Per-channel sums of `f(row)` over rows, in a fixed order.
 fn channel_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
@@ -138,20 +154,21 @@ impl BatchNorm {
         (gamma, beta, w[i], w[i + 1])
     }
 
-    fn gamma_index(&self) -> Option<usize> {
-        self.scale.then_some(0)
-    }
-
-    fn beta_index(&self) -> Option<usize> {
-        self.center.then_some(self.scale as usize)
+    /// Adds gamma's gradient (the sums of dy * xhat) and beta's (the sums
+    /// of dy) to the layer's weight gradients.
+    fn add_affine_grads(&self, dw: &mut [Vec<f32>], sum_dy: &[f64], sum_dy_xhat: &[f64]) {
+        if self.scale {
+            add_sums(&mut dw[0], sum_dy_xhat);
+        }
+        if self.center {
+            add_sums(&mut dw[self.scale as usize], sum_dy);
+        }
     }
 }
 
 impl Op for BatchNorm {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         check_last(self.axis, s)?;
         Ok(s.clone())
     }
@@ -253,11 +270,7 @@ impl Op for BatchNorm {
         let g = |j: usize| gamma.map_or(1.0, |g| g[j]);
         match get_saved::<BnTrain>(b.saved) {
             Some(t) => {
-                let sum_dy = channel_sums(rows, c, |r, acc| {
-                    for (a, d) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
-                        *a += *d as f64;
-                    }
-                });
+                let sum_dy = row_sums(dy, rows, c);
                 let sum_dy_xhat = channel_sums(rows, c, |r, acc| {
                     let (d, h) = (&dy[r * c..(r + 1) * c], &t.xhat[r * c..(r + 1) * c]);
                     for ((a, d), h) in acc.iter_mut().zip(d).zip(h) {
@@ -265,18 +278,7 @@ impl Op for BatchNorm {
                     }
                 });
                 if !b.dw.is_empty() {
-                    if let Some(i) = self.gamma_index() {
-                        b.dw[i]
-                            .iter_mut()
-                            .zip(&sum_dy_xhat)
-                            .for_each(|(w, s)| *w += *s as f32);
-                    }
-                    if let Some(i) = self.beta_index() {
-                        b.dw[i]
-                            .iter_mut()
-                            .zip(&sum_dy)
-                            .for_each(|(w, s)| *w += *s as f32);
-                    }
+                    self.add_affine_grads(b.dw, &sum_dy, &sum_dy_xhat);
                 }
                 let dx = b.need[0].then(|| {
                     let m = rows.max(1) as f32;
@@ -306,29 +308,14 @@ impl Op for BatchNorm {
                 // Inference mode (a frozen layer): a fixed affine map.
                 let rstd: Vec<f32> = mv.iter().map(|v| 1.0 / (v + self.epsilon).sqrt()).collect();
                 if !b.dw.is_empty() {
-                    let sum_dy = channel_sums(rows, c, |r, acc| {
-                        for (a, d) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
-                            *a += *d as f64;
-                        }
-                    });
+                    let sum_dy = row_sums(dy, rows, c);
                     let sum_dy_xhat = channel_sums(rows, c, |r, acc| {
                         for j in 0..c {
                             let h = (x[r * c + j] - mm[j]) * rstd[j];
                             acc[j] += (dy[r * c + j] * h) as f64;
                         }
                     });
-                    if let Some(i) = self.gamma_index() {
-                        b.dw[i]
-                            .iter_mut()
-                            .zip(&sum_dy_xhat)
-                            .for_each(|(w, s)| *w += *s as f32);
-                    }
-                    if let Some(i) = self.beta_index() {
-                        b.dw[i]
-                            .iter_mut()
-                            .zip(&sum_dy)
-                            .for_each(|(w, s)| *w += *s as f32);
-                    }
+                    self.add_affine_grads(b.dw, &sum_dy, &sum_dy_xhat);
                 }
                 let dx = b.need[0].then(|| {
                     let scale: Vec<f32> = (0..c).map(|j| g(j) * rstd[j]).collect();
@@ -343,6 +330,10 @@ impl Op for BatchNorm {
                 vec![dx]
             }
         }
+    }
+
+    fn keeps_moving_stats(&self) -> bool {
+        true
     }
 
     fn stat_sums(&self, saved: &Saved) -> Option<StatSums> {
@@ -459,9 +450,7 @@ impl LayerNorm {
 
 impl Op for LayerNorm {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         self.first(s)?;
         Ok(s.clone())
     }
@@ -541,21 +530,10 @@ impl Op for LayerNorm {
                 }
             });
             if self.has_gamma() {
-                b.dw[0]
-                    .iter_mut()
-                    .zip(&sum_dy_h)
-                    .for_each(|(w, v)| *w += *v as f32);
+                add_sums(&mut b.dw[0], &sum_dy_h);
             }
             if self.has_beta() {
-                let sum_dy = channel_sums(rows, c, |r, acc| {
-                    for (a, d) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
-                        *a += *d as f64;
-                    }
-                });
-                b.dw[self.has_gamma() as usize]
-                    .iter_mut()
-                    .zip(&sum_dy)
-                    .for_each(|(w, v)| *w += *v as f32);
+                add_sums(&mut b.dw[self.has_gamma() as usize], &row_sums(dy, rows, c));
             }
         }
         let dx = b.need[0].then(|| {
@@ -604,9 +582,7 @@ pub(crate) struct LayerScale {
 
 impl Op for LayerScale {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         if s.last() != Some(&self.dim) {
             return Err(format!(
                 "projection_dim {} does not match the input's {} channels",
@@ -646,10 +622,7 @@ impl Op for LayerScale {
                     acc[j] += (b.dy[r * c + j] * x[r * c + j]) as f64;
                 }
             });
-            b.dw[0]
-                .iter_mut()
-                .zip(&s)
-                .for_each(|(w, v)| *w += *v as f32);
+            add_sums(&mut b.dw[0], &s);
         }
         let dx = b.need[0].then(|| {
             let g = cx.w[0];

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::conv::{Geom, Pad};
-use super::{get_saved, saved, shape_str, size, Back, Ctx, Op, Saved};
+use super::{get_saved, one_input, saved, shape_str, size, Back, Ctx, Op, Saved};
 use crate::nn::config::{Cfg, Parsed};
 
 pub(crate) fn build(cfg: &Cfg<'_>) -> Parsed<Option<Box<dyn Op>>> {
@@ -98,9 +98,7 @@ impl Pool {
 
 impl Op for Pool {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         let g = self.geom(s)?;
         Ok(if self.rank == 2 {
             vec![g.oh, g.ow, g.c]
@@ -233,9 +231,7 @@ pub(crate) struct Global {
 
 impl Op for Global {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         if s.len() != self.rank + 1 {
             return Err(format!(
                 "needs a rank-{} input, got {}",

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::{Back, Ctx, Op, ParamDecl, Saved};
+use super::{one_input, Back, Ctx, Op, ParamDecl, Saved};
 use crate::nn::config::{Cfg, Parsed};
 use crate::nn::init::Init;
 
@@ -61,9 +61,7 @@ pub(crate) struct Rescaling {
 
 impl Op for Rescaling {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         let c = *s.last().unwrap_or(&1);
         check_channels(&self.scale, c, "scale")?;
         check_channels(&self.offset, c, "offset")?;
@@ -151,9 +149,7 @@ impl Normalization {
 
 impl Op for Normalization {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         let rank = s.len() as i64 + 1;
         if self.axis != -1 && self.axis != rank - 1 {
             return Err(format!(
@@ -178,7 +174,9 @@ impl Op for Normalization {
         vec![
             ParamDecl::new("mean", vec![c], Init::Constant(0.0)).frozen(),
             ParamDecl::new("variance", vec![c], Init::Constant(1.0)).frozen(),
-            ParamDecl::new("count", vec![], Init::Constant(0.0)).frozen(),
+            ParamDecl::new("count", vec![], Init::Constant(0.0))
+                .frozen()
+                .integer(),
         ]
     }
 

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::{shape_str, size, Back, Ctx, Op, Saved};
+use super::{one_input, shape_str, size, Back, Ctx, Op, Saved};
 use crate::nn::config::{Cfg, Parsed};
 
 pub(crate) fn build(cfg: &Cfg<'_>) -> Parsed<Option<Box<dyn Op>>> {
@@ -211,9 +211,7 @@ impl Move {
 
 impl Op for Move {
     fn out_shape(&self, ins: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = ins else {
-            return Err(format!("takes one input, got {}", ins.len()));
-        };
+        let s = one_input(ins)?;
         match self {
             Move::Flatten => Ok(vec![size(s)]),
             Move::Reshape(target) => {
