@@ -1,32 +1,13 @@
 //! Parity with real Keras on the fixtures made by Keras 3 (see
 //! tests/fixtures/keras/README.md), model import, weights files and errors.
 
+mod common;
+use common::{fixture, load, max_abs_diff};
+
 use std::path::PathBuf;
 
 use ndarray::ArrayD;
-use quern_compute::nn::{npy, Model, NnError, Params};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/keras")
-        .join(name)
-}
-
-fn load(name: &str) -> (Model, Params) {
-    let model = Model::load(&fixture(&format!("{name}.json"))).expect("model loads");
-    let params = model
-        .load_params(&fixture(&format!("{name}.weights.npz")))
-        .expect("weights load");
-    (model, params)
-}
-
-fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b.iter())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use quern_compute::nn::{npy, Model, NnError};
 
 fn check_predict(name: &str) {
     let (model, params) = load(name);

@@ -2,19 +2,14 @@
 //! (made by make_loss_fixtures.py) is a one-layer model, a batch, and
 //! Keras's loss value and gradients for that loss.
 
+mod common;
+use common::floats;
+
 use std::path::PathBuf;
 
 use ndarray::{ArrayD, IxDyn};
 use quern_compute::nn::{Loss, Model, Target};
 use serde_json::Value;
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
 
 #[test]
 fn every_loss_matches_keras_value_and_gradient() {

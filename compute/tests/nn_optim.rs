@@ -4,6 +4,9 @@
 //! compile_config, two variables, six steps of gradients and the variables
 //! after each step.
 
+mod common;
+use common::floats;
+
 use std::path::PathBuf;
 
 use quern_compute::nn::{parse_optimizer, Optimizer};
@@ -13,14 +16,6 @@ fn cases() -> Vec<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/keras/optimizers/cases.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 #[test]
