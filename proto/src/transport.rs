@@ -515,9 +515,34 @@ pub struct RequestStream {
 
 impl RequestStream {
     /// Sends one piece of the request's body.
+    /// When the server stops reading the body it has already answered
+    /// (a refused write, say): that answer is what went wrong, not the
+    /// broken pipe.
     pub async fn send_piece(&mut self, piece: bytes::Bytes) -> Result<()> {
         let piece = self.body.pass(piece).await;
-        send_piece(&mut self.send, piece, self.peer, self.kind, self.idle).await
+        match tokio::time::timeout(self.idle, self.send.write_chunk(piece)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(quinn::WriteError::Stopped(_))) => Err(self.early_answer().await),
+            Ok(Err(e)) => Err(stream_error(self.peer, e)),
+            Err(_) => Err(stalled(self.peer, self.kind, self.idle)),
+        }
+    }
+
+    /// The server's reply to a request whose body it stopped reading: its
+    /// error when it sent one, else the stop itself.
+    async fn early_answer(&mut self) -> Error {
+        let reply = tokio::time::timeout(
+            self.idle,
+            frame::expect_frame::<_, Reply<()>>(&mut self.recv),
+        )
+        .await;
+        match reply {
+            Ok(Ok(Err(remote))) => Error::Remote(remote),
+            _ => Error::Stream {
+                peer: self.peer.to_string(),
+                reason: format!("{} stopped reading the request's body", self.kind),
+            },
+        }
     }
 
     /// Ends the request's body (or a request without one). The answer's
