@@ -11,8 +11,9 @@ use crate::{Client, Error, Result};
 use quern_compute::nn::{Optimizer, OptimizerConfig};
 use quern_compute::ops::{self, Operator, Partial};
 use quern_compute::train::{
-    f32s_from_le, f32s_to_le, LocalStep, ModelAverage, Objective, ScaleKind, Scaler, ScoreOp,
-    Scores, StepPlan, StepRequest, StepResult, StepStats, StepSum, WorkerSpec,
+    exchanges, f32s_from_le, f32s_to_le, f64s_from_le, f64s_to_le, LocalStep, ModelAverage,
+    Objective, ScaleKind, Scaler, ScoreOp, Scores, StepPlan, StepRequest, StepResult, StepStats,
+    StepSum, WorkerSpec,
 };
 use quern_proto::msg::*;
 use quern_proto::NodeId;
@@ -503,8 +504,21 @@ impl Client {
                 let t = Instant::now();
                 // Encoded once, shared by every worker's stream.
                 let raw_params = bytes::Bytes::from(f32s_to_le(&params));
+                // One step at a time: the workers with examples in it add
+                // their BatchNormalization sums through the coordinator.
+                let exchange = if round == 1 {
+                    exchanges(&shares[0])
+                } else {
+                    vec![false; workers.len()]
+                };
+                let reducer = SumReducer::start(exchange.iter().filter(|&&e| e).count());
+                let mut members = 0usize;
                 let mut set = tokio::task::JoinSet::new();
                 for (w, worker) in workers.iter().enumerate() {
+                    let link = exchange[w].then(|| {
+                        members += 1;
+                        reducer.link(members - 1)
+                    });
                     let req = StepRequest {
                         worker: w as u32,
                         steps: (0..round)
@@ -515,24 +529,39 @@ impl Client {
                             })
                             .collect(),
                         local: (sync > 1).then(|| opts.optimizer.clone()),
+                        exchange: exchange[w],
                         params: Vec::new(),
                     };
                     let client = self.clone();
                     let node = worker.node;
                     let raw = raw_params.clone();
-                    set.spawn(
-                        async move { (w, node, client.step_worker(job, node, &req, raw).await) },
-                    );
+                    set.spawn(async move {
+                        (
+                            w,
+                            node,
+                            client.step_worker(job, node, &req, raw, link).await,
+                        )
+                    });
                 }
+                drop(reducer);
                 let mut results: Vec<Option<(StepResult, u64)>> =
                     (0..workers.len()).map(|_| None).collect();
                 let mut failed: Option<(NodeAddr, Error)> = None;
                 while let Some(j) = set.join_next().await {
-                    let (w, node, r) =
-                        j.map_err(|e| Error::Job(format!("step task failed: {e}")))?;
+                    let (w, node, r) = match j {
+                        Ok(x) => x,
+                        // Cancelled below, after another worker failed.
+                        Err(e) if e.is_cancelled() && failed.is_some() => continue,
+                        Err(e) => return Err(Error::Job(format!("step task failed: {e}"))),
+                    };
                     match r {
                         Ok(x) => results[w] = Some(x),
                         Err(e) => {
+                            // Workers that exchange statistics would wait
+                            // for the lost one's sums: stop them now.
+                            if exchange.iter().any(|&e| e) {
+                                set.abort_all();
+                            }
                             failed.get_or_insert((node, e));
                         }
                     }
@@ -719,12 +748,15 @@ impl Client {
     }
 
     /// One worker's step; returns its result and the bytes on the wire.
+    /// With `link`, the worker's BatchNormalization sums are added to the
+    /// other workers' through it during the step.
     async fn step_worker(
         &self,
         job: u64,
         node: NodeAddr,
         req: &StepRequest,
         params: bytes::Bytes,
+        link: Option<SumLink>,
     ) -> Result<(StepResult, u64)> {
         let request = ops::encode(req).map_err(|e| Error::Job(e.to_string()))?;
         let msg = TrainStep {
@@ -740,12 +772,44 @@ impl Client {
         let exchange = async {
             let mut s = ep.request(node, msg).await?;
             s.send_piece(params).await?;
-            s.finish()?;
-            let out: TrainStepOutput = s.reply().await?;
+            if link.is_none() {
+                s.finish()?;
+            }
+            let mut sums_bytes = 0u64;
+            let out = loop {
+                match s.reply::<TrainStepMsg>().await? {
+                    TrainStepMsg::Done(out) => break out,
+                    TrainStepMsg::Sums { values } => {
+                        let Some(link) = &link else {
+                            return Err(quern_proto::Error::Malformed(format!(
+                                "{} sent batch statistics in a step that exchanges none",
+                                node.addr
+                            )));
+                        };
+                        let raw = s.recv_body(values.saturating_mul(8)).await?;
+                        let mine = f64s_from_le(&raw).map_err(quern_proto::Error::Malformed)?;
+                        let total =
+                            link.reduce(mine)
+                                .await
+                                .ok_or_else(|| quern_proto::Error::Stream {
+                                    peer: node.addr.to_string(),
+                                    reason: "another worker of the step stopped exchanging batch \
+                                         statistics"
+                                        .into(),
+                                })?;
+                        let back = bytes::Bytes::from(f64s_to_le(&total));
+                        sums_bytes += raw.len() as u64 + back.len() as u64 + 16;
+                        s.send_piece(back).await?;
+                    }
+                }
+            };
+            if link.is_some() {
+                s.finish()?;
+            }
             let raw = s.recv_body(out.values_len).await?;
-            Ok::<_, quern_proto::Error>((out, raw))
+            Ok::<_, quern_proto::Error>((out, raw, sums_bytes))
         };
-        let (out, raw) = tokio::time::timeout(ep.rpc_timeout(), exchange)
+        let (out, raw, sums_bytes) = tokio::time::timeout(ep.rpc_timeout(), exchange)
             .await
             .map_err(|_| quern_proto::Error::Timeout {
                 peer: node.addr.to_string(),
@@ -756,7 +820,7 @@ impl Client {
         let mut r: StepResult = ops::decode(&out.result)
             .map_err(|e| Error::Job(format!("{}: bad step result: {e}", node.addr)))?;
         r.values = f32s_from_le(&raw).map_err(|e| Error::Job(format!("{}: {e}", node.addr)))?;
-        Ok((r, out_bytes + back))
+        Ok((r, out_bytes + back + sums_bytes))
     }
 
     /// Moves a lost worker's chunks to other live holders (or, with none
@@ -797,5 +861,84 @@ impl Client {
             }
         }
         Ok(opens)
+    }
+}
+
+/// A request to add one worker's sums to the others' of the same exchange.
+type SumAsk = (usize, Vec<f64>, tokio::sync::oneshot::Sender<Vec<f64>>);
+
+/// Adds the BatchNormalization sums of a step's exchanging workers, in
+/// worker order, one exchange after another, and hands every worker the
+/// total. It ends when every worker's link is gone.
+struct SumReducer {
+    tx: Option<tokio::sync::mpsc::UnboundedSender<SumAsk>>,
+}
+
+/// One worker's handle on the step's [`SumReducer`].
+struct SumLink {
+    member: usize,
+    tx: tokio::sync::mpsc::UnboundedSender<SumAsk>,
+}
+
+impl SumReducer {
+    fn start(members: usize) -> SumReducer {
+        if members == 0 {
+            return SumReducer { tx: None };
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SumAsk>();
+        tokio::spawn(async move {
+            loop {
+                let mut parts: Vec<Option<(Vec<f64>, _)>> = (0..members).map(|_| None).collect();
+                for _ in 0..members {
+                    match rx.recv().await {
+                        Some((m, sums, reply)) if m < members => parts[m] = Some((sums, reply)),
+                        // A link gone mid-exchange: dropping the others'
+                        // replies fails their steps too.
+                        _ => return,
+                    }
+                }
+                let len = parts
+                    .first()
+                    .and_then(|p| p.as_ref())
+                    .map_or(0, |p| p.0.len());
+                let mut total = vec![0.0f64; len];
+                let mut replies = Vec::with_capacity(members);
+                for p in parts {
+                    let Some((sums, reply)) = p else { return };
+                    if sums.len() != len {
+                        tracing::warn!(
+                            "workers sent {} and {len} batch sums for one exchange",
+                            sums.len()
+                        );
+                        return;
+                    }
+                    total.iter_mut().zip(&sums).for_each(|(t, v)| *t += v);
+                    replies.push(reply);
+                }
+                for r in replies {
+                    let _ = r.send(total.clone());
+                }
+            }
+        });
+        SumReducer { tx: Some(tx) }
+    }
+
+    fn link(&self, member: usize) -> SumLink {
+        let tx = match &self.tx {
+            Some(tx) => tx.clone(),
+            // Unreachable with a member; a closed channel fails the step.
+            None => tokio::sync::mpsc::unbounded_channel().0,
+        };
+        SumLink { member, tx }
+    }
+}
+
+impl SumLink {
+    /// The sums over every exchanging worker, or None when the exchange
+    /// broke down (another worker lost).
+    async fn reduce(&self, sums: Vec<f64>) -> Option<Vec<f64>> {
+        let (reply, total) = tokio::sync::oneshot::channel();
+        self.tx.send((self.member, sums, reply)).ok()?;
+        total.await.ok()
     }
 }

@@ -11,8 +11,8 @@
 //! gradient sums in worker order and divides by the examples actually used.
 
 use crate::nn::{
-    DropoutRng, Loss, Model, NnError, Optimizer, OptimizerConfig, Params, SplitMix64, StatSums,
-    Target,
+    BatchSync, DropoutRng, LocalGroup, Loss, Model, NnError, Optimizer, OptimizerConfig, Params,
+    SplitMix64, StatSums, Target,
 };
 use crate::ops::DatasetStats;
 use crate::records::{RecordLayout, Records};
@@ -224,6 +224,24 @@ pub fn f32s_from_le(bytes: &[u8]) -> Result<Vec<f32>, String> {
         .collect())
 }
 
+/// BatchNormalization's sums travel as raw little-endian f64.
+pub fn f64s_to_le(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn f64s_from_le(bytes: &[u8]) -> Result<Vec<f64>, String> {
+    if !bytes.len().is_multiple_of(8) {
+        return Err(format!(
+            "{} bytes is not a whole number of float64 values",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        .collect())
+}
+
 /// What the model's outputs are compared with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -323,6 +341,11 @@ pub struct StepRequest {
     pub worker: u32,
     pub steps: Vec<LocalStep>,
     pub local: Option<OptimizerConfig>,
+    /// The step's batch is split between several workers that exchange
+    /// BatchNormalization's sums during the step (one step, no local
+    /// optimizer), so every share is normalized over the whole batch.
+    #[serde(default)]
+    pub exchange: bool,
     /// Sent as raw bytes after the request frame.
     #[serde(skip)]
     pub params: Vec<f32>,
@@ -469,9 +492,29 @@ impl Worker {
     }
 
     /// One round: the gradient sum over the share (one step), or the
-    /// parameters after `steps.len()` local optimizer steps.
-    pub fn step(&mut self, mut req: StepRequest) -> Result<StepResult> {
+    /// parameters after `steps.len()` local optimizer steps. A step with
+    /// `exchange` set needs `sync`, its link to the step's other workers.
+    pub fn step(
+        &mut self,
+        mut req: StepRequest,
+        sync: Option<&dyn BatchSync>,
+    ) -> Result<StepResult> {
         let started = std::time::Instant::now();
+        let sync =
+            match (req.exchange, sync) {
+                (false, _) => None,
+                (true, Some(s)) if req.local.is_none() && req.steps.len() == 1 => Some(s),
+                (true, Some(_)) => return Err(TrainError::Invalid(
+                    "batch statistics are exchanged only in single steps without a local optimizer"
+                        .into(),
+                )),
+                (true, None) => {
+                    return Err(TrainError::Invalid(
+                        "a step that exchanges batch statistics needs a link to the other workers"
+                            .into(),
+                    ))
+                }
+            };
         let mut params = self
             .model
             .params_from_flat(std::mem::take(&mut req.params))?;
@@ -479,7 +522,7 @@ impl Worker {
         let mut stats = Vec::new();
         let values = match (req.local, req.steps.as_slice()) {
             (None, [one]) => {
-                let g = self.grad_sum(&params, req.worker, one)?;
+                let g = self.grad_sum(&params, req.worker, one, sync)?;
                 (loss_sum, correct, count) = (g.loss_sum, g.correct, g.count);
                 stats = g.stats;
                 g.grad
@@ -501,7 +544,7 @@ impl Worker {
                     });
                 let mut opt = opt;
                 for s in steps {
-                    let mut g = self.grad_sum(&params, req.worker, s)?;
+                    let mut g = self.grad_sum(&params, req.worker, s, None)?;
                     loss_sum += g.loss_sum;
                     correct += g.correct;
                     count += g.count;
@@ -533,6 +576,7 @@ impl Worker {
         params: &Params,
         worker: u32,
         step: &LocalStep,
+        sync: Option<&dyn BatchSync>,
     ) -> Result<crate::nn::GradSum> {
         let n = self.y.len() as u64;
         let Share {
@@ -565,12 +609,13 @@ impl Worker {
             first_sample,
         };
         let target = self.spec.objective.target(&self.batch_y, &self.batch_x);
-        Ok(self.model.loss_and_grad_sum_with(
+        Ok(self.model.loss_and_grad_sum_synced(
             &self.spec.objective.loss,
             params,
             xv,
             target,
             Some(dropout),
+            sync,
         )?)
     }
 }
@@ -714,6 +759,13 @@ pub struct StepStats {
     pub count: u64,
 }
 
+/// Which workers of a step exchange BatchNormalization's sums: those with
+/// examples in the step, when there are at least two of them.
+pub fn exchanges(shares: &[Share]) -> Vec<bool> {
+    let busy = shares.iter().filter(|s| s.count > 0).count();
+    shares.iter().map(|s| busy > 1 && s.count > 0).collect()
+}
+
 /// The same algorithm in one process: `workers` play the datanodes.
 pub fn train_local(
     workers: &mut [Worker],
@@ -740,9 +792,12 @@ pub fn train_local(
             if max_iter.is_some_and(|m| iteration >= m) {
                 return Ok(());
             }
-            let mut sum = StepSum::new(params.len());
-            for (w, (worker, share)) in workers.iter_mut().zip(plan.shares(i)).enumerate() {
-                let r = worker.step(StepRequest {
+            let shares = plan.shares(i);
+            let exchange = exchanges(&shares);
+            let requests: Vec<StepRequest> = shares
+                .iter()
+                .enumerate()
+                .map(|(w, &share)| StepRequest {
                     worker: w as u32,
                     steps: vec![LocalStep {
                         epoch,
@@ -750,9 +805,41 @@ pub fn train_local(
                         share,
                     }],
                     local: None,
+                    exchange: exchange[w],
                     params: params.as_slice().to_vec(),
-                })?;
-                sum.add(&r)?;
+                })
+                .collect();
+            // Workers that exchange statistics run side by side, as on the
+            // datanodes; the others run alone.
+            let group = LocalGroup::new(exchange.iter().filter(|&&e| e).count());
+            let results: Vec<Result<StepResult>> = std::thread::scope(|s| {
+                let mut members = 0;
+                let handles: Vec<_> = workers
+                    .iter_mut()
+                    .zip(requests)
+                    .map(|(worker, req)| {
+                        let member = req.exchange.then(|| {
+                            members += 1;
+                            group.member(members - 1)
+                        });
+                        s.spawn(move || {
+                            let sync = member.as_ref().map(|m| m as &dyn BatchSync);
+                            worker.step(req, sync)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(TrainError::Invalid("a worker's step panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+            let mut sum = StepSum::new(params.len());
+            for r in results {
+                sum.add(&r?)?;
             }
             let stats = sum.apply(&mut opt, &model, params.as_mut_slice())?;
             on_step(iteration, &stats);

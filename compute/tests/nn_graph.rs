@@ -5,7 +5,8 @@
 mod common;
 use common::{fixture, load, max_abs_diff};
 
-use quern_compute::nn::npy;
+use ndarray::Axis;
+use quern_compute::nn::{npy, BatchSync, GradSum, LocalGroup, Loss, Model, Target};
 
 fn labels(name: &str) -> Vec<u32> {
     npy::load_labels(&fixture(&format!("{name}.labels.npy"))).unwrap()
@@ -32,33 +33,25 @@ fn resnet_mini_predicts_as_keras_with_moving_statistics() {
     }
 }
 
-#[test]
-fn resnet_mini_training_loss_and_gradients_match_keras() {
-    let (model, params) = load("resnet_mini");
-    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
-    let labels = labels("resnet_mini");
+/// The largest difference of the loss or a gradient from Keras's
+/// training-mode oracle, as a share of the 1e-4 relative tolerance (at
+/// most 1 passes). `grad` and `loss_sum` are sums over the fixture's batch.
+fn keras_training_deviation(model: &Model, loss_sum: f64, grad: &[f32]) -> f32 {
+    let n = labels("resnet_mini").len() as f64;
     let want_loss = npy::load_npy(&fixture("resnet_mini.train_loss.npy")).unwrap();
-    let want = npy::load_npz(&fixture("resnet_mini.train_grads.npz")).unwrap();
-    let g = model
-        .loss_and_grad_sum(&params, x.view(), &labels, None)
-        .unwrap();
-    let n = labels.len() as f64;
-    let loss = g.loss_sum / n;
+    let loss = loss_sum / n;
     let wl = *want_loss.iter().next().unwrap() as f64;
-    assert!(
-        (loss - wl).abs() <= 1e-4 * wl.abs().max(1.0),
-        "training loss {loss}, Keras {wl}"
-    );
+    let mut worst = ((loss - wl).abs() / (1e-4 * wl.abs().max(1.0))) as f32;
+    let mut want = npy::load_npz(&fixture("resnet_mini.train_grads.npz")).unwrap();
     let trainable: Vec<_> = model.param_specs().iter().filter(|s| s.trainable).collect();
     assert_eq!(
         trainable.len(),
         want.len(),
         "one gradient per trainable weight"
     );
-    let mut want = want;
     want.sort_by_key(|(n, _)| n.trim_start_matches("arr_").parse::<usize>().unwrap_or(0));
     for (spec, (_, w)) in trainable.iter().zip(&want) {
-        let got: Vec<f32> = g.grad[spec.offset..spec.offset + spec.len]
+        let got: Vec<f32> = grad[spec.offset..spec.offset + spec.len]
             .iter()
             .map(|v| *v / n as f32)
             .collect();
@@ -68,14 +61,102 @@ fn resnet_mini_training_loss_and_gradients_match_keras() {
             .zip(w.iter())
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
-        assert!(
-            d <= 1e-4 * scale.max(1e-2),
-            "{}: gradient differs from Keras by {d} (max |g| {scale})",
-            spec.name
-        );
+        worst = worst.max(d / (1e-4 * scale.max(1e-2)));
     }
+    worst
+}
+
+#[test]
+fn resnet_mini_training_loss_and_gradients_match_keras() {
+    let (model, params) = load("resnet_mini");
+    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
+    let labels = labels("resnet_mini");
+    let g = model
+        .loss_and_grad_sum(&params, x.view(), &labels, None)
+        .unwrap();
+    let worst = keras_training_deviation(&model, g.loss_sum, &g.grad);
+    assert!(
+        worst <= 1.0,
+        "gradients differ from Keras by {worst}x the tolerance"
+    );
     // Two BatchNormalization calls report their batch statistics.
     assert_eq!(g.stats.len(), 2);
+}
+
+/// The fixture's batch split 5/4/3 between three threads playing workers:
+/// the gradient sums, the loss and the moving-statistics sums over the
+/// shares, with or without exchanging BatchNormalization's sums.
+fn split_between_workers(exchange: bool) -> (Model, GradSum) {
+    let (model, params) = load("resnet_mini");
+    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
+    let labels = labels("resnet_mini");
+    let n = labels.len();
+    let cuts = [0, n * 5 / 12, n * 9 / 12, n];
+    let group = LocalGroup::new(3);
+    let loss = Loss::default();
+    let parts: Vec<GradSum> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|w| {
+                let (model, params, x, labels) = (&model, &params, &x, &labels);
+                let member = group.member(w);
+                let loss = &loss;
+                s.spawn(move || {
+                    let share = x.slice_axis(Axis(0), (cuts[w]..cuts[w + 1]).into());
+                    let target = Target::Classes(&labels[cuts[w]..cuts[w + 1]]);
+                    let sync = exchange.then_some(&member as &dyn BatchSync);
+                    model
+                        .loss_and_grad_sum_synced(loss, params, share, target, None, sync)
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut total = parts[0].clone();
+    for p in &parts[1..] {
+        total.loss_sum += p.loss_sum;
+        total
+            .grad
+            .iter_mut()
+            .zip(&p.grad)
+            .for_each(|(a, b)| *a += b);
+        for (a, b) in total.stats.iter_mut().zip(&p.stats) {
+            a.add(b).unwrap();
+        }
+    }
+    (model, total)
+}
+
+#[test]
+fn a_batch_split_between_workers_normalizes_over_the_whole_batch() {
+    let (model, split) = split_between_workers(true);
+    let worst = keras_training_deviation(&model, split.loss_sum, &split.grad);
+    assert!(
+        worst <= 1.0,
+        "split gradients differ from Keras's whole batch by {worst}x the tolerance"
+    );
+    // The moving statistics see the whole batch too.
+    let (_, params) = load("resnet_mini");
+    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
+    let whole = model
+        .loss_and_grad_sum(&params, x.view(), &labels("resnet_mini"), None)
+        .unwrap();
+    for (a, b) in split.stats.iter().zip(&whole.stats) {
+        assert_eq!(a.count, b.count);
+        for (u, v) in a
+            .sum
+            .iter()
+            .chain(&a.sum_sq)
+            .zip(b.sum.iter().chain(&b.sum_sq))
+        {
+            assert!((u - v).abs() <= 1e-9 * v.abs().max(1.0), "{u} vs {v}");
+        }
+    }
+    // Without the exchange each share is normalized on its own: not the
+    // computation Keras does on the whole batch.
+    let (_, ghost) = split_between_workers(false);
+    let off = keras_training_deviation(&model, ghost.loss_sum, &ghost.grad);
+    assert!(off > 10.0, "per-share statistics only {off}x off");
 }
 
 #[test]

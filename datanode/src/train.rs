@@ -12,8 +12,11 @@
 use crate::jobs::{internal, owned};
 use crate::node::Node;
 use crate::tasks::{fetch_remote, read_local};
+use quern_compute::nn::BatchSync;
 use quern_compute::ops;
-use quern_compute::train::{f32s_from_le, f32s_to_le, StepRequest, Worker, WorkerSpec};
+use quern_compute::train::{
+    f32s_from_le, f32s_to_le, f64s_from_le, f64s_to_le, StepRequest, Worker, WorkerSpec,
+};
 use quern_proto::msg::*;
 use quern_proto::transport::ServerStream;
 use quern_proto::{Access, ErrorCode, Principal, WireError};
@@ -113,12 +116,12 @@ pub(crate) async fn step(
     let outcome = run_step(node, req, stream).await;
     match outcome {
         Ok((out, values)) => {
-            stream.reply_header(&Ok(out)).await?;
+            stream.reply_header(&Ok(TrainStepMsg::Done(out))).await?;
             stream.send_piece(values).await?;
             stream.finish();
             Ok(())
         }
-        Err(e) => stream.reply::<TrainStepOutput>(&Err(e)).await,
+        Err(e) => stream.reply::<TrainStepMsg>(&Err(e)).await,
     }
 }
 
@@ -141,11 +144,19 @@ async fn run_step(
     let mut request: StepRequest = ops::decode(&req.request)
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("training step: {e}")))?;
     let describe = node.describe();
-    tokio::task::spawn_blocking(move || {
+    let (link, mut asks, answers) = if request.exchange {
+        let (link, asks, answers) = StreamSync::new();
+        (Some(link), Some(asks), Some(answers))
+    } else {
+        (None, None, None)
+    };
+    let why = link.as_ref().map(|l| l.why.clone());
+    let mut task = tokio::task::spawn_blocking(move || {
         request.params = f32s_from_le(&raw)
             .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("parameters: {e}")))?;
         let mut w = job.worker.lock().map_err(internal)?;
-        let mut r = w.step(request).map_err(|e| {
+        let sync = link.as_ref().map(|l| l as &dyn BatchSync);
+        let mut r = w.step(request, sync).map_err(|e| {
             WireError::new(
                 ErrorCode::InvalidArgument,
                 format!("{describe}: training step failed: {e}"),
@@ -165,9 +176,122 @@ async fn run_step(
             },
             values,
         ))
-    })
-    .await
-    .map_err(internal)?
+    });
+    // While the step computes, its BatchNormalization sums go to the
+    // coordinator and the whole batch's come back.
+    let mut answers = answers;
+    loop {
+        tokio::select! {
+            done = &mut task => return done.map_err(internal)?,
+            Some(sums) = recv_ask(&mut asks) => {
+                match exchange(stream, &sums).await {
+                    Ok(total) => {
+                        if let Some(a) = &answers {
+                            let _ = a.send(total);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(w) = &why {
+                            *w.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        }
+                        // The computation sees the exchange fail and ends.
+                        answers = None;
+                        asks = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn recv_ask(
+    asks: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Vec<f64>>>,
+) -> Option<Vec<f64>> {
+    match asks {
+        Some(a) => a.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends this node's sums on the step's stream and reads back the sums
+/// over every worker of the step.
+async fn exchange(stream: &mut ServerStream, sums: &[f64]) -> Result<Vec<f64>, quern_proto::Error> {
+    let values = sums.len() as u64;
+    stream
+        .reply_header(&Ok(TrainStepMsg::Sums { values }))
+        .await?;
+    stream
+        .send_piece(bytes::Bytes::from(f64s_to_le(sums)))
+        .await?;
+    let raw = stream.recv_body(values * 8).await?;
+    let total = f64s_from_le(&raw).map_err(quern_proto::Error::Malformed)?;
+    Ok(total)
+}
+
+/// The computation's side of the exchange: a blocking thread hands its
+/// sums to the async side, which talks to the coordinator.
+struct StreamSync {
+    ask: tokio::sync::mpsc::UnboundedSender<Vec<f64>>,
+    answer: std::sync::Mutex<std::sync::mpsc::Receiver<Vec<f64>>>,
+    why: Arc<std::sync::Mutex<Option<String>>>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl StreamSync {
+    #[allow(clippy::type_complexity)]
+    fn new() -> (
+        StreamSync,
+        tokio::sync::mpsc::UnboundedReceiver<Vec<f64>>,
+        std::sync::mpsc::Sender<Vec<f64>>,
+    ) {
+        let (ask, asks) = tokio::sync::mpsc::unbounded_channel();
+        let (answers, answer) = std::sync::mpsc::channel();
+        let link = StreamSync {
+            ask,
+            answer: std::sync::Mutex::new(answer),
+            why: Arc::new(std::sync::Mutex::new(None)),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        };
+        (link, asks, answers)
+    }
+}
+
+impl BatchSync for StreamSync {
+    fn all_reduce(&self, sums: &mut [f64]) {
+        if self.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let total = self
+            .ask
+            .send(sums.to_vec())
+            .ok()
+            .and_then(|()| self.answer.lock().ok()?.recv().ok());
+        match total {
+            Some(t) if t.len() == sums.len() => sums.copy_from_slice(&t),
+            Some(t) => {
+                *self.why.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                    "the coordinator answered {} sums for {}",
+                    t.len(),
+                    sums.len()
+                ));
+                self.failed.store(true, Ordering::SeqCst);
+            }
+            None => self.failed.store(true, Ordering::SeqCst),
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(
+            self.why
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "the coordinator's stream closed".into()),
+        )
+    }
 }
 
 pub(crate) fn close(node: &Node, caller: &Principal, req: TrainClose) -> Result<(), WireError> {

@@ -596,14 +596,27 @@ pub struct TrainOpened {
 /// One training round on this node's shard. `request` is an encoded
 /// `quern_compute::train::StepRequest`; `params_len` raw bytes follow the
 /// frame (the parameters, little-endian f32), so the large part of every
-/// step is not copied through the encoder. The reply is a
-/// [`TrainStepOutput`] followed by `values_len` raw bytes.
+/// step is not copied through the encoder. The node answers with
+/// [`TrainStepMsg`]s: when the step exchanges batch statistics, a `Sums`
+/// per exchange (the caller answers each with as many summed values), then
+/// `Done`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainStep {
     pub job: u64,
     #[serde(with = "serde_bytes")]
     pub request: Vec<u8>,
     pub params_len: u64,
+}
+
+/// A frame a datanode sends on a training step's stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum TrainStepMsg {
+    /// `values` little-endian f64 follow: this node's BatchNormalization
+    /// sums. The caller sends back, as the next piece of the request's
+    /// body, the same number of values summed over the step's workers.
+    Sums { values: u64 },
+    /// The result; `values_len` raw bytes follow.
+    Done(TrainStepOutput),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -641,7 +654,7 @@ rpcs!(DataRequest {
     Ping(Ping) -> NodeId,
     RunTask(RunTask) -> TaskOutput,
     TrainOpen(TrainOpen) -> TrainOpened,
-    TrainStep(TrainStep) -> TrainStepOutput,
+    TrainStep(TrainStep) -> TrainStepMsg,
     TrainClose(TrainClose) -> (),
     TrainRenew(TrainRenew) -> TrainRenewed,
 });

@@ -244,6 +244,17 @@ async fn train_past_step_5(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_datanode_hands_its_share_to_other_holders() {
+    loses_a_datanode_mid_training(tiny_model()).await;
+}
+
+/// Workers waiting for a lost one's BatchNormalization sums are stopped,
+/// and the step runs again without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datanode_lost_mid_exchange_does_not_stall_the_others() {
+    loses_a_datanode_mid_training(tiny_bn_model()).await;
+}
+
+async fn loses_a_datanode_mid_training(model: Model) {
     let mut c = TestCluster::start(Options::default()).await;
     let client = Client::new(
         &c.admin_identity(),
@@ -252,7 +263,6 @@ async fn a_lost_datanode_hands_its_share_to_other_holders() {
     )
     .unwrap();
     let ds = dataset(&client, 600, 9).await;
-    let model = tiny_model();
     let opts = TrainOptions {
         max_iter: Some(40),
         ..options(&model, 3)
@@ -339,6 +349,15 @@ async fn a_corrupt_replica_is_fetched_from_another_holder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_datanode_partitioned_during_training_hands_its_share_over() {
+    partitions_a_datanode_mid_training(tiny_model()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datanode_partitioned_mid_exchange_hands_its_share_over() {
+    partitions_a_datanode_mid_training(tiny_bn_model()).await;
+}
+
+async fn partitions_a_datanode_mid_training(model: Model) {
     let c = TestCluster::start(Options::default()).await;
     // A step that gets no answer within the RPC timeout loses its worker.
     let client = Client::new(
@@ -348,7 +367,6 @@ async fn a_datanode_partitioned_during_training_hands_its_share_over() {
     )
     .unwrap();
     let ds = dataset(&client, 600, 9).await;
-    let model = tiny_model();
     let opts = TrainOptions {
         max_iter: Some(30),
         ..options(&model, 3)

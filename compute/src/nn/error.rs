@@ -25,6 +25,10 @@ pub enum NnError {
     Weights(String),
     #[error("input: {0}")]
     Input(String),
+    /// A worker could not exchange batch statistics with the others of its
+    /// step.
+    #[error("exchanging BatchNormalization statistics with the other workers: {0}")]
+    Exchange(String),
     // The io error is in the message, not a `source`, so that `{:#}`
     // chains do not print it twice.
     #[error("{path}: {error}")]

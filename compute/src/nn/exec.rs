@@ -9,6 +9,7 @@
 use super::graph::Graph;
 use super::layers::{Back, Ctx, Noise, Saved, StatSums};
 use super::model::ParamSpec;
+use super::sync::BatchSync;
 
 /// Dropout and noise randomness for one training call: sample `i` of the
 /// batch draws from a stream keyed by `(seed, layer call, first_sample + i)`,
@@ -18,6 +19,15 @@ use super::model::ParamSpec;
 pub struct DropoutRng {
     pub seed: u64,
     pub first_sample: u64,
+}
+
+/// A training-mode pass: dropout randomness (None: dropout and noise off)
+/// and, when the batch is split between workers, the link over which
+/// BatchNormalization exchanges its sums.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Train<'a> {
+    pub dropout: Option<DropoutRng>,
+    pub sync: Option<&'a dyn BatchSync>,
 }
 
 /// What the backward pass needs from the forward pass.
@@ -73,7 +83,7 @@ impl Exec<'_> {
         params: &[f32],
         x: &[f32],
         n: usize,
-        train: Option<Option<DropoutRng>>,
+        train: Option<Train<'_>>,
         keep_all: bool,
     ) -> Tape {
         let g = self.graph;
@@ -105,11 +115,12 @@ impl Exec<'_> {
                 w: &w,
                 train: train.is_some(),
                 trainable: layer.trainable,
-                noise: train.flatten().map(|d| Noise {
+                noise: train.and_then(|t| t.dropout).map(|d| Noise {
                     seed: d.seed,
                     stream: ci as u64,
                     first_sample: d.first_sample,
                 }),
+                sync: train.and_then(|t| t.sync),
             };
             let (y, s) = layer.op.forward(&cx, &xs);
             debug_assert_eq!(y.len(), n * g.shapes[call.output].iter().product::<usize>());
@@ -167,6 +178,7 @@ impl Exec<'_> {
         dy: Vec<f32>,
         dy_is_preact: bool,
         grad: &mut [f32],
+        sync: Option<&dyn BatchSync>,
     ) {
         let g = self.graph;
         let req = self.requires_grad();
@@ -223,6 +235,7 @@ impl Exec<'_> {
                     train: true,
                     trainable: layer.trainable,
                     noise: None,
+                    sync,
                 };
                 layer.op.backward(
                     &cx,

@@ -28,6 +28,7 @@ pub mod npy;
 mod optim;
 mod rng;
 mod summary;
+mod sync;
 
 pub use activation::Activation;
 pub use bench::{bench_train_step, BenchReport};
@@ -41,3 +42,4 @@ pub use loss::{Loss, Target};
 pub use model::{Evaluation, GradSum, KerasArchive, Model, ParamSpec, Params};
 pub use optim::{Adagrad, Adam, Algorithm, Optimizer, OptimizerConfig, RmsProp, Schedule, Sgd};
 pub use rng::SplitMix64;
+pub use sync::{BatchSync, LocalGroup, Member};

@@ -8,7 +8,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 
 use super::activation::Activation;
 use super::error::{NnError, Result};
-use super::exec::{DropoutRng, Exec};
+use super::exec::{DropoutRng, Exec, Train};
 use super::graph::{self, Graph};
 use super::h5;
 use super::init::Init;
@@ -16,6 +16,7 @@ use super::layers::{shape_str, StatSums};
 use super::loss::{Loss, Target};
 use super::npy;
 use super::summary;
+use super::sync::BatchSync;
 
 /// Keras clips probabilities to [EPS, 1 - EPS] before taking the log.
 const CCE_EPSILON: f32 = 1e-7;
@@ -661,7 +662,10 @@ impl Model {
         let n = self.check(params, &x)?;
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
-        let train = dropout.map(Some);
+        let train = dropout.map(|d| Train {
+            dropout: Some(d),
+            sync: None,
+        });
         let mut tape = self.exec().forward(&params.values, xs, n, train, false);
         let out = tape.take(self.graph.output).unwrap_or_else(|| xs.to_vec());
         Ok(self.batch_array(n, self.output_shape(), out))
@@ -776,7 +780,15 @@ impl Model {
         labels: &[u32],
         dropout: Option<DropoutRng>,
     ) -> Result<GradSum> {
-        self.grad_sum(params, x, labels, Some(dropout))
+        self.grad_sum(
+            params,
+            x,
+            labels,
+            Some(Train {
+                dropout,
+                sync: None,
+            }),
+        )
     }
 
     /// `train`: None for inference mode, else training mode with optional
@@ -786,7 +798,7 @@ impl Model {
         params: &Params,
         x: ArrayViewD<'_, f32>,
         labels: &[u32],
-        train: Option<Option<DropoutRng>>,
+        train: Option<Train<'_>>,
     ) -> Result<GradSum> {
         self.classes()?;
         self.grad_sum_with(&Loss::default(), params, x, Target::Classes(labels), train)
@@ -802,7 +814,29 @@ impl Model {
         target: Target<'_>,
         dropout: Option<DropoutRng>,
     ) -> Result<GradSum> {
-        self.grad_sum_with(loss, params, x, target, Some(dropout))
+        self.loss_and_grad_sum_synced(loss, params, x, target, dropout, None)
+    }
+
+    /// [`loss_and_grad_sum_with`](Self::loss_and_grad_sum_with) on one
+    /// worker's share of a batch split between workers: with `sync`,
+    /// BatchNormalization normalizes with the statistics of the whole
+    /// batch, exchanged with the other workers, so the workers' summed
+    /// gradients are those of the whole batch. A failed exchange is an
+    /// error.
+    pub fn loss_and_grad_sum_synced(
+        &self,
+        loss: &Loss,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        target: Target<'_>,
+        dropout: Option<DropoutRng>,
+        sync: Option<&dyn BatchSync>,
+    ) -> Result<GradSum> {
+        let g = self.grad_sum_with(loss, params, x, target, Some(Train { dropout, sync }))?;
+        match sync.and_then(|s| s.failure()) {
+            Some(why) => Err(NnError::Exchange(why)),
+            None => Ok(g),
+        }
     }
 
     fn grad_sum_with(
@@ -811,7 +845,7 @@ impl Model {
         params: &Params,
         x: ArrayViewD<'_, f32>,
         target: Target<'_>,
-        train: Option<Option<DropoutRng>>,
+        train: Option<Train<'_>>,
     ) -> Result<GradSum> {
         let n = self.check(params, &x)?;
         let per: usize = self.output_shape().iter().product();
@@ -840,7 +874,8 @@ impl Model {
         let e = loss
             .evaluate(out, per, target, self.final_activation())
             .map_err(NnError::Input)?;
-        exec.backward(&params.values, xs, n, tape, e.dy, e.preact, &mut grad);
+        let sync = train.and_then(|t| t.sync);
+        exec.backward(&params.values, xs, n, tape, e.dy, e.preact, &mut grad, sync);
         let loss_sum = e.loss_sum + self.regularize(params, n, &mut grad);
         Ok(GradSum {
             loss_sum,

@@ -226,6 +226,9 @@ pub(crate) struct Ctx<'a> {
     pub trainable: bool,
     /// Present in training mode.
     pub noise: Option<Noise>,
+    /// Present when the batch is split between workers: BatchNormalization
+    /// adds its sums over all of them.
+    pub sync: Option<&'a dyn crate::nn::sync::BatchSync>,
 }
 
 /// What a forward pass keeps for its backward pass.

@@ -117,6 +117,8 @@ struct BnTrain {
     xhat: Vec<f32>,
     rstd: Vec<f32>,
     stats: StatSums,
+    /// Rows of the whole batch (over every worker).
+    rows: f64,
 }
 
 impl BatchNorm {
@@ -216,14 +218,34 @@ impl Op for BatchNorm {
                 *a += *v as f64;
             }
         });
-        let m = rows.max(1) as f64;
-        let mean: Vec<f64> = sum.iter().map(|s| s / m).collect();
-        let sq = channel_sums(rows, c, |r, acc| {
+        // With the batch split between workers, the mean and variance are
+        // the whole batch's: the sums (and the row count) are added over
+        // the workers before use.
+        let mut global = sum.clone();
+        global.push(rows as f64);
+        if let Some(s) = cx.sync {
+            s.all_reduce(&mut global);
+        }
+        let m = global[c].max(1.0);
+        let mean: Vec<f64> = global[..c].iter().map(|s| s / m).collect();
+        let mut sq = channel_sums(rows, c, |r, acc| {
             for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
                 let d = *v as f64 - mu;
                 *a += d * d;
             }
         });
+        // This share's sums of x^2, from its sums centred on the batch
+        // mean, so that the workers' shares add up to the batch's moving
+        // statistics.
+        let sum_sq: Vec<f64> = sq
+            .iter()
+            .zip(&mean)
+            .zip(&sum)
+            .map(|((q, mu), s)| q + 2.0 * mu * s - rows as f64 * mu * mu)
+            .collect();
+        if let Some(s) = cx.sync {
+            s.all_reduce(&mut sq);
+        }
         let var: Vec<f64> = sq.iter().map(|s| s / m).collect();
         let rstd: Vec<f32> = var
             .iter()
@@ -247,19 +269,20 @@ impl Op for BatchNorm {
                     }
                 }
             });
-        // Sums of x and x^2 over the batch, from the centred sums, so
-        // that workers' shares add up to the global batch's statistics.
-        let sum_sq: Vec<f64> = sq
-            .iter()
-            .zip(&mean)
-            .map(|(s, mu)| s + m * mu * mu)
-            .collect();
         let stats = StatSums {
             sum,
             sum_sq,
             count: rows as u64,
         };
-        (y, saved(BnTrain { xhat, rstd, stats }))
+        (
+            y,
+            saved(BnTrain {
+                xhat,
+                rstd,
+                stats,
+                rows: m,
+            }),
+        )
     }
 
     fn backward(&self, cx: &Ctx<'_>, b: Back<'_>) -> Vec<Option<Vec<f32>>> {
@@ -281,10 +304,16 @@ impl Op for BatchNorm {
                     self.add_affine_grads(b.dw, &sum_dy, &sum_dy_xhat);
                 }
                 let dx = b.need[0].then(|| {
-                    let m = rows.max(1) as f32;
-                    let mean_dy: Vec<f32> = sum_dy.iter().map(|s| (*s / m as f64) as f32).collect();
-                    let mean_dyh: Vec<f32> =
-                        sum_dy_xhat.iter().map(|s| (*s / m as f64) as f32).collect();
+                    // dx depends on the whole batch's sums; gamma's and
+                    // beta's gradients are this share's part of a sum the
+                    // coordinator adds up.
+                    let mut sums = [sum_dy.as_slice(), sum_dy_xhat.as_slice()].concat();
+                    if let Some(s) = cx.sync {
+                        s.all_reduce(&mut sums);
+                    }
+                    let m = t.rows;
+                    let mean_dy: Vec<f32> = sums[..c].iter().map(|s| (*s / m) as f32).collect();
+                    let mean_dyh: Vec<f32> = sums[c..].iter().map(|s| (*s / m) as f32).collect();
                     let scale: Vec<f32> = (0..c).map(|j| g(j) * t.rstd[j]).collect();
                     let mut dx = vec![0.0f32; x.len()];
                     dx.par_chunks_mut(c * 64)
