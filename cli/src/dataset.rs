@@ -73,7 +73,8 @@ pub enum ImportCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Numeric CSV: float features and one integer label column.
+    /// Numeric CSV: float features and one label column (an integer class
+    /// index, or a float target with --regression).
     Csv {
         file: PathBuf,
         dir: String,
@@ -83,6 +84,11 @@ pub enum ImportCommand {
         /// The first line names the columns.
         #[arg(long)]
         header: bool,
+        /// The label column holds float targets (regression; train with
+        /// --loss mean_squared_error or another regression loss), stored
+        /// as float32.
+        #[arg(long)]
+        regression: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -115,6 +121,7 @@ pub async fn run(cmd: DatasetCommand, config: Option<&Path>) -> Result<i32> {
             dir,
             label_column,
             header,
+            regression,
             store,
         }) => {
             let data = parse_csv(
@@ -122,6 +129,7 @@ pub async fn run(cmd: DatasetCommand, config: Option<&Path>) -> Result<i32> {
                 &read_local(file)?,
                 label_column,
                 *header,
+                *regression,
             )?;
             Some((
                 dir.clone(),
@@ -166,14 +174,18 @@ async fn import_dataset(
     };
     let ds = client.import_dataset(dir, &data, &opts).await?;
     let m = &ds.manifest;
+    let labels = if m.layout.classified() {
+        format!("{} classes", m.classes)
+    } else {
+        "float targets".to_string()
+    };
     println!(
-        "imported {} records of {:?} {} + {} label ({} bytes each, {} classes) into {} ({} part{}, {} chunks of {})",
+        "imported {} records of {:?} {} + {} label ({} bytes each, {labels}) into {} ({} part{}, {} chunks of {})",
         m.records,
         m.layout.feature_shape,
         m.layout.feature_dtype.name(),
         m.layout.label_dtype.name(),
         m.record_size,
-        m.classes,
         ds.dir,
         m.parts.len(),
         if m.parts.len() == 1 { "" } else { "s" },
@@ -239,6 +251,7 @@ async fn info(client: &Client, dir: &str, json: bool) -> Result<i32> {
         m.record_size
     );
     match &m.class_names {
+        _ if !m.layout.classified() => println!("targets   float32 (regression)"),
         Some(n) => println!("classes   {} ({})", m.classes, n.join(", ")),
         None => println!("classes   {}", m.classes),
     }
@@ -378,6 +391,9 @@ fn print_stats(ds: &Dataset, s: &DatasetStats) {
         }
     } else {
         println!("          (per-feature values: --json, or the manifest)");
+    }
+    if !ds.manifest.layout.classified() {
+        return;
     }
     println!("labels");
     for (label, count) in s.label_counts.iter().enumerate() {

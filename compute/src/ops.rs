@@ -166,6 +166,10 @@ impl MapOp for LabelHistogram {
     type Partial = Vec<u64>;
     fn map(&self, records: &Records) -> Result<Vec<u64>, OpError> {
         let mut h: Vec<u64> = Vec::new();
+        // Float targets have no classes to count.
+        if !records.layout().classified() {
+            return Ok(h);
+        }
         for i in 0..records.len() {
             let l = records.label(i) as usize;
             if l >= 1 << 20 {
@@ -374,7 +378,7 @@ mod tests {
         let mut rows = Vec::new();
         for i in 0..n {
             let f = [i as f32 * 0.5 + 1e4, (i % 7) as f32, -(i as f32).sqrt()];
-            encode_record(&l, &f, (i % 4) as u32, &mut b);
+            encode_record(&l, &f, (i % 4) as f64, &mut b);
             rows.push(f);
         }
         (l, b, rows)

@@ -71,16 +71,17 @@ impl RecordLayout {
                 "feature shape {feature_shape:?} must have at least one dimension and no zero"
             )));
         }
-        if label_dtype == DType::F32 {
-            return Err(RecordError::Layout(
-                "labels are class indices: use uint8 or uint32, not float32".into(),
-            ));
-        }
         Ok(RecordLayout {
             feature_shape,
             feature_dtype,
             label_dtype,
         })
+    }
+
+    /// Whether labels are class indices (uint8, uint32); float32 labels
+    /// are regression targets.
+    pub fn classified(&self) -> bool {
+        self.label_dtype != DType::F32
     }
 
     /// Number of feature values in one record.
@@ -167,17 +168,30 @@ impl<'a> Records<'a> {
         }
     }
 
+    /// Record `i`'s class index (in a layout with float targets, the
+    /// target truncated: see [`target`](Self::target)).
     pub fn label(&self, i: usize) -> u32 {
         let raw = &self.record(i)[self.layout.feature_bytes()..];
         match self.layout.label_dtype {
             DType::U8 => u32::from(raw[0]),
-            _ => u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
+            DType::U32 => u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
+            DType::F32 => f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as u32,
+        }
+    }
+
+    /// Record `i`'s label as a value: the float target, or the class index.
+    pub fn target(&self, i: usize) -> f32 {
+        let raw = &self.record(i)[self.layout.feature_bytes()..];
+        match self.layout.label_dtype {
+            DType::F32 => f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
+            _ => self.label(i) as f32,
         }
     }
 }
 
-/// Appends one record to `out` in the layout's encoding.
-pub fn encode_record(layout: &RecordLayout, features: &[f32], label: u32, out: &mut Vec<u8>) {
+/// Appends one record to `out` in the layout's encoding. `label` is a
+/// class index, or the target itself when labels are float32.
+pub fn encode_record(layout: &RecordLayout, features: &[f32], label: f64, out: &mut Vec<u8>) {
     match layout.feature_dtype {
         DType::U8 => out.extend(features.iter().map(|&f| f as u8)),
         DType::F32 => {
@@ -193,7 +207,8 @@ pub fn encode_record(layout: &RecordLayout, features: &[f32], label: u32, out: &
     }
     match layout.label_dtype {
         DType::U8 => out.push(label as u8),
-        _ => out.extend_from_slice(&label.to_le_bytes()),
+        DType::U32 => out.extend_from_slice(&(label as u32).to_le_bytes()),
+        DType::F32 => out.extend_from_slice(&(label as f32).to_le_bytes()),
     }
 }
 
@@ -354,8 +369,8 @@ mod tests {
     fn records_round_trip() {
         let l = RecordLayout::new(vec![2], DType::F32, DType::U8).unwrap();
         let mut b = Vec::new();
-        encode_record(&l, &[1.5, -2.0], 3, &mut b);
-        encode_record(&l, &[0.25, 8.0], 9, &mut b);
+        encode_record(&l, &[1.5, -2.0], 3.0, &mut b);
+        encode_record(&l, &[0.25, 8.0], 9.0, &mut b);
         let r = l.view("test", &b).unwrap();
         assert_eq!(r.len(), 2);
         let mut f = [0f32; 2];
@@ -363,5 +378,11 @@ mod tests {
         assert_eq!(f, [0.25, 8.0]);
         assert_eq!(r.label(0), 3);
         assert!(l.view("short", &b[..b.len() - 1]).is_err());
+
+        let reg = RecordLayout::new(vec![1], DType::F32, DType::F32).unwrap();
+        assert!(!reg.classified());
+        let mut b = Vec::new();
+        encode_record(&reg, &[2.0], -0.375, &mut b);
+        assert_eq!(reg.view("t", &b).unwrap().target(0), -0.375);
     }
 }

@@ -125,18 +125,102 @@ impl Scaler {
     }
 }
 
+/// The records' labels as stored: class indices, or float targets
+/// (regression).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Labels {
+    Classes(Vec<u32>),
+    Values(Vec<f32>),
+}
+
+impl Labels {
+    /// Empty labels of the kind `layout` stores.
+    pub fn for_layout(layout: &RecordLayout) -> Labels {
+        if layout.classified() {
+            Labels::Classes(Vec::new())
+        } else {
+            Labels::Values(Vec::new())
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Labels::Classes(c) => c.len(),
+            Labels::Values(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            Labels::Classes(c) => c.capacity(),
+            Labels::Values(v) => v.capacity(),
+        }
+    }
+
+    fn reserve_exact(&mut self, n: usize) {
+        match self {
+            Labels::Classes(c) => c.reserve_exact(n),
+            Labels::Values(v) => v.reserve_exact(n),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Labels::Classes(c) => c.clear(),
+            Labels::Values(v) => v.clear(),
+        }
+    }
+
+    /// Appends `other`'s labels; both must be of one kind.
+    fn extend(&mut self, other: &Labels) -> Result<()> {
+        match (self, other) {
+            (Labels::Classes(a), Labels::Classes(b)) => a.extend_from_slice(b),
+            (Labels::Values(a), Labels::Values(b)) => a.extend_from_slice(b),
+            _ => {
+                return Err(TrainError::Invalid(
+                    "records mix class labels and float targets".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// `self[i]` appended to `out` (of the same kind).
+    fn push_from(&self, i: usize, out: &mut Labels) {
+        match (self, out) {
+            (Labels::Classes(a), Labels::Classes(b)) => b.push(a[i]),
+            (Labels::Values(a), Labels::Values(b)) => b.push(a[i]),
+            (me, out) => *out = me.same_kind(),
+        }
+    }
+
+    fn same_kind(&self) -> Labels {
+        match self {
+            Labels::Classes(_) => Labels::Classes(Vec::new()),
+            Labels::Values(_) => Labels::Values(Vec::new()),
+        }
+    }
+}
+
 /// Decodes and scales every record of a chunk: (features, labels).
-pub fn decode_scaled(records: &Records, scaler: &Scaler) -> Result<(Vec<f32>, Vec<u32>)> {
+pub fn decode_scaled(records: &Records, scaler: &Scaler) -> Result<(Vec<f32>, Labels)> {
     let f = records.layout().features();
     scaler.check(f)?;
     let n = records.len();
     let mut x = vec![0f32; n * f];
-    let mut y = Vec::with_capacity(n);
     for (i, row) in x.chunks_exact_mut(f).enumerate() {
         records.features_into(i, row);
         scaler.apply(row);
-        y.push(records.label(i));
     }
+    let y = if records.layout().classified() {
+        Labels::Classes((0..n).map(|i| records.label(i)).collect())
+    } else {
+        Labels::Values((0..n).map(|i| records.target(i)).collect())
+    };
     Ok((x, y))
 }
 
@@ -292,10 +376,40 @@ impl Objective {
         }
     }
 
-    fn target<'a>(&self, labels: &'a [u32], x: &'a [f32]) -> Target<'a> {
-        match self.target {
-            TargetKind::Labels => Target::Classes(labels),
-            TargetKind::Input => Target::Values(x),
+    /// Refuses a loss that cannot compare the model's outputs with the
+    /// labels `layout` stores: float targets need a regression loss and a
+    /// model with one output.
+    pub fn check_labels(&self, model: &Model, layout: &RecordLayout) -> Result<()> {
+        if self.target != TargetKind::Labels || layout.classified() {
+            return Ok(());
+        }
+        if matches!(
+            self.loss,
+            Loss::SparseCategoricalCrossentropy { .. } | Loss::CategoricalCrossentropy { .. }
+        ) {
+            return Err(TrainError::Invalid(format!(
+                "the records hold float targets, not classes, so {} does not apply: use a \
+                 regression loss (--loss mean_squared_error, mean_absolute_error or huber)",
+                self.loss.to_keras()["class_name"]
+            )));
+        }
+        let out: usize = model.output_shape().iter().product();
+        if out != 1 {
+            return Err(TrainError::Invalid(format!(
+                "the records hold one float target each but model {} outputs {:?} per example; \
+                 end it with Dense(1)",
+                model.name(),
+                model.output_shape()
+            )));
+        }
+        Ok(())
+    }
+
+    fn target<'a>(&self, labels: &'a Labels, x: &'a [f32]) -> Target<'a> {
+        match (self.target, labels) {
+            (TargetKind::Input, _) => Target::Values(x),
+            (TargetKind::Labels, Labels::Classes(c)) => Target::Classes(c),
+            (TargetKind::Labels, Labels::Values(v)) => Target::Values(v),
         }
     }
 }
@@ -377,11 +491,11 @@ pub struct Worker {
     model: Model,
     spec: WorkerSpec,
     x: Vec<f32>,
-    y: Vec<u32>,
+    y: Labels,
     features: usize,
     perm: Option<(u64, u32, Vec<u32>)>,
     batch_x: Vec<f32>,
-    batch_y: Vec<u32>,
+    batch_y: Labels,
     /// The worker's own optimizer state under `--sync K`, kept across rounds.
     local_opt: Option<Optimizer>,
 }
@@ -401,15 +515,17 @@ impl Worker {
         }
         spec.scaler.check(features)?;
         spec.objective.check(&model)?;
+        spec.objective.check_labels(&model, &spec.layout)?;
+        let y = Labels::for_layout(&spec.layout);
         Ok(Worker {
             model,
+            batch_y: y.same_kind(),
+            y,
             spec,
             x: Vec::new(),
-            y: Vec::new(),
             features,
             perm: None,
             batch_x: Vec::new(),
-            batch_y: Vec::new(),
             local_opt: None,
         })
     }
@@ -422,8 +538,8 @@ impl Worker {
     pub fn add_chunk(&mut self, bytes: &[u8]) -> Result<u64> {
         let records = self.spec.layout.view("chunk", bytes)?;
         let (x, y) = decode_scaled(&records, &self.spec.scaler)?;
+        self.y.extend(&y)?;
         self.x.extend_from_slice(&x);
-        self.y.extend_from_slice(&y);
         self.perm = None;
         Ok(self.records())
     }
@@ -598,7 +714,7 @@ impl Worker {
         for &i in &idx {
             let i = i as usize;
             self.batch_x.extend_from_slice(&self.x[i * f..(i + 1) * f]);
-            self.batch_y.push(self.y[i]);
+            self.y.push_from(i, &mut self.batch_y);
         }
         let mut dims = vec![count as usize];
         dims.extend_from_slice(self.model.input_shape());
@@ -943,6 +1059,7 @@ impl crate::ops::MapOp for ScoreOp {
         let xv = ArrayViewD::from_shape(IxDyn(&dims), &x).map_err(|e| fail(e.to_string()))?;
         self.objective
             .check(&model)
+            .and_then(|()| self.objective.check_labels(&model, records.layout()))
             .map_err(|e| fail(e.to_string()))?;
         let e = model
             .evaluate_with(

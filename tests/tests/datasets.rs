@@ -83,6 +83,7 @@ async fn chunks_hold_whole_records_for_every_size() {
         csv.as_bytes(),
         &LabelColumn::Name("label".into()),
         true,
+        false,
     )
     .unwrap();
     let (idx, _, _) = encoded_idx(333, 9);

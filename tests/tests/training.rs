@@ -735,3 +735,81 @@ async fn an_autoencoder_learns_its_input_with_mse() {
     };
     assert!(err.to_string().contains("--target input"), "{err}");
 }
+
+/// A regression dataset: three features in [0, 10), target
+/// 0.3 x0 - 0.2 x1 + 0.1 x2 + 1 plus a little noise, from CSV with
+/// --regression (float32 targets).
+async fn regression_dataset(client: &Client, n: usize) -> Dataset {
+    use quern_compute::import::{parse_csv, LabelColumn};
+    let mut rng = quern_compute::nn::SplitMix64::new(31);
+    let mut u = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let mut text = String::from("a,b,c,y\n");
+    for _ in 0..n {
+        let (a, b, c) = (10.0 * u(), 10.0 * u(), 10.0 * u());
+        let y = 0.3 * a - 0.2 * b + 0.1 * c + 1.0 + 0.05 * (u() - 0.5);
+        text.push_str(&format!("{a},{b},{c},{y}\n"));
+    }
+    let data = parse_csv("r.csv", text.as_bytes(), &LabelColumn::Index(3), true, true).unwrap();
+    let opts = ImportOptions {
+        chunk_size: 16 * 50,
+        replication: 2,
+        ..ImportOptions::default()
+    };
+    client.import_dataset("/reg", &data, &opts).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regression_model_learns_float_targets() {
+    use quern_compute::nn::Loss;
+    use quern_compute::train::Objective;
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = regression_dataset(&client, 600).await;
+    let j = serde_json::json!({"class_name": "Sequential", "config": {"name": "linear", "layers": [
+        {"class_name": "InputLayer", "config": {"name": "in", "batch_shape": [null, 3]}},
+        {"class_name": "Dense", "config": {"name": "out", "units": 1}}
+    ]}});
+    let model = Model::from_keras_json(&j.to_string()).unwrap();
+    let objective = Objective {
+        loss: Loss::MeanSquaredError,
+        target: Default::default(),
+    };
+    let opts = TrainOptions {
+        objective,
+        optimizer: quern_compute::nn::Adam {
+            lr: 0.05,
+            ..Default::default()
+        }
+        .into(),
+        epochs: 20,
+        max_iter: None,
+        ..options(&model, 3)
+    };
+    let run = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
+    let TrainEvent::Started { shards, .. } = &run.events[0] else {
+        panic!("first event is Started");
+    };
+    assert!(shards.len() >= 2, "work spread over datanodes: {shards:?}");
+    // The targets spread with variance ~1.2; a fitted line leaves the
+    // noise (~2e-4) plus what 20 epochs did not finish.
+    let (s, _) = client
+        .score(&ds, &opts.model_json, &run.params, &run.scaler, objective)
+        .await
+        .unwrap();
+    assert_eq!(s.count, 600);
+    assert!(s.confusion.is_empty(), "no classes to confuse");
+    assert!(s.loss() < 0.01, "scored MSE {}", s.loss());
+
+    // Cross-entropy on float targets is refused, naming what to use.
+    let bad = TrainOptions {
+        objective: Objective::default(),
+        ..opts.clone()
+    };
+    let Err(err) = client.train(&mut ds, None, &bad, |_| {}).await else {
+        panic!("classes cannot be learnt from float targets");
+    };
+    assert!(
+        err.to_string().contains("--loss mean_squared_error"),
+        "{err}"
+    );
+}

@@ -524,3 +524,99 @@ fn the_demo_runs_end_to_end() {
         status.stdout
     );
 }
+
+/// Float targets from CSV, a linear model trained with MSE, and a score
+/// that reports the loss without accuracy or a confusion matrix.
+#[test]
+fn a_regression_from_csv_trains_and_scores_by_its_loss() {
+    let c = BinCluster::up(2, &[]);
+    let local = tempfile::tempdir().unwrap();
+    let csv = local.path().join("houses.csv");
+    let mut text = String::from("rooms,age,price\n");
+    for i in 0..400u32 {
+        let (rooms, age) = ((i % 7) as f64, ((i * 37) % 50) as f64 / 10.0);
+        text.push_str(&format!(
+            "{rooms},{age},{}\n",
+            0.5 * rooms - 0.3 * age + 2.0
+        ));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let model = local.path().join("linear.json");
+    std::fs::write(
+        &model,
+        serde_json::json!({"class_name": "Sequential", "config": {"name": "linear", "layers": [
+            {"class_name": "InputLayer", "config": {"name": "in", "batch_shape": [null, 2]}},
+            {"class_name": "Dense", "config": {"name": "out", "units": 1}}
+        ]}})
+        .to_string(),
+    )
+    .unwrap();
+    let import = c.quern(&[
+        "dataset",
+        "import",
+        "csv",
+        csv.to_str().unwrap(),
+        "/houses",
+        "--label-column",
+        "price",
+        "--header",
+        "--regression",
+        "--chunk-size",
+        "1KiB",
+    ]);
+    ok(&import);
+    assert!(import.stdout.contains("float targets"), "{}", import.stdout);
+    let base = [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "/houses",
+        "--epochs",
+        "30",
+        "--batch-size",
+        "20",
+    ];
+    // Class cross-entropy on prices is refused before any step.
+    fails_with(
+        &c.quern(&[&base[..], &["--out", "/models/bad"]].concat()),
+        &["float targets", "--loss mean_squared_error"],
+    );
+    ok(&c.quern(
+        &[
+            &base[..],
+            &[
+                "--loss",
+                "mean_squared_error",
+                "--optimizer",
+                "adam",
+                "--lr",
+                "0.05",
+                "--out",
+                "/models/houses",
+            ],
+        ]
+        .concat(),
+    ));
+    let score = c.quern(&["score", "--model", "/models/houses", "--data", "/houses"]);
+    ok(&score);
+    assert!(
+        score.stdout.contains("MeanSquaredError") && !score.stdout.contains("accuracy"),
+        "{}",
+        score.stdout
+    );
+    let json = c.quern(&[
+        "score",
+        "--model",
+        "/models/houses",
+        "--data",
+        "/houses",
+        "--json",
+    ]);
+    ok(&json);
+    let s: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert!(s["accuracy"].is_null());
+    assert_eq!(s["count"], 400);
+    let mse = s["loss"].as_f64().unwrap();
+    assert!(mse < 0.01, "scored MSE {mse}");
+}

@@ -1,4 +1,5 @@
-//! Numeric CSV: float32 features and an integer label column.
+//! Numeric CSV: float32 features and a label column, either an integer
+//! class index or (for regression) a float target.
 
 use super::{invalid, ImportError};
 use crate::records::{encode_record, DType, Encoded, RecordLayout};
@@ -26,6 +27,7 @@ pub fn parse_csv(
     text: &[u8],
     label: &LabelColumn,
     header: bool,
+    regression: bool,
 ) -> Result<Encoded, ImportError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(header)
@@ -94,14 +96,25 @@ pub fn parse_csv(
             return Err(bad("needs at least one feature column and the label".into()));
         }
         features.clear();
-        let mut label_value = 0u32;
+        let mut label_value = 0f64;
         for (i, field) in row.iter().enumerate() {
-            if i == label_at {
-                label_value = field.parse::<u32>().map_err(|_| {
-                    bad(format!(
-                        "label '{field}' is not a non-negative integer class index"
-                    ))
-                })?;
+            if i == label_at && regression {
+                label_value = field
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| bad(format!("target '{field}' is not a finite number")))?
+                    .into();
+            } else if i == label_at {
+                label_value = field
+                    .parse::<u32>()
+                    .map_err(|_| {
+                        bad(format!(
+                            "label '{field}' is not a non-negative integer class index (for \
+                         float targets, import with --regression)"
+                        ))
+                    })?
+                    .into();
             } else {
                 let v = field
                     .parse::<f32>()
@@ -115,10 +128,12 @@ pub fn parse_csv(
         let l = layout.get_or_insert_with(|| RecordLayout {
             feature_shape: vec![width - 1],
             feature_dtype: DType::F32,
-            label_dtype: DType::U32,
+            label_dtype: if regression { DType::F32 } else { DType::U32 },
         });
         encode_record(l, &features, label_value, &mut bytes);
-        classes = classes.max(label_value.saturating_add(1));
+        if !regression {
+            classes = classes.max((label_value as u32).saturating_add(1));
+        }
         records += 1;
     }
     let layout = layout.ok_or_else(|| invalid(name, "holds no rows"))?;
@@ -137,7 +152,14 @@ mod tests {
     #[test]
     fn parses_with_named_label() {
         let text = b"a,label,b\n1.5,2,3\n-1,0,4e2\n";
-        let e = parse_csv("t.csv", text, &LabelColumn::Name("label".into()), true).unwrap();
+        let e = parse_csv(
+            "t.csv",
+            text,
+            &LabelColumn::Name("label".into()),
+            true,
+            false,
+        )
+        .unwrap();
         assert_eq!(e.records, 2);
         assert_eq!(e.classes, 3);
         let r = e.layout.view("t", &e.bytes).unwrap();
@@ -150,12 +172,41 @@ mod tests {
     #[test]
     fn bad_row_names_its_line() {
         let text = b"x,y,label\n1,2,0\n3,oops,1\n";
-        let err = parse_csv("t.csv", text, &LabelColumn::Index(2), true).unwrap_err();
+        let err = parse_csv("t.csv", text, &LabelColumn::Index(2), true, false).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("line 3") && msg.contains("oops"), "{msg}");
-        let err = parse_csv("t.csv", b"1,2,0\n1,2\n", &LabelColumn::Index(2), false).unwrap_err();
+        let err = parse_csv(
+            "t.csv",
+            b"1,2,0\n1,2\n",
+            &LabelColumn::Index(2),
+            false,
+            false,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
-        let err = parse_csv("t.csv", b"1,2,-1\n", &LabelColumn::Index(2), false).unwrap_err();
+        let err =
+            parse_csv("t.csv", b"1,2,-1\n", &LabelColumn::Index(2), false, false).unwrap_err();
         assert!(err.to_string().contains("'-1'"), "{err}");
+        assert!(err.to_string().contains("--regression"), "{err}");
+    }
+
+    #[test]
+    fn regression_targets_are_stored_as_float32() {
+        let text = b"x,y,price\n1,2,-0.5\n3,4,1e3\n";
+        let e = parse_csv(
+            "t.csv",
+            text,
+            &LabelColumn::Name("price".into()),
+            true,
+            true,
+        )
+        .unwrap();
+        assert_eq!(e.layout.label_dtype, DType::F32);
+        assert_eq!(e.classes, 0);
+        let r = e.layout.view("t", &e.bytes).unwrap();
+        assert_eq!((r.target(0), r.target(1)), (-0.5, 1000.0));
+        let err =
+            parse_csv("t.csv", b"1,2,nan\n", &LabelColumn::Index(2), false, true).unwrap_err();
+        assert!(err.to_string().contains("not a finite number"), "{err}");
     }
 }
