@@ -8,7 +8,8 @@
 resnet_mini: tests/fixtures/keras/resnet_mini.keras (compiled SGD 0.01, momentum 0.9,
 sparse categorical cross-entropy) trained one epoch, batch 100, on Fashion-MNIST scaled to
 [0, 1] by /255, or with SCALE=minmax per pixel as quern's default --scale minmax does, then
-scored on the test set.
+scored on the test set. SHUFFLE=0 keeps the examples in stored order (fit(shuffle=False)),
+to compare with `quern train --no-shuffle` on one datanode: the same batches in the same order.
 mobilenet_v2: tests/fixtures/keras/apps/mobilenet_v2.json (alpha 0.35, 32x32x3, 10 classes),
 batch 64, SGD; the median of 20 timed train_on_batch steps after 3 warm-up steps.
 Prints one JSON line.
@@ -50,11 +51,12 @@ def resnet_mini():
         x = (raw - lo) / rng
         xt = (xt * 255.0 - lo) / rng
     t = time.time()
-    h = m.fit(x, y, batch_size=100, epochs=1, verbose=0)
+    shuffle = os.environ.get("SHUFFLE", "1") != "0"
+    h = m.fit(x, y, batch_size=100, epochs=1, verbose=0, shuffle=shuffle)
     secs = time.time() - t
     loss, acc = m.evaluate(xt, yt, batch_size=500, verbose=0)
     return {"model": "resnet_mini", "scale": os.environ.get("SCALE", "/255"),
-            "seed": int(os.environ.get("SEED", "42")),
+            "seed": int(os.environ.get("SEED", "42")), "shuffle": shuffle,
             "train_loss": h.history["loss"][-1], "train_accuracy": h.history["accuracy"][-1],
             "test_accuracy": acc, "test_loss": loss,
             "epoch_seconds": secs, "samples_per_s": len(x) / secs}

@@ -89,6 +89,7 @@ async fn measure(
     for sync in [1, b.sync] {
         let opts = TrainOptions {
             objective: Default::default(),
+            shuffle: true,
             model_json: model.keras_json().to_string(),
             init: model.init_params(42).into_vec(),
             optimizer: OptimizerConfig::from(Sgd {

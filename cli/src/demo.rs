@@ -155,6 +155,7 @@ async fn demo(
         target: Default::default(),
         nesterov: true,
         seed: 42,
+        no_shuffle: false,
         scale: ScaleKind::Minmax,
         display: 50,
         sync: a.sync,

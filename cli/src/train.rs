@@ -58,6 +58,10 @@ pub struct TrainArgs {
     pub nesterov: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Take each worker's records in stored order every epoch instead of
+    /// a fresh random order (Keras's `fit(shuffle=False)`).
+    #[arg(long)]
+    pub no_shuffle: bool,
     /// Feature scaling fitted on the training set's statistics.
     #[arg(long, default_value = "minmax")]
     pub scale: ScaleKind,
@@ -263,6 +267,7 @@ pub async fn run_training(
         batch: a.batch_size,
         max_iter: a.max_iter,
         seed: a.seed,
+        shuffle: !a.no_shuffle,
         scale: a.scale,
         display: a.display,
         sync: a.sync,

@@ -40,6 +40,9 @@ pub struct TrainOptions {
     pub sync: u64,
     /// The loss and what it compares outputs with.
     pub objective: Objective,
+    /// A fresh order of each worker's records every epoch; off, stored
+    /// order (Keras's `shuffle=False`).
+    pub shuffle: bool,
 }
 
 /// What happens during a job, as it happens.
@@ -409,6 +412,7 @@ impl Client {
             scaler: scaler.clone(),
             seed: opts.seed,
             objective: opts.objective,
+            shuffle: opts.shuffle,
         })
         .map_err(|e| Error::Job(e.to_string()))?;
         let mut summary = TrainSummary::default();

@@ -434,6 +434,14 @@ pub struct WorkerSpec {
     pub seed: u64,
     #[serde(default)]
     pub objective: Objective,
+    /// Each epoch takes the shard's records in a fresh random order; off,
+    /// in stored order (Keras's `fit(shuffle=False)`).
+    #[serde(default = "shuffled")]
+    pub shuffle: bool,
+}
+
+fn shuffled() -> bool {
+    true
 }
 
 /// One iteration's part for one worker.
@@ -589,13 +597,14 @@ impl Worker {
     }
 
     /// The shard's order in `epoch`: Fisher-Yates keyed by the job's seed,
-    /// the epoch and the worker's index.
+    /// the epoch and the worker's index (stored order without shuffling).
     fn permutation(&mut self, epoch: u64, worker: u32) -> &[u32] {
         let fresh = !matches!(&self.perm, Some((e, w, p)) if *e == epoch && *w == worker && p.len() == self.y.len());
         if fresh {
             let mut p: Vec<u32> = (0..self.y.len() as u32).collect();
             let mut rng = SplitMix64::derive(self.spec.seed, epoch, u64::from(worker));
-            for i in (1..p.len()).rev() {
+            let swaps = if self.spec.shuffle { p.len() } else { 0 };
+            for i in (1..swaps).rev() {
                 let j = (rng.next_u64() % (i as u64 + 1)) as usize;
                 p.swap(i, j);
             }
@@ -968,6 +977,52 @@ pub fn train_local(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn worker(shuffle: bool) -> Worker {
+        let model = serde_json::json!({"class_name": "Sequential", "config": {"name": "m",
+        "layers": [
+            {"class_name": "InputLayer", "config": {"name": "in", "batch_shape": [null, 2]}},
+            {"class_name": "Dense", "config": {"name": "out", "units": 3, "activation": "softmax"}}
+        ]}});
+        let layout = RecordLayout::new(
+            vec![2],
+            crate::records::DType::F32,
+            crate::records::DType::U8,
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        for i in 0..50 {
+            crate::records::encode_record(&layout, &[i as f32, 1.0], (i % 3) as f64, &mut bytes);
+        }
+        let mut w = Worker::new(WorkerSpec {
+            model_json: model.to_string(),
+            layout,
+            scaler: Scaler::none(),
+            seed: 7,
+            objective: Objective::default(),
+            shuffle,
+        })
+        .unwrap();
+        w.add_chunk(&bytes).unwrap();
+        w
+    }
+
+    #[test]
+    fn without_shuffling_every_epoch_takes_the_stored_order() {
+        let stored: Vec<u32> = (0..50).collect();
+        let mut w = worker(false);
+        for epoch in 0..3 {
+            assert_eq!(w.permutation(epoch, 1), stored.as_slice());
+        }
+        let mut w = worker(true);
+        let first = w.permutation(0, 1).to_vec();
+        assert_ne!(first, stored, "shuffled");
+        assert_ne!(
+            w.permutation(1, 1),
+            first.as_slice(),
+            "a new order each epoch"
+        );
+    }
 
     #[test]
     fn shares_cover_every_record_once_per_epoch() {

@@ -275,6 +275,7 @@ mod tests {
             layout: RecordLayout::new(vec![4], DType::U8, DType::U8).map_err(internal)?,
             scaler: Scaler::none(),
             seed: 1,
+            shuffle: true,
         })
         .map_err(internal)
     }

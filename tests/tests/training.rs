@@ -46,6 +46,7 @@ async fn dataset(client: &Client, n: usize, seed: u64) -> Dataset {
 fn options(model: &Model, seed: u64) -> TrainOptions {
     TrainOptions {
         objective: Default::default(),
+        shuffle: true,
         model_json: model.keras_json().to_string(),
         init: model.init_params(seed).into_vec(),
         optimizer: OptimizerConfig::from(Sgd {
@@ -168,6 +169,7 @@ async fn follows_the_one_process_algorithm(model: Model) -> Vec<f32> {
                 scaler: scaler.clone(),
                 seed: opts.seed,
                 objective: Default::default(),
+                shuffle: true,
             })
             .unwrap();
             for &i in idx {
@@ -489,6 +491,7 @@ async fn a_silent_coordinators_job_expires_and_a_renewed_one_does_not() {
         layout: ds.manifest.layout.clone(),
         scaler: Scaler::none(),
         seed: 1,
+        shuffle: true,
     })
     .unwrap();
     // A coordinator of its own, which opens two jobs, renews one and
@@ -620,6 +623,7 @@ async fn a_job_over_the_memory_budget_is_refused_clearly() {
         layout: ds.manifest.layout.clone(),
         scaler: Scaler::none(),
         seed: 1,
+        shuffle: true,
     })
     .unwrap();
     let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
@@ -656,6 +660,7 @@ fn a_workers_memory_is_what_its_datanode_charges() {
         layout: layout.clone(),
         scaler: Scaler::none(),
         seed: 1,
+        shuffle: true,
     })
     .unwrap();
     let charged = Worker::decoded_bytes(&layout, data.bytes.len() as u64);
