@@ -55,6 +55,9 @@ pub enum ModelCommand {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -80,10 +83,27 @@ pub async fn run(cmd: ModelCommand, config: Option<&Path>) -> Result<()> {
             batch_size,
             iters,
             threads,
+            json,
         } => {
             let m = load(&model)?;
             let r = nn::bench_train_step(&m, batch_size, iters, threads)
                 .with_context(|| format!("benchmarking {}", model.display()))?;
+            if json {
+                let doc = serde_json::json!({
+                    "model": m.name(),
+                    "batch_size": r.batch_size,
+                    "threads": r.threads,
+                    "iters": r.iters,
+                    "ms_per_step": r.seconds_per_step * 1e3,
+                    "samples_per_s": r.samples_per_sec,
+                    "gflops": r.gflops,
+                    "sgemm_ceiling_gflops": r.sgemm_ceiling_gflops,
+                    "share_of_ceiling": r.gflops / r.sgemm_ceiling_gflops,
+                    "simd": r.simd,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(());
+            }
             println!(
                 "{}: batch {} on {} threads, {} steps: {:.1} ms/step, {:.0} samples/s, {:.1} GFLOP/s",
                 m.name(),
@@ -93,6 +113,12 @@ pub async fn run(cmd: ModelCommand, config: Option<&Path>) -> Result<()> {
                 r.seconds_per_step * 1e3,
                 r.samples_per_sec,
                 r.gflops
+            );
+            println!(
+                "kernels {}; sgemm ceiling on these threads {:.1} GFLOP/s: the step runs at {:.0}% of it",
+                r.simd,
+                r.sgemm_ceiling_gflops,
+                100.0 * r.gflops / r.sgemm_ceiling_gflops
             );
             Ok(())
         }

@@ -139,7 +139,12 @@ fn check_digest(
 /// no implementation can agree with Keras more closely than Keras agrees
 /// with itself.
 fn keras_self_agreement(f: &HashMap<String, String>) -> f64 {
-    f.get("eager_vs_graph_training_loss_rel")
+    keras_self_agreement_in(f, "training")
+}
+
+/// The same for `mode` ("training" or "inference") gradients.
+fn keras_self_agreement_in(f: &HashMap<String, String>, mode: &str) -> f64 {
+    f.get(&format!("eager_vs_graph_{mode}_loss_rel"))
         .and_then(|l| l.split("grads rel to global max|g|: ").nth(1))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
@@ -196,7 +201,11 @@ fn check_app(app: &str) {
     assert!(d <= 1e-4, "{app}: predict differs from Keras by {d}");
 
     // Inference-mode gradients: every layer's backward pass, without the
-    // ill-conditioning of batch statistics over a small batch.
+    // ill-conditioning of batch statistics over a small batch. 1e-4 of the
+    // largest gradient, or four times what Keras's own eager and graph runs
+    // differ by where that is more (deep Xception: a different GEMM
+    // summation order alone moves its first kernel's gradient by 2.7e-4).
+    let inference_tol = (4.0 * keras_self_agreement_in(&f, "inference")).max(1e-4);
     let labels = npy::load_labels(&fixture(&format!("{app}.labels.npy"))).unwrap();
     let g = model
         .inference_loss_and_grad_sum(&params, x.view(), &labels)
@@ -217,7 +226,7 @@ fn check_app(app: &str) {
             .iter()
             .map(|v| (*v as f64 / n) as f32)
             .collect();
-        check_digest(app, &spec.name, &mean, &digest, i, 1e-4);
+        check_digest(app, &spec.name, &mean, &digest, i, inference_tol);
     }
 
     // Training mode: on the Dropout-free twin where Keras made one.

@@ -18,8 +18,14 @@ pub struct BenchReport {
     pub threads: usize,
     pub seconds_per_step: f64,
     pub samples_per_sec: f64,
-    /// Useful arithmetic rate of the multiplies (forward + backward).
+    /// Useful arithmetic rate of the multiplies (forward + backward), from
+    /// the model's nominal FLOPs.
     pub gflops: f64,
+    /// The SIMD instructions the kernels use.
+    pub simd: &'static str,
+    /// The machine's sgemm rate on the same threads, measured in the same
+    /// run: what `gflops` is judged against.
+    pub sgemm_ceiling_gflops: f64,
 }
 
 /// Times `iters` training steps at `batch_size` on random data after one
@@ -86,6 +92,7 @@ pub fn bench_train_step(
         }
         let secs = start.elapsed().as_secs_f64() / iters as f64;
         let (_, train_flops) = model.flops_per_sample();
+        let sgemm_ceiling_gflops = super::gemm::sgemm_ceiling_gflops();
         Ok(BenchReport {
             batch_size,
             iters,
@@ -93,6 +100,8 @@ pub fn bench_train_step(
             seconds_per_step: secs,
             samples_per_sec: batch_size as f64 / secs,
             gflops: train_flops * batch_size as f64 / secs / 1e9,
+            simd: super::gemm::simd_level(),
+            sgemm_ceiling_gflops,
         })
     })
 }

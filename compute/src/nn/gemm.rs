@@ -1,11 +1,14 @@
-//! Matrix multiply on top of matrixmultiply's single-threaded kernels, split
-//! into blocks of output rows or columns that rayon runs in parallel.
+//! Matrix multiply on top of the `gemm` crate's single-threaded kernels
+//! (chosen at run time for the CPU: AVX2+FMA, AVX-512 where built with it,
+//! NEON, or scalar), split into blocks of output rows or columns that rayon
+//! runs in parallel. docs/performance.md has the measurements that chose it
+//! over matrixmultiply and OpenBLAS.
 //!
-//! Why not matrixmultiply's own threading: the split here depends only on the
-//! matrix shapes, and each output element is still one sequential dot product
-//! inside the kernel, so results are bit-identical for any thread count. That
-//! is what lets "same seed + same data => same model" hold across machines
-//! with different core counts.
+//! Why not the library's own threading: the split here depends only on the
+//! matrix shapes, never on the number of threads, and each block's dot
+//! products run inside one kernel call, so results are bit-identical for any
+//! thread count. That is what lets "same seed + same data => same model"
+//! hold on machines with different core counts.
 
 use rayon::prelude::*;
 
@@ -179,20 +182,75 @@ unsafe fn call(
     cp: *mut f32,
     ldc: usize,
 ) {
-    matrixmultiply::sgemm(
+    // dst = alpha * dst + beta * lhs * rhs, reading dst only to accumulate.
+    gemm::gemm(
         m,
-        k,
         n,
-        1.0,
-        ap,
-        a.rs as isize,
-        a.cs as isize,
-        bp,
-        b.rs as isize,
-        b.cs as isize,
-        beta,
+        k,
         cp,
-        ldc as isize,
         1,
+        ldc as isize,
+        beta != 0.0,
+        ap,
+        a.cs as isize,
+        a.rs as isize,
+        bp,
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
     );
+}
+
+/// The SIMD instructions the GEMM kernels use on this CPU.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // The gemm crate's AVX-512 kernels need its nightly feature;
+            // on stable it runs its AVX2+FMA kernels on these CPUs.
+            return "avx2+fma (cpu has avx512f)";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2+fma";
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            return "avx";
+        }
+        "sse2"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
+}
+
+/// The machine's single-precision GEMM rate in GFLOP/s, as this module runs
+/// it on every core: the best of several 1024-cubed products (about half a
+/// second in all). The ceiling a training step's GFLOP/s is judged against.
+pub fn sgemm_ceiling_gflops() -> f64 {
+    const N: usize = 1024;
+    let a: Vec<f32> = (0..N * N).map(|i| (i % 13) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.01).collect();
+    let mut c = vec![0.0f32; N * N];
+    let mut best = f64::INFINITY;
+    let start = std::time::Instant::now();
+    for i in 0.. {
+        let t = std::time::Instant::now();
+        gemm(N, N, N, Mat::rows(&a, N), Mat::rows(&b, N), &mut c, false);
+        best = best.min(t.elapsed().as_secs_f64());
+        if i >= 3 && start.elapsed().as_secs_f64() > 0.5 {
+            break;
+        }
+    }
+    2.0 * (N * N * N) as f64 / best / 1e9
 }
