@@ -104,6 +104,7 @@ async fn measure(
             scale: ScaleKind::Minmax,
             display: 0,
             sync,
+            plan: quern_client::Plan::Distributed,
         };
         let run = client.train(&mut ds, None, &opts, |_| {}).await?;
         let (scores, _) = client

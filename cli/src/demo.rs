@@ -31,6 +31,9 @@ pub struct DemoArgs {
     /// Local steps per worker between model averages (1: exact SGD).
     #[arg(long, default_value_t = 1)]
     sync: u64,
+    /// auto, local or distributed: see `quern train --help`.
+    #[arg(long, default_value = "auto")]
+    plan: quern_client::Plan,
     /// Where Debian's dataset-fashion-mnist puts the files.
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     fashion: PathBuf,
@@ -159,6 +162,7 @@ async fn demo(
         scale: ScaleKind::Minmax,
         display: 50,
         sync: a.sync,
+        plan: a.plan,
         out: "/models/seed_cnn".into(),
         force: true,
         plot: a.plot.clone(),

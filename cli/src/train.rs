@@ -5,7 +5,7 @@ use crate::dataset::print_summary;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use quern_client::{Client, TrainEvent, TrainOptions, TrainOutcome};
+use quern_client::{Client, Plan, TrainEvent, TrainOptions, TrainOutcome};
 use quern_compute::nn::{Adagrad, Adam, Algorithm, Model, OptimizerConfig, Params, RmsProp, Sgd};
 use quern_compute::train::{Objective, ScaleKind, Scaler, Scores, TargetKind};
 use std::io::IsTerminal;
@@ -72,6 +72,12 @@ pub struct TrainArgs {
     /// models; 1 is exact synchronous minibatch SGD.
     #[arg(long, default_value_t = 1)]
     pub sync: u64,
+    /// Where the job runs: `local` (one worker holding or fetching all the
+    /// data keeps the parameters between rounds), `distributed` (every
+    /// holder of the data a worker) or `auto` (whichever is estimated
+    /// faster; the estimate and the reason are printed at the start).
+    #[arg(long, default_value = "auto")]
+    pub plan: Plan,
     /// Checkpoint directory in quern (model.json, weights.npz, log.jsonl, train.json).
     #[arg(long)]
     pub out: String,
@@ -272,6 +278,7 @@ pub async fn run_training(
         display: a.display,
         sync: a.sync,
         objective,
+        plan: a.plan,
     };
     let mut bar: Option<ProgressBar> = None;
     let tty = std::io::stderr().is_terminal();
@@ -325,6 +332,14 @@ pub async fn run_training(
 
 fn describe(e: &TrainEvent) -> String {
     match e {
+        TrainEvent::Planned(d) => {
+            let asked = if d.requested == Plan::Auto {
+                " (--plan auto)"
+            } else {
+                ""
+            };
+            format!("plan: {}{asked}: {}", d.plan, d.reason)
+        }
         TrainEvent::Started {
             workers,
             records,

@@ -3,6 +3,7 @@
 
 mod dataset;
 mod job;
+mod plan;
 mod read;
 mod scheduler;
 mod train;
@@ -10,6 +11,7 @@ mod write;
 
 pub use dataset::{Dataset, ImportOptions};
 pub use job::{JobOptions, JobSummary, Retry};
+pub use plan::{Decision, Estimate, Plan};
 pub use read::ChunkSource;
 pub use scheduler::{Assignment, Scheduler};
 pub use train::{TrainEvent, TrainOptions, TrainOutcome, TrainSummary};

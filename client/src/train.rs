@@ -6,6 +6,7 @@
 
 use crate::dataset::Dataset;
 use crate::job::JobOptions;
+use crate::plan::{self, Decision, Plan, PlanInputs};
 use crate::scheduler::Scheduler;
 use crate::{Client, Error, Result};
 use quern_compute::nn::{Optimizer, OptimizerConfig};
@@ -43,12 +44,17 @@ pub struct TrainOptions {
     /// A fresh order of each worker's records every epoch; off, stored
     /// order (Keras's `shuffle=False`).
     pub shuffle: bool,
+    /// One worker keeping the parameters, every holder a worker, or
+    /// whichever is estimated faster.
+    pub plan: Plan,
 }
 
 /// What happens during a job, as it happens.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum TrainEvent {
+    /// Where the job runs and why, before any worker opens.
+    Planned(Decision),
     Started {
         workers: Vec<(String, u64)>,
         /// Each worker's chunks, as indices into the dataset's chunks in
@@ -99,6 +105,8 @@ pub struct TrainSummary {
     /// Share of step time not spent computing on the slowest worker.
     pub wait_share: f64,
     pub workers_lost: usize,
+    /// The plan the job ran.
+    pub plan: Plan,
 }
 
 pub struct TrainOutcome {
@@ -405,6 +413,13 @@ impl Client {
                 }),
             }
         }
+        let model = quern_compute::nn::Model::from_keras_json(&opts.model_json)
+            .map_err(|e| Error::Job(format!("the job's model: {e}")))?;
+        let decision = self
+            .plan(opts, &model, &chunks, &mut workers, ds.manifest.records)
+            .await;
+        emit(TrainEvent::Planned(decision.clone()), &mut events);
+        let mut local_plan = decision.plan == Plan::Local;
         let job = lease.job;
         let spec = ops::encode(&WorkerSpec {
             model_json: opts.model_json.clone(),
@@ -415,7 +430,10 @@ impl Client {
             shuffle: opts.shuffle,
         })
         .map_err(|e| Error::Job(e.to_string()))?;
-        let mut summary = TrainSummary::default();
+        let mut summary = TrainSummary {
+            plan: decision.plan,
+            ..TrainSummary::default()
+        };
         let mut lost: HashSet<NodeId> = HashSet::new();
         // Open every worker; one that fails to open is handled like one
         // that fails a step.
@@ -460,10 +478,6 @@ impl Client {
             }
         }
         let mut params = opts.init.clone();
-        // The coordinator folds BatchNormalization's batch statistics into
-        // the moving averages after each step.
-        let model = quern_compute::nn::Model::from_keras_json(&opts.model_json)
-            .map_err(|e| Error::Job(format!("the job's model: {e}")))?;
         let mut opt = Optimizer::new(opts.optimizer.clone(), params.len())
             .with_variables(model.trainable_variables());
         let total: u64 = workers.iter().map(|w| w.records).sum();
@@ -487,6 +501,17 @@ impl Client {
         );
         let mut iteration = 0u64;
         let sync = opts.sync.max(1);
+        // Workers step on their own, with their own optimizer, between
+        // parameter exchanges: K steps under --sync K, or on the local
+        // plan's single worker up to the next progress report.
+        let mut local_rounds = sync > 1 || local_plan;
+        let report_every = if opts.display > 0 {
+            opts.display
+        } else {
+            steps_per_epoch
+        };
+        // Rounds stay well inside the RPC timeout, measured as they go.
+        let mut step_secs = 0.0f64;
         let (mut wait_us, mut step_us) = (0u128, 0u128);
         let mut window = (Instant::now(), 0u64);
         for epoch in 0..opts.epochs {
@@ -497,20 +522,44 @@ impl Client {
                 if iteration >= iterations {
                     break;
                 }
+                // The local plan's worker could not take the whole dataset
+                // (its memory budget, or it was lost and its chunks went to
+                // several holders): go on as exact distributed SGD.
+                if local_plan && workers.len() > 1 {
+                    tracing::warn!(
+                        workers = workers.len(),
+                        "the local plan's data is now on several workers; continuing distributed"
+                    );
+                    local_plan = false;
+                    local_rounds = sync > 1;
+                    summary.plan = Plan::Distributed;
+                }
                 let plan = StepPlan {
                     shards: workers.iter().map(|w| w.records).collect(),
                     batch: opts.batch,
                 };
-                // A round is one step, or K local steps under --sync K
-                // (never across an epoch's end).
-                let round = sync.min(steps_per_epoch - i).min(iterations - iteration);
+                // A round is one step, K local steps under --sync K, or on
+                // the local plan the steps to the next report (never across
+                // an epoch's end).
+                let want = if local_plan {
+                    let budget = self.endpoint().rpc_timeout().as_secs_f64() / 4.0;
+                    let fit = if step_secs > 0.0 {
+                        ((budget / step_secs) as u64).max(1)
+                    } else {
+                        report_every.min(8)
+                    };
+                    (report_every - iteration % report_every).min(fit)
+                } else {
+                    sync
+                };
+                let round = want.min(steps_per_epoch - i).min(iterations - iteration);
                 let shares: Vec<Vec<_>> = (0..round).map(|j| plan.shares(i + j)).collect();
                 let t = Instant::now();
                 // Encoded once, shared by every worker's stream.
                 let raw_params = bytes::Bytes::from(f32s_to_le(&params));
                 // One step at a time: the workers with examples in it add
                 // their BatchNormalization sums through the coordinator.
-                let exchange = if round == 1 {
+                let exchange = if round == 1 && !local_rounds {
                     exchanges(&shares[0])
                 } else {
                     vec![false; workers.len()]
@@ -532,7 +581,7 @@ impl Client {
                                 share: shares[j as usize][w],
                             })
                             .collect(),
-                        local: (sync > 1).then(|| opts.optimizer.clone()),
+                        local: local_rounds.then(|| opts.optimizer.clone()),
                         exchange: exchange[w],
                         params: Vec::new(),
                     };
@@ -628,7 +677,7 @@ impl Client {
                     summary.step_bytes += bytes;
                 }
                 let job_err = |e: quern_compute::train::TrainError| Error::Job(e.to_string());
-                let stats: StepStats = if sync > 1 {
+                let stats: StepStats = if local_rounds {
                     let mut avg = ModelAverage::new(params.len());
                     for (r, _) in results.iter().flatten() {
                         avg.add(r).map_err(job_err)?;
@@ -642,6 +691,7 @@ impl Client {
                     sum.apply(&mut opt, &model, &mut params).map_err(job_err)?
                 };
                 let took = t.elapsed().as_micros();
+                step_secs = took as f64 / 1e6 / round as f64;
                 step_us += took;
                 wait_us += took.saturating_sub(u128::from(slowest));
                 e_loss += stats.loss * stats.count as f64;
@@ -713,6 +763,85 @@ impl Client {
             events,
             summary,
         })
+    }
+
+    /// Resolves the job's plan; on the local plan, `workers` becomes the
+    /// one live node holding the most chunks, with every chunk.
+    async fn plan(
+        &self,
+        opts: &TrainOptions,
+        model: &quern_compute::nn::Model,
+        chunks: &[Chunk],
+        workers: &mut Vec<WorkerState>,
+        records: u64,
+    ) -> Decision {
+        let holds = |n: &NodeAddr| chunks.iter().filter(|c| c.holders.contains(n)).count();
+        let best = workers
+            .iter()
+            .map(|w| w.node)
+            .max_by_key(|n| (holds(n), std::cmp::Reverse(n.addr)));
+        let fetch_bytes = best.map_or(0, |b| {
+            chunks
+                .iter()
+                .filter(|c| !c.holders.contains(&b))
+                .map(|c| c.meta.size)
+                .sum()
+        });
+        let decision = if opts.plan == Plan::Auto && workers.len() > 1 {
+            // What one host sustains: this machine's sgemm rate, at the
+            // share of it a training step reaches.
+            let rate = tokio::task::spawn_blocking(quern_compute::nn::sgemm_ceiling_gflops)
+                .await
+                .unwrap_or(50.0)
+                * 1e9
+                * STEP_SHARE_OF_SGEMM;
+            let steps_per_epoch = records.div_ceil(opts.batch.max(1)).max(1);
+            plan::decide(
+                Plan::Auto,
+                &PlanInputs {
+                    step_flops: model.flops_per_sample().1 * opts.batch as f64,
+                    params: model.param_count(),
+                    workers: workers.iter().map(|w| w.node.addr.ip()).collect(),
+                    host_flops_per_s: rate,
+                    fetch_bytes,
+                    iterations: opts
+                        .max_iter
+                        .unwrap_or(u64::MAX)
+                        .min(steps_per_epoch * opts.epochs),
+                    round: if opts.display > 0 {
+                        opts.display
+                    } else {
+                        steps_per_epoch
+                    },
+                },
+            )
+        } else {
+            Decision {
+                plan: match opts.plan {
+                    Plan::Auto => Plan::Local,
+                    p => p,
+                },
+                requested: opts.plan,
+                estimate: None,
+                reason: match (opts.plan, workers.len()) {
+                    (Plan::Auto, _) => {
+                        "one datanode holds the data: the parameters stay on it between rounds"
+                            .into()
+                    }
+                    _ => "asked for".into(),
+                },
+            }
+        };
+        if decision.plan == Plan::Local {
+            if let Some(node) = best {
+                *workers = vec![WorkerState {
+                    node,
+                    chunks: (0..chunks.len()).collect(),
+                    records: 0,
+                }];
+            }
+        }
+        decision
     }
 
     async fn open_worker(
@@ -867,6 +996,10 @@ impl Client {
         Ok(opens)
     }
 }
+
+/// The share of the machine's sgemm rate a training step sustains
+/// (docs/performance.md: the seed CNN's step runs at about 60%).
+const STEP_SHARE_OF_SGEMM: f64 = 0.6;
 
 /// A request to add one worker's sums to the others' of the same exchange.
 type SumAsk = (usize, Vec<f64>, tokio::sync::oneshot::Sender<Vec<f64>>);

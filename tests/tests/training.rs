@@ -2,7 +2,7 @@
 //! one-process algorithm, bit-identical reruns, and a datanode lost
 //! mid-training.
 
-use quern_client::{Client, Dataset, ImportOptions, TrainEvent, TrainOptions};
+use quern_client::{Client, Dataset, ImportOptions, Plan, TrainEvent, TrainOptions};
 use quern_compute::import::parse_idx;
 use quern_compute::nn::{Model, OptimizerConfig, Sgd};
 use quern_compute::train::{train_local, ScaleKind, Scaler, Worker, WorkerSpec};
@@ -47,6 +47,7 @@ fn options(model: &Model, seed: u64) -> TrainOptions {
     TrainOptions {
         objective: Default::default(),
         shuffle: true,
+        plan: Plan::Distributed,
         model_json: model.keras_json().to_string(),
         init: model.init_params(seed).into_vec(),
         optimizer: OptimizerConfig::from(Sgd {
@@ -62,6 +63,17 @@ fn options(model: &Model, seed: u64) -> TrainOptions {
         display: 1,
         sync: 1,
     }
+}
+
+/// The workers' chunks, from the job's Started event.
+fn started_shards(events: &[TrainEvent]) -> Vec<Vec<usize>> {
+    events
+        .iter()
+        .find_map(|e| match e {
+            TrainEvent::Started { shards, .. } => Some(shards.clone()),
+            _ => None,
+        })
+        .expect("a Started event")
 }
 
 fn losses(events: &[TrainEvent]) -> Vec<f64> {
@@ -145,9 +157,7 @@ async fn follows_the_one_process_algorithm(model: Model) -> Vec<f32> {
     let dist = losses(&run.events);
     assert_eq!(dist.len(), 20);
     assert_eq!(run.summary.dataset_bytes_over_network, 0, "data stays put");
-    let TrainEvent::Started { shards, .. } = &run.events[0] else {
-        panic!("first event is Started: {:?}", run.events[0]);
-    };
+    let shards = started_shards(&run.events);
     assert!(shards.len() >= 2, "work spread over datanodes: {shards:?}");
 
     // Replay in one process with the same shards, the same chunk order.
@@ -791,9 +801,7 @@ async fn a_regression_model_learns_float_targets() {
         ..options(&model, 3)
     };
     let run = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
-    let TrainEvent::Started { shards, .. } = &run.events[0] else {
-        panic!("first event is Started");
-    };
+    let shards = started_shards(&run.events);
     assert!(shards.len() >= 2, "work spread over datanodes: {shards:?}");
     // The targets spread with variance ~1.2; a fitted line leaves the
     // noise (~2e-4) plus what 20 epochs did not finish.
@@ -816,5 +824,85 @@ async fn a_regression_model_learns_float_targets() {
     assert!(
         err.to_string().contains("--loss mean_squared_error"),
         "{err}"
+    );
+}
+
+/// The local plan: one worker takes every chunk and keeps the parameters
+/// between rounds, which is exact minibatch SGD on one worker: the same
+/// weights as the one-process replay with one worker, with the parameters
+/// on the wire once per round instead of every step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_plan_is_exact_sgd_on_one_worker() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 500, 3).await;
+    let model = tiny_bn_model();
+    let opts = TrainOptions {
+        plan: Plan::Auto,
+        display: 5,
+        ..options(&model, 7)
+    };
+    let run = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
+    let TrainEvent::Planned(d) = &run.events[0] else {
+        panic!("first event is Planned: {:?}", run.events[0]);
+    };
+    // Three datanodes on one host share its cores: one worker is faster.
+    assert_eq!(d.plan, Plan::Local, "{}", d.reason);
+    assert!(d.reason.contains("1 host"), "{}", d.reason);
+    assert_eq!(run.summary.plan, Plan::Local);
+    assert_eq!(run.summary.workers, 1);
+    assert_eq!(losses(&run.events).len(), 4, "a report every 5 of 20 steps");
+
+    let mut chunks = Vec::new();
+    for p in ds.part_paths() {
+        let loc = client.locate(&p).await.unwrap();
+        for ch in &loc.chunks {
+            chunks.push(client.read_chunk(&p, ch).await.unwrap().0);
+        }
+    }
+    let mut w = Worker::new(WorkerSpec {
+        model_json: opts.model_json.clone(),
+        layout: ds.manifest.layout.clone(),
+        scaler: run.scaler.clone(),
+        seed: opts.seed,
+        objective: Default::default(),
+        shuffle: true,
+    })
+    .unwrap();
+    for ch in &chunks {
+        w.add_chunk(ch).unwrap();
+    }
+    let mut params = model.params_from_flat(opts.init.clone()).unwrap();
+    train_local(
+        std::slice::from_mut(&mut w),
+        &mut params,
+        opts.optimizer.clone(),
+        opts.batch,
+        opts.epochs,
+        opts.max_iter,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(params.as_slice(), &run.params[..], "same final weights");
+
+    let dist = client
+        .train(
+            &mut ds,
+            None,
+            &TrainOptions {
+                plan: Plan::Distributed,
+                ..opts.clone()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(dist.summary.plan, Plan::Distributed);
+    assert!(dist.summary.workers >= 2);
+    assert!(
+        run.summary.step_bytes * 3 < dist.summary.step_bytes,
+        "local {} vs distributed {} bytes",
+        run.summary.step_bytes,
+        dist.summary.step_bytes
     );
 }

@@ -154,6 +154,14 @@ fn train_then_score_a_fashion_mnist_slice() {
         "{}",
         train.stderr
     );
+    // Three datanodes on one host: auto keeps the job on one of them.
+    assert!(
+        train
+            .stderr
+            .contains("plan: local (--plan auto): estimated"),
+        "{}",
+        train.stderr
+    );
     let summary: serde_json::Value = serde_json::from_str(&train.stdout).unwrap();
     assert_eq!(summary["iterations"], 400);
     assert_eq!(summary["dataset_bytes_over_network"], 0);
@@ -290,6 +298,8 @@ fn training_survives_a_sigkilled_datanode() {
             "64",
             "--display",
             "1",
+            "--plan",
+            "distributed",
             "--out",
             "/models/k",
         ])
