@@ -1,8 +1,9 @@
 //! `quern bench train`: distributed training throughput against the same
 //! model trained in one process, on the same machine in the same run, with
-//! `--sync 1` (exact minibatch SGD) and `--sync K` (local steps + model
-//! averaging): samples/s, parameter bytes per step, time not computing,
-//! and test accuracy after the same number of iterations.
+//! `--sync 1` (exact minibatch SGD), `--sync K` (local steps + model
+//! averaging), `--plan local` and `--plan auto`: samples/s, bytes per step
+//! per worker, time not computing, and test accuracy after the same number
+//! of iterations.
 
 use crate::cluster::{self, UpArgs};
 use anyhow::{Context, Result};
@@ -86,7 +87,14 @@ async fn measure(
     }
     let mut ds = client.open_dataset("/bench/train").await?;
     let test = client.open_dataset("/bench/test").await?;
-    for sync in [1, b.sync] {
+    use quern_client::Plan;
+    let runs = [
+        (Plan::Distributed, 1),
+        (Plan::Distributed, b.sync),
+        (Plan::Local, 1),
+        (Plan::Auto, 1),
+    ];
+    for (plan, sync) in runs {
         let opts = TrainOptions {
             objective: Default::default(),
             shuffle: true,
@@ -104,9 +112,16 @@ async fn measure(
             scale: ScaleKind::Minmax,
             display: 0,
             sync,
-            plan: quern_client::Plan::Distributed,
+            plan,
         };
-        let run = client.train(&mut ds, None, &opts, |_| {}).await?;
+        let mut why = String::new();
+        let run = client
+            .train(&mut ds, None, &opts, |e| {
+                if let quern_client::TrainEvent::Planned(d) = e {
+                    why = format!(" -> {}: {}", d.plan, d.reason);
+                }
+            })
+            .await?;
         let (scores, _) = client
             .score(
                 &test,
@@ -117,11 +132,14 @@ async fn measure(
             )
             .await?;
         let s = &run.summary;
+        let label = format!("--plan {plan} --sync {sync}");
         println!(
-            "3 datanodes, --sync {sync:<3}: {:>7.0} samples/s ({:.2} x one process), {} per iteration on the wire, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}",
+            "3 datanodes, {label:<26}: {:>7.0} samples/s ({:.2} x one process) on {} worker{}, {} per step per worker, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
             s.samples_per_sec,
             s.samples_per_sec / single,
-            format_size(s.step_bytes_per_iteration),
+            s.workers,
+            if s.workers == 1 { "" } else { "s" },
+            format_size(s.step_bytes_per_iteration / s.workers.max(1) as u64),
             s.wait_share * 100.0,
             s.dataset_bytes_over_network,
             s.iterations,
