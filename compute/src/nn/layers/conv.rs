@@ -149,6 +149,60 @@ impl Geom {
         }
     }
 
+    /// The im2col matrix transposed: one row per window offset and channel
+    /// (`(ky, kx, channel)` order, channels `c0..c0 + cg`), one column per
+    /// output position of every sample in `x`. Each row is a run of input
+    /// pixels, so for inputs with few channels (a first layer's one or
+    /// three) it is built by copying runs instead of a value at a time.
+    fn im2col_t(&self, x: &[f32], colt: &mut [f32], c0: usize, cg: usize) {
+        let per_in = self.per_in().max(1);
+        let samples = x.len() / per_in;
+        let positions = self.oh * self.ow;
+        let cols = samples * positions;
+        let c = self.c;
+        let mut k = 0;
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                // Output columns whose window reaches inside the input.
+                let ox_of = |ix: usize| (ix + self.pl).checked_sub(kx * self.dw);
+                let lo = ox_of(0).map_or(0, |v| v.div_ceil(self.sw));
+                let hi = ox_of(self.w)
+                    .map_or(0, |v| v.div_ceil(self.sw))
+                    .min(self.ow);
+                for ci in 0..cg {
+                    let row = &mut colt[k * cols..(k + 1) * cols];
+                    k += 1;
+                    for (s, src) in x.chunks_exact(per_in).enumerate() {
+                        for oy in 0..self.oh {
+                            let dst = &mut row[s * positions + oy * self.ow..][..self.ow];
+                            let iy = (oy * self.sh + ky * self.dh).checked_sub(self.pt);
+                            let Some(iy) = iy.filter(|&iy| iy < self.h) else {
+                                dst.fill(0.0);
+                                continue;
+                            };
+                            dst[..lo.min(self.ow)].fill(0.0);
+                            for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                                let ix = ox * self.sw + kx * self.dw - self.pl;
+                                *d = src[(iy * self.w + ix) * c + c0 + ci];
+                            }
+                            if hi > lo {
+                                dst[hi..].fill(0.0);
+                            } else {
+                                dst.fill(0.0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Thin inputs (few channels per group) build their columns
+    /// transposed; see [`im2col_t`](Self::im2col_t).
+    fn thin(&self, cg: usize) -> bool {
+        cg < 8
+    }
+
     /// Scatter-adds im2col-shaped gradients back into the input layout.
     fn col2im(&self, dcol: &[f32], dx: &mut [f32], c0: usize, cg: usize) {
         let kd = self.kh * self.kw * cg;
@@ -223,17 +277,23 @@ impl Geom {
                     let rows = yc.len() / filters.max(1);
                     col.resize(rows * kd, 0.0);
                     for g in 0..groups {
-                        self.im2col(xc, col, g * cg, cg);
+                        let a = if self.thin(cg) {
+                            self.im2col_t(xc, col, g * cg, cg);
+                            Mat::rows_t(col, rows)
+                        } else {
+                            self.im2col(xc, col, g * cg, cg);
+                            Mat::rows(col, kd)
+                        };
                         let wg = Mat {
                             data: &w[g * fg..],
                             rs: filters,
                             cs: 1,
                         };
                         if groups == 1 {
-                            gemm_serial(rows, kd, filters, Mat::rows(col, kd), wg, yc, false);
+                            gemm_serial(rows, kd, filters, a, wg, yc, false);
                         } else {
                             tmp.resize(rows * fg, 0.0);
-                            gemm_serial(rows, kd, fg, Mat::rows(col, kd), wg, tmp, false);
+                            gemm_serial(rows, kd, fg, a, wg, tmp, false);
                             for (yr, tr) in yc.chunks_exact_mut(filters).zip(tmp.chunks_exact(fg)) {
                                 yr[g * fg..(g + 1) * fg].copy_from_slice(tr);
                             }
@@ -318,11 +378,18 @@ impl Geom {
                         cs: 1,
                     };
                     if want_dw {
-                        self.im2col(&x[s * per_in..e * per_in], &mut col, g * cg, cg);
-                        if groups == 1 {
-                            gemm_serial(kd, rows, fg, Mat::rows_t(&col, kd), dyg, &mut part, true);
+                        let xs = &x[s * per_in..e * per_in];
+                        let colt = if self.thin(cg) {
+                            self.im2col_t(xs, &mut col, g * cg, cg);
+                            Mat::rows(&col, rows)
                         } else {
-                            gemm_serial(kd, rows, fg, Mat::rows_t(&col, kd), dyg, &mut tmp, false);
+                            self.im2col(xs, &mut col, g * cg, cg);
+                            Mat::rows_t(&col, kd)
+                        };
+                        if groups == 1 {
+                            gemm_serial(kd, rows, fg, colt, dyg, &mut part, true);
+                        } else {
+                            gemm_serial(kd, rows, fg, colt, dyg, &mut tmp, false);
                             for (pr, tr) in part.chunks_exact_mut(filters).zip(tmp.chunks_exact(fg))
                             {
                                 pr[g * fg..(g + 1) * fg]
