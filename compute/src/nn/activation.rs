@@ -166,6 +166,17 @@ impl Activation {
         }
     }
 
+    /// [`apply`](Self::apply) on the calling thread, for callers already
+    /// running in parallel.
+    pub fn apply_serial(self, y: &mut [f32], width: usize) {
+        match self {
+            Activation::Linear => {}
+            Activation::Softmax => y.chunks_exact_mut(width.max(1)).for_each(softmax_row),
+            Activation::LogSoftmax => y.chunks_exact_mut(width.max(1)).for_each(log_softmax_row),
+            f => f.apply_block(y),
+        }
+    }
+
     /// The common functions get loops of their own (the match hoisted out,
     /// so they vectorize); the rest go element by element.
     fn apply_block(self, b: &mut [f32]) {

@@ -251,6 +251,21 @@ impl Geom {
     /// `y = conv(x, w)` for an HWIO kernel with `groups` groups; `y` is
     /// overwritten.
     pub fn conv(&self, x: &[f32], w: &[f32], filters: usize, groups: usize, y: &mut [f32]) {
+        self.conv_then(x, w, filters, groups, y, &|_| {});
+    }
+
+    /// [`conv`](Self::conv), running `then` on each block of finished
+    /// output rows while the block is still in cache (the bias and the
+    /// activation).
+    pub fn conv_then(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        filters: usize,
+        groups: usize,
+        y: &mut [f32],
+        then: &(dyn Fn(&mut [f32]) + Sync),
+    ) {
         if groups == 1 && self.is_pointwise() {
             let rows = y.len() / filters.max(1);
             crate::nn::gemm::gemm(
@@ -262,6 +277,7 @@ impl Geom {
                 y,
                 false,
             );
+            then(y);
             return;
         }
         let cg = self.c / groups;
@@ -299,6 +315,7 @@ impl Geom {
                             }
                         }
                     }
+                    then(yc);
                 },
             );
     }
@@ -580,8 +597,23 @@ impl Op for Conv {
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let g = self.geom(&cx.ins[0]).expect("shapes checked at build");
         let mut y = vec![0.0f32; cx.n * size(cx.out)];
+        let bias = self.w.use_bias.then(|| cx.w[1]);
         if self.is_depthwise(&g) {
             self.depthwise(&g).forward(xs[0], cx.w[0], &mut y);
+        } else if !self.act.needs_input() {
+            // Bias and activation on each block as the GEMM finishes it.
+            let filters = self.filters;
+            let act = self.act;
+            let then = move |block: &mut [f32]| {
+                if let Some(b) = bias {
+                    for row in block.chunks_exact_mut(filters) {
+                        row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                    }
+                }
+                act.apply_serial(block, filters);
+            };
+            g.conv_then(xs[0], cx.w[0], self.filters, self.groups, &mut y, &then);
+            return (y, None);
         } else {
             g.conv(xs[0], cx.w[0], self.filters, self.groups, &mut y);
         }
