@@ -135,9 +135,12 @@ impl Op for Pool {
                                         yrow.iter_mut().zip(arow.iter_mut()).zip(srow).enumerate()
                                     {
                                         // Strict '>' keeps the first maximum, as TensorFlow does.
-                                        let better = *v > *y;
-                                        *y = if better { *v } else { *y };
-                                        *a = if better { base + ch as u32 } else { *a };
+                                        // Written as arithmetic, not as a select: the
+                                        // compiler turned the select into a branch and a
+                                        // store per value.
+                                        let better = 0u32.wrapping_sub(u32::from(*v > *y));
+                                        *a ^= (*a ^ (base + ch as u32)) & better;
+                                        *y = y.max(*v);
                                     }
                                 }
                             }
