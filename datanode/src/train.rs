@@ -151,6 +151,10 @@ async fn run_step(
         (None, None, None)
     };
     let why = link.as_ref().map(|l| l.why.clone());
+    // The totals come back once the slowest worker of the step reaches the
+    // same layer: wait as long as the job lives unrenewed, not a piece's
+    // idle time (the coordinator resets the stream if it gives up first).
+    let wait = node.jobs.lease();
     let mut task = tokio::task::spawn_blocking(move || {
         request.params = f32s_from_le(&raw)
             .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("parameters: {e}")))?;
@@ -184,7 +188,7 @@ async fn run_step(
         tokio::select! {
             done = &mut task => return done.map_err(internal)?,
             Some(sums) = recv_ask(&mut asks) => {
-                match exchange(stream, &sums).await {
+                match exchange(stream, &sums, wait).await {
                     Ok(total) => {
                         if let Some(a) = &answers {
                             let _ = a.send(total);
@@ -215,7 +219,11 @@ async fn recv_ask(
 
 /// Sends this node's sums on the step's stream and reads back the sums
 /// over every worker of the step.
-async fn exchange(stream: &mut ServerStream, sums: &[f64]) -> Result<Vec<f64>, quern_proto::Error> {
+async fn exchange(
+    stream: &mut ServerStream,
+    sums: &[f64],
+    wait: std::time::Duration,
+) -> Result<Vec<f64>, quern_proto::Error> {
     let values = sums.len() as u64;
     stream
         .reply_header(&Ok(TrainStepMsg::Sums { values }))
@@ -223,7 +231,7 @@ async fn exchange(stream: &mut ServerStream, sums: &[f64]) -> Result<Vec<f64>, q
     stream
         .send_piece(bytes::Bytes::from(f64s_to_le(sums)))
         .await?;
-    let raw = stream.recv_body(values * 8).await?;
+    let raw = stream.recv_body_waiting(values * 8, wait).await?;
     let total = f64s_from_le(&raw).map_err(quern_proto::Error::Malformed)?;
     Ok(total)
 }

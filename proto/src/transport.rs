@@ -804,6 +804,13 @@ impl ServerStream {
     pub async fn recv_body(&mut self, len: u64) -> Result<bytes::Bytes> {
         recv_body(&mut self.recv, len, self.peer, self.kind, self.idle, None).await
     }
+
+    /// [`ServerStream::recv_body`] for a body the caller sends only after
+    /// something else has happened (other workers reaching the same point
+    /// of a training step): pieces may be up to `wait` apart.
+    pub async fn recv_body_waiting(&mut self, len: u64, wait: Duration) -> Result<bytes::Bytes> {
+        recv_body(&mut self.recv, len, self.peer, self.kind, wait, None).await
+    }
 }
 
 /// A server's request handler.

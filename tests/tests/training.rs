@@ -906,3 +906,32 @@ async fn the_local_plan_is_exact_sgd_on_one_worker() {
         dist.summary.step_bytes
     );
 }
+
+/// Workers exchanging BatchNormalization sums wait for the slowest of the
+/// step, however much longer than a body's idle time that takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waits_for_a_slow_one_at_the_exchange_past_the_idle_time() {
+    let c = TestCluster::start(Options {
+        piece_idle: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let client = c.client();
+    let mut ds = dataset(&client, 500, 3).await;
+    // One datanode starts each step 2.5 s late: the others reach the first
+    // BatchNormalization layer and wait that long for its sums.
+    c.datanodes[1].as_ref().unwrap().faults().add(Rule {
+        direction: Direction::Incoming,
+        peer: None,
+        kind: Some("TrainStep"),
+        fault: Fault::Delay(Duration::from_millis(2500)),
+    });
+    let model = tiny_bn_model();
+    let opts = TrainOptions {
+        max_iter: Some(2),
+        ..options(&model, 7)
+    };
+    let run = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
+    assert_eq!(run.summary.workers_lost, 0, "{:?}", run.events);
+    assert_eq!(run.summary.iterations, 2);
+}
