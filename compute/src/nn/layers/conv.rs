@@ -280,10 +280,20 @@ impl Geom {
             then(y);
             return;
         }
+        let per_out = self.oh * self.ow * filters;
+        if super::direct::applies(self, filters, groups) {
+            const SAMPLES: usize = 4;
+            y.par_chunks_mut((SAMPLES * per_out).max(1))
+                .zip(x.par_chunks((SAMPLES * self.per_in()).max(1)))
+                .for_each(|(yc, xc)| {
+                    super::direct::conv(self, xc, w, filters, yc);
+                    then(yc);
+                });
+            return;
+        }
         let cg = self.c / groups;
         let fg = filters / groups;
         let kd = self.kh * self.kw * cg;
-        let per_out = self.oh * self.ow * filters;
         let cs = self.chunk_samples(kd);
         y.par_chunks_mut((cs * per_out).max(1))
             .zip(x.par_chunks((cs * self.per_in()).max(1)))

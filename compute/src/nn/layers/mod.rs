@@ -15,6 +15,7 @@ use super::init::Init;
 
 pub(crate) mod conv;
 pub(crate) mod core;
+mod direct;
 pub(crate) mod merge;
 pub(crate) mod norm;
 pub(crate) mod pool;
