@@ -116,37 +116,48 @@ pub fn estimate(i: &PlanInputs) -> Estimate {
     }
 }
 
-/// Resolves `auto`; a plan the user named is kept, with the estimate for
-/// the record when one was made.
-pub fn decide(requested: Plan, i: &PlanInputs) -> Decision {
-    let e = estimate(i);
-    let workers = i.workers.len();
+/// The decision that needs no estimate: a plan the user named, or `auto`
+/// with a single worker. None when `auto` must compare the two.
+pub fn settled(requested: Plan, workers: usize) -> Option<Decision> {
     let (plan, reason) = match requested {
-        Plan::Local => (Plan::Local, "asked for".to_string()),
-        Plan::Distributed => (Plan::Distributed, "asked for".to_string()),
+        Plan::Local | Plan::Distributed => (requested, "asked for"),
         Plan::Auto if workers <= 1 => (
             Plan::Local,
-            "one datanode holds the data: the parameters stay on it between rounds".to_string(),
+            "one datanode holds the data: the parameters stay on it between rounds",
         ),
-        Plan::Auto => {
-            let plan = if e.local_s <= e.distributed_s {
-                Plan::Local
-            } else {
-                Plan::Distributed
-            };
-            let why = format!(
-                "estimated {:.0} ms/step on one worker vs {:.0} ms/step on {workers} workers \
-                 over {} host{} ({:.1} MB of parameters and gradients per step at {:.0} MB/s)",
-                e.local_s * 1e3,
-                e.distributed_s * 1e3,
-                e.hosts,
-                if e.hosts == 1 { "" } else { "s" },
-                8.0 * i.params as f64 * workers as f64 / 1e6,
-                link(&i.workers) / 1e6
-            );
-            (plan, why)
-        }
+        Plan::Auto => return None,
     };
+    Some(Decision {
+        plan,
+        requested,
+        estimate: None,
+        reason: reason.into(),
+    })
+}
+
+/// Resolves `auto` from the estimate of both plans' step time; a plan the
+/// user named is kept.
+pub fn decide(requested: Plan, i: &PlanInputs) -> Decision {
+    let workers = i.workers.len();
+    if let Some(d) = settled(requested, workers) {
+        return d;
+    }
+    let e = estimate(i);
+    let plan = if e.local_s <= e.distributed_s {
+        Plan::Local
+    } else {
+        Plan::Distributed
+    };
+    let reason = format!(
+        "estimated {:.0} ms/step on one worker vs {:.0} ms/step on {workers} workers \
+         over {} host{} ({:.1} MB of parameters and gradients per step at {:.0} MB/s)",
+        e.local_s * 1e3,
+        e.distributed_s * 1e3,
+        e.hosts,
+        if e.hosts == 1 { "" } else { "s" },
+        8.0 * i.params as f64 * workers as f64 / 1e6,
+        link(&i.workers) / 1e6
+    );
     Decision {
         plan,
         requested,

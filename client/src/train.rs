@@ -564,14 +564,10 @@ impl Client {
                 } else {
                     vec![false; workers.len()]
                 };
-                let reducer = SumReducer::start(exchange.iter().filter(|&&e| e).count());
-                let mut members = 0usize;
+                let mut links = sum_links(&exchange);
                 let mut set = tokio::task::JoinSet::new();
                 for (w, worker) in workers.iter().enumerate() {
-                    let link = exchange[w].then(|| {
-                        members += 1;
-                        reducer.link(members - 1)
-                    });
+                    let link = links[w].take();
                     let req = StepRequest {
                         worker: w as u32,
                         steps: (0..round)
@@ -596,7 +592,6 @@ impl Client {
                         )
                     });
                 }
-                drop(reducer);
                 let mut results: Vec<Option<(StepResult, u64)>> =
                     (0..workers.len()).map(|_| None).collect();
                 let mut failed: Option<(NodeAddr, Error)> = None;
@@ -787,49 +782,36 @@ impl Client {
                 .map(|c| c.meta.size)
                 .sum()
         });
-        let decision = if opts.plan == Plan::Auto && workers.len() > 1 {
-            // What one host sustains: this machine's sgemm rate, at the
-            // share of it a training step reaches.
-            let rate = tokio::task::spawn_blocking(quern_compute::nn::sgemm_ceiling_gflops)
-                .await
-                .unwrap_or(50.0)
-                * 1e9
-                * STEP_SHARE_OF_SGEMM;
-            let steps_per_epoch = records.div_ceil(opts.batch.max(1)).max(1);
-            plan::decide(
-                Plan::Auto,
-                &PlanInputs {
-                    step_flops: model.flops_per_sample().1 * opts.batch as f64,
-                    params: model.param_count(),
-                    workers: workers.iter().map(|w| w.node.addr.ip()).collect(),
-                    host_flops_per_s: rate,
-                    fetch_bytes,
-                    iterations: opts
-                        .max_iter
-                        .unwrap_or(u64::MAX)
-                        .min(steps_per_epoch * opts.epochs),
-                    round: if opts.display > 0 {
-                        opts.display
-                    } else {
-                        steps_per_epoch
+        let decision = match plan::settled(opts.plan, workers.len()) {
+            Some(d) => d,
+            None => {
+                // What one host sustains: this machine's sgemm rate, at the
+                // share of it a training step reaches.
+                let rate = tokio::task::spawn_blocking(quern_compute::nn::sgemm_ceiling_gflops)
+                    .await
+                    .unwrap_or(50.0)
+                    * 1e9
+                    * STEP_SHARE_OF_SGEMM;
+                let steps_per_epoch = records.div_ceil(opts.batch.max(1)).max(1);
+                plan::decide(
+                    opts.plan,
+                    &PlanInputs {
+                        step_flops: model.flops_per_sample().1 * opts.batch as f64,
+                        params: model.param_count(),
+                        workers: workers.iter().map(|w| w.node.addr.ip()).collect(),
+                        host_flops_per_s: rate,
+                        fetch_bytes,
+                        iterations: opts
+                            .max_iter
+                            .unwrap_or(u64::MAX)
+                            .min(steps_per_epoch * opts.epochs),
+                        round: if opts.display > 0 {
+                            opts.display
+                        } else {
+                            steps_per_epoch
+                        },
                     },
-                },
-            )
-        } else {
-            Decision {
-                plan: match opts.plan {
-                    Plan::Auto => Plan::Local,
-                    p => p,
-                },
-                requested: opts.plan,
-                estimate: None,
-                reason: match (opts.plan, workers.len()) {
-                    (Plan::Auto, _) => {
-                        "one datanode holds the data: the parameters stay on it between rounds"
-                            .into()
-                    }
-                    _ => "asked for".into(),
-                },
+                )
             }
         };
         if decision.plan == Plan::Local {
@@ -1004,69 +986,70 @@ const STEP_SHARE_OF_SGEMM: f64 = 0.6;
 /// A request to add one worker's sums to the others' of the same exchange.
 type SumAsk = (usize, Vec<f64>, tokio::sync::oneshot::Sender<Vec<f64>>);
 
-/// Adds the BatchNormalization sums of a step's exchanging workers, in
-/// worker order, one exchange after another, and hands every worker the
-/// total. It ends when every worker's link is gone.
-struct SumReducer {
-    tx: Option<tokio::sync::mpsc::UnboundedSender<SumAsk>>,
-}
-
-/// One worker's handle on the step's [`SumReducer`].
+/// One worker's handle on the step's sum reducer.
 struct SumLink {
     member: usize,
     tx: tokio::sync::mpsc::UnboundedSender<SumAsk>,
 }
 
-impl SumReducer {
-    fn start(members: usize) -> SumReducer {
-        if members == 0 {
-            return SumReducer { tx: None };
-        }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SumAsk>();
-        tokio::spawn(async move {
-            loop {
-                let mut parts: Vec<Option<(Vec<f64>, _)>> = (0..members).map(|_| None).collect();
-                for _ in 0..members {
-                    match rx.recv().await {
-                        Some((m, sums, reply)) if m < members => parts[m] = Some((sums, reply)),
-                        // A link gone mid-exchange: dropping the others'
-                        // replies fails their steps too.
-                        _ => return,
-                    }
-                }
-                let len = parts
-                    .first()
-                    .and_then(|p| p.as_ref())
-                    .map_or(0, |p| p.0.len());
-                let mut total = vec![0.0f64; len];
-                let mut replies = Vec::with_capacity(members);
-                for p in parts {
-                    let Some((sums, reply)) = p else { return };
-                    if sums.len() != len {
-                        tracing::warn!(
-                            "workers sent {} and {len} batch sums for one exchange",
-                            sums.len()
-                        );
-                        return;
-                    }
-                    total.iter_mut().zip(&sums).for_each(|(t, v)| *t += v);
-                    replies.push(reply);
-                }
-                for r in replies {
-                    let _ = r.send(total.clone());
-                }
-            }
-        });
-        SumReducer { tx: Some(tx) }
+/// One link per worker that exchanges BatchNormalization sums this step
+/// (None for the others), all to one reducer task when there are any.
+fn sum_links(exchange: &[bool]) -> Vec<Option<SumLink>> {
+    let members = exchange.iter().filter(|&&e| e).count();
+    if members == 0 {
+        return exchange.iter().map(|_| None).collect();
     }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<SumAsk>();
+    tokio::spawn(reduce_sums(members, rx));
+    let mut next = 0;
+    exchange
+        .iter()
+        .map(|&e| {
+            e.then(|| {
+                next += 1;
+                SumLink {
+                    member: next - 1,
+                    tx: tx.clone(),
+                }
+            })
+        })
+        .collect()
+}
 
-    fn link(&self, member: usize) -> SumLink {
-        let tx = match &self.tx {
-            Some(tx) => tx.clone(),
-            // Unreachable with a member; a closed channel fails the step.
-            None => tokio::sync::mpsc::unbounded_channel().0,
-        };
-        SumLink { member, tx }
+/// Adds the sums of a step's exchanging workers, in worker order, one
+/// exchange after another, and hands every worker the total. It ends when
+/// every worker's link is gone; a link gone mid-exchange drops the others'
+/// replies, which fails their steps too.
+async fn reduce_sums(members: usize, mut rx: tokio::sync::mpsc::UnboundedReceiver<SumAsk>) {
+    loop {
+        let mut parts: Vec<Option<(Vec<f64>, _)>> = (0..members).map(|_| None).collect();
+        for _ in 0..members {
+            match rx.recv().await {
+                Some((m, sums, reply)) if m < members => parts[m] = Some((sums, reply)),
+                _ => return,
+            }
+        }
+        let len = parts
+            .first()
+            .and_then(|p| p.as_ref())
+            .map_or(0, |p| p.0.len());
+        let mut total = vec![0.0f64; len];
+        let mut replies = Vec::with_capacity(members);
+        for p in parts {
+            let Some((sums, reply)) = p else { return };
+            if sums.len() != len {
+                tracing::warn!(
+                    "workers sent {} and {len} batch sums for one exchange",
+                    sums.len()
+                );
+                return;
+            }
+            total.iter_mut().zip(&sums).for_each(|(t, v)| *t += v);
+            replies.push(reply);
+        }
+        for r in replies {
+            let _ = r.send(total.clone());
+        }
     }
 }
 

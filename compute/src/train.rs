@@ -168,13 +168,6 @@ impl Labels {
         }
     }
 
-    fn clear(&mut self) {
-        match self {
-            Labels::Classes(c) => c.clear(),
-            Labels::Values(v) => v.clear(),
-        }
-    }
-
     /// Appends `other`'s labels; both must be of one kind.
     fn extend(&mut self, other: &Labels) -> Result<()> {
         match (self, other) {
@@ -189,12 +182,20 @@ impl Labels {
         Ok(())
     }
 
-    /// `self[i]` appended to `out` (of the same kind).
-    fn push_from(&self, i: usize, out: &mut Labels) {
-        match (self, out) {
-            (Labels::Classes(a), Labels::Classes(b)) => b.push(a[i]),
-            (Labels::Values(a), Labels::Values(b)) => b.push(a[i]),
-            (me, out) => *out = me.same_kind(),
+    /// The labels at `idx`, in that order, into `out` (reusing its
+    /// buffer when it holds labels of the same kind).
+    fn gather_into(&self, idx: &[u32], out: &mut Labels) {
+        fn pick<T: Copy>(from: &[T], idx: &[u32], to: &mut Vec<T>) {
+            to.clear();
+            to.extend(idx.iter().map(|&i| from[i as usize]));
+        }
+        match (self, &mut *out) {
+            (Labels::Classes(a), Labels::Classes(b)) => pick(a, idx, b),
+            (Labels::Values(a), Labels::Values(b)) => pick(a, idx, b),
+            _ => {
+                *out = self.same_kind();
+                self.gather_into(idx, out);
+            }
         }
     }
 
@@ -288,41 +289,48 @@ impl StepPlan {
 /// request and reply frames (not through serde, which would copy them
 /// value by value).
 pub fn f32s_to_le(v: &[f32]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
-    bytes
+    to_le(v, f32::to_le_bytes)
 }
 
 pub fn f32s_from_le(bytes: &[u8]) -> Result<Vec<f32>, String> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(format!(
-            "{} bytes is not a whole number of float32 values",
-            bytes.len()
-        ));
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    from_le(bytes, "float32", f32::from_le_bytes)
 }
 
 /// BatchNormalization's sums travel as raw little-endian f64.
 pub fn f64s_to_le(v: &[f64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    to_le(v, f64::to_le_bytes)
 }
 
 pub fn f64s_from_le(bytes: &[u8]) -> Result<Vec<f64>, String> {
-    if !bytes.len().is_multiple_of(8) {
+    from_le(bytes, "float64", f64::from_le_bytes)
+}
+
+fn to_le<T: Copy, const N: usize>(v: &[T], bytes_of: fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(v.len() * N);
+    for &x in v {
+        bytes.extend_from_slice(&bytes_of(x));
+    }
+    bytes
+}
+
+fn from_le<T, const N: usize>(
+    bytes: &[u8],
+    what: &str,
+    value_of: fn([u8; N]) -> T,
+) -> Result<Vec<T>, String> {
+    if !bytes.len().is_multiple_of(N) {
         return Err(format!(
-            "{} bytes is not a whole number of float64 values",
+            "{} bytes is not a whole number of {what} values",
             bytes.len()
         ));
     }
     Ok(bytes
-        .chunks_exact(8)
-        .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        .chunks_exact(N)
+        .map(|b| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(b);
+            value_of(a)
+        })
         .collect())
 }
 
@@ -719,12 +727,11 @@ impl Worker {
         let idx: Vec<u32> =
             self.permutation(step.epoch, worker)[start as usize..(start + count) as usize].to_vec();
         self.batch_x.clear();
-        self.batch_y.clear();
         for &i in &idx {
             let i = i as usize;
             self.batch_x.extend_from_slice(&self.x[i * f..(i + 1) * f]);
-            self.y.push_from(i, &mut self.batch_y);
         }
+        self.y.gather_into(&idx, &mut self.batch_y);
         let mut dims = vec![count as usize];
         dims.extend_from_slice(self.model.input_shape());
         let xv = ArrayViewD::from_shape(IxDyn(&dims), &self.batch_x)

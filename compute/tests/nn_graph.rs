@@ -6,7 +6,7 @@ mod common;
 use common::{fixture, load, max_abs_diff};
 
 use ndarray::Axis;
-use quern_compute::nn::{npy, BatchSync, GradSum, LocalGroup, Loss, Model, Target};
+use quern_compute::nn::{npy, BatchSync, GradSum, LocalGroup, Loss, Model, Params, Target};
 
 fn labels(name: &str) -> Vec<u32> {
     npy::load_labels(&fixture(&format!("{name}.labels.npy"))).unwrap()
@@ -31,6 +31,17 @@ fn resnet_mini_predicts_as_keras_with_moving_statistics() {
         let d = max_abs_diff(&out, want);
         assert!(d <= 1e-4 * scale, "{name}: differs from Keras by {d}");
     }
+}
+
+/// resnet_mini's training-mode loss and gradient sums over the fixture's
+/// whole batch, in one process.
+fn whole_batch() -> (Model, Params, GradSum) {
+    let (model, params) = load("resnet_mini");
+    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
+    let g = model
+        .loss_and_grad_sum(&params, x.view(), &labels("resnet_mini"), None)
+        .unwrap();
+    (model, params, g)
 }
 
 /// The largest difference of the loss or a gradient from Keras's
@@ -68,12 +79,7 @@ fn keras_training_deviation(model: &Model, loss_sum: f64, grad: &[f32]) -> f32 {
 
 #[test]
 fn resnet_mini_training_loss_and_gradients_match_keras() {
-    let (model, params) = load("resnet_mini");
-    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
-    let labels = labels("resnet_mini");
-    let g = model
-        .loss_and_grad_sum(&params, x.view(), &labels, None)
-        .unwrap();
+    let (model, _, g) = whole_batch();
     let worst = keras_training_deviation(&model, g.loss_sum, &g.grad);
     assert!(
         worst <= 1.0,
@@ -136,11 +142,7 @@ fn a_batch_split_between_workers_normalizes_over_the_whole_batch() {
         "split gradients differ from Keras's whole batch by {worst}x the tolerance"
     );
     // The moving statistics see the whole batch too.
-    let (_, params) = load("resnet_mini");
-    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
-    let whole = model
-        .loss_and_grad_sum(&params, x.view(), &labels("resnet_mini"), None)
-        .unwrap();
+    let (_, _, whole) = whole_batch();
     for (a, b) in split.stats.iter().zip(&whole.stats) {
         assert_eq!(a.count, b.count);
         for (u, v) in a
@@ -178,12 +180,7 @@ fn resnet_mini_summary_counts_and_connections_match_keras() {
 
 #[test]
 fn moving_statistics_follow_keras_momentum() {
-    let (model, params) = load("resnet_mini");
-    let x = npy::load_npy(&fixture("resnet_mini.input.npy")).unwrap();
-    let labels = labels("resnet_mini");
-    let g = model
-        .loss_and_grad_sum(&params, x.view(), &labels, None)
-        .unwrap();
+    let (model, params, g) = whole_batch();
     let mut p = params.as_slice().to_vec();
     model.update_moving_stats(&mut p, &g.stats).unwrap();
     let spec = |name: &str| {

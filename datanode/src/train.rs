@@ -144,13 +144,12 @@ async fn run_step(
     let mut request: StepRequest = ops::decode(&req.request)
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("training step: {e}")))?;
     let describe = node.describe();
-    let (link, mut asks, answers) = if request.exchange {
-        let (link, asks, answers) = StreamSync::new();
-        (Some(link), Some(asks), Some(answers))
+    let (link, mut coordinator) = if request.exchange {
+        let (link, side) = StreamSync::new();
+        (Some(link), Some(side))
     } else {
-        (None, None, None)
+        (None, None)
     };
-    let why = link.as_ref().map(|l| l.why.clone());
     // The totals come back once the slowest worker of the step reaches the
     // same layer: wait as long as the job lives unrenewed, not a piece's
     // idle time (the coordinator resets the stream if it gives up first).
@@ -183,24 +182,20 @@ async fn run_step(
     });
     // While the step computes, its BatchNormalization sums go to the
     // coordinator and the whole batch's come back.
-    let mut answers = answers;
     loop {
         tokio::select! {
             done = &mut task => return done.map_err(internal)?,
-            Some(sums) = recv_ask(&mut asks) => {
+            Some(sums) = next_ask(&mut coordinator) => {
+                let Some(side) = &coordinator else { continue };
                 match exchange(stream, &sums, wait).await {
                     Ok(total) => {
-                        if let Some(a) = &answers {
-                            let _ = a.send(total);
-                        }
+                        let _ = side.answers.send(total);
                     }
                     Err(e) => {
-                        if let Some(w) = &why {
-                            *w.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                        }
-                        // The computation sees the exchange fail and ends.
-                        answers = None;
-                        asks = None;
+                        side.fail(e.to_string());
+                        // Dropping the channels lets the computation see
+                        // the exchange fail and end.
+                        coordinator = None;
                     }
                 }
             }
@@ -208,11 +203,9 @@ async fn run_step(
     }
 }
 
-async fn recv_ask(
-    asks: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Vec<f64>>>,
-) -> Option<Vec<f64>> {
-    match asks {
-        Some(a) => a.recv().await,
+async fn next_ask(side: &mut Option<CoordinatorSide>) -> Option<Vec<f64>> {
+    match side {
+        Some(s) => s.asks.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -241,32 +234,56 @@ async fn exchange(
 struct StreamSync {
     ask: tokio::sync::mpsc::UnboundedSender<Vec<f64>>,
     answer: std::sync::Mutex<std::sync::mpsc::Receiver<Vec<f64>>>,
-    why: Arc<std::sync::Mutex<Option<String>>>,
-    failed: std::sync::atomic::AtomicBool,
+    failure: Failure,
+}
+
+/// The async side: the computation's sums to send, the totals to hand back.
+struct CoordinatorSide {
+    asks: tokio::sync::mpsc::UnboundedReceiver<Vec<f64>>,
+    answers: std::sync::mpsc::Sender<Vec<f64>>,
+    failure: Failure,
+}
+
+/// Why the exchange failed, once it has; either side may say first.
+type Failure = Arc<std::sync::Mutex<Option<String>>>;
+
+fn fail(failure: &Failure, why: String) {
+    failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert(why);
+}
+
+impl CoordinatorSide {
+    fn fail(&self, why: String) {
+        fail(&self.failure, why);
+    }
 }
 
 impl StreamSync {
-    #[allow(clippy::type_complexity)]
-    fn new() -> (
-        StreamSync,
-        tokio::sync::mpsc::UnboundedReceiver<Vec<f64>>,
-        std::sync::mpsc::Sender<Vec<f64>>,
-    ) {
+    fn new() -> (StreamSync, CoordinatorSide) {
         let (ask, asks) = tokio::sync::mpsc::unbounded_channel();
         let (answers, answer) = std::sync::mpsc::channel();
+        let failure = Failure::default();
         let link = StreamSync {
             ask,
             answer: std::sync::Mutex::new(answer),
-            why: Arc::new(std::sync::Mutex::new(None)),
-            failed: std::sync::atomic::AtomicBool::new(false),
+            failure: failure.clone(),
         };
-        (link, asks, answers)
+        (
+            link,
+            CoordinatorSide {
+                asks,
+                answers,
+                failure,
+            },
+        )
     }
 }
 
 impl BatchSync for StreamSync {
     fn all_reduce(&self, sums: &mut [f64]) {
-        if self.failed.load(Ordering::SeqCst) {
+        if self.failure().is_some() {
             return;
         }
         let total = self
@@ -276,29 +293,23 @@ impl BatchSync for StreamSync {
             .and_then(|()| self.answer.lock().ok()?.recv().ok());
         match total {
             Some(t) if t.len() == sums.len() => sums.copy_from_slice(&t),
-            Some(t) => {
-                *self.why.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+            Some(t) => fail(
+                &self.failure,
+                format!(
                     "the coordinator answered {} sums for {}",
                     t.len(),
                     sums.len()
-                ));
-                self.failed.store(true, Ordering::SeqCst);
-            }
-            None => self.failed.store(true, Ordering::SeqCst),
+                ),
+            ),
+            None => fail(&self.failure, "the coordinator's stream closed".into()),
         }
     }
 
     fn failure(&self) -> Option<String> {
-        if !self.failed.load(Ordering::SeqCst) {
-            return None;
-        }
-        Some(
-            self.why
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_else(|| "the coordinator's stream closed".into()),
-        )
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -8,7 +8,6 @@
 //! sums are f64 and added in worker order, so a run is the same whatever the
 //! timing, and equal to its in-process replay over a [`LocalGroup`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// One worker's link to the other workers of a step.
@@ -58,11 +57,7 @@ impl LocalGroup {
 
     /// Worker `index`'s link; dropping it tells the others it is done.
     pub fn member(&self, index: usize) -> Member<'_> {
-        Member {
-            group: self,
-            index,
-            failed: AtomicBool::new(false),
-        }
+        Member { group: self, index }
     }
 
     fn lock(&self) -> MutexGuard<'_, GroupState> {
@@ -72,17 +67,16 @@ impl LocalGroup {
     }
 }
 
-/// One thread's link in a [`LocalGroup`].
+/// One thread's link in a [`LocalGroup`]. A failed exchange fails the
+/// whole group's step: every member reports it.
 pub struct Member<'a> {
     group: &'a LocalGroup,
     index: usize,
-    failed: AtomicBool,
 }
 
 impl Member<'_> {
     fn fail(&self, s: &mut GroupState, why: String) {
         s.failed.get_or_insert(why);
-        self.failed.store(true, Ordering::SeqCst);
         self.group.turn.notify_all();
     }
 }
@@ -92,7 +86,6 @@ impl BatchSync for Member<'_> {
         let g = self.group;
         let mut s = g.lock();
         if s.failed.is_some() {
-            self.failed.store(true, Ordering::SeqCst);
             return;
         }
         let generation = s.generation;
@@ -133,7 +126,6 @@ impl BatchSync for Member<'_> {
                 s = g.turn.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             if s.failed.is_some() {
-                self.failed.store(true, Ordering::SeqCst);
                 return;
             }
         }
@@ -141,16 +133,7 @@ impl BatchSync for Member<'_> {
     }
 
     fn failure(&self) -> Option<String> {
-        if !self.failed.load(Ordering::SeqCst) {
-            return None;
-        }
-        Some(
-            self.group
-                .lock()
-                .failed
-                .clone()
-                .unwrap_or_else(|| "another worker of the step failed".into()),
-        )
+        self.group.lock().failed.clone()
     }
 }
 
