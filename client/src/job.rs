@@ -21,6 +21,10 @@ pub struct JobOptions {
     pub max_attempts: u32,
     /// Tasks in flight per datanode (each datanode also bounds its own pool).
     pub per_node: usize,
+    /// Run tasks only on these datanodes (a training job's workers, which
+    /// hold its parameters), fetching chunks none of them holds; None, on
+    /// every live datanode.
+    pub nodes: Option<Vec<NodeAddr>>,
 }
 
 impl Default for JobOptions {
@@ -28,6 +32,7 @@ impl Default for JobOptions {
         JobOptions {
             max_attempts: 4,
             per_node: 2,
+            nodes: None,
         }
     }
 }
@@ -117,7 +122,15 @@ impl Client {
                 });
             }
         }
-        let live: Vec<NodeAddr> = self.live_datanodes().await?;
+        let mut live: Vec<NodeAddr> = self.live_datanodes().await?;
+        if let Some(only) = &opts.nodes {
+            live.retain(|n| only.iter().any(|o| o.id == n.id));
+            if live.is_empty() {
+                return Err(Error::Job(
+                    "none of the datanodes the job must run on is live".into(),
+                ));
+            }
+        }
         let mut sched = Scheduler::new(live.clone());
         let plan = sched.assign_all(
             &units

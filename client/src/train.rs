@@ -1,8 +1,11 @@
 //! The training coordinator: places a dataset's chunks on the datanodes
 //! that hold them, then runs synchronous data-parallel SGD, one round of
-//! TrainStep requests per step, summing gradients in worker order. A
-//! worker that fails hands its chunks to other holders and the step runs
-//! again.
+//! TrainStep requests per step. Under exact SGD the workers hold the
+//! parameters and add their gradients around a ring among themselves; the
+//! coordinator sends each step's shares and the previous step's commit and
+//! collects losses and counts. A worker that fails hands its chunks to
+//! other holders, a survivor's parameters seed the new set of workers, and
+//! the step runs again.
 
 use crate::dataset::Dataset;
 use crate::job::JobOptions;
@@ -12,9 +15,9 @@ use crate::{Client, Error, Result};
 use quern_compute::nn::{Optimizer, OptimizerConfig};
 use quern_compute::ops::{self, Operator, Partial};
 use quern_compute::train::{
-    exchanges, f32s_from_le, f32s_to_le, f64s_from_le, f64s_to_le, LocalStep, ModelAverage,
-    Objective, ScaleKind, Scaler, ScoreOp, Scores, StepPlan, StepRequest, StepResult, StepStats,
-    StepSum, WorkerSpec,
+    exchanges, f32s_from_le, f32s_to_le, f64s_from_le, f64s_to_le, Commit, HeldHead, HeldParams,
+    Hold, LocalStep, ModelAverage, Objective, ScaleKind, Scaler, ScoreOp, Scores, StepPlan,
+    StepRequest, StepResult, StepStats, StepSum, WorkerSpec,
 };
 use quern_proto::msg::*;
 use quern_proto::NodeId;
@@ -99,8 +102,11 @@ pub struct TrainSummary {
     /// Dataset bytes read from the workers' own disks / fetched over the network.
     pub local_bytes: u64,
     pub dataset_bytes_over_network: u64,
-    /// Parameters out and gradients back, on the wire.
+    /// Steps on the wire: requests and results between the coordinator and
+    /// the workers, and under exact SGD the ring's partial sums.
     pub step_bytes: u64,
+    /// The part of `step_bytes` the workers sent each other around the ring.
+    pub ring_bytes: u64,
     pub step_bytes_per_iteration: u64,
     /// Share of step time not spent computing on the slowest worker.
     pub wait_share: f64,
@@ -321,14 +327,44 @@ impl Client {
             params: params.to_vec(),
             scaler: scaler.clone(),
             objective,
+            held: None,
         });
+        self.run_score(ds, op, &JobOptions::default()).await
+    }
+
+    /// Scores with the parameters a training job's workers hold, on those
+    /// workers, after `commit`: no parameters travel.
+    async fn score_held(
+        &self,
+        ds: &Dataset,
+        opts: &TrainOptions,
+        scaler: &Scaler,
+        held: HeldParams,
+        workers: &[WorkerState],
+    ) -> Result<(Scores, crate::JobSummary)> {
+        let op = Operator::Score(ScoreOp {
+            model_json: opts.model_json.clone(),
+            params: Vec::new(),
+            scaler: scaler.clone(),
+            objective: opts.objective,
+            held: Some(held),
+        });
+        let nodes = workers.iter().map(|w| w.node).collect();
+        let jobs = JobOptions {
+            nodes: Some(nodes),
+            ..JobOptions::default()
+        };
+        self.run_score(ds, op, &jobs).await
+    }
+
+    async fn run_score(
+        &self,
+        ds: &Dataset,
+        op: Operator,
+        jobs: &JobOptions,
+    ) -> Result<(Scores, crate::JobSummary)> {
         let (p, summary) = self
-            .run_map(
-                &ds.part_paths(),
-                &ds.manifest.layout,
-                op,
-                &JobOptions::default(),
-            )
+            .run_map(&ds.part_paths(), &ds.manifest.layout, op, jobs)
             .await?;
         match p {
             Partial::Score(s) => Ok((s, summary)),
@@ -501,6 +537,9 @@ impl Client {
         );
         let mut iteration = 0u64;
         let sync = opts.sync.max(1);
+        // Exact SGD: the workers hold the parameters once seeded; the
+        // coordinator's copy is refreshed only when it needs one.
+        let mut held = Held::default();
         // Workers step on their own, with their own optimizer, between
         // parameter exchanges: K steps under --sync K, or on the local
         // plan's single worker up to the next progress report.
@@ -555,8 +594,29 @@ impl Client {
                 let round = want.min(steps_per_epoch - i).min(iterations - iteration);
                 let shares: Vec<Vec<_>> = (0..round).map(|j| plan.shares(i + j)).collect();
                 let t = Instant::now();
-                // Encoded once, shared by every worker's stream.
-                let raw_params = bytes::Bytes::from(f32s_to_le(&params));
+                let hold = !local_rounds;
+                // Encoded once, shared by every worker's stream: the
+                // parameters each round, or under exact SGD a seed when the
+                // workers hold none yet.
+                let seed = (hold && !held.seeded).then(|| {
+                    let mut o = opt.clone();
+                    let state = o.take_state();
+                    let mut values = params.clone();
+                    values.extend(state);
+                    let head = HeldHead {
+                        optimizer: o,
+                        version: iteration,
+                        params_len: params.len() as u64,
+                    };
+                    (head, values)
+                });
+                let raw_params = match &seed {
+                    Some((_, values)) => bytes::Bytes::from(f32s_to_le(values)),
+                    None if hold => bytes::Bytes::new(),
+                    None => bytes::Bytes::from(f32s_to_le(&params)),
+                };
+                held.round += 1;
+                let ring_peers: Vec<NodeAddr> = workers.iter().map(|w| w.node).collect();
                 // One step at a time: the workers with examples in it add
                 // their BatchNormalization sums through the coordinator.
                 let exchange = if round == 1 && !local_rounds {
@@ -579,8 +639,21 @@ impl Client {
                             .collect(),
                         local: local_rounds.then(|| opts.optimizer.clone()),
                         exchange: exchange[w],
+                        hold: hold.then(|| Hold {
+                            seed: seed.as_ref().map(|(head, _)| head.clone()),
+                            commit: if seed.is_some() {
+                                None
+                            } else {
+                                held.commit.clone()
+                            },
+                        }),
                         params: Vec::new(),
                     };
+                    let ring = hold.then(|| Ring {
+                        round: held.round,
+                        peers: ring_peers.clone(),
+                        position: w as u32,
+                    });
                     let client = self.clone();
                     let node = worker.node;
                     let raw = raw_params.clone();
@@ -588,33 +661,37 @@ impl Client {
                         (
                             w,
                             node,
-                            client.step_worker(job, node, &req, raw, link).await,
+                            client.step_worker(job, node, &req, raw, ring, link).await,
                         )
                     });
                 }
                 let mut results: Vec<Option<(StepResult, u64)>> =
                     (0..workers.len()).map(|_| None).collect();
-                let mut failed: Option<(NodeAddr, Error)> = None;
+                let mut failures = Failures::default();
                 while let Some(j) = set.join_next().await {
                     let (w, node, r) = match j {
                         Ok(x) => x,
                         // Cancelled below, after another worker failed.
-                        Err(e) if e.is_cancelled() && failed.is_some() => continue,
+                        Err(e) if e.is_cancelled() && failures.any() => continue,
                         Err(e) => return Err(Error::Job(format!("step task failed: {e}"))),
                     };
                     match r {
                         Ok(x) => results[w] = Some(x),
                         Err(e) => {
-                            // Workers that exchange statistics would wait
-                            // for the lost one's sums: stop them now.
-                            if exchange.iter().any(|&e| e) {
+                            // Workers that exchange statistics or ring sums
+                            // would wait for the lost one: stop them now.
+                            // A worker that reports its ring peer failed is
+                            // not the one lost; the peer's own failure is
+                            // still to come.
+                            let peer = e.code() == Some(quern_proto::ErrorCode::Peer);
+                            if !peer && (hold || exchange.iter().any(|&e| e)) {
                                 set.abort_all();
                             }
-                            failed.get_or_insert((node, e));
+                            failures.add(node, e, peer);
                         }
                     }
                 }
-                if let Some((node, e)) = failed {
+                if let Some((node, e)) = failures.lost() {
                     let Some(pos) = workers.iter().position(|w| w.node.id == node.id) else {
                         return Err(e);
                     };
@@ -663,13 +740,30 @@ impl Client {
                         }
                     }
                     summary.workers_lost += 1;
+                    if hold && held.seeded {
+                        // A survivor's parameters seed the new set of
+                        // workers.
+                        let (head, values) =
+                            self.held_state(job, &workers, held.commit.as_ref()).await?;
+                        if head.version != iteration {
+                            return Err(Error::Job(format!(
+                                "the workers hold the parameters before step {}, the job is at \
+                                 step {iteration}",
+                                head.version
+                            )));
+                        }
+                        (params, opt) = held_split(&head, values)?;
+                        held.seeded = false;
+                        held.commit = None;
+                    }
                     // The step runs again on the new split.
                     continue;
                 }
                 let mut slowest = 0u64;
                 for (r, bytes) in results.iter().flatten() {
                     slowest = slowest.max(r.compute_us);
-                    summary.step_bytes += bytes;
+                    summary.step_bytes += bytes + r.ring_bytes;
+                    summary.ring_bytes += r.ring_bytes;
                 }
                 let job_err = |e: quern_compute::train::TrainError| Error::Job(e.to_string());
                 let stats: StepStats = if local_rounds {
@@ -679,11 +773,14 @@ impl Client {
                     }
                     avg.apply(&mut params).map_err(job_err)?
                 } else {
-                    let mut sum = StepSum::new(params.len());
+                    let mut sum = StepSum::new();
                     for (r, _) in results.iter().flatten() {
                         sum.add(r).map_err(job_err)?;
                     }
-                    sum.apply(&mut opt, &model, &mut params).map_err(job_err)?
+                    let (stats, commit) = sum.finish(iteration).map_err(job_err)?;
+                    held.seeded = true;
+                    held.commit = Some(commit);
+                    stats
                 };
                 let took = t.elapsed().as_micros();
                 step_secs = took as f64 / 1e6 / round as f64;
@@ -714,6 +811,15 @@ impl Client {
             }
             let train_secs = epoch_start.elapsed().as_secs_f64();
             let (val_loss, val_accuracy) = match val {
+                // The workers score with the parameters they hold.
+                Some(v) if held.seeded => {
+                    let at = HeldParams {
+                        job,
+                        commit: held.commit.clone(),
+                    };
+                    let (s, _) = self.score_held(v, opts, &scaler, at, &workers).await?;
+                    (Some(s.loss()), Some(s.accuracy()))
+                }
                 Some(v) => {
                     let (s, _) = self
                         .score(v, &opts.model_json, &params, &scaler, opts.objective)
@@ -737,6 +843,10 @@ impl Client {
             if iteration >= iterations {
                 break;
             }
+        }
+        if held.seeded {
+            let (head, values) = self.held_state(job, &workers, held.commit.as_ref()).await?;
+            (params, _) = held_split(&head, values)?;
         }
         summary.iterations = iteration;
         summary.wall_s = started.elapsed().as_secs_f64();
@@ -871,6 +981,7 @@ impl Client {
         node: NodeAddr,
         req: &StepRequest,
         params: bytes::Bytes,
+        ring: Option<Ring>,
         link: Option<SumLink>,
     ) -> Result<(StepResult, u64)> {
         let request = ops::encode(req).map_err(|e| Error::Job(e.to_string()))?;
@@ -878,6 +989,7 @@ impl Client {
             job,
             request,
             params_len: params.len() as u64,
+            ring,
         };
         let out_bytes = quern_proto::frame::encode(&DataRequest::TrainStep(msg.clone()))
             .map(|v| v.len() as u64)
@@ -936,6 +1048,54 @@ impl Client {
             .map_err(|e| Error::Job(format!("{}: bad step result: {e}", node.addr)))?;
         r.values = f32s_from_le(&raw).map_err(|e| Error::Job(format!("{}: {e}", node.addr)))?;
         Ok((r, out_bytes + back + sums_bytes))
+    }
+
+    /// The parameters and optimizer state the workers hold, from the first
+    /// that answers, after `commit`.
+    async fn held_state(
+        &self,
+        job: u64,
+        workers: &[WorkerState],
+        commit: Option<&Commit>,
+    ) -> Result<(HeldHead, Vec<f32>)> {
+        let commit = match commit {
+            Some(c) => ops::encode(c).map_err(|e| Error::Job(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let mut why = Vec::new();
+        for w in workers {
+            let ep = self.endpoint();
+            let fetch = async {
+                let mut s = ep
+                    .request(
+                        w.node,
+                        TrainState {
+                            job,
+                            commit: commit.clone(),
+                        },
+                    )
+                    .await?;
+                s.finish()?;
+                let header: TrainStateHeader = s.reply().await?;
+                let raw = s.recv_body(header.values_len).await?;
+                Ok::<_, quern_proto::Error>((header, raw))
+            };
+            match fetch.await {
+                Ok((header, raw)) => {
+                    let head: HeldHead = ops::decode(&header.head)
+                        .map_err(|e| Error::Job(format!("{}: bad held state: {e}", w.node.addr)))?;
+                    let values = f32s_from_le(&raw)
+                        .map_err(|e| Error::Job(format!("{}: {e}", w.node.addr)))?;
+                    return Ok((head, values));
+                }
+                Err(e) => why.push(format!("{}: {e}", w.node.addr)),
+            }
+        }
+        Err(Error::Job(format!(
+            "no worker could give the job's parameters, so training cannot go on exactly; run \
+             the job again ({})",
+            why.join("; ")
+        )))
     }
 
     /// Moves a lost worker's chunks to other live holders (or, with none
@@ -1060,5 +1220,59 @@ impl SumLink {
         let (reply, total) = tokio::sync::oneshot::channel();
         self.tx.send((self.member, sums, reply)).ok()?;
         total.await.ok()
+    }
+}
+
+/// What the coordinator knows of the parameters its workers hold.
+#[derive(Default)]
+struct Held {
+    /// The workers hold the job's parameters (else the next step seeds
+    /// them from the coordinator's copy).
+    seeded: bool,
+    /// The last step, for the workers to apply before the next.
+    commit: Option<Commit>,
+    /// Step attempts so far: each has its own ring streams.
+    round: u64,
+}
+
+/// Splits held state into the parameters and the optimizer.
+fn held_split(head: &HeldHead, mut values: Vec<f32>) -> Result<(Vec<f32>, Optimizer)> {
+    let n = usize::try_from(head.params_len).unwrap_or(usize::MAX);
+    if values.len() < n {
+        return Err(Error::Job(format!(
+            "held state of {} values for {n} parameters",
+            values.len()
+        )));
+    }
+    let state = values.split_off(n);
+    let mut opt = head.optimizer.clone();
+    opt.put_state(n, state)
+        .map_err(|e| Error::Job(format!("held optimizer state: {e}")))?;
+    Ok((values, opt))
+}
+
+/// The failures of one step's workers, and which worker to count as lost:
+/// one that failed itself before one that reports its ring peer failed.
+#[derive(Default)]
+struct Failures {
+    own: Vec<(NodeAddr, Error)>,
+    peer: Vec<(NodeAddr, Error)>,
+}
+
+impl Failures {
+    fn add(&mut self, node: NodeAddr, e: Error, peer: bool) {
+        if peer {
+            self.peer.push((node, e));
+        } else {
+            self.own.push((node, e));
+        }
+    }
+
+    fn any(&self) -> bool {
+        !self.own.is_empty() || !self.peer.is_empty()
+    }
+
+    fn lost(self) -> Option<(NodeAddr, Error)> {
+        self.own.into_iter().chain(self.peer).next()
     }
 }

@@ -5,4 +5,5 @@ pub mod import;
 pub mod nn;
 pub mod ops;
 pub mod records;
+pub mod ring;
 pub mod train;

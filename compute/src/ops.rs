@@ -316,7 +316,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, OpError> {
 
 /// Runs an encoded task over one chunk's bytes; returns the encoded partial.
 pub fn run_encoded(task: &[u8], chunk: &[u8]) -> Result<Vec<u8>, OpError> {
-    let task: Task = decode(task)?;
+    run(&decode(task)?, chunk)
+}
+
+/// Runs a decoded task over one chunk's bytes; returns the encoded partial.
+pub fn run(task: &Task, chunk: &[u8]) -> Result<Vec<u8>, OpError> {
     let records = task.layout.view("chunk", chunk)?;
     encode(&task.op.map(&records)?)
 }

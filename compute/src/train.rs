@@ -7,8 +7,10 @@
 //! Each worker holds a shard of records. Every epoch it shuffles its shard
 //! with (seed, epoch, worker index); step `i` of the epoch takes the next
 //! slice of that permutation, sized in proportion to the shard, so one
-//! epoch visits every record once. The coordinator adds the workers'
-//! gradient sums in worker order and divides by the examples actually used.
+//! epoch visits every record once. The workers hold the parameters: each
+//! step they add their gradient sums around a ring (`crate::ring`, in a
+//! fixed order), divide by the examples actually used and apply the same
+//! optimizer step to their own copies.
 
 use crate::nn::{
     BatchSync, DropoutRng, LocalGroup, Loss, Model, NnError, Optimizer, OptimizerConfig, Params,
@@ -476,9 +478,126 @@ pub struct StepRequest {
     /// optimizer), so every share is normalized over the whole batch.
     #[serde(default)]
     pub exchange: bool,
-    /// Sent as raw bytes after the request frame.
+    /// The worker holds the parameters between steps and applies the
+    /// optimizer itself (exact SGD over a ring all-reduce); None, they come
+    /// with every request.
+    #[serde(default)]
+    pub hold: Option<Hold>,
+    /// Sent as raw bytes after the request frame: the parameters, or with
+    /// `hold.seed` the parameters followed by the optimizer's state.
     #[serde(skip)]
     pub params: Vec<f32>,
+}
+
+/// A step's total over every worker, which each worker folds into the
+/// parameters it holds: its gradient total came round the ring, the rest
+/// (examples used, BatchNormalization's batch sums) comes from the
+/// coordinator with the next request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Commit {
+    pub iteration: u64,
+    pub count: u64,
+    pub stats: Vec<StatSums>,
+}
+
+/// How a step uses the parameters the worker holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hold {
+    /// Replaces the held state (the job's first step, or the first after
+    /// the workers changed); its vectors are the request's raw values.
+    pub seed: Option<HeldHead>,
+    /// Applies the previous step first.
+    pub commit: Option<Commit>,
+}
+
+/// Held state without its vectors: those travel as raw values after the
+/// frame, the parameters then the optimizer's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldHead {
+    /// The optimizer with its counters; its state vectors follow the
+    /// parameters.
+    pub optimizer: Optimizer,
+    /// Steps applied so far: the iteration of the next step.
+    pub version: u64,
+    pub params_len: u64,
+}
+
+/// What a worker holds between steps under [`Hold`].
+struct Held {
+    params: Params,
+    opt: Optimizer,
+    version: u64,
+    /// This worker's copy of the last step's total, until it is committed.
+    pending: Option<(u64, Vec<f32>)>,
+}
+
+impl Held {
+    fn seed(model: &Model, head: HeldHead, mut values: Vec<f32>) -> Result<Held> {
+        let n = usize::try_from(head.params_len).unwrap_or(usize::MAX);
+        if values.len() < n {
+            return Err(TrainError::Invalid(format!(
+                "seed of {} values for {n} parameters",
+                values.len()
+            )));
+        }
+        let state = values.split_off(n);
+        let params = model.params_from_flat(values)?;
+        let mut opt = head.optimizer;
+        opt.put_state(n, state)?;
+        Ok(Held {
+            params,
+            opt,
+            version: head.version,
+            pending: None,
+        })
+    }
+
+    fn commit(&mut self, model: &Model, c: &Commit) -> Result<()> {
+        if self.version == c.iteration + 1 {
+            // Applied already (the step after it began here before a
+            // failure elsewhere).
+            return Ok(());
+        }
+        match self.pending.take() {
+            Some((it, mut total)) if it == c.iteration && self.version == it => {
+                apply_total(
+                    &mut self.opt,
+                    model,
+                    self.params.as_mut_slice(),
+                    &mut total,
+                    c.count,
+                    &c.stats,
+                )?;
+                self.version += 1;
+                Ok(())
+            }
+            _ => Err(TrainError::Invalid(format!(
+                "cannot apply step {}: this worker holds the parameters before step {} and no \
+                 total for step {}",
+                c.iteration, self.version, c.iteration
+            ))),
+        }
+    }
+}
+
+/// Divides a step's gradient total by the examples used, applies the
+/// optimizer, and folds the batch statistics into the moving averages.
+pub fn apply_total(
+    opt: &mut Optimizer,
+    model: &Model,
+    params: &mut [f32],
+    total: &mut [f32],
+    count: u64,
+    stats: &[StatSums],
+) -> Result<()> {
+    if count == 0 {
+        return Err(TrainError::Invalid("a step with no examples".into()));
+    }
+    let inv = 1.0 / count as f32;
+    total.iter_mut().for_each(|g| *g *= inv);
+    opt.step(params, total)?;
+    model.update_moving_stats(params, stats)?;
+    Ok(())
 }
 
 /// One worker's sums for one round.
@@ -499,6 +618,9 @@ pub struct StepResult {
     /// moving statistics.
     #[serde(default)]
     pub stats: Vec<StatSums>,
+    /// Bytes this worker sent around the ring in the step.
+    #[serde(default)]
+    pub ring_bytes: u64,
 }
 
 /// A worker's state for the life of a job: the model and its decoded,
@@ -514,6 +636,8 @@ pub struct Worker {
     batch_y: Labels,
     /// The worker's own optimizer state under `--sync K`, kept across rounds.
     local_opt: Option<Optimizer>,
+    /// The parameters and optimizer of exact SGD over the ring.
+    held: Option<Held>,
 }
 
 impl Worker {
@@ -543,6 +667,7 @@ impl Worker {
             perm: None,
             batch_x: Vec::new(),
             local_opt: None,
+            held: None,
         })
     }
 
@@ -596,12 +721,16 @@ impl Worker {
             .local_opt
             .as_ref()
             .map_or(0, |o| o.state_len() as u64 * 4);
+        let held = self.held.as_ref().map_or(0, |h| {
+            let pending = h.pending.as_ref().map_or(0, |(_, t)| t.len());
+            (h.params.len() + h.opt.state_len() + pending) as u64 * 4
+        });
         let words = self.x.capacity()
             + self.y.capacity()
             + perm
             + self.batch_x.capacity()
             + self.batch_y.capacity();
-        words as u64 * 4 + opt
+        words as u64 * 4 + opt + held
     }
 
     /// The shard's order in `epoch`: Fisher-Yates keyed by the job's seed,
@@ -648,6 +777,9 @@ impl Worker {
                     ))
                 }
             };
+        if let Some(hold) = req.hold.take() {
+            return self.held_step(req, hold, sync, started);
+        }
         let mut params = self
             .model
             .params_from_flat(std::mem::take(&mut req.params))?;
@@ -700,7 +832,129 @@ impl Worker {
             values,
             compute_us: started.elapsed().as_micros() as u64,
             stats,
+            ring_bytes: 0,
         })
+    }
+
+    /// A step on the held parameters: seed or commit, then this worker's
+    /// gradient sum, which the caller adds around the ring and hands back
+    /// with [`Worker::hold_total`].
+    fn held_step(
+        &mut self,
+        mut req: StepRequest,
+        hold: Hold,
+        sync: Option<&dyn BatchSync>,
+        started: std::time::Instant,
+    ) -> Result<StepResult> {
+        let [step] = req.steps.as_slice() else {
+            return Err(TrainError::Invalid(
+                "a worker holding the parameters takes one step per request".into(),
+            ));
+        };
+        if req.local.is_some() {
+            return Err(TrainError::Invalid(
+                "a worker holding the parameters has no local optimizer".into(),
+            ));
+        }
+        if let Some(head) = hold.seed {
+            self.held = Some(Held::seed(
+                &self.model,
+                head,
+                std::mem::take(&mut req.params),
+            )?);
+        }
+        let mut held = self.held.take().ok_or_else(|| {
+            TrainError::Invalid(
+                "this worker holds no parameters for the job (lost with a restart?); the \
+                 coordinator seeds them again"
+                    .into(),
+            )
+        })?;
+        let ready = match &hold.commit {
+            Some(c) => held.commit(&self.model, c),
+            None => Ok(()),
+        }
+        .and_then(|()| {
+            held.pending = None;
+            if held.version == step.iteration {
+                Ok(())
+            } else {
+                Err(TrainError::Invalid(format!(
+                    "this worker holds the parameters before step {}, asked for step {}",
+                    held.version, step.iteration
+                )))
+            }
+        });
+        let g = ready.and_then(|()| self.grad_sum(&held.params, req.worker, step, sync));
+        self.held = Some(held);
+        let g = g?;
+        Ok(StepResult {
+            loss_sum: g.loss_sum,
+            correct: g.correct,
+            count: g.count,
+            values: g.grad,
+            compute_us: started.elapsed().as_micros() as u64,
+            stats: g.stats,
+            ring_bytes: 0,
+        })
+    }
+
+    /// Keeps the step's total over every worker, to apply when the
+    /// coordinator commits the step.
+    pub fn hold_total(&mut self, iteration: u64, total: Vec<f32>) -> Result<()> {
+        match &mut self.held {
+            Some(h) if h.version == iteration && total.len() == h.params.len() => {
+                h.pending = Some((iteration, total));
+                Ok(())
+            }
+            Some(h) => Err(TrainError::Invalid(format!(
+                "a total of {} values for step {iteration}; this worker holds {} parameters \
+                 before step {}",
+                total.len(),
+                h.params.len(),
+                h.version
+            ))),
+            None => Err(TrainError::Invalid(
+                "a step total for a worker that holds no parameters".into(),
+            )),
+        }
+    }
+
+    /// The held state after `commit`: its head and its vectors (the
+    /// parameters, then the optimizer's state). A step begun but not
+    /// committed is dropped.
+    pub fn held_state(&mut self, commit: Option<&Commit>) -> Result<(HeldHead, Vec<f32>)> {
+        let held = self.held.as_mut().ok_or_else(|| {
+            TrainError::Invalid("this worker holds no parameters for the job".into())
+        })?;
+        if let Some(c) = commit {
+            held.commit(&self.model, c)?;
+        }
+        held.pending = None;
+        let mut optimizer = held.opt.clone();
+        let state = optimizer.take_state();
+        let mut values = Vec::with_capacity(held.params.len() + state.len());
+        values.extend_from_slice(held.params.as_slice());
+        values.extend_from_slice(&state);
+        Ok((
+            HeldHead {
+                optimizer,
+                version: held.version,
+                params_len: held.params.len() as u64,
+            },
+            values,
+        ))
+    }
+
+    /// A copy of the held parameters after `commit`, for scoring.
+    pub fn held_params(&mut self, commit: Option<&Commit>) -> Result<Vec<f32>> {
+        let held = self.held.as_mut().ok_or_else(|| {
+            TrainError::Invalid("this worker holds no parameters for the job".into())
+        })?;
+        if let Some(c) = commit {
+            held.commit(&self.model, c)?;
+        }
+        Ok(held.params.as_slice().to_vec())
     }
 
     /// The loss, correct count and gradient summed over one share.
@@ -754,41 +1008,26 @@ impl Worker {
 
 // ---------------------------------------------------------------- the coordinator's arithmetic
 
-/// Adds worker results in worker order, then averages and steps.
+/// Adds the small part of the workers' results in worker order: loss,
+/// counts and batch statistics (the gradients go round the ring).
+#[derive(Default)]
 pub struct StepSum {
     pub loss_sum: f64,
     pub correct: u64,
     pub count: u64,
-    pub grad: Vec<f32>,
     /// Batch statistics summed over workers, None before the first.
     pub stats: Option<Vec<StatSums>>,
 }
 
 impl StepSum {
-    pub fn new(params: usize) -> StepSum {
-        StepSum {
-            loss_sum: 0.0,
-            correct: 0,
-            count: 0,
-            grad: vec![0.0; params],
-            stats: None,
-        }
+    pub fn new() -> StepSum {
+        StepSum::default()
     }
 
     pub fn add(&mut self, r: &StepResult) -> Result<()> {
-        if r.values.len() != self.grad.len() {
-            return Err(TrainError::Invalid(format!(
-                "a worker sent {} gradient values for {} parameters",
-                r.values.len(),
-                self.grad.len()
-            )));
-        }
         self.loss_sum += r.loss_sum;
         self.correct += r.correct;
         self.count += r.count;
-        for (a, b) in self.grad.iter_mut().zip(&r.values) {
-            *a += b;
-        }
         match &mut self.stats {
             None => self.stats = Some(r.stats.clone()),
             Some(acc) => {
@@ -807,26 +1046,23 @@ impl StepSum {
         Ok(())
     }
 
-    /// Divides by the examples used, applies the optimizer, and folds the
-    /// batch statistics into the moving averages.
-    pub fn apply(
-        mut self,
-        opt: &mut Optimizer,
-        model: &Model,
-        params: &mut [f32],
-    ) -> Result<StepStats> {
+    /// The step's figures, and what the workers need to apply it.
+    pub fn finish(self, iteration: u64) -> Result<(StepStats, Commit)> {
         if self.count == 0 {
             return Err(TrainError::Invalid("a step with no examples".into()));
         }
-        let inv = 1.0 / self.count as f32;
-        self.grad.iter_mut().for_each(|g| *g *= inv);
-        opt.step(params, &self.grad)?;
-        model.update_moving_stats(params, self.stats.as_deref().unwrap_or(&[]))?;
-        Ok(StepStats {
-            loss: self.loss_sum / self.count as f64,
-            accuracy: self.correct as f64 / self.count as f64,
-            count: self.count,
-        })
+        Ok((
+            StepStats {
+                loss: self.loss_sum / self.count as f64,
+                accuracy: self.correct as f64 / self.count as f64,
+                count: self.count,
+            },
+            Commit {
+                iteration,
+                count: self.count,
+                stats: self.stats.unwrap_or_default(),
+            },
+        ))
     }
 }
 
@@ -898,7 +1134,8 @@ pub fn exchanges(shares: &[Share]) -> Vec<bool> {
     shares.iter().map(|s| busy > 1 && s.count > 0).collect()
 }
 
-/// The same algorithm in one process: `workers` play the datanodes.
+/// The same algorithm in one process: `workers` play the datanodes, each
+/// holding the parameters, their gradients added in the ring's order.
 pub fn train_local(
     workers: &mut [Worker],
     params: &mut Params,
@@ -918,14 +1155,23 @@ pub fn train_local(
         .ok_or_else(|| TrainError::Invalid("no workers".into()))?;
     let mut opt =
         Optimizer::new(optimizer, params.len()).with_variables(model.trainable_variables());
+    let mut seed_values = params.as_slice().to_vec();
+    seed_values.extend(opt.take_state());
+    let mut seed = Some(HeldHead {
+        optimizer: opt,
+        version: 0,
+        params_len: params.len() as u64,
+    });
+    let mut commit: Option<Commit> = None;
     let mut iteration = 0;
-    for epoch in 0..epochs {
+    'epochs: for epoch in 0..epochs {
         for i in 0..plan.steps_per_epoch() {
             if max_iter.is_some_and(|m| iteration >= m) {
-                return Ok(());
+                break 'epochs;
             }
             let shares = plan.shares(i);
             let exchange = exchanges(&shares);
+            let seeding = seed.take();
             let requests: Vec<StepRequest> = shares
                 .iter()
                 .enumerate()
@@ -938,7 +1184,15 @@ pub fn train_local(
                     }],
                     local: None,
                     exchange: exchange[w],
-                    params: params.as_slice().to_vec(),
+                    hold: Some(Hold {
+                        seed: seeding.clone(),
+                        commit: commit.clone(),
+                    }),
+                    params: if seeding.is_some() {
+                        seed_values.clone()
+                    } else {
+                        Vec::new()
+                    },
                 })
                 .collect();
             // Workers that exchange statistics run side by side, as on the
@@ -969,13 +1223,27 @@ pub fn train_local(
                     })
                     .collect()
             });
-            let mut sum = StepSum::new(params.len());
-            for r in results {
-                sum.add(&r?)?;
+            let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+            let mut sum = StepSum::new();
+            for r in &results {
+                sum.add(r)?;
             }
-            let stats = sum.apply(&mut opt, &model, params.as_mut_slice())?;
+            let parts: Vec<&[f32]> = results.iter().map(|r| r.values.as_slice()).collect();
+            let total = crate::ring::sum_in_ring_order(&parts);
+            for w in workers.iter_mut() {
+                w.hold_total(iteration, total.clone())?;
+            }
+            let (stats, c) = sum.finish(iteration)?;
+            commit = Some(c);
             on_step(iteration, &stats);
             iteration += 1;
+        }
+    }
+    if let Some(w) = workers.first_mut() {
+        if seed.is_none() {
+            let (head, mut values) = w.held_state(commit.as_ref())?;
+            values.truncate(head.params_len as usize);
+            *params = model.params_from_flat(values)?;
         }
     }
     Ok(())
@@ -1064,10 +1332,22 @@ mod tests {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoreOp {
     pub model_json: String,
+    /// Empty with `held`: the datanode fills them in.
     pub params: Vec<f32>,
     pub scaler: Scaler,
     #[serde(default)]
     pub objective: Objective,
+    /// Score with the parameters a training job's worker holds on the node
+    /// that runs the task, rather than parameters sent with every task.
+    #[serde(default)]
+    pub held: Option<HeldParams>,
+}
+
+/// Which job's held parameters a score uses, after which step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldParams {
+    pub job: u64,
+    pub commit: Option<Commit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,11 +5,13 @@
 
 use quern_compute::train::Worker;
 use quern_proto::size::format_size;
+use quern_proto::transport::ServerStream;
 use quern_proto::{ErrorCode, Principal, WireError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// The job memory budget when none is configured: a quarter of the
 /// machine's memory, or 4 GiB where that cannot be learned. Decoded records
@@ -45,9 +47,51 @@ pub(crate) struct Job {
     /// admitted so far, raised to the worker's measured memory when that
     /// is more.
     pub(crate) bytes: AtomicU64,
+    /// Ring streams from the previous worker, by step round: whichever of
+    /// the stream and this node's step comes first waits for the other.
+    inbox: Mutex<HashMap<u64, Inbox>>,
+}
+
+/// One round's meeting point between a ring stream and the step.
+struct Inbox {
+    tx: Option<oneshot::Sender<ServerStream>>,
+    rx: Option<oneshot::Receiver<ServerStream>>,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        let (tx, rx) = oneshot::channel();
+        Inbox {
+            tx: Some(tx),
+            rx: Some(rx),
+        }
+    }
 }
 
 impl Job {
+    /// Hands the previous worker's ring stream for `round` to the step
+    /// that waits for it (now or when it starts); gives it back when the
+    /// round already has one or its step is gone.
+    pub(crate) fn deliver(&self, round: u64, stream: ServerStream) -> Option<ServerStream> {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        match inbox.entry(round).or_insert_with(Inbox::new).tx.take() {
+            Some(tx) => tx.send(stream).err(),
+            None => Some(stream),
+        }
+    }
+
+    /// Where the step of `round` receives its ring stream. Rounds before it
+    /// were given up: their streams are dropped, which ends them.
+    pub(crate) fn expect(&self, round: u64) -> oneshot::Receiver<ServerStream> {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.retain(|&r, _| r >= round);
+        match inbox.entry(round).or_insert_with(Inbox::new).rx.take() {
+            Some(rx) => rx,
+            // Asked twice for one round: the second ask never gets a stream.
+            None => oneshot::channel().1,
+        }
+    }
+
     fn renew(&self) {
         *self.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
@@ -116,6 +160,17 @@ impl Jobs {
         Ok(Busy::new(owned(here, job, caller)?))
     }
 
+    /// The job, whoever owns it: for the other datanodes of its ring.
+    pub(crate) fn find(&self, here: &str, id: u64) -> Result<Arc<Job>, WireError> {
+        let jobs = self.jobs.lock().map_err(internal)?;
+        jobs.get(&id).cloned().ok_or_else(|| {
+            WireError::new(
+                ErrorCode::NotFound,
+                format!("{here}: no training job {id:016x} to add ring sums to"),
+            )
+        })
+    }
+
     /// Admits `need` more bytes of records for job `id` (made by `make`
     /// when new) if they fit the budget, and marks the job busy.
     pub(crate) fn admit(
@@ -169,6 +224,7 @@ impl Jobs {
                     renewed: Mutex::new(Instant::now()),
                     busy: AtomicUsize::new(0),
                     bytes: AtomicU64::new(0),
+                    inbox: Mutex::new(HashMap::new()),
                 });
                 jobs.insert(id, j.clone());
                 j

@@ -177,7 +177,8 @@ impl Service for DataService {
             DataRequest::ReadChunk(r) => read_chunk(&self.node, r, &mut stream).await,
             DataRequest::Ping(_) => stream.reply(&Ok(self.node.id)).await,
             DataRequest::RunTask(r) => {
-                let reply = crate::tasks::run_task(&self.node, r).await;
+                let caller = stream.caller.clone();
+                let reply = crate::tasks::run_task(&self.node, &caller, r).await;
                 stream.reply(&reply).await
             }
             DataRequest::TrainOpen(r) => {
@@ -186,6 +187,15 @@ impl Service for DataService {
                 stream.reply(&reply).await
             }
             DataRequest::TrainStep(r) => crate::train::step(&self.node, r, &mut stream).await,
+            DataRequest::TrainRing(r) => {
+                // The stream goes to this node's step of the same round.
+                crate::train::ring_in(&self.node, r, stream).await;
+                return;
+            }
+            DataRequest::TrainState(r) => {
+                crate::train::state(&self.node, r, &mut stream).await;
+                Ok(())
+            }
             DataRequest::TrainClose(r) => {
                 let reply = crate::train::close(&self.node, &stream.caller, r);
                 stream.reply(&reply).await

@@ -1,16 +1,23 @@
 //! The task executor: map tasks run here, next to the chunk they read, on a
 //! bounded pool so that tasks never starve reads and writes of CPU.
 
+use crate::jobs::internal;
 use crate::node::Node;
 use bytes::Bytes;
+use quern_compute::ops::{Operator, Task};
+use quern_compute::train::{HeldParams, ScoreOp};
 use quern_proto::chunk::fetch_chunk;
 use quern_proto::msg::*;
-use quern_proto::{Access, ChunkToken, Digest, ErrorCode, WireError};
+use quern_proto::{Access, ChunkToken, Digest, ErrorCode, Principal, WireError};
 use std::io::Read;
 use std::sync::Arc;
 
 /// Runs one map task and returns its encoded partial result.
-pub(crate) async fn run_task(node: &Arc<Node>, req: RunTask) -> Result<TaskOutput, WireError> {
+pub(crate) async fn run_task(
+    node: &Arc<Node>,
+    caller: &Principal,
+    req: RunTask,
+) -> Result<TaskOutput, WireError> {
     let _slot = node
         .task_slots
         .acquire()
@@ -36,23 +43,50 @@ pub(crate) async fn run_task(node: &Arc<Node>, req: RunTask) -> Result<TaskOutpu
             ),
         ));
     };
-    let task = req.task;
+    let mut task: Task = quern_compute::ops::decode(&req.task)
+        .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("map task: {e}")))?;
+    if let Operator::Score(ScoreOp {
+        held: Some(held),
+        params,
+        ..
+    }) = &mut task.op
+    {
+        *params = held_params(node, caller, held).await?;
+    }
     let chunk = meta.id;
-    let partial =
-        tokio::task::spawn_blocking(move || quern_compute::ops::run_encoded(&task, &bytes))
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Internal, format!("task panicked: {e}")))?
-            .map_err(|e| {
-                WireError::new(
-                    ErrorCode::InvalidArgument,
-                    format!("{}: task on {chunk} failed: {e}", node.describe()),
-                )
-            })?;
+    let partial = tokio::task::spawn_blocking(move || quern_compute::ops::run(&task, &bytes))
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("task panicked: {e}")))?
+        .map_err(|e| {
+            WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("{}: task on {chunk} failed: {e}", node.describe()),
+            )
+        })?;
     Ok(TaskOutput {
         partial,
         local_bytes,
         fetched_bytes,
     })
+}
+
+/// The parameters a training job's worker holds here, for a score task
+/// of the job's own coordinator.
+async fn held_params(
+    node: &Arc<Node>,
+    caller: &Principal,
+    held: &HeldParams,
+) -> Result<Vec<f32>, WireError> {
+    let busy = node.jobs.acquire(&node.describe(), held.job, caller)?;
+    let commit = held.commit.clone();
+    let describe = node.describe();
+    tokio::task::spawn_blocking(move || {
+        let mut w = busy.0.worker.lock().map_err(internal)?;
+        w.held_params(commit.as_ref())
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("{describe}: {e}")))
+    })
+    .await
+    .map_err(internal)?
 }
 
 /// Reads a whole local replica and checks it against the digest the

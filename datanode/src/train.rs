@@ -1,5 +1,8 @@
 //! Training jobs on a datanode: the job's records stay decoded in memory
-//! between steps; each step receives parameters and returns gradient sums.
+//! between steps. Under exact SGD the node also holds the parameters: each
+//! step it adds its gradient sum with the other workers' around a ring of
+//! datanodes and applies the optimizer itself; under `--sync K` and the
+//! local plan, parameters come with each round and go back after it.
 //!
 //! A job lives under a lease. Every TrainOpen, TrainStep and TrainRenew of
 //! its coordinator renews it, and a job with a request in progress is never
@@ -14,8 +17,9 @@ use crate::node::Node;
 use crate::tasks::{fetch_remote, read_local};
 use quern_compute::nn::BatchSync;
 use quern_compute::ops;
+use quern_compute::ring;
 use quern_compute::train::{
-    f32s_from_le, f32s_to_le, f64s_from_le, f64s_to_le, StepRequest, Worker, WorkerSpec,
+    f32s_from_le, f32s_to_le, f64s_from_le, f64s_to_le, Commit, StepRequest, Worker, WorkerSpec,
 };
 use quern_proto::msg::*;
 use quern_proto::transport::ServerStream;
@@ -106,8 +110,9 @@ pub(crate) async fn open(
     })
 }
 
-/// One round: parameters arrive as raw bytes after the frame; the result
-/// goes back as a frame followed by the raw gradient (or parameters).
+/// One round: parameters (or a seed) arrive as raw bytes after the frame;
+/// the result goes back as a frame followed by the raw gradient or
+/// parameters (nothing, when the ring summed the gradient here).
 pub(crate) async fn step(
     node: &Arc<Node>,
     req: TrainStep,
@@ -143,6 +148,20 @@ async fn run_step(
     let job = busy.0.clone();
     let mut request: StepRequest = ops::decode(&req.request)
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("training step: {e}")))?;
+    let iteration = request.steps.first().map_or(0, |s| s.iteration);
+    let ring = match &req.ring {
+        Some(r) if request.hold.is_none() => {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "training step of round {}: a ring step must hold the parameters",
+                    r.round
+                ),
+            ))
+        }
+        Some(r) if r.peers.len() > 1 => Some((r.clone(), job.expect(r.round))),
+        _ => None,
+    };
     let describe = node.describe();
     let (link, mut coordinator) = if request.exchange {
         let (link, side) = StreamSync::new();
@@ -154,12 +173,13 @@ async fn run_step(
     // same layer: wait as long as the job lives unrenewed, not a piece's
     // idle time (the coordinator resets the stream if it gives up first).
     let wait = node.jobs.lease();
+    let held = job.clone();
     let mut task = tokio::task::spawn_blocking(move || {
         request.params = f32s_from_le(&raw)
             .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("parameters: {e}")))?;
         let mut w = job.worker.lock().map_err(internal)?;
         let sync = link.as_ref().map(|l| l as &dyn BatchSync);
-        let mut r = w.step(request, sync).map_err(|e| {
+        let r = w.step(request, sync).map_err(|e| {
             WireError::new(
                 ErrorCode::InvalidArgument,
                 format!("{describe}: training step failed: {e}"),
@@ -170,21 +190,13 @@ async fn run_step(
         job.bytes.fetch_max(w.memory_bytes(), Ordering::SeqCst);
         drop(w);
         drop(busy);
-        let values = bytes::Bytes::from(f32s_to_le(&std::mem::take(&mut r.values)));
-        let result = ops::encode(&r).map_err(internal)?;
-        Ok((
-            TrainStepOutput {
-                result,
-                values_len: values.len() as u64,
-            },
-            values,
-        ))
+        Ok::<_, WireError>(r)
     });
     // While the step computes, its BatchNormalization sums go to the
     // coordinator and the whole batch's come back.
-    loop {
+    let mut r = loop {
         tokio::select! {
-            done = &mut task => return done.map_err(internal)?,
+            done = &mut task => break done.map_err(internal)??,
             Some(sums) = next_ask(&mut coordinator) => {
                 let Some(side) = &coordinator else { continue };
                 match exchange(stream, &sums, wait).await {
@@ -200,7 +212,196 @@ async fn run_step(
                 }
             }
         }
+    };
+    if req.ring.is_some() {
+        let mut total = std::mem::take(&mut r.values);
+        if let Some((ring, inbox)) = ring {
+            // A coordinator that gave up on the step stops its stream: the
+            // ring stops waiting for the other workers then.
+            let stopped = stream.stopped();
+            r.ring_bytes = tokio::select! {
+                done = all_reduce(node, req.job, &ring, inbox, &mut total, wait) => done?,
+                () = stopped => return Err(WireError::new(
+                    ErrorCode::Protocol,
+                    format!("{}: the coordinator gave up on round {}", node.describe(), ring.round),
+                )),
+            };
+        }
+        let describe = node.describe();
+        let mut w = held.worker.lock().map_err(internal)?;
+        w.hold_total(iteration, total)
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("{describe}: {e}")))?;
     }
+    let values = bytes::Bytes::from(f32s_to_le(&std::mem::take(&mut r.values)));
+    let result = ops::encode(&r).map_err(internal)?;
+    Ok((
+        TrainStepOutput {
+            result,
+            values_len: values.len() as u64,
+        },
+        values,
+    ))
+}
+
+/// This worker's turns of the ring: sends partial sums to the next worker,
+/// adds (then copies) what the previous one sends. Returns the bytes sent
+/// (what it receives, another worker counts as sent).
+async fn all_reduce(
+    node: &Arc<Node>,
+    job: u64,
+    ring: &Ring,
+    inbox: tokio::sync::oneshot::Receiver<ServerStream>,
+    values: &mut [f32],
+    wait: std::time::Duration,
+) -> Result<u64, WireError> {
+    let n = ring.peers.len();
+    let pos = ring.position as usize;
+    if pos >= n {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("ring position {pos} of {n} workers"),
+        ));
+    }
+    let (next, prev) = (ring.peers[(pos + 1) % n], ring.peers[(pos + n - 1) % n]);
+    let here = node.describe();
+    let lost = |peer: NodeAddr, e: &dyn std::fmt::Display| {
+        WireError::new(
+            ErrorCode::Peer,
+            format!(
+                "{here}: ring peer {} (datanode {}) failed in round {}: {e}",
+                peer.addr, peer.id, ring.round
+            ),
+        )
+    };
+    let mut out = node
+        .endpoint
+        .request(
+            next,
+            TrainRing {
+                job,
+                round: ring.round,
+                from: ring.position,
+            },
+        )
+        .await
+        .map_err(|e| lost(next, &e))?;
+    let mut inc = match tokio::time::timeout(wait, inbox).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return Err(lost(prev, &"its stream was replaced")),
+        Err(_) => return Err(lost(prev, &format!("sent nothing within {wait:?}"))),
+    };
+    let segs = ring::segments(values.len(), n);
+    let mut bytes = 0u64;
+    for turn in ring::turns(pos, n) {
+        let piece = bytes::Bytes::from(f32s_to_le(&values[segs[turn.send].clone()]));
+        let want = segs[turn.recv].len() as u64 * 4;
+        bytes += piece.len() as u64;
+        let (sent, got) = tokio::join!(
+            out.send_piece_waiting(piece, wait),
+            inc.recv_body_waiting(want, wait)
+        );
+        sent.map_err(|e| lost(next, &e))?;
+        let got = got.map_err(|e| lost(prev, &e))?;
+        let arrived = f32s_from_le(&got).map_err(|e| lost(prev, &e))?;
+        let mine = &mut values[segs[turn.recv].clone()];
+        if turn.add {
+            ring::add_arrived(mine, &arrived);
+        } else {
+            mine.copy_from_slice(&arrived);
+        }
+    }
+    out.finish().map_err(|e| lost(next, &e))?;
+    let _ = inc.reply::<()>(&Ok(())).await;
+    out.reply::<()>().await.map_err(|e| lost(next, &e))?;
+    Ok(bytes)
+}
+
+/// A ring stream from the previous worker: handed to this node's step of
+/// the same round, which reads it and answers.
+pub(crate) async fn ring_in(node: &Arc<Node>, req: TrainRing, mut stream: ServerStream) {
+    if !matches!(stream.caller.role, quern_proto::Role::Datanode(_)) {
+        let e = WireError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied by {}: only datanodes send ring sums, not {}",
+                node.describe(),
+                stream.caller
+            ),
+        );
+        let _ = stream.reply::<()>(&Err(e)).await;
+        return;
+    }
+    let job = match node.jobs.find(&node.describe(), req.job) {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = stream.reply::<()>(&Err(e)).await;
+            return;
+        }
+    };
+    if let Some(mut stream) = job.deliver(req.round, stream) {
+        let e = WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{}: round {} of job {:016x} already has its ring stream (from worker {})",
+                node.describe(),
+                req.round,
+                req.job,
+                req.from
+            ),
+        );
+        let _ = stream.reply::<()>(&Err(e)).await;
+    }
+}
+
+/// The parameters and optimizer state this worker holds, after a commit.
+pub(crate) async fn state(node: &Arc<Node>, req: TrainState, stream: &mut ServerStream) {
+    let got = held_state(node, &stream.caller.clone(), req).await;
+    match got {
+        Ok((header, values)) => {
+            if stream.reply_header(&Ok(header)).await.is_ok()
+                && stream.send_piece(values).await.is_ok()
+            {
+                stream.finish();
+            }
+        }
+        Err(e) => {
+            let _ = stream.reply::<TrainStateHeader>(&Err(e)).await;
+        }
+    }
+}
+
+async fn held_state(
+    node: &Arc<Node>,
+    caller: &Principal,
+    req: TrainState,
+) -> Result<(TrainStateHeader, bytes::Bytes), WireError> {
+    let busy = node.jobs.acquire(&node.describe(), req.job, caller)?;
+    let commit: Option<Commit> =
+        if req.commit.is_empty() {
+            None
+        } else {
+            Some(ops::decode(&req.commit).map_err(|e| {
+                WireError::new(ErrorCode::InvalidArgument, format!("step commit: {e}"))
+            })?)
+        };
+    let describe = node.describe();
+    tokio::task::spawn_blocking(move || {
+        let mut w = busy.0.worker.lock().map_err(internal)?;
+        let (head, values) = w
+            .held_state(commit.as_ref())
+            .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("{describe}: {e}")))?;
+        drop(w);
+        let values = bytes::Bytes::from(f32s_to_le(&values));
+        Ok((
+            TrainStateHeader {
+                head: ops::encode(&head).map_err(internal)?,
+                values_len: values.len() as u64,
+            },
+            values,
+        ))
+    })
+    .await
+    .map_err(internal)?
 }
 
 async fn next_ask(side: &mut Option<CoordinatorSide>) -> Option<Vec<f64>> {

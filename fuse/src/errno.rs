@@ -35,7 +35,8 @@ fn of_code(code: ErrorCode) -> Errno {
         | ErrorCode::Protocol
         | ErrorCode::WrongCluster
         | ErrorCode::Io
-        | ErrorCode::Internal => Errno::EIO,
+        | ErrorCode::Internal
+        | ErrorCode::Peer => Errno::EIO,
     }
 }
 

@@ -23,6 +23,9 @@ pub enum ErrorCode {
     WrongCluster,
     Io,
     Internal,
+    /// Another node this one was working with failed (the next or previous
+    /// worker of a training ring); the message names it.
+    Peer,
 }
 
 /// An error as it crosses the network: a stable code plus a message that

@@ -600,12 +600,60 @@ pub struct TrainOpened {
 /// [`TrainStepMsg`]s: when the step exchanges batch statistics, a `Sums`
 /// per exchange (the caller answers each with as many summed values), then
 /// `Done`.
+///
+/// With `ring`, the worker holds the parameters: after computing its
+/// gradient sum it adds it with the other workers' around the ring
+/// (`TrainRing` streams between the datanodes), keeps the total, and
+/// answers `Done` without values.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainStep {
     pub job: u64,
     #[serde(with = "serde_bytes")]
     pub request: Vec<u8>,
     pub params_len: u64,
+    pub ring: Option<Ring>,
+}
+
+/// The step's workers in ring order, and this worker's place in it. Every
+/// attempt at a step has its own `round`, so a stream left from a failed
+/// attempt never meets a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ring {
+    pub round: u64,
+    pub peers: Vec<NodeAddr>,
+    pub position: u32,
+}
+
+/// From one worker of a ring to the next: the partial sums of a step's
+/// gradient, as raw little-endian f32 pieces in the order of the ring's
+/// turns (`quern_compute::ring::turns`). Only datanodes may send it. The
+/// receiver answers `()` once it has read them all.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainRing {
+    pub job: u64,
+    pub round: u64,
+    pub from: u32,
+}
+
+/// The parameters and optimizer state a worker holds for a job, after
+/// applying `commit` (an encoded `quern_compute::train::Commit`, or empty):
+/// the job's result, its validation, or the seed for a new set of
+/// workers after one was lost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub job: u64,
+    #[serde(with = "serde_bytes")]
+    pub commit: Vec<u8>,
+}
+
+/// `values_len` raw bytes follow: the parameters, then the optimizer's
+/// state vectors, little-endian f32.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainStateHeader {
+    /// Encoded `quern_compute::train::HeldHead`.
+    #[serde(with = "serde_bytes")]
+    pub head: Vec<u8>,
+    pub values_len: u64,
 }
 
 /// A frame a datanode sends on a training step's stream.
@@ -657,4 +705,6 @@ rpcs!(DataRequest {
     TrainStep(TrainStep) -> TrainStepMsg,
     TrainClose(TrainClose) -> (),
     TrainRenew(TrainRenew) -> TrainRenewed,
+    TrainRing(TrainRing) -> (),
+    TrainState(TrainState) -> TrainStateHeader,
 });

@@ -528,6 +528,16 @@ impl RequestStream {
         }
     }
 
+    /// [`RequestStream::send_piece`] for a peer that reads the body only
+    /// once it has reached the same point (the next worker of a ring still
+    /// computing): a piece may wait up to `wait` for room.
+    pub async fn send_piece_waiting(&mut self, piece: bytes::Bytes, wait: Duration) -> Result<()> {
+        let idle = std::mem::replace(&mut self.idle, wait);
+        let sent = self.send_piece(piece).await;
+        self.idle = idle;
+        sent
+    }
+
     /// The server's reply to a request whose body it stopped reading: its
     /// error when it sent one, else the stop itself.
     async fn early_answer(&mut self) -> Error {
@@ -762,6 +772,16 @@ impl ServerStream {
     /// Ends the reply's body.
     pub fn finish(&mut self) {
         let _ = self.send.finish();
+    }
+
+    /// Resolves once the caller stops reading the reply or its connection
+    /// is gone (a coordinator that gave up on a step), so the work done for
+    /// it can stop too.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stopped = self.send.stopped();
+        async move {
+            let _ = stopped.await;
+        }
     }
 
     /// Abandons the reply's body (the caller sees the stream reset).

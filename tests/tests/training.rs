@@ -159,6 +159,17 @@ async fn follows_the_one_process_algorithm(model: Model) -> Vec<f32> {
     assert_eq!(run.summary.dataset_bytes_over_network, 0, "data stays put");
     let shards = started_shards(&run.events);
     assert!(shards.len() >= 2, "work spread over datanodes: {shards:?}");
+    // The gradients went round the ring, each of its 2 (n - 1) segments
+    // per worker once, and the parameters stayed on the workers: after the
+    // seed, the coordinator's links carry less than one copy per worker
+    // (the star sent every worker the parameters and took its gradient).
+    let (n, grad) = (shards.len() as u64, 4 * model.param_count() as u64);
+    assert_eq!(run.summary.ring_bytes, 20 * 2 * (n - 1) * grad);
+    let coordinator = (run.summary.step_bytes - run.summary.ring_bytes) / 20;
+    assert!(
+        coordinator < grad * n,
+        "{coordinator} bytes a step between coordinator and workers, gradient {grad}"
+    );
 
     // Replay in one process with the same shards, the same chunk order.
     let mut chunks = Vec::new();
@@ -322,9 +333,11 @@ async fn local_steps_then_model_averaging() {
         "model averaging is not minibatch SGD"
     );
     assert!(a.params.iter().all(|p| p.is_finite()));
-    // Four rounds of five local steps: a quarter of the parameter traffic.
+    // Four rounds of five local steps, each sending every worker the
+    // parameters and taking its own back (2n copies), against exact SGD's
+    // ring moving 2 (n - 1) gradients every step.
     assert!(
-        a.summary.step_bytes * 3 < exact.summary.step_bytes,
+        a.summary.step_bytes * 2 < exact.summary.step_bytes,
         "{} vs {}",
         a.summary.step_bytes,
         exact.summary.step_bytes
@@ -905,6 +918,108 @@ async fn the_local_plan_is_exact_sgd_on_one_worker() {
         run.summary.step_bytes,
         dist.summary.step_bytes
     );
+}
+
+/// Validation runs on the workers with the parameters they hold, after
+/// the epoch's last step: the figures equal a score of the job's final
+/// parameters sent the usual way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_scores_the_parameters_the_workers_hold() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 400, 5).await;
+    let (images, labels, _, _) = random_idx(150, 28, 28, 10, 11);
+    let val = client
+        .import_dataset(
+            "/val",
+            &parse_idx("images", &images, "labels", &labels).unwrap(),
+            &ImportOptions {
+                chunk_size: 785 * 40,
+                replication: 1,
+                ..ImportOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let model = tiny_model();
+    let opts = TrainOptions {
+        epochs: 2,
+        max_iter: None,
+        ..options(&model, 5)
+    };
+    let run = client
+        .train(&mut ds, Some(&val), &opts, |_| {})
+        .await
+        .unwrap();
+    assert!(run.summary.workers >= 2);
+    let epochs: Vec<(f64, f64)> = run
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Epoch {
+                val_loss: Some(l),
+                val_accuracy: Some(a),
+                ..
+            } => Some((*l, *a)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs.len(), 2);
+    let (scores, _) = client
+        .score(
+            &val,
+            &opts.model_json,
+            &run.params,
+            &run.scaler,
+            opts.objective,
+        )
+        .await
+        .unwrap();
+    assert_eq!(epochs[1], (scores.loss(), scores.accuracy()));
+    assert_ne!(
+        epochs[0].0, epochs[1].0,
+        "the first epoch scored its own parameters"
+    );
+}
+
+/// A worker whose ring sends hang: the workers after it report their ring
+/// peer, the coordinator counts the hung one as lost (not the ones that
+/// reported it), a survivor's parameters seed the rest, and the job
+/// finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_ring_sends_hang_is_the_one_lost() {
+    let c = TestCluster::start(Options {
+        job_lease: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let client = c.client_with(Duration::from_secs(5));
+    let hung = c.datanodes[1].as_ref().unwrap().addr();
+    let ds = dataset(&client, 600, 9).await;
+    let model = tiny_model();
+    let opts = TrainOptions {
+        max_iter: Some(30),
+        ..options(&model, 3)
+    };
+    let job = train_past_step_5(&client, ds, opts).await;
+    c.datanodes[1].as_ref().unwrap().faults().add(Rule {
+        direction: Direction::Outgoing,
+        peer: None,
+        kind: Some("TrainRing"),
+        fault: Fault::Stall { after: 0 },
+    });
+    let run = job.await.unwrap().expect("training finishes");
+    assert_eq!(losses(&run.events).len(), 30);
+    let lost: Vec<String> = run
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::WorkerLost { worker, .. } => Some(worker.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, vec![hung.to_string()]);
+    assert!(run.params.iter().all(|p| p.is_finite()));
 }
 
 /// Workers exchanging BatchNormalization sums wait for the slowest of the

@@ -315,6 +315,36 @@ impl Optimizer {
         self
     }
 
+    /// Moves the state vectors out as one flat vector (velocity or first
+    /// moment, then second moment, then centered average), leaving the
+    /// counters: the small part travels in a message frame, the large one
+    /// as raw bytes after it.
+    pub fn take_state(&mut self) -> Vec<f32> {
+        let mut flat = std::mem::take(&mut self.m);
+        flat.append(&mut self.v);
+        flat.append(&mut self.a);
+        flat
+    }
+
+    /// Puts back what [`Optimizer::take_state`] took, for `n` parameters;
+    /// a vector of the wrong length for this optimizer is refused.
+    pub fn put_state(&mut self, n: usize, flat: Vec<f32>) -> Result<()> {
+        let fresh = Optimizer::new(self.config.clone(), n);
+        let (m, v) = (fresh.m.len(), fresh.v.len());
+        let want = fresh.state_len();
+        if flat.len() != want {
+            return Err(NnError::Optimizer(format!(
+                "optimizer state of {} values for {n} parameters, which need {want}",
+                flat.len()
+            )));
+        }
+        let mut flat = flat;
+        let a = flat.split_off(m + v);
+        let v = flat.split_off(m);
+        (self.m, self.v, self.a) = (flat, v, a);
+        Ok(())
+    }
+
     /// Values of state kept (velocity, moments), for memory accounting.
     pub fn state_len(&self) -> usize {
         self.m.len() + self.v.len() + self.a.len()

@@ -1,0 +1,158 @@
+//! The ring all-reduce's arithmetic: which part of the gradient each
+//! worker sends and receives at each turn, and the same sum computed in
+//! one process.
+//!
+//! The flat gradient is cut into one segment per worker. In the
+//! reduce-scatter half, segment `s` starts at worker `s` and travels the
+//! ring once, each worker adding its own values to what arrives, so the
+//! segment's total ends at worker `s - 1` summed in the order
+//! `g[s] + g[s+1] + ... + g[s-1]`. In the all-gather half the totals go
+//! round once more, overwriting. Every worker sends and receives
+//! `2 (n - 1) / n` of the gradient, whatever `n` is.
+//!
+//! The order of the additions is fixed by the ring, not by which message
+//! arrives first, and [`sum_in_ring_order`] adds in exactly that order, so
+//! the one-process replay of a job equals the distributed run bit for bit
+//! (IEEE addition commutes exactly; only its grouping matters).
+
+use std::ops::Range;
+
+/// The segments of a `len`-value vector over `n` workers: contiguous,
+/// in order, sizes differing by at most one.
+pub fn segments(len: usize, n: usize) -> Vec<Range<usize>> {
+    let n = n.max(1);
+    (0..n).map(|s| s * len / n..(s + 1) * len / n).collect()
+}
+
+/// One turn of the ring for one worker: the segment it sends to its
+/// successor and the one it receives from its predecessor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    pub send: usize,
+    pub recv: usize,
+    /// Reduce-scatter (add what arrives) or all-gather (overwrite).
+    pub add: bool,
+}
+
+/// The `2 (n - 1)` turns of worker `position` in a ring of `n`.
+pub fn turns(position: usize, n: usize) -> Vec<Turn> {
+    if n < 2 {
+        return Vec::new();
+    }
+    let at = |k: usize| (position + n * n - k) % n;
+    let reduce = (0..n - 1).map(|t| Turn {
+        send: at(t),
+        recv: at(t + 1),
+        add: true,
+    });
+    // After reduce-scatter this worker holds the total of segment
+    // `position + 1`; it passes that on first.
+    let gather = (0..n - 1).map(|t| Turn {
+        send: (position + 1 + n * n - t) % n,
+        recv: at(t),
+        add: false,
+    });
+    reduce.chain(gather).collect()
+}
+
+/// Adds the arriving partial sum into this worker's values (IEEE addition
+/// commutes exactly, so this is the partial sum plus this worker's part).
+pub fn add_arrived(mine: &mut [f32], arrived: &[f32]) {
+    for (m, a) in mine.iter_mut().zip(arrived) {
+        *m += *a;
+    }
+}
+
+/// The ring's total of `parts` (one per worker, equal lengths), computed in
+/// one process in the ring's order.
+pub fn sum_in_ring_order(parts: &[&[f32]]) -> Vec<f32> {
+    let Some(first) = parts.first() else {
+        return Vec::new();
+    };
+    let n = parts.len();
+    let mut total = vec![0.0f32; first.len()];
+    for (s, seg) in segments(first.len(), n).into_iter().enumerate() {
+        let out = &mut total[seg.clone()];
+        out.copy_from_slice(&parts[s][seg.clone()]);
+        for k in 1..n {
+            let mine = &parts[(s + k) % n][seg.clone()];
+            // The partial sum arrives at worker s + k, which adds its own.
+            for (o, m) in out.iter_mut().zip(mine) {
+                *o += *m;
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plays the ring turn by turn with every worker's buffer, as the
+    /// datanodes do over the network.
+    fn play(parts: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        let n = parts.len();
+        let segs = segments(parts[0].len(), n);
+        let mut bufs = parts.to_vec();
+        let plans: Vec<Vec<Turn>> = (0..n).map(|p| turns(p, n)).collect();
+        for t in 0..2 * (n - 1) {
+            // Everyone sends before anyone's buffer changes.
+            let sent: Vec<Vec<f32>> = (0..n)
+                .map(|p| bufs[p][segs[plans[p][t].send].clone()].to_vec())
+                .collect();
+            for p in 0..n {
+                let turn = plans[p][t];
+                let from = (p + n - 1) % n;
+                assert_eq!(plans[from][t].send, turn.recv, "worker {p} turn {t}");
+                let seg = segs[turn.recv].clone();
+                if turn.add {
+                    add_arrived(&mut bufs[p][seg], &sent[from]);
+                } else {
+                    bufs[p][seg].copy_from_slice(&sent[from]);
+                }
+            }
+        }
+        bufs
+    }
+
+    #[test]
+    fn every_worker_ends_with_the_one_process_sum_bit_for_bit() {
+        for n in 2..=5 {
+            // Values whose sum depends on the grouping.
+            let parts: Vec<Vec<f32>> = (0..n)
+                .map(|w| {
+                    (0..37)
+                        .map(|j| ((w * 37 + j) as f32).sin() * 10f32.powi(j % 7 - 3))
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+            let want = sum_in_ring_order(&refs);
+            for (p, got) in play(&parts).iter().enumerate() {
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{n} workers: worker {p} differs");
+            }
+        }
+    }
+
+    #[test]
+    fn segments_cover_the_vector_once() {
+        for (len, n) in [(0, 3), (2, 3), (10, 3), (1_662_752, 3), (7, 1)] {
+            let s = segments(len, n);
+            assert_eq!(s.len(), n);
+            assert_eq!(s[0].start, 0);
+            assert_eq!(s[n - 1].end, len);
+            assert!(s.windows(2).all(|w| w[0].end == w[1].start));
+        }
+    }
+
+    #[test]
+    fn one_worker_has_no_turns() {
+        assert!(turns(0, 1).is_empty());
+        assert_eq!(turns(1, 3).len(), 4);
+    }
+}
