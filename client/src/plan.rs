@@ -1,7 +1,7 @@
 //! Where a training job runs: on one worker that holds (or fetches) the
 //! whole dataset and keeps the parameters between rounds, or spread over
-//! every datanode holding the data, exchanging parameters and gradients
-//! each step. SystemML calls these its hybrid plans; `auto` estimates the
+//! every datanode holding the data, summing gradients around a ring of
+//! workers each step. SystemML calls these its hybrid plans; `auto` estimates the
 //! step time of both and takes the faster.
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,8 @@ pub enum Plan {
     Auto,
     /// One worker, parameters kept on it between rounds.
     Local,
-    /// Every holder of the data a worker, parameters sent each step.
+    /// Every holder of the data a worker, gradients summed around a ring
+    /// each step.
     Distributed,
 }
 
@@ -44,9 +45,12 @@ impl std::fmt::Display for Plan {
     }
 }
 
-/// Bandwidth assumed between processes on one host (loopback QUIC) and
-/// between hosts (gigabit Ethernet), in bytes per second.
-pub const LOOPBACK_BYTES_PER_S: f64 = 1.0e9;
+/// Bandwidth assumed between processes on one host (loopback QUIC, all of
+/// the host's workers together: they share its cores for encryption; three
+/// datanodes on a 2-core host move ring sums at about 0.5 GB/s) and
+/// between hosts (gigabit Ethernet, each host its own link), in bytes per
+/// second.
+pub const LOOPBACK_BYTES_PER_S: f64 = 0.5e9;
 pub const NETWORK_BYTES_PER_S: f64 = 117.0e6;
 /// Fixed cost of one request to one worker (framing, scheduling).
 pub const REQUEST_OVERHEAD_S: f64 = 0.5e-3;
@@ -94,18 +98,33 @@ fn link(workers: &[IpAddr]) -> f64 {
     }
 }
 
+/// Bytes each worker sends around the ring in one step: 2 (n - 1) / n of
+/// the gradient.
+pub fn ring_bytes_per_worker(params: usize, workers: usize) -> f64 {
+    let n = workers.max(1) as f64;
+    2.0 * (n - 1.0) / n * 4.0 * params as f64
+}
+
 /// Workers on one host share its cores, so only distinct hosts add
-/// compute; every worker costs a parameter copy out and a gradient back.
+/// compute; the ring costs each host its workers' sends, all hosts at
+/// once, plus a request per worker and a hop per turn.
 pub fn estimate(i: &PlanInputs) -> Estimate {
     let mut hosts: Vec<IpAddr> = i.workers.clone();
     hosts.sort();
     hosts.dedup();
+    let busiest = hosts
+        .iter()
+        .map(|h| i.workers.iter().filter(|w| *w == h).count())
+        .max()
+        .unwrap_or(1) as f64;
     let hosts = hosts.len().max(1);
-    let w = i.workers.len().max(1) as f64;
+    let n = i.workers.len().max(1);
     let bw = link(&i.workers);
     let exchange = 8.0 * i.params as f64;
     let compute = i.step_flops / i.host_flops_per_s.max(1.0);
-    let distributed_s = compute / hosts as f64 + w * (exchange / bw + REQUEST_OVERHEAD_S);
+    let ring = busiest * ring_bytes_per_worker(i.params, n) / bw;
+    let hops = (2 * (n - 1) + n) as f64 * REQUEST_OVERHEAD_S;
+    let distributed_s = compute / hosts as f64 + ring + hops;
     let local_s = compute
         + (exchange / bw + REQUEST_OVERHEAD_S) / i.round.max(1) as f64
         + i.fetch_bytes as f64 / bw / i.iterations.max(1) as f64;
@@ -150,12 +169,13 @@ pub fn decide(requested: Plan, i: &PlanInputs) -> Decision {
     };
     let reason = format!(
         "estimated {:.0} ms/step on one worker vs {:.0} ms/step on {workers} workers \
-         over {} host{} ({:.1} MB of parameters and gradients per step at {:.0} MB/s)",
+         over {} host{} ({:.1} MB of gradient sums sent per worker per step around the ring, \
+         at {:.0} MB/s)",
         e.local_s * 1e3,
         e.distributed_s * 1e3,
         e.hosts,
         if e.hosts == 1 { "" } else { "s" },
-        8.0 * i.params as f64 * workers as f64 / 1e6,
+        ring_bytes_per_worker(i.params, workers) / 1e6,
         link(&i.workers) / 1e6
     );
     Decision {

@@ -10,6 +10,11 @@
 //! round once more, overwriting. Every worker sends and receives
 //! `2 (n - 1) / n` of the gradient, whatever `n` is.
 //!
+//! The gradient goes round in buckets, as PyTorch DDP and Horovod send it:
+//! the backward pass finishes the last layers first, and their bucket
+//! starts round the ring while the first layers' gradients are still being
+//! computed. Each bucket is one ring of its own, cut into its own segments.
+//!
 //! The order of the additions is fixed by the ring, not by which message
 //! arrives first, and [`sum_in_ring_order`] adds in exactly that order, so
 //! the one-process replay of a job equals the distributed run bit for bit
@@ -61,6 +66,87 @@ pub fn add_arrived(mine: &mut [f32], arrived: &[f32]) {
     for (m, a) in mine.iter_mut().zip(arrived) {
         *m += *a;
     }
+}
+
+/// Values a bucket holds at least (1 MiB of f32), unless it is the last:
+/// large enough that a turn's fixed costs do not matter, small enough that
+/// the last layers start round while the first are computed.
+pub const BUCKET_VALUES: usize = 1 << 18;
+
+/// Cuts a gradient made of `params` (each a range of the flat vector,
+/// which they cover) into buckets in the order the backward pass finishes
+/// them: from the end of the vector, whole parameters, each bucket at
+/// least `min_values` long but the last.
+pub fn buckets(params: &[Range<usize>], min_values: usize) -> Vec<Range<usize>> {
+    let mut starts: Vec<usize> = params.iter().map(|r| r.start).collect();
+    starts.sort_unstable();
+    starts.dedup();
+    let end = params.iter().map(|r| r.end).max().unwrap_or(0);
+    let mut out = Vec::new();
+    let mut hi = end;
+    for &start in starts.iter().rev() {
+        if hi - start >= min_values.max(1) {
+            out.push(start..hi);
+            hi = start;
+        }
+    }
+    if hi > 0 || out.is_empty() {
+        out.push(0..hi);
+    }
+    out
+}
+
+/// Hands out a gradient's buckets in order as their parameters become
+/// final, in whatever order that happens.
+pub struct Outbox {
+    buckets: Vec<Range<usize>>,
+    /// Values of each bucket not final yet.
+    left: Vec<usize>,
+    next: usize,
+}
+
+impl Outbox {
+    pub fn new(buckets: Vec<Range<usize>>) -> Outbox {
+        let left = buckets.iter().map(|b| b.len()).collect();
+        Outbox {
+            buckets,
+            left,
+            next: 0,
+        }
+    }
+
+    /// `range` of `grad` is final; `send` gets every bucket that is now
+    /// complete and has no incomplete bucket before it.
+    pub fn done(&mut self, range: Range<usize>, grad: &[f32], send: &mut dyn FnMut(usize, &[f32])) {
+        for (b, left) in self.buckets.iter().zip(self.left.iter_mut()) {
+            let lo = b.start.max(range.start);
+            let hi = b.end.min(range.end);
+            *left = left.saturating_sub(hi.saturating_sub(lo));
+        }
+        while self.next < self.buckets.len() && self.left[self.next] == 0 {
+            send(self.next, &grad[self.buckets[self.next].clone()]);
+            self.next += 1;
+        }
+    }
+
+    /// Sends the buckets not sent yet, whatever is final.
+    pub fn flush(&mut self, grad: &[f32], send: &mut dyn FnMut(usize, &[f32])) {
+        while self.next < self.buckets.len() {
+            send(self.next, &grad[self.buckets[self.next].clone()]);
+            self.next += 1;
+        }
+    }
+}
+
+/// [`sum_in_ring_order`] bucket by bucket, as the workers add them.
+pub fn sum_in_buckets(parts: &[&[f32]], buckets: &[Range<usize>]) -> Vec<f32> {
+    let len = parts.first().map_or(0, |p| p.len());
+    let mut total = vec![0.0f32; len];
+    for b in buckets {
+        let slices: Vec<&[f32]> = parts.iter().map(|p| &p[b.clone()]).collect();
+        total[b.clone()].copy_from_slice(&sum_in_ring_order(&slices));
+    }
+    total
 }
 
 /// The ring's total of `parts` (one per worker, equal lengths), computed in
@@ -148,6 +234,33 @@ mod tests {
             assert_eq!(s[n - 1].end, len);
             assert!(s.windows(2).all(|w| w[0].end == w[1].start));
         }
+    }
+
+    #[test]
+    fn buckets_are_whole_parameters_from_the_end() {
+        let params = [0..10, 10..12, 12..40, 40..41];
+        assert_eq!(buckets(&params, 5), vec![12..41, 0..12]);
+        assert_eq!(buckets(&params, 100), vec![0..41]);
+        assert_eq!(buckets(&params, 1), vec![40..41, 12..40, 10..12, 0..10]);
+        assert_eq!(buckets(&[], 4), vec![0..0]);
+    }
+
+    #[test]
+    fn the_outbox_sends_buckets_in_order_once_complete() {
+        let grad: Vec<f32> = (0..41).map(|v| v as f32).collect();
+        let mut out = Outbox::new(buckets(&[0..10, 10..12, 12..40, 40..41], 5));
+        let sent = std::cell::RefCell::new(Vec::new());
+        let mut send = |b: usize, v: &[f32]| sent.borrow_mut().push((b, v.len()));
+        // The second bucket completes first: it waits for the first.
+        out.done(0..10, &grad, &mut send);
+        out.done(10..12, &grad, &mut send);
+        assert!(sent.borrow().is_empty());
+        out.done(40..41, &grad, &mut send);
+        out.done(12..40, &grad, &mut send);
+        assert_eq!(*sent.borrow(), vec![(0, 29), (1, 12)]);
+        let mut again = Vec::new();
+        out.flush(&grad, &mut |b, _| again.push(b));
+        assert!(again.is_empty(), "nothing is sent twice");
     }
 
     #[test]

@@ -638,6 +638,8 @@ pub struct Worker {
     local_opt: Option<Optimizer>,
     /// The parameters and optimizer of exact SGD over the ring.
     held: Option<Held>,
+    /// The gradient's buckets, in the order they go round the ring.
+    buckets: Vec<std::ops::Range<usize>>,
 }
 
 impl Worker {
@@ -658,7 +660,6 @@ impl Worker {
         spec.objective.check_labels(&model, &spec.layout)?;
         let y = Labels::for_layout(&spec.layout);
         Ok(Worker {
-            model,
             batch_y: y.same_kind(),
             y,
             spec,
@@ -668,11 +669,25 @@ impl Worker {
             batch_x: Vec::new(),
             local_opt: None,
             held: None,
+            buckets: crate::ring::buckets(
+                &model
+                    .param_specs()
+                    .iter()
+                    .map(|s| s.offset..s.offset + s.len)
+                    .collect::<Vec<_>>(),
+                crate::ring::BUCKET_VALUES,
+            ),
+            model,
         })
     }
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// The gradient's buckets, in the order they go round the ring.
+    pub fn buckets(&self) -> &[std::ops::Range<usize>] {
+        &self.buckets
     }
 
     /// Adds one chunk's records to the shard; returns the shard's size.
@@ -756,10 +771,19 @@ impl Worker {
     /// One round: the gradient sum over the share (one step), or the
     /// parameters after `steps.len()` local optimizer steps. A step with
     /// `exchange` set needs `sync`, its link to the step's other workers.
-    pub fn step(
+    pub fn step(&mut self, req: StepRequest, sync: Option<&dyn BatchSync>) -> Result<StepResult> {
+        self.step_streamed(req, sync, &mut |_, _| {})
+    }
+
+    /// [`Worker::step`] that, on held parameters, hands each bucket of the
+    /// gradient sum to `send` as soon as the backward pass has finished it
+    /// (bucket index, values), every bucket once and in order, so the ring
+    /// can sum it while the pass goes on.
+    pub fn step_streamed(
         &mut self,
         mut req: StepRequest,
         sync: Option<&dyn BatchSync>,
+        send: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<StepResult> {
         let started = std::time::Instant::now();
         let sync =
@@ -778,7 +802,7 @@ impl Worker {
                 }
             };
         if let Some(hold) = req.hold.take() {
-            return self.held_step(req, hold, sync, started);
+            return self.held_step(req, hold, sync, started, send);
         }
         let mut params = self
             .model
@@ -787,7 +811,7 @@ impl Worker {
         let mut stats = Vec::new();
         let values = match (req.local, req.steps.as_slice()) {
             (None, [one]) => {
-                let g = self.grad_sum(&params, req.worker, one, sync)?;
+                let g = self.grad_sum(&params, req.worker, one, sync, &mut |_, _| {})?;
                 (loss_sum, correct, count) = (g.loss_sum, g.correct, g.count);
                 stats = g.stats;
                 g.grad
@@ -809,7 +833,7 @@ impl Worker {
                     });
                 let mut opt = opt;
                 for s in steps {
-                    let mut g = self.grad_sum(&params, req.worker, s, None)?;
+                    let mut g = self.grad_sum(&params, req.worker, s, None, &mut |_, _| {})?;
                     loss_sum += g.loss_sum;
                     correct += g.correct;
                     count += g.count;
@@ -845,6 +869,7 @@ impl Worker {
         hold: Hold,
         sync: Option<&dyn BatchSync>,
         started: std::time::Instant,
+        send: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<StepResult> {
         let [step] = req.steps.as_slice() else {
             return Err(TrainError::Invalid(
@@ -885,9 +910,15 @@ impl Worker {
                 )))
             }
         });
-        let g = ready.and_then(|()| self.grad_sum(&held.params, req.worker, step, sync));
+        let mut outbox = crate::ring::Outbox::new(self.buckets.clone());
+        let g = ready.and_then(|()| {
+            self.grad_sum(&held.params, req.worker, step, sync, &mut |range, grad| {
+                outbox.done(range, grad, send)
+            })
+        });
         self.held = Some(held);
         let g = g?;
+        outbox.flush(&g.grad, send);
         Ok(StepResult {
             loss_sum: g.loss_sum,
             correct: g.correct,
@@ -964,6 +995,7 @@ impl Worker {
         worker: u32,
         step: &LocalStep,
         sync: Option<&dyn BatchSync>,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<crate::nn::GradSum> {
         let n = self.y.len() as u64;
         let Share {
@@ -995,13 +1027,14 @@ impl Worker {
             first_sample,
         };
         let target = self.spec.objective.target(&self.batch_y, &self.batch_x);
-        Ok(self.model.loss_and_grad_sum_synced(
+        Ok(self.model.loss_and_grad_sum_streamed(
             &self.spec.objective.loss,
             params,
             xv,
             target,
             Some(dropout),
             sync,
+            ready,
         )?)
     }
 }
@@ -1229,7 +1262,11 @@ pub fn train_local(
                 sum.add(r)?;
             }
             let parts: Vec<&[f32]> = results.iter().map(|r| r.values.as_slice()).collect();
-            let total = crate::ring::sum_in_ring_order(&parts);
+            let buckets = workers
+                .first()
+                .map(|w| w.buckets().to_vec())
+                .unwrap_or_default();
+            let total = crate::ring::sum_in_buckets(&parts, &buckets);
             for w in workers.iter_mut() {
                 w.hold_total(iteration, total.clone())?;
             }

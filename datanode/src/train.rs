@@ -159,9 +159,25 @@ async fn run_step(
                 ),
             ))
         }
-        Some(r) if r.peers.len() > 1 => Some((r.clone(), job.expect(r.round))),
+        Some(r) if r.peers.len() > 1 => {
+            // The ring starts now and sums each bucket of the gradient as
+            // soon as the backward pass hands it over.
+            let buckets = job.worker.lock().map_err(internal)?.buckets().to_vec();
+            let (tx, parts) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::spawn(all_reduce(
+                node.clone(),
+                req.job,
+                r.clone(),
+                job.expect(r.round),
+                buckets,
+                parts,
+                node.jobs.lease(),
+            ));
+            Some((r.round, tx, RingTask(task)))
+        }
         _ => None,
     };
+    let buckets_out = ring.as_ref().map(|(_, tx, _)| tx.clone());
     let describe = node.describe();
     let (link, mut coordinator) = if request.exchange {
         let (link, side) = StreamSync::new();
@@ -179,7 +195,13 @@ async fn run_step(
             .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("parameters: {e}")))?;
         let mut w = job.worker.lock().map_err(internal)?;
         let sync = link.as_ref().map(|l| l as &dyn BatchSync);
-        let r = w.step(request, sync).map_err(|e| {
+        let mut send = |b: usize, values: &[f32]| {
+            if let Some(tx) = &buckets_out {
+                // A ring that stopped has said why; its error is reported.
+                let _ = tx.send((b, values.to_vec()));
+            }
+        };
+        let r = w.step_streamed(request, sync, &mut send).map_err(|e| {
             WireError::new(
                 ErrorCode::InvalidArgument,
                 format!("{describe}: training step failed: {e}"),
@@ -215,15 +237,16 @@ async fn run_step(
     };
     if req.ring.is_some() {
         let mut total = std::mem::take(&mut r.values);
-        if let Some((ring, inbox)) = ring {
+        if let Some((round, tx, mut task)) = ring {
+            drop(tx);
             // A coordinator that gave up on the step stops its stream: the
             // ring stops waiting for the other workers then.
             let stopped = stream.stopped();
-            r.ring_bytes = tokio::select! {
-                done = all_reduce(node, req.job, &ring, inbox, &mut total, wait) => done?,
+            (total, r.ring_bytes) = tokio::select! {
+                done = &mut task.0 => done.map_err(internal)??,
                 () = stopped => return Err(WireError::new(
                     ErrorCode::Protocol,
-                    format!("{}: the coordinator gave up on round {}", node.describe(), ring.round),
+                    format!("{}: the coordinator gave up on round {round}", node.describe()),
                 )),
             };
         }
@@ -243,17 +266,28 @@ async fn run_step(
     ))
 }
 
-/// This worker's turns of the ring: sends partial sums to the next worker,
-/// adds (then copies) what the previous one sends. Returns the bytes sent
-/// (what it receives, another worker counts as sent).
+/// The ring task of one step; stopped when the step ends early.
+struct RingTask(tokio::task::JoinHandle<Result<(Vec<f32>, u64), WireError>>);
+
+impl Drop for RingTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// This worker's turns of the ring, bucket by bucket as the backward pass
+/// hands them over: sends partial sums to the next worker, adds (then
+/// copies) what the previous one sends. Returns the whole gradient's total
+/// and the bytes sent (what it receives, another worker counts as sent).
 async fn all_reduce(
-    node: &Arc<Node>,
+    node: Arc<Node>,
     job: u64,
-    ring: &Ring,
+    ring: Ring,
     inbox: tokio::sync::oneshot::Receiver<ServerStream>,
-    values: &mut [f32],
+    buckets: Vec<std::ops::Range<usize>>,
+    mut parts: tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<f32>)>,
     wait: std::time::Duration,
-) -> Result<u64, WireError> {
+) -> Result<(Vec<f32>, u64), WireError> {
     let n = ring.peers.len();
     let pos = ring.position as usize;
     if pos >= n {
@@ -290,30 +324,48 @@ async fn all_reduce(
         Ok(Err(_)) => return Err(lost(prev, &"its stream was replaced")),
         Err(_) => return Err(lost(prev, &format!("sent nothing within {wait:?}"))),
     };
-    let segs = ring::segments(values.len(), n);
+    let mut total = vec![0.0f32; buckets.iter().map(|b| b.end).max().unwrap_or(0)];
     let mut bytes = 0u64;
-    for turn in ring::turns(pos, n) {
-        let piece = bytes::Bytes::from(f32s_to_le(&values[segs[turn.send].clone()]));
-        let want = segs[turn.recv].len() as u64 * 4;
-        bytes += piece.len() as u64;
-        let (sent, got) = tokio::join!(
-            out.send_piece_waiting(piece, wait),
-            inc.recv_body_waiting(want, wait)
-        );
-        sent.map_err(|e| lost(next, &e))?;
-        let got = got.map_err(|e| lost(prev, &e))?;
-        let arrived = f32s_from_le(&got).map_err(|e| lost(prev, &e))?;
-        let mine = &mut values[segs[turn.recv].clone()];
-        if turn.add {
-            ring::add_arrived(mine, &arrived);
-        } else {
-            mine.copy_from_slice(&arrived);
+    for (b, range) in buckets.iter().enumerate() {
+        let Some((got, mut values)) = parts.recv().await else {
+            // The computation failed; the step reports why.
+            return Err(WireError::new(
+                ErrorCode::Internal,
+                format!("{here}: the step ended before bucket {b} of its gradient"),
+            ));
+        };
+        if got != b || values.len() != range.len() {
+            return Err(internal(format!(
+                "bucket {got} of {} values where bucket {b} of {} was due",
+                values.len(),
+                range.len()
+            )));
         }
+        let segs = ring::segments(values.len(), n);
+        for turn in ring::turns(pos, n) {
+            let piece = bytes::Bytes::from(f32s_to_le(&values[segs[turn.send].clone()]));
+            let want = segs[turn.recv].len() as u64 * 4;
+            bytes += piece.len() as u64;
+            let (sent, arrived) = tokio::join!(
+                out.send_piece_waiting(piece, wait),
+                inc.recv_body_waiting(want, wait)
+            );
+            sent.map_err(|e| lost(next, &e))?;
+            let arrived = arrived.map_err(|e| lost(prev, &e))?;
+            let arrived = f32s_from_le(&arrived).map_err(|e| lost(prev, &e))?;
+            let mine = &mut values[segs[turn.recv].clone()];
+            if turn.add {
+                ring::add_arrived(mine, &arrived);
+            } else {
+                mine.copy_from_slice(&arrived);
+            }
+        }
+        total[range.clone()].copy_from_slice(&values);
     }
     out.finish().map_err(|e| lost(next, &e))?;
     let _ = inc.reply::<()>(&Ok(())).await;
     out.reply::<()>().await.map_err(|e| lost(next, &e))?;
-    Ok(bytes)
+    Ok((total, bytes))
 }
 
 /// A ring stream from the previous worker: handed to this node's step of

@@ -167,7 +167,10 @@ impl Exec<'_> {
 
     /// Backpropagates `dy` (the gradient w.r.t. the output, or w.r.t. the
     /// last call's pre-activation when `dy_is_preact`) and adds the weight
-    /// gradients into `grad` (laid out like the parameters).
+    /// gradients into `grad` (laid out like the parameters). `finished` is
+    /// told each called layer as soon as its gradients are complete (after
+    /// the backward pass of its first call), so they can be sent on while
+    /// the rest of the pass runs.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -179,17 +182,57 @@ impl Exec<'_> {
         dy_is_preact: bool,
         grad: &mut [f32],
         sync: Option<&dyn BatchSync>,
+        finished: &mut dyn FnMut(usize, &mut [f32]),
     ) {
         let g = self.graph;
         let req = self.requires_grad();
+        let mut first_call = vec![usize::MAX; g.layers.len()];
+        for (ci, c) in g.calls.iter().enumerate().rev() {
+            first_call[c.layer] = ci;
+        }
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; g.shapes.len()];
         grads[g.output] = Some(dy);
         let last_call = g.calls.iter().rposition(|c| c.output == g.output);
         for ci in (0..g.calls.len()).rev() {
+            let layer_index = g.calls[ci].layer;
+            self.backward_call(
+                ci,
+                params,
+                x,
+                n,
+                &mut tape,
+                &mut grads,
+                &req,
+                (dy_is_preact && Some(ci) == last_call, sync),
+                grad,
+            );
+            if first_call[layer_index] == ci {
+                finished(layer_index, grad);
+            }
+        }
+    }
+
+    /// One call's backward pass: its input gradients into `grads`, its
+    /// weight gradients added into `grad`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_call(
+        &self,
+        ci: usize,
+        params: &[f32],
+        x: &[f32],
+        n: usize,
+        tape: &mut Tape,
+        grads: &mut [Option<Vec<f32>>],
+        req: &[bool],
+        (skip_act, sync): (bool, Option<&dyn BatchSync>),
+        grad: &mut [f32],
+    ) {
+        let g = self.graph;
+        {
             let call = &g.calls[ci];
             let Some(dy) = grads[call.output].take() else {
                 tape.vals[call.output] = None;
-                continue;
+                return;
             };
             let layer = &g.layers[call.layer];
             let need: Vec<bool> = call
@@ -200,7 +243,7 @@ impl Exec<'_> {
             let trains = layer.trainable && layer.decls.iter().any(|d| d.trainable);
             if !trains && !need.iter().any(|&b| b) {
                 tape.vals[call.output] = None;
-                continue;
+                return;
             }
             let mut dw: Vec<Vec<f32>> = if trains {
                 layer
@@ -246,7 +289,7 @@ impl Exec<'_> {
                         dy,
                         need: &need,
                         dw: &mut dw,
-                        skip_act: dy_is_preact && Some(ci) == last_call,
+                        skip_act,
                     },
                 )
             };

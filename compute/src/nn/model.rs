@@ -832,7 +832,34 @@ impl Model {
         dropout: Option<DropoutRng>,
         sync: Option<&dyn BatchSync>,
     ) -> Result<GradSum> {
-        let g = self.grad_sum_with(loss, params, x, target, Some(Train { dropout, sync }))?;
+        self.loss_and_grad_sum_streamed(loss, params, x, target, dropout, sync, &mut |_, _| {})
+    }
+
+    /// [`loss_and_grad_sum_synced`](Self::loss_and_grad_sum_synced) that
+    /// hands over each parameter's gradient as soon as it is final (its
+    /// range in the flat vector and the whole gradient so far), while the
+    /// backward pass goes on: a worker starts summing the last layers'
+    /// gradients with the other workers' before the first layers' exist.
+    /// Every parameter is handed over exactly once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grad_sum_streamed(
+        &self,
+        loss: &Loss,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        target: Target<'_>,
+        dropout: Option<DropoutRng>,
+        sync: Option<&dyn BatchSync>,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<GradSum> {
+        let g = self.grad_sum_streamed(
+            loss,
+            params,
+            x,
+            target,
+            Some(Train { dropout, sync }),
+            ready,
+        )?;
         match sync.and_then(|s| s.failure()) {
             Some(why) => Err(NnError::Exchange(why)),
             None => Ok(g),
@@ -847,6 +874,18 @@ impl Model {
         target: Target<'_>,
         train: Option<Train<'_>>,
     ) -> Result<GradSum> {
+        self.grad_sum_streamed(loss, params, x, target, train, &mut |_, _| {})
+    }
+
+    fn grad_sum_streamed(
+        &self,
+        loss: &Loss,
+        params: &Params,
+        x: ArrayViewD<'_, f32>,
+        target: Target<'_>,
+        train: Option<Train<'_>>,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<GradSum> {
         let n = self.check(params, &x)?;
         let per: usize = self.output_shape().iter().product();
         if target.len(per) != n {
@@ -857,6 +896,7 @@ impl Model {
         }
         let mut grad = vec![0.0f32; self.param_count];
         if n == 0 {
+            ready(0..self.param_count, &grad);
             return Ok(GradSum {
                 loss_sum: 0.0,
                 correct: 0,
@@ -875,8 +915,32 @@ impl Model {
             .evaluate(out, per, target, self.final_activation())
             .map_err(NnError::Input)?;
         let sync = train.and_then(|t| t.sync);
-        exec.backward(&params.values, xs, n, tape, e.dy, e.preact, &mut grad, sync);
-        let loss_sum = e.loss_sum + self.regularize(params, n, &mut grad);
+        let done = vec![std::cell::Cell::new(false); self.graph.layers.len()];
+        let mut finished = |li: usize, grad: &mut [f32]| {
+            done[li].set(true);
+            self.add_regularizer_grad(li, params, n, grad);
+            for &pi in &self.graph.layers[li].params {
+                let s = &self.specs[pi];
+                ready(s.offset..s.offset + s.len, grad);
+            }
+        };
+        exec.backward(
+            &params.values,
+            xs,
+            n,
+            tape,
+            e.dy,
+            e.preact,
+            &mut grad,
+            sync,
+            &mut finished,
+        );
+        // Layers no call reaches (their gradients stay zero).
+        let unreached: Vec<usize> = (0..done.len()).filter(|&li| !done[li].get()).collect();
+        for li in unreached {
+            finished(li, &mut grad);
+        }
+        let loss_sum = e.loss_sum + self.penalty(params) * n as f64;
         Ok(GradSum {
             loss_sum,
             correct: e.correct,
@@ -933,23 +997,33 @@ impl Model {
         Ok(eval)
     }
 
-    /// Adds `n` times the weights' regularization penalty's gradient to
-    /// `grad` and returns `n` times the penalty: summed over workers and
-    /// divided by the global batch, that is the penalty once per batch, as
-    /// Keras adds it.
-    fn regularize(&self, params: &Params, n: usize, grad: &mut [f32]) -> f64 {
+    /// The weights' regularization penalty. Multiplied by each worker's
+    /// examples, summed over workers and divided by the global batch, it is
+    /// the penalty once per batch, as Keras adds it.
+    fn penalty(&self, params: &Params) -> f64 {
         let mut penalty = 0.0;
         for layer in &self.graph.layers {
             for (d, &pi) in layer.decls.iter().zip(&layer.params) {
                 let s = &self.specs[pi];
                 if let (Some(r), true) = (d.regularizer, s.trainable) {
-                    let w = &params.values[s.offset..s.offset + s.len];
-                    penalty += r.penalty(w);
-                    r.add_grad(w, &mut grad[s.offset..s.offset + s.len], n as f32);
+                    penalty += r.penalty(&params.values[s.offset..s.offset + s.len]);
                 }
             }
         }
-        penalty * n as f64
+        penalty
+    }
+
+    /// Adds `n` times the gradient of layer `li`'s regularization penalty
+    /// to `grad`, once its backward pass is complete.
+    fn add_regularizer_grad(&self, li: usize, params: &Params, n: usize, grad: &mut [f32]) {
+        let layer = &self.graph.layers[li];
+        for (d, &pi) in layer.decls.iter().zip(&layer.params) {
+            let s = &self.specs[pi];
+            if let (Some(r), true) = (d.regularizer, s.trainable) {
+                let w = &params.values[s.offset..s.offset + s.len];
+                r.add_grad(w, &mut grad[s.offset..s.offset + s.len], n as f32);
+            }
+        }
     }
 
     /// Folds a training step's batch statistics (summed over every worker,
