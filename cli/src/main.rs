@@ -75,18 +75,6 @@ enum Command {
     Fs(fs::FsCommand),
 }
 
-/// Training allocates and frees the same large activation and gradient
-/// buffers every step. glibc hands blocks this size back to the kernel
-/// (mmap/munmap, heap trimming), so every step paid for fresh zeroed pages;
-/// keeping freed memory in the heap made a seed-CNN step markedly faster.
-fn keep_freed_memory() {
-    // SAFETY: mallopt only tunes the allocator; called before any threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
@@ -106,7 +94,6 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    keep_freed_memory();
     let cli = Cli::parse();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
