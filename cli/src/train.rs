@@ -312,13 +312,14 @@ pub async fn run_training(
     }
     let s = &outcome.summary;
     eprintln!(
-        "trained {} iterations ({} samples) in {:.1} s: {:.0} samples/s on {} workers; {} of parameters and gradients per step ({:.0}% of step time not computing); dataset bytes over the network: {}{}",
+        "trained {} iterations ({} samples) in {:.1} s: {:.0} samples/s on {} workers; {} on the wire per step, {} per worker ({:.0}% of step time not computing); dataset bytes over the network: {}{}",
         s.iterations,
         s.samples,
         s.wall_s,
         s.samples_per_sec,
         s.workers,
         quern_proto::size::format_size(s.step_bytes_per_iteration),
+        quern_proto::size::format_size(s.step_bytes_per_iteration / s.workers.max(1) as u64),
         s.wait_share * 100.0,
         s.dataset_bytes_over_network,
         if s.workers_lost > 0 {
