@@ -16,8 +16,8 @@ use quern_compute::nn::{Optimizer, OptimizerConfig};
 use quern_compute::ops::{self, Operator, Partial};
 use quern_compute::train::{
     exchanges, f32s_from_le, f32s_to_le, f64s_from_le, f64s_to_le, Commit, HeldHead, HeldParams,
-    Hold, LocalStep, ModelAverage, Objective, ScaleKind, Scaler, ScoreOp, Scores, StepPlan,
-    StepRequest, StepResult, StepStats, StepSum, WorkerSpec,
+    Hold, LocalStep, ModelAverage, Objective, PredictOp, Predictions, ScaleKind, Scaler, ScoreOp,
+    Scores, StepPlan, StepRequest, StepResult, StepStats, StepSum, WorkerSpec,
 };
 use quern_proto::msg::*;
 use quern_proto::NodeId;
@@ -330,6 +330,37 @@ impl Client {
             held: None,
         });
         self.run_score(ds, op, &JobOptions::default()).await
+    }
+
+    /// A model's outputs for every record of a dataset, computed by map
+    /// tasks where the chunks are, in record order.
+    pub async fn predict(
+        &self,
+        ds: &Dataset,
+        model_json: &str,
+        params: &[f32],
+        scaler: &Scaler,
+    ) -> Result<Predictions> {
+        let op = Operator::Predict(PredictOp {
+            model_json: model_json.to_string(),
+            params: params.to_vec(),
+            scaler: scaler.clone(),
+        });
+        let (p, _) = self
+            .run_map(
+                &ds.part_paths(),
+                &ds.manifest.layout,
+                op,
+                &JobOptions::default(),
+            )
+            .await?;
+        match p {
+            Partial::Predict(p) => Ok(p),
+            other => Err(Error::Job(format!(
+                "a predict job returned {} results",
+                other.name()
+            ))),
+        }
     }
 
     /// Scores with the parameters a training job's workers hold, on those

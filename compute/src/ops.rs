@@ -272,6 +272,7 @@ operators! {
     FeatureStats(FeatureStats),
     LabelHistogram(LabelHistogram),
     Score(crate::train::ScoreOp),
+    Predict(crate::train::PredictOp),
 }
 
 impl Operator {

@@ -1380,6 +1380,60 @@ pub struct ScoreOp {
     pub held: Option<HeldParams>,
 }
 
+/// A model's outputs for every record, as a map task: the predictions come
+/// back in chunk order, so a dataset's predictions are in record order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PredictOp {
+    pub model_json: String,
+    pub params: Vec<f32>,
+    pub scaler: Scaler,
+}
+
+/// Outputs of consecutive records, `outputs` values each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Predictions {
+    pub outputs: usize,
+    pub values: Vec<f32>,
+}
+
+impl crate::ops::MapOp for PredictOp {
+    type Partial = Predictions;
+
+    fn map(&self, records: &Records) -> Result<Predictions, crate::ops::OpError> {
+        let fail = |e: String| crate::ops::OpError::Invalid(e);
+        let model = Model::from_keras_json(&self.model_json).map_err(|e| fail(e.to_string()))?;
+        let params = model
+            .params_from_flat(self.params.clone())
+            .map_err(|e| fail(e.to_string()))?;
+        let wants: usize = model.input_shape().iter().product();
+        if wants != records.layout().features() {
+            return Err(fail(format!(
+                "model {} takes {wants} input values but the records hold {}",
+                model.name(),
+                records.layout().features()
+            )));
+        }
+        let (x, y) = decode_scaled(records, &self.scaler).map_err(|e| fail(e.to_string()))?;
+        let mut dims = vec![y.len()];
+        dims.extend_from_slice(model.input_shape());
+        let xv = ArrayViewD::from_shape(IxDyn(&dims), &x).map_err(|e| fail(e.to_string()))?;
+        let out = model
+            .predict(&params, xv)
+            .map_err(|e| fail(e.to_string()))?;
+        let outputs = model.output_shape().iter().product();
+        Ok(Predictions {
+            outputs,
+            values: out.iter().copied().collect(),
+        })
+    }
+
+    fn combine(&self, mut a: Predictions, b: Predictions) -> Predictions {
+        a.values.extend_from_slice(&b.values);
+        a.outputs = a.outputs.max(b.outputs);
+        a
+    }
+}
+
 /// Which job's held parameters a score uses, after which step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeldParams {
