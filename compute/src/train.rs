@@ -1380,6 +1380,53 @@ pub struct ScoreOp {
     pub held: Option<HeldParams>,
 }
 
+/// What a map task that runs a model over a chunk starts from: the model,
+/// its parameters, and the chunk's records decoded and scaled.
+struct MapInput {
+    model: Model,
+    params: Params,
+    x: Vec<f32>,
+    y: Labels,
+}
+
+impl MapInput {
+    fn decode(
+        model_json: &str,
+        params: &[f32],
+        scaler: &Scaler,
+        records: &Records,
+    ) -> Result<MapInput, crate::ops::OpError> {
+        let fail = |e: String| crate::ops::OpError::Invalid(e);
+        let model = Model::from_keras_json(model_json).map_err(|e| fail(e.to_string()))?;
+        let params = model
+            .params_from_flat(params.to_vec())
+            .map_err(|e| fail(e.to_string()))?;
+        let wants: usize = model.input_shape().iter().product();
+        if wants != records.layout().features() {
+            return Err(fail(format!(
+                "model {} takes {wants} input values but the records hold {}",
+                model.name(),
+                records.layout().features()
+            )));
+        }
+        let (x, y) = decode_scaled(records, scaler).map_err(|e| fail(e.to_string()))?;
+        Ok(MapInput {
+            model,
+            params,
+            x,
+            y,
+        })
+    }
+
+    /// The features as the model's input batch.
+    fn view(&self) -> Result<ArrayViewD<'_, f32>, crate::ops::OpError> {
+        let mut dims = vec![self.y.len()];
+        dims.extend_from_slice(self.model.input_shape());
+        ArrayViewD::from_shape(IxDyn(&dims), &self.x)
+            .map_err(|e| crate::ops::OpError::Invalid(e.to_string()))
+    }
+}
+
 /// A model's outputs for every record, as a map task: the predictions come
 /// back in chunk order, so a dataset's predictions are in record order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1401,25 +1448,10 @@ impl crate::ops::MapOp for PredictOp {
 
     fn map(&self, records: &Records) -> Result<Predictions, crate::ops::OpError> {
         let fail = |e: String| crate::ops::OpError::Invalid(e);
-        let model = Model::from_keras_json(&self.model_json).map_err(|e| fail(e.to_string()))?;
-        let params = model
-            .params_from_flat(self.params.clone())
-            .map_err(|e| fail(e.to_string()))?;
-        let wants: usize = model.input_shape().iter().product();
-        if wants != records.layout().features() {
-            return Err(fail(format!(
-                "model {} takes {wants} input values but the records hold {}",
-                model.name(),
-                records.layout().features()
-            )));
-        }
-        let (x, y) = decode_scaled(records, &self.scaler).map_err(|e| fail(e.to_string()))?;
-        let mut dims = vec![y.len()];
-        dims.extend_from_slice(model.input_shape());
-        let xv = ArrayViewD::from_shape(IxDyn(&dims), &x).map_err(|e| fail(e.to_string()))?;
-        let out = model
-            .predict(&params, xv)
-            .map_err(|e| fail(e.to_string()))?;
+        let input = MapInput::decode(&self.model_json, &self.params, &self.scaler, records)?;
+        let (model, params) = (&input.model, &input.params);
+        let xv = input.view()?;
+        let out = model.predict(params, xv).map_err(|e| fail(e.to_string()))?;
         let outputs = model.output_shape().iter().product();
         Ok(Predictions {
             outputs,
@@ -1474,32 +1506,19 @@ impl crate::ops::MapOp for ScoreOp {
 
     fn map(&self, records: &Records) -> Result<Scores, crate::ops::OpError> {
         let fail = |e: String| crate::ops::OpError::Invalid(e);
-        let model = Model::from_keras_json(&self.model_json).map_err(|e| fail(e.to_string()))?;
-        let params = model
-            .params_from_flat(self.params.clone())
-            .map_err(|e| fail(e.to_string()))?;
-        let wants: usize = model.input_shape().iter().product();
-        if wants != records.layout().features() {
-            return Err(fail(format!(
-                "model {} takes {wants} input values but the records hold {}",
-                model.name(),
-                records.layout().features()
-            )));
-        }
-        let (x, y) = decode_scaled(records, &self.scaler).map_err(|e| fail(e.to_string()))?;
-        let mut dims = vec![y.len()];
-        dims.extend_from_slice(model.input_shape());
-        let xv = ArrayViewD::from_shape(IxDyn(&dims), &x).map_err(|e| fail(e.to_string()))?;
+        let input = MapInput::decode(&self.model_json, &self.params, &self.scaler, records)?;
+        let (model, params) = (&input.model, &input.params);
+        let xv = input.view()?;
         self.objective
-            .check(&model)
-            .and_then(|()| self.objective.check_labels(&model, records.layout()))
+            .check(model)
+            .and_then(|()| self.objective.check_labels(model, records.layout()))
             .map_err(|e| fail(e.to_string()))?;
         let e = model
             .evaluate_with(
                 &self.objective.loss,
-                &params,
+                params,
                 xv,
-                self.objective.target(&y, &x),
+                self.objective.target(&input.y, &input.x),
             )
             .map_err(|e| fail(e.to_string()))?;
         Ok(Scores {

@@ -111,7 +111,15 @@ fn split_between_workers(exchange: bool) -> (Model, GradSum) {
                     let target = Target::Classes(&labels[cuts[w]..cuts[w + 1]]);
                     let sync = exchange.then_some(&member as &dyn BatchSync);
                     model
-                        .loss_and_grad_sum_synced(loss, params, share, target, None, sync)
+                        .loss_and_grad_sum_streamed(
+                            loss,
+                            params,
+                            share,
+                            target,
+                            None,
+                            sync,
+                            &mut |_, _| {},
+                        )
                         .unwrap()
                 })
             })

@@ -119,14 +119,9 @@ impl Client {
             let mut input = tokio::fs::File::open(&local)
                 .await
                 .map_err(|e| io_err(format!("put: {}", local.display()), e))?;
-            let defaults = WriteOptions::default();
-            let opts = WriteOptions {
-                replication: replication.unwrap_or(defaults.replication),
-                chunk_size: chunk_size.unwrap_or(defaults.chunk_size),
-                overwrite,
-                mode: defaults.mode,
-            };
-            let mut w = c.create(&target, opts).await?;
+            let mut w = c
+                .create(&target, write_options(replication, chunk_size, overwrite))
+                .await?;
             let mut buf = vec![0u8; 4 << 20];
             loop {
                 let n = match input.read(&mut buf).await {
@@ -246,13 +241,7 @@ impl Client {
         chunk_size: Option<u64>,
     ) -> PyResult<Writer> {
         let c = self.inner.clone();
-        let defaults = WriteOptions::default();
-        let opts = WriteOptions {
-            replication: replication.unwrap_or(defaults.replication),
-            chunk_size: chunk_size.unwrap_or(defaults.chunk_size),
-            overwrite,
-            mode: defaults.mode,
-        };
+        let opts = write_options(replication, chunk_size, overwrite);
         let w = block(py, async move { c.create(&path, opts).await })?;
         Ok(Writer {
             inner: std::sync::Mutex::new(Some(w)),
@@ -553,6 +542,21 @@ fn f32s(what: &str, raw: &[u8]) -> PyResult<Vec<f32>> {
 
 fn scaler_from(json_text: &str) -> PyResult<Scaler> {
     serde_json::from_str(json_text).map_err(|e| PyValueError::new_err(format!("scaler: {e}")))
+}
+
+/// The CLI's defaults for what the caller left out.
+fn write_options(
+    replication: Option<u8>,
+    chunk_size: Option<u64>,
+    overwrite: bool,
+) -> WriteOptions {
+    let defaults = WriteOptions::default();
+    WriteOptions {
+        replication: replication.unwrap_or(defaults.replication),
+        chunk_size: chunk_size.unwrap_or(defaults.chunk_size),
+        overwrite,
+        mode: defaults.mode,
+    }
 }
 
 fn dtype(name: &str) -> PyResult<DType> {

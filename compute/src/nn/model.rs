@@ -801,7 +801,14 @@ impl Model {
         train: Option<Train<'_>>,
     ) -> Result<GradSum> {
         self.classes()?;
-        self.grad_sum_with(&Loss::default(), params, x, Target::Classes(labels), train)
+        self.grad_sum_streamed(
+            &Loss::default(),
+            params,
+            x,
+            Target::Classes(labels),
+            train,
+            &mut |_, _| {},
+        )
     }
 
     /// Training-mode loss and gradient sums for any [`Loss`] and target
@@ -814,33 +821,19 @@ impl Model {
         target: Target<'_>,
         dropout: Option<DropoutRng>,
     ) -> Result<GradSum> {
-        self.loss_and_grad_sum_synced(loss, params, x, target, dropout, None)
+        self.loss_and_grad_sum_streamed(loss, params, x, target, dropout, None, &mut |_, _| {})
     }
 
     /// [`loss_and_grad_sum_with`](Self::loss_and_grad_sum_with) on one
     /// worker's share of a batch split between workers: with `sync`,
     /// BatchNormalization normalizes with the statistics of the whole
     /// batch, exchanged with the other workers, so the workers' summed
-    /// gradients are those of the whole batch. A failed exchange is an
-    /// error.
-    pub fn loss_and_grad_sum_synced(
-        &self,
-        loss: &Loss,
-        params: &Params,
-        x: ArrayViewD<'_, f32>,
-        target: Target<'_>,
-        dropout: Option<DropoutRng>,
-        sync: Option<&dyn BatchSync>,
-    ) -> Result<GradSum> {
-        self.loss_and_grad_sum_streamed(loss, params, x, target, dropout, sync, &mut |_, _| {})
-    }
-
-    /// [`loss_and_grad_sum_synced`](Self::loss_and_grad_sum_synced) that
-    /// hands over each parameter's gradient as soon as it is final (its
-    /// range in the flat vector and the whole gradient so far), while the
-    /// backward pass goes on: a worker starts summing the last layers'
-    /// gradients with the other workers' before the first layers' exist.
-    /// Every parameter is handed over exactly once.
+    /// gradients are those of the whole batch; a failed exchange is an
+    /// error. `ready` is handed each parameter's gradient as soon as it is
+    /// final (its range in the flat vector and the whole gradient so far),
+    /// while the backward pass goes on: a worker starts summing the last
+    /// layers' gradients with the other workers' before the first layers'
+    /// exist. Every parameter is handed over exactly once.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grad_sum_streamed(
         &self,
@@ -864,17 +857,6 @@ impl Model {
             Some(why) => Err(NnError::Exchange(why)),
             None => Ok(g),
         }
-    }
-
-    fn grad_sum_with(
-        &self,
-        loss: &Loss,
-        params: &Params,
-        x: ArrayViewD<'_, f32>,
-        target: Target<'_>,
-        train: Option<Train<'_>>,
-    ) -> Result<GradSum> {
-        self.grad_sum_streamed(loss, params, x, target, train, &mut |_, _| {})
     }
 
     fn grad_sum_streamed(
