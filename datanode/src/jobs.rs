@@ -82,7 +82,7 @@ impl Job {
 
     /// Where the step of `round` receives its ring stream. Rounds before it
     /// were given up: their streams are dropped, which ends them.
-    pub(crate) fn expect(&self, round: u64) -> oneshot::Receiver<ServerStream> {
+    pub(crate) fn ring_stream(&self, round: u64) -> oneshot::Receiver<ServerStream> {
         let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
         inbox.retain(|&r, _| r >= round);
         match inbox.entry(round).or_insert_with(Inbox::new).rx.take() {

@@ -149,7 +149,12 @@ async fn run_step(
     let mut request: StepRequest = ops::decode(&req.request)
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("training step: {e}")))?;
     let iteration = request.steps.first().map_or(0, |s| s.iteration);
-    let ring = match &req.ring {
+    // The totals of an exchange come back once the slowest worker of the
+    // step reaches the same point: wait as long as the job lives unrenewed,
+    // not a piece's idle time (the coordinator resets the stream if it
+    // gives up first).
+    let wait = node.jobs.lease();
+    let (ring, buckets_out) = match &req.ring {
         Some(r) if request.hold.is_none() => {
             return Err(WireError::new(
                 ErrorCode::InvalidArgument,
@@ -168,16 +173,15 @@ async fn run_step(
                 node.clone(),
                 req.job,
                 r.clone(),
-                job.expect(r.round),
+                job.ring_stream(r.round),
                 buckets,
                 parts,
-                node.jobs.lease(),
+                wait,
             ));
-            Some((r.round, tx, RingTask(task)))
+            (Some((r.round, RingTask(task))), Some(tx))
         }
-        _ => None,
+        _ => (None, None),
     };
-    let buckets_out = ring.as_ref().map(|(_, tx, _)| tx.clone());
     let describe = node.describe();
     let (link, mut coordinator) = if request.exchange {
         let (link, side) = StreamSync::new();
@@ -185,10 +189,6 @@ async fn run_step(
     } else {
         (None, None)
     };
-    // The totals come back once the slowest worker of the step reaches the
-    // same layer: wait as long as the job lives unrenewed, not a piece's
-    // idle time (the coordinator resets the stream if it gives up first).
-    let wait = node.jobs.lease();
     let held = job.clone();
     let mut task = tokio::task::spawn_blocking(move || {
         request.params = f32s_from_le(&raw)
@@ -237,8 +237,7 @@ async fn run_step(
     };
     if req.ring.is_some() {
         let mut total = std::mem::take(&mut r.values);
-        if let Some((round, tx, mut task)) = ring {
-            drop(tx);
+        if let Some((round, mut task)) = ring {
             // A coordinator that gave up on the step stops its stream: the
             // ring stops waiting for the other workers then.
             let stopped = stream.stopped();

@@ -208,7 +208,7 @@ class Estimator:
     def _scaler(self, path: str) -> str:
         if self.scaler_json is not None:
             return self.scaler_json
-        return json.dumps(json.loads(self.client._c.dataset_scaler(path, self.scale)))
+        return self.client._c.dataset_scaler(path, self.scale)
 
     def score(self, x: ArrayOrPath, y: Optional[np.ndarray] = None) -> Dict[str, Any]:
         """Loss, accuracy and the confusion matrix of the live model's

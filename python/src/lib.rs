@@ -147,16 +147,14 @@ impl Client {
     /// Fetches `remote` into local file `local` (replacing it).
     fn get(&self, py: Python<'_>, remote: String, local: std::path::PathBuf) -> PyResult<u64> {
         let c = self.inner.clone();
+        let path = remote.clone();
+        if block(py, async move { c.stat(&path).await })?.kind == FileKind::Dir {
+            return Err(PyIsADirectoryError::new_err(format!(
+                "get: {remote} is a directory; get fetches files"
+            )));
+        }
+        let c = self.inner.clone();
         block(py, async move {
-            let s = c.stat(&remote).await?;
-            if s.kind == FileKind::Dir {
-                return Err(Error::Proto(quern_proto::Error::Remote(
-                    quern_proto::WireError::new(
-                        ErrorCode::IsADirectory,
-                        format!("get: {remote} is a directory; get fetches files"),
-                    ),
-                )));
-            }
             let mut out = tokio::fs::File::create(&local)
                 .await
                 .map_err(|e| io_err(format!("get: {}", local.display()), e))?;
@@ -243,9 +241,7 @@ impl Client {
         let c = self.inner.clone();
         let opts = write_options(replication, chunk_size, overwrite);
         let w = block(py, async move { c.create(&path, opts).await })?;
-        Ok(Writer {
-            inner: std::sync::Mutex::new(Some(w)),
-        })
+        Ok(Writer { inner: Some(w) })
     }
 
     /// Stores records already laid out (features then label, little-endian,
@@ -661,17 +657,15 @@ impl Reader {
 /// The Rust half of `quern.File` in write mode.
 #[pyclass(module = "quern._quern")]
 struct Writer {
-    inner: std::sync::Mutex<Option<quern_client::FileWriter>>,
+    /// None once closed or aborted.
+    inner: Option<quern_client::FileWriter>,
 }
 
 #[pymethods]
 impl Writer {
-    fn write(&self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
-        let mut guard = self
+    fn write(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
+        let w = self
             .inner
-            .lock()
-            .map_err(|_| QuernError::new_err("a write failed midway; the file is abandoned"))?;
-        let w = guard
             .as_mut()
             .ok_or_else(|| PyValueError::new_err("write to a closed file"))?;
         let n = data.len();
@@ -680,26 +674,16 @@ impl Writer {
     }
 
     /// Completes the file; returns its status as JSON.
-    fn close(&self, py: Python<'_>) -> PyResult<Option<String>> {
-        let w = self
-            .inner
-            .lock()
-            .map_err(|_| QuernError::new_err("a write failed midway; the file is abandoned"))?
-            .take();
-        match w {
+    fn close(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
+        match self.inner.take() {
             Some(w) => json(&block(py, w.close())?).map(Some),
             None => Ok(None),
         }
     }
 
     /// Drops the file being written: nothing of it stays.
-    fn abort(&self, py: Python<'_>) -> PyResult<()> {
-        let w = self
-            .inner
-            .lock()
-            .map_err(|_| QuernError::new_err("a write failed midway; the file is abandoned"))?
-            .take();
-        if let Some(w) = w {
+    fn abort(&mut self, py: Python<'_>) -> PyResult<()> {
+        if let Some(w) = self.inner.take() {
             let rt = runtime()?;
             py.allow_threads(|| rt.block_on(w.abort()));
         }
