@@ -107,3 +107,54 @@ async fn an_unreachable_namenode_is_named_in_the_error() {
     assert!(err.contains(&format!("namenode {port}")), "{err}");
     assert!(err.contains("is it running"), "{err}");
 }
+
+/// A request whose body is empty is whole once its frame is sent: a
+/// server that answers before the caller gets to "send" the empty body
+/// has succeeded, and the caller sees that answer, not a stopped stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_body_answered_early_is_still_a_success() {
+    use quern_proto::msg::{AllocateChunk, ChunkMeta, CreateFile, WriteAck, WriteChunk};
+    let c = TestCluster::start(Options::default()).await;
+    let admin = c.client();
+    let file = admin
+        .call(CreateFile {
+            path: "/empty".into(),
+            replication: 1,
+            chunk_size: 1 << 20,
+            mode: 0o644,
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    let alloc = admin
+        .call(AllocateChunk {
+            file,
+            index: 0,
+            exclude: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
+    let meta = ChunkMeta {
+        id: alloc.chunk,
+        size: 0,
+        digest: quern_proto::Digest::of(b""),
+    };
+    let mut s = ep
+        .request(
+            alloc.targets[0],
+            WriteChunk {
+                meta,
+                pipeline: Vec::new(),
+                token: Some(alloc.token.clone()),
+            },
+        )
+        .await
+        .unwrap();
+    // The datanode stores the empty chunk, answers and stops reading
+    // while this caller is elsewhere.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.send_piece(bytes::Bytes::new()).await.unwrap();
+    s.finish().unwrap();
+    s.reply::<WriteAck>().await.unwrap();
+}
