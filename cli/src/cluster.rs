@@ -86,6 +86,10 @@ pub struct UpArgs {
     /// quarter of the machine's memory).
     #[arg(long, value_name = "BYTES")]
     pub job_memory: Option<String>,
+    /// Where the namenode serves its web UI and /metrics (port 0: any
+    /// free port; the URL is printed and kept in cluster.json).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: String,
     /// How long to wait for every datanode to register.
     #[arg(long, default_value = "30s", value_parser = crate::duration::parse)]
     pub wait: Duration,
@@ -108,6 +112,7 @@ impl UpArgs {
             scrub_rate: "16MiB".into(),
             job_lease: "60s".into(),
             job_memory: None,
+            http: "127.0.0.1:0".into(),
             wait: Duration::from_secs(30),
         }
     }
@@ -117,6 +122,9 @@ impl UpArgs {
 pub struct Process {
     pub role: String,
     pub addr: SocketAddr,
+    /// Where its web pages and /metrics answer.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
     pub pid: u32,
     pub data_dir: PathBuf,
     pub log: PathBuf,
@@ -221,17 +229,19 @@ fn spawn(role: &str, data_dir: &Path, log: &Path, args: &[String]) -> Result<std
     Ok(child)
 }
 
+/// The QUIC address a started process wrote, and its HTTP one if any.
 async fn wait_addr(
     file: &Path,
     child: &mut std::process::Child,
     role: &str,
     log: &Path,
-) -> Result<SocketAddr> {
+) -> Result<(SocketAddr, Option<SocketAddr>)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(t) = std::fs::read_to_string(file) {
-            if let Ok(a) = t.trim().parse() {
-                return Ok(a);
+            let mut lines = t.lines();
+            if let Some(Ok(a)) = lines.next().map(|l| l.trim().parse()) {
+                return Ok((a, lines.next().and_then(|l| l.trim().parse().ok())));
             }
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -273,14 +283,18 @@ async fn start_process(
     spawn_args.extend(["--addr-file".into(), addr_file.display().to_string()]);
     let mut child = spawn(role, &data_dir, &log, &spawn_args)?;
     let pid = child.id();
-    let addr = wait_addr(&addr_file, &mut child, role, &log).await?;
-    // Restarts reuse the address the process actually bound.
+    let (addr, http) = wait_addr(&addr_file, &mut child, role, &log).await?;
+    // Restarts reuse the addresses the process actually bound.
     if let Some(i) = args.iter().position(|a| a == "--listen") {
         args[i + 1] = addr.to_string();
+    }
+    if let (Some(i), Some(h)) = (args.iter().position(|a| a == "--http"), http) {
+        args[i + 1] = h.to_string();
     }
     Ok(Process {
         role: role.into(),
         addr,
+        http,
         pid,
         data_dir,
         log,
@@ -350,6 +364,8 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
                 a.replication_interval.clone(),
                 "--safemode-wait".into(),
                 a.safemode_wait.clone(),
+                "--http".into(),
+                a.http.clone(),
             ];
             let namenode = start_process(&dir, "namenode", "namenode", args).await?;
             ClusterFile {
@@ -390,6 +406,8 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
             a.scrub_rate.clone(),
             "--job-lease".into(),
             a.job_lease.clone(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
         ];
         if let Some(m) = &a.job_memory {
             args.extend(["--job-memory".into(), m.clone()]);
@@ -445,6 +463,9 @@ pub async fn up(a: UpArgs) -> Result<ClusterFile> {
         cluster.namenode.addr,
         cluster.datanodes.len()
     );
+    if let Some(h) = cluster.namenode.http {
+        println!("web UI: http://{h}/");
+    }
     println!("export QUERN_CONFIG={}", cfg_path.display());
     Ok(cluster)
 }
@@ -565,7 +586,8 @@ async fn status(dir: &Path, json: bool) -> Result<i32> {
         let v = serde_json::json!({
             "dir": cluster.dir,
             "processes": procs.iter().map(|p| serde_json::json!({
-                "role": p.role, "addr": p.addr, "pid": p.pid, "running": alive(p.pid),
+                "role": p.role, "addr": p.addr, "http": p.http, "pid": p.pid,
+                "running": alive(p.pid),
                 "data_dir": p.data_dir, "log": p.log,
             })).collect::<Vec<_>>(),
             "report": report,
@@ -599,6 +621,9 @@ async fn status(dir: &Path, json: bool) -> Result<i32> {
                 );
                 if let Some(s) = &r.safe_mode {
                     println!("{s}");
+                }
+                if let Some(h) = cluster.namenode.http {
+                    println!("web UI: http://{h}/");
                 }
             }
             None => println!("namenode not reachable"),

@@ -57,9 +57,53 @@ pub struct NamenodeArgs {
     /// How often a new token signing key takes over.
     #[arg(long, default_value = "10h", value_parser = crate::duration::parse)]
     pub key_rotation: Duration,
-    /// Write the bound address here once listening (for --listen with port 0).
+    /// Finished jobs kept in the history the web UI shows.
+    #[arg(long, default_value_t = 200)]
+    pub job_history: usize,
+    /// Serve the web UI and /metrics here. Beyond loopback it needs
+    /// --http-token-file.
+    #[arg(long, default_value = "127.0.0.1:7071", conflicts_with = "no_http")]
+    pub http: SocketAddr,
+    /// Serve no web UI and no /metrics.
+    #[arg(long)]
+    pub no_http: bool,
+    #[command(flatten)]
+    pub http_token: HttpToken,
+    /// Write the bound address here once listening (for --listen with port
+    /// 0), and the HTTP address on a second line.
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct HttpToken {
+    /// A file holding the bearer token that callers from beyond loopback
+    /// must present to the HTTP pages (`Authorization: Bearer TOKEN`).
+    #[arg(long, value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
+}
+
+impl HttpToken {
+    fn config(&self, listen: SocketAddr) -> Result<quern_web::HttpConfig> {
+        let token = match &self.http_token_file {
+            Some(f) => {
+                let t = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the HTTP token file {}", f.display()))?;
+                let t = t.trim().to_string();
+                if t.len() < 16 {
+                    bail!(
+                        "the HTTP token in {} is {} characters; use at least 16 (for example                          `openssl rand -hex 24 > {}`)",
+                        f.display(),
+                        t.len(),
+                        f.display()
+                    );
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        Ok(quern_web::HttpConfig { listen, token })
+    }
 }
 
 #[derive(Args)]
@@ -108,6 +152,11 @@ pub struct DatanodeArgs {
     /// machine's memory].
     #[arg(long, value_name = "BYTES", value_parser = quern_proto::size::parse_size)]
     pub job_memory: Option<u64>,
+    /// Serve /metrics here (beyond loopback it needs --http-token-file).
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    #[command(flatten)]
+    pub http_token: HttpToken,
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
 }
@@ -146,11 +195,14 @@ fn server_identity(dir: &Path, tls: Option<&Path>, name: &str) -> Result<Identit
     })
 }
 
-fn write_addr(file: Option<&Path>, addr: SocketAddr) -> Result<()> {
+fn write_addr(file: Option<&Path>, addr: SocketAddr, http: Option<SocketAddr>) -> Result<()> {
     if let Some(f) = file {
         let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, addr.to_string())
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        let text = match http {
+            Some(h) => format!("{addr}\n{h}\n"),
+            None => format!("{addr}\n"),
+        };
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, f).with_context(|| format!("writing {}", f.display()))?;
     }
     Ok(())
@@ -185,10 +237,14 @@ pub async fn namenode(cmd: NamenodeCmd) -> Result<()> {
     cfg.replication_interval = a.replication_interval;
     cfg.token_lifetime = a.token_lifetime;
     cfg.key_rotation = a.key_rotation;
+    cfg.job_history = a.job_history;
+    if !a.no_http {
+        cfg.http = Some(a.http_token.config(a.http)?);
+    }
     let nn = Namenode::start(cfg, &identity)
         .await
         .with_context(|| format!("starting the namenode on {}", a.listen))?;
-    write_addr(a.addr_file.as_deref(), nn.addr())?;
+    write_addr(a.addr_file.as_deref(), nn.addr(), nn.http_addr())?;
     let sig = until_signal().await?;
     tracing::info!("{sig}: namenode shutting down");
     nn.shutdown().await;
@@ -232,10 +288,13 @@ pub async fn datanode(a: DatanodeArgs) -> Result<()> {
     if let Some(m) = a.job_memory {
         cfg.job_memory = m;
     }
+    if let Some(h) = a.http {
+        cfg.http = Some(a.http_token.config(h)?);
+    }
     let dn = Datanode::start(cfg, &identity)
         .await
         .with_context(|| format!("starting the datanode on {}", a.listen))?;
-    write_addr(a.addr_file.as_deref(), dn.addr())?;
+    write_addr(a.addr_file.as_deref(), dn.addr(), dn.http_addr())?;
     let sig = until_signal().await?;
     tracing::info!("{sig}: datanode shutting down");
     dn.shutdown();

@@ -362,6 +362,7 @@ fn describe(e: &TrainEvent) -> String {
             loss,
             accuracy,
             samples_per_sec,
+            ..
         } => format!(
             "iter {iteration:>6}  epoch {epoch:>3}  loss {loss:.4}  acc {accuracy:.4}  {samples_per_sec:.0} samples/s"
         ),

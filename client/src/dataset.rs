@@ -2,11 +2,13 @@
 //! `part-NNNNN` files of fixed-size records, written so that every chunk
 //! holds whole records.
 
+use crate::history::Reporter;
 use crate::job::{JobOptions, JobSummary};
 use crate::{Client, Error, Result, WriteOptions};
 use quern_compute::ops::DatasetStats;
 use quern_compute::records::{Encoded, Manifest, PartInfo, MANIFEST};
 use quern_proto::msg::FileKind;
+use quern_proto::msg::JobKind;
 
 /// Chunk size asked for when importing, before rounding down to whole
 /// records: small enough that a 50 MB dataset spreads over many nodes.
@@ -250,14 +252,29 @@ impl Client {
         ds: &mut Dataset,
         opts: &JobOptions,
     ) -> Result<(DatasetStats, JobSummary)> {
-        let (partial, summary) = self
+        let report = Reporter::start(
+            self,
+            JobKind::Statistics,
+            "statistics".into(),
+            ds.dir.clone(),
+        );
+        let outcome = self
             .run_map(
                 &ds.part_paths(),
                 &ds.manifest.layout,
                 DatasetStats::operator(),
                 opts,
             )
-            .await?;
+            .await;
+        report
+            .finish(&outcome, |(_, j)| {
+                format!(
+                    "{} tasks ({} node-local) in {} ms",
+                    j.tasks, j.node_local, j.wall_ms
+                )
+            })
+            .await;
+        let (partial, summary) = outcome?;
         let stats = DatasetStats::from_partial(partial).map_err(|e| Error::Job(e.to_string()))?;
         if stats.count != ds.manifest.records {
             return Err(Error::Dataset(format!(

@@ -2,6 +2,7 @@
 //! failover and digest checks, and file writers with atomic visibility.
 
 mod dataset;
+mod history;
 mod job;
 mod plan;
 mod read;

@@ -8,6 +8,7 @@
 //! the step runs again.
 
 use crate::dataset::Dataset;
+use crate::history::{model_name, Reporter};
 use crate::job::JobOptions;
 use crate::plan::{self, Decision, Plan, PlanInputs};
 use crate::scheduler::Scheduler;
@@ -73,6 +74,10 @@ pub enum TrainEvent {
         loss: f64,
         accuracy: f64,
         samples_per_sec: f64,
+        /// Each worker's compute time per step in the last round (ms).
+        worker_ms: Vec<(String, f64)>,
+        /// Bytes of steps on the wire so far (as `TrainSummary::step_bytes`).
+        bytes_moved: u64,
     },
     Epoch {
         epoch: u64,
@@ -313,8 +318,37 @@ impl Client {
         Ok(Scaler::fit(kind, stats))
     }
 
-    /// Scores a model on a dataset by map tasks.
+    /// Scores a model on a dataset by map tasks, as a job in the cluster's
+    /// history.
     pub async fn score(
+        &self,
+        ds: &Dataset,
+        model_json: &str,
+        params: &[f32],
+        scaler: &Scaler,
+        objective: Objective,
+    ) -> Result<(Scores, crate::JobSummary)> {
+        let report = Reporter::start(self, JobKind::Score, model_name(model_json), ds.dir.clone());
+        let outcome = self
+            .score_here(ds, model_json, params, scaler, objective)
+            .await;
+        report
+            .finish(&outcome, |(s, j)| {
+                format!(
+                    "loss {:.4}, accuracy {:.4} on {} records ({} tasks, {} node-local)",
+                    s.loss(),
+                    s.accuracy(),
+                    s.count,
+                    j.tasks,
+                    j.node_local
+                )
+            })
+            .await;
+        outcome
+    }
+
+    /// [`Client::score`] within a job already in the history.
+    async fn score_here(
         &self,
         ds: &Dataset,
         model_json: &str,
@@ -346,21 +380,38 @@ impl Client {
             params: params.to_vec(),
             scaler: scaler.clone(),
         });
-        let (p, _) = self
+        let report = Reporter::start(
+            self,
+            JobKind::Predict,
+            model_name(model_json),
+            ds.dir.clone(),
+        );
+        let outcome = self
             .run_map(
                 &ds.part_paths(),
                 &ds.manifest.layout,
                 op,
                 &JobOptions::default(),
             )
-            .await?;
-        match p {
-            Partial::Predict(p) => Ok(p),
-            other => Err(Error::Job(format!(
-                "a predict job returned {} results",
-                other.name()
-            ))),
-        }
+            .await
+            .and_then(|(p, j)| match p {
+                Partial::Predict(p) => Ok((p, j)),
+                other => Err(Error::Job(format!(
+                    "a predict job returned {} results",
+                    other.name()
+                ))),
+            });
+        report
+            .finish(&outcome, |(p, j)| {
+                format!(
+                    "{} records predicted ({} tasks, {} node-local)",
+                    p.values.len() / p.outputs.max(1),
+                    j.tasks,
+                    j.node_local
+                )
+            })
+            .await;
+        outcome.map(|(p, _)| p)
     }
 
     /// Scores with the parameters a training job's workers hold, on those
@@ -413,11 +464,30 @@ impl Client {
     ) -> Result<TrainOutcome> {
         // Not generic below this line: the coordinator's hot loop is then
         // compiled (and optimised) in this crate, not in the caller's.
+        let mut report = Reporter::start(
+            self,
+            JobKind::Train,
+            model_name(&opts.model_json),
+            ds.dir.clone(),
+        );
         let mut lease = JobLease::start(self.clone(), rand::random());
-        let outcome = self.train_job(&lease, ds, val, opts, &mut on_event).await;
+        let mut events = |e: &TrainEvent| {
+            report.train_event(e);
+            on_event(e);
+        };
+        let outcome = self.train_job(&lease, ds, val, opts, &mut events).await;
         // Success or error, the workers free the job's records now rather
         // than a lease later.
         lease.close().await;
+        report
+            .finish(&outcome, |o| {
+                let s = &o.summary;
+                format!(
+                    "{} iterations, {} samples in {:.1} s ({:.0} samples/s) on {} workers, plan {}",
+                    s.iterations, s.samples, s.wall_s, s.samples_per_sec, s.workers, s.plan
+                )
+            })
+            .await;
         outcome
     }
 
@@ -791,6 +861,17 @@ impl Client {
                     continue;
                 }
                 let mut slowest = 0u64;
+                let worker_ms: Vec<(String, f64)> = workers
+                    .iter()
+                    .zip(&results)
+                    .filter_map(|(w, r)| {
+                        let (r, _) = r.as_ref()?;
+                        Some((
+                            w.node.addr.to_string(),
+                            r.compute_us as f64 / 1e3 / round as f64,
+                        ))
+                    })
+                    .collect();
                 for (r, bytes) in results.iter().flatten() {
                     slowest = slowest.max(r.compute_us);
                     summary.step_bytes += bytes + r.ring_bytes;
@@ -834,6 +915,8 @@ impl Client {
                             loss: stats.loss,
                             accuracy: stats.accuracy,
                             samples_per_sec: window.1 as f64 / secs,
+                            worker_ms,
+                            bytes_moved: summary.step_bytes,
                         },
                         &mut events,
                     );
@@ -853,7 +936,7 @@ impl Client {
                 }
                 Some(v) => {
                     let (s, _) = self
-                        .score(v, &opts.model_json, &params, &scaler, opts.objective)
+                        .score_here(v, &opts.model_json, &params, &scaler, opts.objective)
                         .await?;
                     (Some(s.loss()), Some(s.accuracy()))
                 }

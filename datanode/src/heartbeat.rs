@@ -75,6 +75,7 @@ pub(crate) async fn run(node: Arc<Node>) {
             .and_then(|r| accept(&node, r))
         {
             Ok(commands) => {
+                node.metrics.heard_from_namenode();
                 if !registered {
                     tracing::info!(namenode = %node.cfg.namenode, "registered with the namenode");
                     last_report = Instant::now();

@@ -3,6 +3,7 @@
 
 mod heartbeat;
 mod jobs;
+mod metrics;
 mod node;
 mod scrub;
 mod service;

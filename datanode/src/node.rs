@@ -83,6 +83,8 @@ pub struct DatanodeConfig {
     pub tuning: Tuning,
     /// Chunks per page of a chunk report.
     pub report_page: usize,
+    /// Where `/metrics` is served; `None`: not at all.
+    pub http: Option<quern_web::HttpConfig>,
 }
 
 impl DatanodeConfig {
@@ -100,6 +102,7 @@ impl DatanodeConfig {
             job_memory: crate::jobs::default_job_memory(),
             tuning: Tuning::tuned(),
             report_page: quern_proto::msg::REPORT_PAGE,
+            http: None,
         }
     }
 }
@@ -121,6 +124,7 @@ pub(crate) struct Node {
     /// Set when the disk ran out of space; cleared by a heartbeat that
     /// finds room again. A full node takes no new chunks.
     pub full: std::sync::atomic::AtomicBool,
+    pub metrics: crate::metrics::DatanodeMetrics,
 }
 
 /// Space a full node must have free again before it takes chunks: a

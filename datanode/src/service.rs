@@ -16,6 +16,7 @@ use std::sync::Arc;
 pub struct Datanode {
     node: Arc<Node>,
     tasks: Background,
+    http_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum StartError {
     Net(#[from] quern_proto::Error),
     #[error("{0}")]
     Identity(String),
+    #[error(transparent)]
+    Http(quern_web::HttpError),
 }
 
 impl Datanode {
@@ -52,6 +55,7 @@ impl Datanode {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         let jobs = Arc::new(crate::jobs::Jobs::new(cfg.job_lease, cfg.job_memory));
+        let metrics = crate::metrics::DatanodeMetrics::new(endpoint.registry());
         let node = Arc::new(Node {
             id,
             addr,
@@ -66,7 +70,9 @@ impl Datanode {
             cluster_id: std::sync::Mutex::new(cluster_id),
             scrub: Default::default(),
             full: Default::default(),
+            metrics,
         });
+        crate::metrics::register_gauges(&node, endpoint.registry());
         tracing::info!(
             node = %id,
             %addr,
@@ -77,11 +83,27 @@ impl Datanode {
         );
         let mut tasks = Background::default();
         let service = Arc::new(DataService { node: node.clone() });
+        let http_addr = match &node.cfg.http {
+            Some(cfg) => {
+                let http = quern_web::Http::bind(cfg).await.map_err(StartError::Http)?;
+                let addr = http.addr();
+                tasks.spawn(
+                    "http",
+                    http.serve(axum::Router::new(), endpoint.registry().clone()),
+                );
+                Some(addr)
+            }
+            None => None,
+        };
         tasks.spawn("requests", serve(endpoint, service));
         tasks.spawn("heartbeat", crate::heartbeat::run(node.clone()));
         tasks.spawn("scrubber", crate::scrub::run(node.clone()));
         tasks.spawn("job sweeper", crate::jobs::sweeper(node.jobs.clone()));
-        Ok(Datanode { node, tasks })
+        Ok(Datanode {
+            node,
+            tasks,
+            http_addr,
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -90,6 +112,11 @@ impl Datanode {
 
     pub fn addr(&self) -> SocketAddr {
         self.node.addr
+    }
+
+    /// Where `/metrics` answers, when it is served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn store(&self) -> &ChunkStore {
@@ -363,6 +390,7 @@ async fn write_chunk(
         size: meta.size,
         digest,
     });
+    node.metrics.written_bytes.inc_by(meta.size);
     let mut stored_on = vec![node.id];
     if let Some((next, mut ds)) = downstream {
         let ack = async {
@@ -448,7 +476,9 @@ async fn read_chunk(
         if let Some(h) = hasher.as_mut() {
             h.update(&piece);
         }
+        let n = piece.len() as u64;
         stream.send_piece(piece).await?;
+        node.metrics.read_bytes.inc_by(n);
     }
     stream.finish();
     if let Some(h) = hasher {

@@ -18,6 +18,12 @@ pub(crate) async fn run_task(
     caller: &Principal,
     req: RunTask,
 ) -> Result<TaskOutput, WireError> {
+    let mut timer = TaskTimer {
+        node,
+        op: "unknown",
+        ok: false,
+        started: std::time::Instant::now(),
+    };
     let _slot = node
         .task_slots
         .acquire()
@@ -45,6 +51,7 @@ pub(crate) async fn run_task(
     };
     let mut task: Task = quern_compute::ops::decode(&req.task)
         .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("map task: {e}")))?;
+    timer.op = task.op.name();
     if let Operator::Score(ScoreOp {
         held: Some(held),
         params,
@@ -63,11 +70,28 @@ pub(crate) async fn run_task(
                 format!("{}: task on {chunk} failed: {e}", node.describe()),
             )
         })?;
+    timer.ok = true;
     Ok(TaskOutput {
         partial,
         local_bytes,
         fetched_bytes,
     })
+}
+
+/// Counts a task and its time however it ends (every `?` included).
+struct TaskTimer<'a> {
+    node: &'a Node,
+    op: &'static str,
+    ok: bool,
+    started: std::time::Instant,
+}
+
+impl Drop for TaskTimer<'_> {
+    fn drop(&mut self) {
+        self.node
+            .metrics
+            .task(self.op, self.ok, self.started.elapsed());
+    }
 }
 
 /// The parameters a training job's worker holds here, for a score task

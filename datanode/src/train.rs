@@ -118,9 +118,18 @@ pub(crate) async fn step(
     req: TrainStep,
     stream: &mut ServerStream,
 ) -> Result<(), quern_proto::Error> {
+    let started = std::time::Instant::now();
+    let (job, params_len) = (req.job, req.params_len);
     let outcome = run_step(node, req, stream).await;
     match outcome {
-        Ok((out, values)) => {
+        Ok((out, values, ring_bytes)) => {
+            node.metrics.step(
+                job,
+                started.elapsed(),
+                params_len,
+                values.len() as u64,
+                ring_bytes,
+            );
             stream.reply_header(&Ok(TrainStepMsg::Done(out))).await?;
             stream.send_piece(values).await?;
             stream.finish();
@@ -134,7 +143,7 @@ async fn run_step(
     node: &Arc<Node>,
     req: TrainStep,
     stream: &mut ServerStream,
-) -> Result<(TrainStepOutput, bytes::Bytes), WireError> {
+) -> Result<(TrainStepOutput, bytes::Bytes, u64), WireError> {
     let raw = stream.recv_body(req.params_len).await.map_err(|e| {
         WireError::new(
             ErrorCode::Protocol,
@@ -262,6 +271,7 @@ async fn run_step(
             values_len: values.len() as u64,
         },
         values,
+        r.ring_bytes,
     ))
 }
 
@@ -570,6 +580,7 @@ pub(crate) fn close(node: &Node, caller: &Principal, req: TrainClose) -> Result<
     if let Some(job) = jobs.get(&req.job) {
         owned(&node.describe(), job.clone(), caller)?;
         jobs.remove(&req.job);
+        node.metrics.job_freed(req.job);
     }
     Ok(())
 }

@@ -62,6 +62,14 @@ impl ChunkEntry {
     }
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHealth {
+    pub chunks: u64,
+    pub under_replicated: u64,
+    pub missing: u64,
+    pub corrupt_replicas: u64,
+}
+
 pub struct Cluster {
     pub nodes: HashMap<NodeId, NodeEntry>,
     pub chunks: HashMap<ChunkId, ChunkEntry>,
@@ -360,6 +368,32 @@ impl Cluster {
             .collect();
         out.sort_by_key(|r| r.node.addr);
         out
+    }
+
+    /// Committed chunks by health. A scan of the whole chunk map, as fsck
+    /// does; it serves the web UI's overview and a metrics scrape.
+    pub fn health(&self) -> ChunkHealth {
+        let mut h = ChunkHealth::default();
+        for c in self.chunks.values().filter(|c| c.size.is_some()) {
+            h.chunks += 1;
+            h.corrupt_replicas += c.corrupt.len() as u64;
+            let live = c
+                .replicas
+                .iter()
+                .filter(|n| !c.corrupt.contains_key(n) && self.is_live(**n))
+                .count();
+            if live == 0 {
+                h.missing += 1;
+            } else if live < c.target as usize {
+                h.under_replicated += 1;
+            }
+        }
+        h
+    }
+
+    /// Commands queued for the datanodes' next heartbeats.
+    pub fn queued_commands(&self) -> usize {
+        self.nodes.values().map(|n| n.commands.len()).sum()
     }
 
     /// Chunks of completed files that no live node reports yet.

@@ -1,12 +1,16 @@
 //! The quern namenode: the namespace (in sled), the chunk map, the datanode
-//! registry, placement, leases, safe mode and the replication monitor.
+//! registry, placement, leases, safe mode, the replication monitor, the job
+//! history, and the web UI with `/metrics`.
 
 mod cluster;
+mod jobs;
 mod keys;
+mod metrics;
 mod monitor;
 mod namespace;
 mod perm;
 mod service;
 mod state;
+mod ui;
 
 pub use service::{Namenode, NamenodeConfig};

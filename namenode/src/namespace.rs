@@ -355,6 +355,12 @@ impl Namespace {
         })
     }
 
+    /// A tree of the metadata store beside the namespace's own (the job
+    /// history).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// A value of the `meta` tree (token keys and the like).
     pub fn meta_get(&self, key: &str) -> Res<Option<Vec<u8>>> {
         Ok(self.meta.get(key).st()?.map(|v| v.to_vec()))

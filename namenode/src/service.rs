@@ -28,6 +28,7 @@ pub struct Namenode {
     endpoint: Arc<Endpoint>,
     state: Arc<State>,
     tasks: Background,
+    http_addr: Option<SocketAddr>,
 }
 
 impl Namenode {
@@ -60,6 +61,7 @@ impl Namenode {
                 ChunkEntry::committed(chunk.size, chunk.digest, target),
             );
         }
+        let jobs = crate::jobs::Jobs::open(&ns, cfg.job_history)?;
         let mut leases = HashMap::new();
         for (id, p) in ns.all_pending().map_err(StartError::Wire)? {
             for c in &p.allocated {
@@ -90,6 +92,7 @@ impl Namenode {
             tokens,
             endpoint: endpoint.clone(),
             reports: Mutex::new(HashMap::new()),
+            jobs,
         });
         let addr = endpoint.local_addr().map_err(StartError::Net)?;
         tracing::info!(%addr, cluster = %state.ns.cluster_id, chunks = chunk_count, safe_mode = safe_since.is_some(), "namenode listening");
@@ -99,10 +102,28 @@ impl Namenode {
         let mut tasks = Background::default();
         tasks.spawn("requests", serve(endpoint.clone(), service));
         tasks.spawn("monitor", crate::monitor::run(state.clone()));
+        crate::metrics::register(&state, endpoint.registry());
+        let http_addr = match &state.cfg.http {
+            Some(cfg) => {
+                let http = quern_web::Http::bind(cfg).await.map_err(StartError::Http)?;
+                let addr = http.addr();
+                tracing::info!(url = %format!("http://{addr}/"), "web UI and metrics");
+                tasks.spawn(
+                    "http",
+                    http.serve(
+                        crate::ui::router(state.clone()),
+                        endpoint.registry().clone(),
+                    ),
+                );
+                Some(addr)
+            }
+            None => None,
+        };
         Ok(Namenode {
             endpoint,
             state,
             tasks,
+            http_addr,
         })
     }
 
@@ -119,6 +140,11 @@ impl Namenode {
         self.endpoint
             .local_addr()
             .unwrap_or_else(|_| self.state.cfg.listen)
+    }
+
+    /// Where the web UI and `/metrics` answer, when they are served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Stops serving and flushes the metadata store.
@@ -141,6 +167,8 @@ pub enum StartError {
     Net(quern_proto::Error),
     #[error("{0}")]
     Identity(String),
+    #[error(transparent)]
+    Http(quern_web::HttpError),
 }
 
 struct NameService {
@@ -212,6 +240,15 @@ impl Service for NameService {
                         respond(stream, reply).await
                     }
                     NameRequest::Report(_) => respond(stream, report(s)).await,
+                    NameRequest::JobStart(r) => respond(stream, s.jobs.start(u, r)).await,
+                    NameRequest::JobPost(r) => {
+                        let reply = s.jobs.post(u, r.job, r.note);
+                        if let Ok(true) = reply {
+                            // A finished job's record survives a crash.
+                            let _ = s.ns.flush().await;
+                        }
+                        respond(stream, reply.map(|_| ())).await
+                    }
                     NameRequest::Register(_)
                     | NameRequest::Heartbeat(_)
                     | NameRequest::ChunkReport(_)
@@ -248,6 +285,8 @@ fn request_name(r: &NameRequest) -> &'static str {
         NameRequest::ChunkReport(_) => "chunk report",
         NameRequest::ChunkReceived(_) => "chunk received",
         NameRequest::AddTargets(_) => "add targets",
+        NameRequest::JobStart(_) => "job start",
+        NameRequest::JobPost(_) => "job post",
     }
 }
 
@@ -262,12 +301,12 @@ fn readable_tree(s: &State, user: &User, path: &str) -> Res<()> {
     Ok(())
 }
 
-fn stat(s: &State, u: &User, path: &str) -> Res<FileStatus> {
+pub(crate) fn stat(s: &State, u: &User, path: &str) -> Res<FileStatus> {
     let path = parse(path)?;
     Ok(s.get(u, &path, 0)?.inode.status(&path))
 }
 
-fn list(s: &State, u: &User, r: List) -> Res<Listing> {
+pub(crate) fn list(s: &State, u: &User, r: List) -> Res<Listing> {
     let path = parse(&r.path)?;
     let found = s.get(u, &path, 0)?;
     if found.inode.kind == FileKind::File {
@@ -585,7 +624,7 @@ fn renew(s: &State, u: &User, file: FileId) -> Res<()> {
     Ok(())
 }
 
-fn locate(s: &State, u: &User, r: Locate) -> Res<FileLocations> {
+pub(crate) fn locate(s: &State, u: &User, r: Locate) -> Res<FileLocations> {
     let (first, limit) = (r.first_chunk as usize, r.limit.clamp(1, LIST_PAGE) as usize);
     let path = parse(&r.path)?;
     let found = s.get(u, &path, 0)?;
@@ -778,7 +817,7 @@ fn summary(s: &State, u: &User, path: &str) -> Res<ContentSummary> {
     })
 }
 
-fn report(s: &State) -> Res<ClusterReport> {
+pub(crate) fn report(s: &State) -> Res<ClusterReport> {
     let safe_mode = s.safe_mode();
     Ok(ClusterReport {
         cluster_id: s.ns.cluster_id.clone(),

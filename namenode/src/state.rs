@@ -36,6 +36,10 @@ pub struct NamenodeConfig {
     pub token_lifetime: Duration,
     /// How often a new token key takes over.
     pub key_rotation: Duration,
+    /// Finished jobs kept in the history.
+    pub job_history: usize,
+    /// Where the web UI and `/metrics` are served; `None`: not at all.
+    pub http: Option<quern_web::HttpConfig>,
 }
 
 impl NamenodeConfig {
@@ -49,6 +53,8 @@ impl NamenodeConfig {
             replication_interval: Duration::from_secs(3),
             token_lifetime: Duration::from_secs(10 * 3600),
             key_rotation: Duration::from_secs(10 * 3600),
+            job_history: 200,
+            http: None,
         }
     }
 }
@@ -70,6 +76,8 @@ pub(crate) struct State {
     pub endpoint: Arc<Endpoint>,
     /// Pages of chunk reports received so far, per node.
     pub reports: Mutex<HashMap<quern_proto::NodeId, Vec<StoredChunk>>>,
+    /// The jobs coordinators ran and run.
+    pub jobs: crate::jobs::Jobs,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -494,7 +494,89 @@ rpcs!(NameRequest {
     ChunkReport(ChunkReport) -> NodeReply,
     ChunkReceived(ChunkReceived) -> (),
     AddTargets(AddTargets) -> ChunkAllocation,
+    JobStart(JobStart) -> u64,
+    JobPost(JobPost) -> (),
 });
+
+// ---------------------------------------------------------------- jobs
+
+/// What a coordinator runs on the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    Train,
+    Statistics,
+    Score,
+    Predict,
+}
+
+impl JobKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Train => "train",
+            JobKind::Statistics => "statistics",
+            JobKind::Score => "score",
+            JobKind::Predict => "predict",
+        }
+    }
+}
+
+/// A coordinator makes its job known to the cluster; the reply is the
+/// job's id in the namenode's history. The caller's user owns it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStart {
+    pub kind: JobKind,
+    /// The model's name (Keras's), or what the map task computes.
+    pub model: String,
+    pub dataset: String,
+}
+
+/// What happened to a job since its last post; only its owner posts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobPost {
+    pub job: u64,
+    pub note: JobNote,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum JobNote {
+    /// Where it runs: the plan and its workers, and how many steps it has.
+    Planned {
+        plan: String,
+        workers: Vec<String>,
+        iterations: u64,
+        steps_per_epoch: u64,
+    },
+    Progress(JobPoint),
+    WorkerLost {
+        worker: String,
+        error: String,
+    },
+    /// The job ended; `result` is the coordinator's summary in words.
+    Finished {
+        result: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// One display interval (or an epoch's end) of a training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPoint {
+    /// When it was measured (Unix milliseconds).
+    pub at_ms: i64,
+    pub iteration: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub samples_per_sec: f64,
+    /// Each worker's compute time in the last step, in milliseconds.
+    pub worker_step_ms: Vec<(String, f64)>,
+    /// Bytes the job has moved between coordinator and workers so far.
+    pub bytes_moved: u64,
+}
 
 // ---------------------------------------------------------------- datanode
 

@@ -214,6 +214,7 @@ pub struct Endpoint {
     piece_idle: Duration,
     faults: Arc<Faults>,
     hedge: crate::chunk::Hedge,
+    metrics: crate::metrics::RequestMetrics,
 }
 
 impl Endpoint {
@@ -259,6 +260,7 @@ impl Endpoint {
             piece_idle: tuning.piece_idle,
             faults: Arc::new(Faults::default()),
             hedge: crate::chunk::Hedge::new(tuning.hedge_after),
+            metrics: crate::metrics::RequestMetrics::new(),
         })
     }
 
@@ -461,6 +463,12 @@ impl Endpoint {
                 })
             }
         }
+    }
+
+    /// This node's Prometheus registry; the request figures are in it, and
+    /// the node adds its own.
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.metrics.registry
     }
 
     /// The next incoming connection; `None` once the endpoint is closed.
@@ -858,6 +866,7 @@ pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
         let service = service.clone();
         let faults = endpoint.faults.clone();
         let idle = endpoint.piece_idle;
+        let metrics = endpoint.metrics.clone();
         tokio::spawn(async move {
             let peer = incoming.remote_address();
             let conn = match incoming.await {
@@ -888,7 +897,9 @@ pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
                 let service = service.clone();
                 let caller = caller.clone();
                 let faults = faults.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
+                    let started = Instant::now();
                     let mut stream = ServerStream {
                         peer,
                         caller,
@@ -905,7 +916,9 @@ pub async fn serve<S: Service>(endpoint: Arc<Endpoint>, service: Arc<S>) {
                             let fault = faults.find(Direction::Incoming, peer, stream.kind);
                             before_request(fault).await;
                             stream.body = BodyFault::new(fault);
-                            service.handle(req, stream).await
+                            let kind = stream.kind;
+                            service.handle(req, stream).await;
+                            metrics.observe(kind, started.elapsed());
                         }
                         Err(err) => {
                             tracing::warn!(%peer, "bad request: {err}");

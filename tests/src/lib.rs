@@ -40,6 +40,10 @@ pub struct Options {
     pub job_lease: Duration,
     /// The datanodes' training job memory budget (their default if unset).
     pub job_memory: Option<u64>,
+    /// Where every node serves HTTP (any free port of it), and the token
+    /// callers from beyond loopback must present.
+    pub http_ip: std::net::IpAddr,
+    pub http_token: Option<String>,
 }
 
 impl Default for Options {
@@ -56,6 +60,17 @@ impl Default for Options {
             report_page: quern_proto::msg::REPORT_PAGE,
             job_lease: Duration::from_secs(60),
             job_memory: None,
+            http_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            http_token: None,
+        }
+    }
+}
+
+impl Options {
+    fn http_config(&self) -> quern_web::HttpConfig {
+        quern_web::HttpConfig {
+            listen: SocketAddr::new(self.http_ip, 0),
+            token: self.http_token.clone(),
         }
     }
 }
@@ -82,6 +97,7 @@ impl TestCluster {
         cfg.lease_timeout = opts.lease_timeout;
         cfg.replication_interval = opts.replication_interval;
         cfg.token_lifetime = opts.token_lifetime;
+        cfg.http = Some(opts.http_config());
         let nn = Namenode::start(cfg, &identity).await.expect("namenode");
         let namenode_addr = nn.addr();
         let mut c = TestCluster {
@@ -134,6 +150,22 @@ impl TestCluster {
         self.dir.path().join(format!("datanode-{}", i + 1))
     }
 
+    /// Where the namenode serves its web UI and /metrics.
+    pub fn namenode_http(&self) -> SocketAddr {
+        self.namenode
+            .as_ref()
+            .and_then(|n| n.http_addr())
+            .expect("the namenode serves HTTP")
+    }
+
+    /// Where datanode `i` serves /metrics.
+    pub fn datanode_http(&self, i: usize) -> SocketAddr {
+        self.datanodes[i]
+            .as_ref()
+            .and_then(|d| d.http_addr())
+            .expect("the datanode serves HTTP")
+    }
+
     pub async fn add_datanode(&mut self) -> usize {
         let i = self.datanodes.len();
         self.datanodes.push(None);
@@ -158,6 +190,7 @@ impl TestCluster {
         if let Some(m) = self.opts.job_memory {
             cfg.job_memory = m;
         }
+        cfg.http = Some(self.opts.http_config());
         let dn = Datanode::start(cfg, &self.datanode_identity(i))
             .await
             .expect("datanode");
@@ -270,6 +303,80 @@ pub async fn put_file(client: &Client, path: &str, data: &[u8], replication: u8,
         .expect("create");
     w.write(data).await.expect("write");
     w.close().await.expect("close");
+}
+
+/// One HTTP/1.1 GET, as a browser or Prometheus would send it: the
+/// status and the body. `headers` are extra request lines.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("send the request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// An IPv4 address of this machine that is not loopback, to reach a
+/// server as a caller from elsewhere would.
+pub fn outside_ip() -> Option<std::net::Ipv4Addr> {
+    let mut found = None;
+    // SAFETY: getifaddrs fills a list we only read and then free; each
+    // sockaddr is read as sockaddr_in only when its family says so.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return None;
+        }
+        let mut at = list;
+        while !at.is_null() {
+            let a = (*at).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() && found.is_none() {
+                    found = Some(ip);
+                }
+            }
+            at = (*at).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    found
 }
 
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
