@@ -17,6 +17,10 @@ pub enum BenchCommand {
         /// Files per metadata measurement.
         #[arg(long, default_value_t = 2000)]
         files: usize,
+        /// Scrape every node's /metrics this often while measuring, as a
+        /// Prometheus server would (to see what serving them costs).
+        #[arg(long, value_parser = crate::duration::parse)]
+        scrape: Option<std::time::Duration>,
     },
     /// The FUSE mount against `quern get`/`quern put` and `ls -l` of a
     /// 10,000-file directory, on a local 3-datanode cluster.
@@ -71,7 +75,12 @@ pub enum BenchCommand {
 
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Io { dir, size, files } => crate::bench_io::run(&dir, size, files).await,
+        BenchCommand::Io {
+            dir,
+            size,
+            files,
+            scrape,
+        } => crate::bench_io::run(&dir, size, files, scrape).await,
         BenchCommand::Fuse { dir, size, files } => crate::bench_fuse::run(&dir, size, files).await,
         BenchCommand::Stats {
             dir,

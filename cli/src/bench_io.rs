@@ -28,13 +28,72 @@ pub(crate) fn mbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e6
 }
 
-pub async fn run(dir: &Path, size: u64, files: usize) -> Result<()> {
+pub async fn run(dir: &Path, size: u64, files: usize, scrape: Option<Duration>) -> Result<()> {
     let size = size.max(BLOCK as u64) / BLOCK as u64 * BLOCK as u64;
     eprintln!("starting a 3-datanode cluster in {}", dir.display());
     let c = cluster::up(UpArgs::local(dir, 3)).await?;
+    let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let scraper = scrape.map(|every| {
+        let nodes: Vec<std::net::SocketAddr> = std::iter::once(&c.namenode)
+            .chain(&c.datanodes)
+            .filter_map(|p| p.http)
+            .collect();
+        println!(
+            "scraping /metrics of {} nodes every {:.1} s during the run",
+            nodes.len(),
+            every.as_secs_f64()
+        );
+        tokio::spawn(scrape_loop(nodes, every, scrapes.clone()))
+    });
     let result = measure(&c, size, files).await;
+    if let Some(s) = scraper {
+        s.abort();
+        if let Ok(Err(e)) = s.await {
+            eprintln!("scraping failed: {e:#}");
+        }
+        println!(
+            "{} scrapes of /metrics answered during the run",
+            scrapes.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     cluster::down(&c.dir)?;
     result
+}
+
+/// GETs every node's /metrics each `every`, as a Prometheus server does;
+/// stops at the first failed scrape (the figures would then not say what
+/// scraping costs).
+async fn scrape_loop(
+    nodes: Vec<std::net::SocketAddr>,
+    every: Duration,
+    scrapes: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        for n in &nodes {
+            scrape(*n).await?;
+            scrapes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> Result<usize> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr} for /metrics"))?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await?;
+    anyhow::ensure!(
+        body.starts_with(b"HTTP/1.1 200"),
+        "{addr}/metrics answered {}",
+        String::from_utf8_lossy(&body[..body.len().min(40)])
+    );
+    Ok(body.len())
 }
 
 async fn measure(c: &cluster::ClusterFile, size: u64, files: usize) -> Result<()> {

@@ -57,9 +57,14 @@ fn failed(e: WireError) -> Response {
 }
 
 fn card(out: &mut String, key: &str, value: &str, class: &str) {
+    let class = if class.is_empty() {
+        "v".to_string()
+    } else {
+        format!("v {class}")
+    };
     let _ = write!(
         out,
-        "<div class=\"card\"><div class=\"v {class}\">{}</div><div class=\"k\">{}</div></div>",
+        "<div class=\"card\"><div class=\"{class}\">{}</div><div class=\"k\">{}</div></div>",
         escape(value),
         escape(key)
     );
