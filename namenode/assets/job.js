@@ -43,7 +43,7 @@ async function tick() {
   chart(document.getElementById("accuracy"), [
     {name: "train-accuracy", label: "training", color: "#0969da", points: steps.map(p => [p.iteration, p.accuracy])},
     {name: "val-accuracy", label: "validation", color: "#cf222e", dots: true, points: vals.map(p => [p.iteration, p.val_accuracy])}]);
-  const last = j.points[j.points.length - 1];
+  const last = j.last;
   document.getElementById("state").textContent = j.shown_state;
   document.getElementById("workers").textContent = j.workers.join(", ");
   if (last) {

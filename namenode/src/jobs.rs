@@ -1,6 +1,9 @@
 //! The jobs coordinators run on the cluster: registered when they start,
 //! posted to as they progress, kept in the metadata store (so the history
 //! survives a restart) up to a bounded number of finished jobs.
+//!
+//! A job's record is small and its points are stored apart (`job_points`),
+//! so listing jobs, the metrics and the overview never decode curves.
 
 use crate::namespace::{Namespace, StoreError};
 use crate::perm::{denied, User};
@@ -44,12 +47,13 @@ pub struct JobRecord {
     pub result: Option<String>,
     pub error: Option<String>,
     pub lost: Vec<(String, String)>,
-    pub points: Vec<JobPoint>,
+    /// The latest training step's point (validation points aside).
+    pub last: Option<JobPoint>,
 }
 
 impl JobRecord {
     pub fn last(&self) -> Option<&JobPoint> {
-        self.points.last()
+        self.last.as_ref()
     }
 
     /// Seconds left at the recent pace, for a training job under way.
@@ -57,7 +61,7 @@ impl JobRecord {
         if self.state != JobState::Running || self.iterations == 0 {
             return None;
         }
-        let last = self.points.last()?;
+        let last = self.last.as_ref()?;
         let done = last.iteration.max(1) as f64;
         let spent = (last.at_ms - self.started_ms).max(1) as f64 / 1000.0;
         let left = self.iterations.saturating_sub(last.iteration) as f64;
@@ -72,6 +76,7 @@ impl JobRecord {
 
 pub struct Jobs {
     tree: sled::Tree,
+    points: sled::Tree,
     next: AtomicU64,
     /// Finished jobs kept; older ones are dropped as new ones end.
     keep: usize,
@@ -99,6 +104,7 @@ impl Jobs {
         };
         Ok(Jobs {
             tree,
+            points: ns.tree("job_points")?,
             next: AtomicU64::new(last + 1),
             keep,
             change: Mutex::new(()),
@@ -125,7 +131,7 @@ impl Jobs {
             result: None,
             error: None,
             lost: Vec::new(),
-            points: Vec::new(),
+            last: None,
         };
         self.put(&rec)?;
         tracing::info!(job = id, kind = rec.kind.name(), user = %rec.user, "job started");
@@ -169,10 +175,19 @@ impl Jobs {
                 rec.steps_per_epoch = steps_per_epoch;
             }
             JobNote::Progress(p) => {
-                rec.points.push(p);
-                if rec.points.len() > MAX_POINTS {
-                    thin(&mut rec.points);
+                if p.val_loss.is_none() && p.val_accuracy.is_none() {
+                    rec.last = Some(p.clone());
                 }
+                let mut points = self.points(job)?;
+                points.push(p);
+                if points.len() > MAX_POINTS {
+                    thin(&mut points);
+                }
+                let bytes = bincode::serde::encode_to_vec(&points, bincode::config::standard())
+                    .map_err(store)?;
+                self.points
+                    .insert(job.to_be_bytes(), bytes)
+                    .map_err(store)?;
             }
             JobNote::WorkerLost { worker, error } => {
                 rec.workers.retain(|w| *w != worker);
@@ -206,6 +221,16 @@ impl Jobs {
         }
     }
 
+    /// A job's points, oldest first.
+    pub fn points(&self, job: u64) -> Result<Vec<JobPoint>, WireError> {
+        match self.points.get(job.to_be_bytes()).map_err(store)? {
+            Some(v) => bincode::serde::decode_from_slice(&v, bincode::config::standard())
+                .map(|(p, _)| p)
+                .map_err(store),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Every job kept, newest first.
     pub fn all(&self) -> Result<Vec<JobRecord>, WireError> {
         let mut out = Vec::new();
@@ -236,6 +261,7 @@ impl Jobs {
         }
         let extra = ended.len().saturating_sub(self.keep);
         for k in ended.into_iter().take(extra) {
+            self.points.remove(&k).map_err(store)?;
             self.tree.remove(k).map_err(store)?;
         }
         Ok(())
@@ -282,6 +308,69 @@ mod tests {
             worker_step_ms: Vec::new(),
             bytes_moved: 0,
         }
+    }
+
+    fn user(name: &str) -> User {
+        User {
+            name: name.into(),
+            groups: Vec::new(),
+            superuser: false,
+        }
+    }
+
+    fn start(jobs: &Jobs, who: &User) -> u64 {
+        jobs.start(
+            who,
+            JobStart {
+                kind: JobKind::Train,
+                model: "m".into(),
+                dataset: "/d".into(),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_history_keeps_the_newest_finished_jobs_and_every_running_one() {
+        let dir = tempfile::tempdir().unwrap();
+        Namespace::format(dir.path()).unwrap();
+        let ns = Namespace::open(dir.path()).unwrap();
+        let jobs = Jobs::open(&ns, 2).unwrap();
+        let ann = user("ann");
+        let running = start(&jobs, &ann);
+        let mut ended = Vec::new();
+        for i in 0..4 {
+            let id = start(&jobs, &ann);
+            jobs.post(&ann, id, JobNote::Progress(point(i, false)))
+                .unwrap();
+            let done = jobs
+                .post(
+                    &ann,
+                    id,
+                    JobNote::Finished {
+                        result: format!("run {i}"),
+                    },
+                )
+                .unwrap();
+            assert!(done);
+            ended.push(id);
+        }
+        let kept: Vec<u64> = jobs.all().unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(kept, vec![ended[3], ended[2], running]);
+        assert!(jobs.points(ended[0]).unwrap().is_empty(), "points go too");
+        assert_eq!(jobs.points(ended[3]).unwrap().len(), 1);
+        // Ids keep counting after a reopen: a new job never takes an old id.
+        drop(jobs);
+        let jobs = Jobs::open(&ns, 2).unwrap();
+        assert_eq!(start(&jobs, &ann), ended[3] + 1);
+        let e = jobs
+            .post(&user("bob"), running, JobNote::Failed { error: "x".into() })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        let e = jobs
+            .post(&ann, ended[3], JobNote::Failed { error: "x".into() })
+            .unwrap_err();
+        assert!(e.message.contains("has ended"), "{e}");
     }
 
     #[test]

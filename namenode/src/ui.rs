@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use axum::Router;
-use quern_proto::msg::{FileKind, List, Locate, NodeState, ReplicaState, LIST_PAGE};
+use quern_proto::msg::{FileKind, JobPoint, List, Locate, NodeState, ReplicaState, LIST_PAGE};
 use quern_proto::WireError;
 use quern_web::{escape, human_bytes, Page};
 use serde::Deserialize;
@@ -542,7 +542,7 @@ async fn job(Shared(s): S, Path(id): Path<u64>) -> Response {
 /// for anyone reading the DOM.
 const JOB_SCRIPT: &str = include_str!("../assets/job.js");
 
-fn job_json(j: &JobRecord, now: i64, points: bool) -> serde_json::Value {
+fn job_json(j: &JobRecord, now: i64, points: Option<Vec<JobPoint>>) -> serde_json::Value {
     let mut v = serde_json::json!({
         "id": j.id,
         "kind": j.kind.name(),
@@ -564,8 +564,8 @@ fn job_json(j: &JobRecord, now: i64, points: bool) -> serde_json::Value {
         "eta_secs": j.eta_secs(now),
         "last": j.last(),
     });
-    if points {
-        v["points"] = serde_json::to_value(&j.points).unwrap_or_default();
+    if let Some(points) = points {
+        v["points"] = serde_json::to_value(&points).unwrap_or_default();
     }
     v
 }
@@ -576,7 +576,7 @@ async fn api_jobs(Shared(s): S) -> Response {
             let now = now_ms();
             Json(
                 all.iter()
-                    .map(|j| job_json(j, now, false))
+                    .map(|j| job_json(j, now, None))
                     .collect::<Vec<_>>(),
             )
             .into_response()
@@ -587,7 +587,10 @@ async fn api_jobs(Shared(s): S) -> Response {
 
 async fn api_job(Shared(s): S, Path(id): Path<u64>) -> Response {
     match s.jobs.get(id) {
-        Ok(Some(j)) => Json(job_json(&j, now_ms(), true)).into_response(),
+        Ok(Some(j)) => match s.jobs.points(id) {
+            Ok(points) => Json(job_json(&j, now_ms(), Some(points))).into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        },
         Ok(None) => (StatusCode::NOT_FOUND, format!("no job {id}\n")).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
