@@ -252,3 +252,44 @@ fn bench_io_can_run_under_a_metrics_scraper() {
         .unwrap_or_else(|| panic!("no scrape count in {}", r.stdout));
     assert!(scrapes >= 4, "{}", r.stdout);
 }
+
+#[test]
+fn a_namenode_refuses_to_serve_http_beyond_loopback_without_a_token() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().display().to_string();
+    let init = Command::new(quern_bin())
+        .args(["cluster", "init", "--dir", &dir])
+        .output()
+        .unwrap();
+    ok(&init.into());
+    let nn = d.path().join("namenode").display().to_string();
+    let start = |extra: &[&str]| -> Run {
+        let mut args = vec!["namenode", "--dir", &nn, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Command::new(quern_bin())
+            .args(&args)
+            .output()
+            .unwrap()
+            .into()
+    };
+    let r = start(&["--http", "0.0.0.0:0"]);
+    assert_ne!(r.status, 0);
+    assert!(
+        r.stderr.contains("without authentication") && r.stderr.contains("--http-token-file"),
+        "{}",
+        r.stderr
+    );
+    let short = d.path().join("short.token");
+    std::fs::write(&short, "abc\n").unwrap();
+    let r = start(&[
+        "--http",
+        "0.0.0.0:0",
+        "--http-token-file",
+        short.to_str().unwrap(),
+    ]);
+    assert_ne!(r.status, 0);
+    assert!(r.stderr.contains("use at least 16"), "{}", r.stderr);
+    let r = start(&["--http", "0.0.0.0:0", "--http-token-file", "/no/such/token"]);
+    assert_ne!(r.status, 0);
+    assert!(r.stderr.contains("/no/such/token"), "{}", r.stderr);
+}
