@@ -3,6 +3,7 @@
 mod bench;
 mod bench_fuse;
 mod bench_io;
+mod bench_namenode;
 mod bench_stats;
 mod bench_train;
 mod cluster;

@@ -11,6 +11,7 @@ mod namespace;
 mod perm;
 mod service;
 mod state;
+pub mod synthetic;
 mod ui;
 
 pub use service::{Namenode, NamenodeConfig};

@@ -372,6 +372,13 @@ impl Namespace {
         Ok(())
     }
 
+    /// [`Namespace::flush`] for callers outside the runtime (an offline
+    /// loader).
+    pub fn flush_now(&self) -> Res<()> {
+        self.db.flush().st()?;
+        Ok(())
+    }
+
     /// Makes every mutation so far survive a crash of this process.
     ///
     /// Group commit: sled's flush fsyncs, so concurrent callers share one

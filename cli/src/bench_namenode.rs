@@ -1,0 +1,619 @@
+//! `quern bench namenode`: a namenode process under the load of a large
+//! cluster, on one machine. Simulated datanodes (one certificate and one
+//! QUIC endpoint each, in this process) register with paged full reports,
+//! heartbeat, and obey the namenode's commands, while clients stat,
+//! list and create files. The namespace is made up beforehand
+//! (`quern_namenode::synthetic`): every chunk the datanodes report is one
+//! the namenode knows.
+//!
+//! Phases, each timed: a cold start with every datanode registering at
+//! once; client load with every datanode sending a full report at the same
+//! time; one datanode going silent, its chunks re-replicated by commands
+//! the simulated datanodes acknowledge; a SIGKILLed namenode restarted until
+//! a file can be created. Heartbeat latency is recorded throughout.
+
+use anyhow::{anyhow, bail, Context, Result};
+use quern_client::{Client, WriteOptions};
+use quern_namenode::synthetic;
+use quern_proto::msg::*;
+use quern_proto::tls::{init_cluster_dir, ClusterFiles, Identity};
+use quern_proto::transport::{Endpoint, Peer, Tuning};
+use quern_proto::{ChunkId, NodeId, Principal, Role};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct BenchNamenode {
+    pub dir: PathBuf,
+    pub datanodes: usize,
+    pub chunks: u64,
+    pub replication: u8,
+    pub clients: usize,
+    pub seconds: u64,
+    pub heartbeat: Duration,
+    pub dead_timeout: Duration,
+    pub json: bool,
+}
+
+const CHUNK_SIZE: u64 = 64 << 20;
+
+/// One simulated datanode.
+struct Sim {
+    id: NodeId,
+    addr: SocketAddr,
+    endpoint: Endpoint,
+    chunks: Vec<StoredChunk>,
+    /// Set to make it go silent, as a dead node.
+    stopped: AtomicBool,
+    /// Set when the namenode asked it to register again.
+    reregister: AtomicBool,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Heartbeat round trips (ms), by phase.
+    latencies: Mutex<Vec<(u8, f64)>>,
+    phase: AtomicU64,
+    /// Replicas the simulated targets acknowledged.
+    replicated: AtomicU64,
+    heartbeat_errors: AtomicU64,
+    register_errors: AtomicU64,
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading the memory of process {pid}"))?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
+struct NamenodeProc {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for NamenodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
+    let addr_file = dir.join("namenode.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("namenode.log"))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .arg("namenode")
+        .arg("--dir")
+        .arg(dir.join("namenode"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--no-http",
+            "--safemode-wait",
+            "1h",
+        ])
+        .arg("--dead-timeout")
+        .arg(format!("{}ms", a.dead_timeout.as_millis()))
+        .arg("--tls")
+        .arg(dir.join("tls"))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting the namenode")?;
+    let mut p = NamenodeProc {
+        child,
+        addr: "127.0.0.1:0".parse().expect("literal address"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(&addr_file) {
+            if let Some(Ok(a)) = t.lines().next().map(|l| l.trim().parse()) {
+                p.addr = a;
+                return Ok(p);
+            }
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            bail!(
+                "the namenode exited during start-up ({status}); see {}",
+                dir.join("namenode.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the namenode did not listen within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until a file can be created (safe mode over); returns how long.
+async fn until_writable(client: &Client, probe: &str, since: Instant) -> Result<f64> {
+    let deadline = since + Duration::from_secs(3600);
+    loop {
+        match create_empty(client, probe).await {
+            Ok(()) => return Ok(since.elapsed().as_secs_f64()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("not writable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn create_empty(client: &Client, path: &str) -> Result<()> {
+    let w = client
+        .create(
+            path,
+            WriteOptions {
+                replication: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+    w.close().await?;
+    Ok(())
+}
+
+async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
+    let peer = Peer::namenode(nn);
+    let mut commands = sim
+        .endpoint
+        .call(
+            peer,
+            Register {
+                cluster_id: None,
+                node: NodeAddr {
+                    id: sim.id,
+                    addr: sim.addr,
+                },
+                capacity: 1 << 50,
+                available: 1 << 49,
+                chunks: Vec::new(),
+                report_follows: true,
+            },
+        )
+        .await?
+        .commands;
+    commands.extend(full_report(sim, nn).await?);
+    Ok(commands)
+}
+
+async fn full_report(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
+    let pages: Vec<&[StoredChunk]> = if sim.chunks.is_empty() {
+        vec![&[]]
+    } else {
+        sim.chunks.chunks(REPORT_PAGE).collect()
+    };
+    let n = pages.len();
+    let mut commands = Vec::new();
+    for (i, page) in pages.into_iter().enumerate() {
+        let reply = sim
+            .endpoint
+            .call(
+                Peer::namenode(nn),
+                ChunkReport {
+                    node: sim.id,
+                    chunks: page.to_vec(),
+                    first: i == 0,
+                    last: i + 1 == n,
+                },
+            )
+            .await?;
+        commands.extend(reply.commands);
+    }
+    Ok(commands)
+}
+
+/// Obeys commands as a datanode would, without data: a replication is
+/// acknowledged by its targets as received.
+async fn obey(sims: &[Arc<Sim>], shared: &Shared, nn: SocketAddr, commands: Vec<DatanodeCommand>) {
+    for c in commands {
+        match c {
+            DatanodeCommand::Replicate { chunk, targets, .. } => {
+                for t in targets {
+                    let Some(sim) = sims.iter().find(|s| s.id == t.id) else {
+                        continue;
+                    };
+                    let got = sim
+                        .endpoint
+                        .call(
+                            Peer::namenode(nn),
+                            ChunkReceived {
+                                node: sim.id,
+                                chunk: StoredChunk {
+                                    id: chunk.id,
+                                    size: chunk.size,
+                                    digest: chunk.digest,
+                                },
+                            },
+                        )
+                        .await;
+                    if got.is_ok() {
+                        shared.replicated.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            // Registering again is the heartbeat loop's to do.
+            DatanodeCommand::Reregister
+            | DatanodeCommand::Delete(_)
+            | DatanodeCommand::Trash(_) => {}
+        }
+    }
+}
+
+async fn heartbeats(
+    me: usize,
+    sims: Arc<Vec<Arc<Sim>>>,
+    shared: Arc<Shared>,
+    nn: Arc<Mutex<SocketAddr>>,
+    every: Duration,
+    done: Arc<AtomicBool>,
+) {
+    let sim = sims[me].clone();
+    // Spread the nodes over the interval, as real ones drift apart.
+    tokio::time::sleep(every.mul_f64(me as f64 / sims.len() as f64)).await;
+    let mut tick = tokio::time::interval(every);
+    while !done.load(Ordering::Relaxed) {
+        tick.tick().await;
+        if sim.stopped.load(Ordering::Relaxed) {
+            continue;
+        }
+        let addr = *nn.lock().unwrap_or_else(|p| p.into_inner());
+        if sim.reregister.swap(false, Ordering::Relaxed) {
+            match register(&sim, addr).await {
+                Ok(cmds) => obey(&sims, &shared, addr, cmds).await,
+                Err(_) => {
+                    shared.register_errors.fetch_add(1, Ordering::Relaxed);
+                    sim.reregister.store(true, Ordering::Relaxed);
+                }
+            }
+            continue;
+        }
+        let t = Instant::now();
+        let reply = sim
+            .endpoint
+            .call(
+                Peer::namenode(addr),
+                Heartbeat {
+                    node: sim.id,
+                    capacity: 1 << 50,
+                    available: 1 << 49,
+                    used: sim.chunks.len() as u64 * CHUNK_SIZE,
+                    chunks: sim.chunks.len() as u64,
+                    trash_bytes: 0,
+                    scrub: Default::default(),
+                    full: false,
+                    jobs: 0,
+                    job_bytes: 0,
+                },
+            )
+            .await;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        match reply {
+            Ok(r) => {
+                let phase = shared.phase.load(Ordering::Relaxed) as u8;
+                shared
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((phase, ms));
+                let mut cmds = r.commands;
+                if cmds
+                    .iter()
+                    .any(|c| matches!(c, DatanodeCommand::Reregister))
+                {
+                    sim.reregister.store(true, Ordering::Relaxed);
+                    cmds.retain(|c| !matches!(c, DatanodeCommand::Reregister));
+                }
+                obey(&sims, &shared, addr, cmds).await;
+            }
+            Err(_) => {
+                // A namenode that went away: register again once it is back.
+                shared.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                sim.reregister.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn latency(shared: &Shared, phase: Option<u8>) -> (f64, f64, f64, usize) {
+    let mut v: Vec<f64> = shared
+        .latencies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(ph, _)| phase.is_none_or(|p| p == *ph))
+        .map(|(_, ms)| *ms)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    (
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v.last().copied().unwrap_or(f64::NAN),
+        v.len(),
+    )
+}
+
+/// Chunk `j`'s replicas: on `replication` consecutive nodes from `j`.
+fn placement(ids: &[ChunkId], nodes: usize, replication: usize) -> Vec<Vec<StoredChunk>> {
+    let mut per: Vec<Vec<StoredChunk>> = vec![Vec::new(); nodes];
+    for (j, id) in ids.iter().enumerate() {
+        let c = StoredChunk {
+            id: *id,
+            size: CHUNK_SIZE,
+            digest: synthetic::digest_of(*id),
+        };
+        for r in 0..replication {
+            per[(j + r) % nodes].push(c);
+        }
+    }
+    per
+}
+
+pub async fn run(a: BenchNamenode) -> Result<()> {
+    if a.datanodes < a.replication as usize {
+        bail!(
+            "--datanodes {} cannot hold replication {}",
+            a.datanodes,
+            a.replication
+        );
+    }
+    if a.dir.exists() {
+        bail!(
+            "{} exists; give a new directory (the benchmark makes its own cluster)",
+            a.dir.display()
+        );
+    }
+    std::fs::create_dir_all(&a.dir)?;
+    let dir = a.dir.canonicalize()?;
+    let files: ClusterFiles = init_cluster_dir(&dir)?;
+    quern_namenode::Namenode::format(&dir.join("namenode"))?;
+
+    // The namenode's own memory, with nothing in it.
+    let empty = start_namenode(&dir, &a).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_empty = rss_bytes(empty.child.id())?;
+    drop(empty);
+
+    let per_file = 1000u64.min(a.chunks.max(1));
+    let nfiles = a.chunks.div_ceil(per_file);
+    let t = Instant::now();
+    let ids = synthetic::populate(
+        &dir.join("namenode"),
+        nfiles,
+        per_file as u32,
+        a.replication,
+        CHUNK_SIZE,
+    )?;
+    let populate_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "made {} chunks in {nfiles} files in {populate_s:.1} s",
+        ids.len()
+    );
+    let ca = files.load_ca()?;
+    let ca_pem = std::fs::read_to_string(files.ca())?;
+    let per_node = placement(&ids, a.datanodes, a.replication as usize);
+    drop(ids);
+    let mut sims = Vec::with_capacity(a.datanodes);
+    for (i, chunks) in per_node.into_iter().enumerate() {
+        let id = NodeId(i as u64 + 1);
+        let issued = ca.issue(&Principal::new(Role::Datanode(id)))?;
+        let identity = Identity::from_pem(&ca_pem, &issued.cert_pem, &issued.key_pem)?;
+        sims.push(Arc::new(Sim {
+            id,
+            // Never dialled: only named in placements and commands.
+            addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+            endpoint: Endpoint::client(&identity, Tuning::tuned())?,
+            chunks,
+            stopped: AtomicBool::new(false),
+            reregister: AtomicBool::new(true),
+        }));
+    }
+    let sims = Arc::new(sims);
+    let admin = files.admin_identity()?;
+
+    // Cold start: every datanode registers at once.
+    let started = Instant::now();
+    let nn = start_namenode(&dir, &a).await?;
+    let listening_s = started.elapsed().as_secs_f64();
+    let client = Client::new(&admin, nn.addr, Duration::from_secs(600))?;
+    // Every datanode registers at its first heartbeat, spread over one
+    // interval as nodes started together are; one whose registration fails
+    // tries again at its next heartbeat, as a datanode does.
+    let shared = Arc::new(Shared::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let nn_addr = Arc::new(Mutex::new(nn.addr));
+    let mut beats = Vec::new();
+    for i in 0..sims.len() {
+        beats.push(tokio::spawn(heartbeats(
+            i,
+            sims.clone(),
+            shared.clone(),
+            nn_addr.clone(),
+            a.heartbeat,
+            done.clone(),
+        )));
+    }
+    let cold_writable_s = until_writable(&client, "/probe-cold", started).await?;
+    let rss = rss_bytes(nn.child.id())?;
+    let bytes_per_chunk = rss.saturating_sub(rss_empty) as f64 / a.chunks.max(1) as f64;
+    eprintln!(
+        "cold start: listening after {listening_s:.1} s, writable after {cold_writable_s:.1} s; \
+         namenode RSS {:.0} MiB ({:.0} MiB empty)",
+        rss as f64 / (1 << 20) as f64,
+        rss_empty as f64 / (1 << 20) as f64
+    );
+
+    let register_retries = shared.register_errors.load(Ordering::Relaxed);
+    tokio::time::sleep(a.heartbeat * 2).await;
+
+    // Phase 1: client load while every datanode sends a full report.
+    shared.phase.store(1, Ordering::Relaxed);
+    client.mkdir("/load", true).await?;
+    let stats = Arc::new(AtomicU64::new(0));
+    let creates = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(a.seconds);
+    let mut load = tokio::task::JoinSet::new();
+    for c in 0..a.clients {
+        let client = Client::new(&admin, nn.addr, Duration::from_secs(60))?;
+        let (stats, creates) = (stats.clone(), creates.clone());
+        let nfiles = nfiles.max(1);
+        load.spawn(async move {
+            let mut i = 0u64;
+            while Instant::now() < until {
+                if c % 2 == 0 {
+                    let f = (i * 7919 + c as u64) % nfiles;
+                    client.stat(&format!("/synthetic/f{f:08}")).await?;
+                    stats.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    create_empty(&client, &format!("/load/c{c}-{i}")).await?;
+                    creates.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+            anyhow::Ok(())
+        });
+    }
+    let storm = {
+        let sims = sims.clone();
+        let addr = nn.addr;
+        tokio::spawn(async move {
+            let mut all = tokio::task::JoinSet::new();
+            for s in sims.iter() {
+                let s = s.clone();
+                all.spawn(async move { full_report(&s, addr).await });
+            }
+            let t = Instant::now();
+            while let Some(r) = all.join_next().await {
+                r??;
+            }
+            anyhow::Ok(t.elapsed().as_secs_f64())
+        })
+    };
+    let t = Instant::now();
+    while let Some(r) = load.join_next().await {
+        r??;
+    }
+    let load_s = t.elapsed().as_secs_f64();
+    let storm_s = storm.await??;
+    // Statters and creators split the clients; each rate is theirs alone.
+    let stat_per_s = stats.load(Ordering::Relaxed) as f64 / load_s;
+    let create_per_s = creates.load(Ordering::Relaxed) as f64 / load_s;
+
+    // Phase 2: one datanode goes silent; its chunks are copied back.
+    shared.phase.store(2, Ordering::Relaxed);
+    let lost = sims[0].chunks.len() as u64;
+    let before = shared.replicated.load(Ordering::Relaxed);
+    sims[0].stopped.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    let limit = a.dead_timeout + Duration::from_secs(600);
+    while shared.replicated.load(Ordering::Relaxed) - before < lost && t.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rereplicated = shared.replicated.load(Ordering::Relaxed) - before;
+    let rereplicate_s = t.elapsed().as_secs_f64();
+
+    // Phase 3: the namenode is SIGKILLed and started again.
+    shared.phase.store(3, Ordering::Relaxed);
+    sims[0].stopped.store(false, Ordering::Relaxed);
+    drop(nn);
+    let restarted = Instant::now();
+    let nn = start_namenode(&dir, &a).await?;
+    *nn_addr.lock().unwrap_or_else(|p| p.into_inner()) = nn.addr;
+    let client = Client::new(&admin, nn.addr, Duration::from_secs(600))?;
+    let restart_listening_s = restarted.elapsed().as_secs_f64();
+    let restart_to_writable_s = until_writable(&client, "/probe-restart", restarted).await?;
+    done.store(true, Ordering::Relaxed);
+    for b in beats {
+        let _ = b.await;
+    }
+
+    let (p50, p99, max, n) = latency(&shared, None);
+    let phases: Vec<(f64, f64, f64, usize)> = (0..4).map(|p| latency(&shared, Some(p))).collect();
+    let figures = serde_json::json!({
+        "datanodes": a.datanodes,
+        "chunks": a.chunks,
+        "replication": a.replication,
+        "clients": a.clients,
+        "bytes_per_chunk": bytes_per_chunk,
+        "namenode_rss_bytes": rss,
+        "namenode_empty_rss_bytes": rss_empty,
+        "populate_s": populate_s,
+        "cold_listening_s": listening_s,
+        "cold_writable_s": cold_writable_s,
+        "cold_register_retries": register_retries,
+        "restart_listening_s": restart_listening_s,
+        "restart_to_writable_s": restart_to_writable_s,
+        "heartbeat_p50_ms": p50,
+        "heartbeat_p99_ms": p99,
+        "heartbeat_max_ms": max,
+        "heartbeats": n,
+        "heartbeat_p99_ms_under_load": phases[1].1,
+        "heartbeat_p99_ms_rereplicating": phases[2].1,
+        "heartbeat_errors": shared.heartbeat_errors.load(Ordering::Relaxed),
+        "stat_per_s": stat_per_s,
+        "create_per_s": create_per_s,
+        "report_storm_s": storm_s,
+        "lost_replicas": lost,
+        "rereplicated": rereplicated,
+        "rereplicate_s": rereplicate_s,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+    } else {
+        println!(
+            "quern bench namenode: {} simulated datanodes, {} chunks (replication {}), {} clients",
+            a.datanodes, a.chunks, a.replication, a.clients
+        );
+        println!(
+            "memory: {bytes_per_chunk:.0} bytes per chunk (namenode RSS {:.0} MiB, {:.0} MiB empty)",
+            rss as f64 / (1 << 20) as f64,
+            rss_empty as f64 / (1 << 20) as f64
+        );
+        println!(
+            "cold start: listening {listening_s:.2} s, writable {cold_writable_s:.2} s \
+             ({register_retries} registrations retried); restart after SIGKILL: listening \
+             {restart_listening_s:.2} s, writable {restart_to_writable_s:.2} s"
+        );
+        println!(
+            "heartbeats: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms over {n}; p99 under \
+             client load and a report storm {:.1} ms, while re-replicating {:.1} ms; {} failed",
+            phases[1].1,
+            phases[2].1,
+            shared.heartbeat_errors.load(Ordering::Relaxed)
+        );
+        println!(
+            "clients: stat {stat_per_s:.0}/s, create+complete {create_per_s:.0}/s ({} clients, \
+             half each); every datanode's full report at once took {storm_s:.1} s",
+            a.clients
+        );
+        println!(
+            "one datanode lost: {rereplicated} of its {lost} replicas copied back in \
+             {rereplicate_s:.1} s (dead after {:.1} s)",
+            a.dead_timeout.as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! `quern bench namenode` at a small scale: simulated datanodes register,
+//! report, heartbeat and obey, a lost one's replicas are copied back, and
+//! a SIGKILLed namenode becomes writable again; the figures come out as
+//! the JSON the scale document quotes.
+
+use quern_tests::*;
+use std::process::Command;
+
+#[test]
+fn the_namenode_benchmark_runs_every_phase_and_reports_its_figures() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(quern_bin())
+        .args([
+            "bench",
+            "namenode",
+            "--datanodes",
+            "12",
+            "--chunks",
+            "6000",
+            "--seconds",
+            "2",
+            "--heartbeat",
+            "300ms",
+            "--dead-timeout",
+            "2s",
+            "--json",
+            "--dir",
+        ])
+        .arg(d.path().join("nn"))
+        .env_remove("QUERN_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for key in [
+        "bytes_per_chunk",
+        "heartbeat_p99_ms",
+        "restart_to_writable_s",
+        "stat_per_s",
+        "create_per_s",
+    ] {
+        let v = f[key].as_f64().unwrap_or_else(|| panic!("{key} in {f}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert_eq!(f["chunks"], 6000);
+    // Replication 3 over 12 nodes: each holds a quarter of the chunks, and
+    // every one of the lost node's replicas was copied back.
+    assert_eq!(f["lost_replicas"], 1500);
+    assert_eq!(f["rereplicated"], 1500, "{f}");
+    // The benchmark refuses to reuse a directory.
+    let again = Command::new(quern_bin())
+        .args(["bench", "namenode", "--dir"])
+        .arg(d.path().join("nn"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("give a new directory"));
+}
