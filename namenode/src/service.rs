@@ -87,6 +87,7 @@ impl Namenode {
             cluster: Mutex::new(cluster),
             leases: Mutex::new(leases),
             safe_since: Mutex::new(safe_since),
+            safe_count: Mutex::new(None),
             writer: tokio::sync::Mutex::new(()),
             replicating: Mutex::new(HashMap::new()),
             tokens,
@@ -199,6 +200,7 @@ impl Service for NameService {
             NameRequest::ChunkReceived(r) => {
                 let reply = check_datanode(c, r.node, "ChunkReceived").map(|()| {
                     s.cluster().chunk_received(r.node, r.chunk);
+                    s.replicas_changed();
                 });
                 respond(stream, reply).await
             }
@@ -874,6 +876,7 @@ async fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> 
         s.cluster()
             .register(r.node, r.capacity, r.available, &r.chunks, safe)
     };
+    s.replicas_changed();
     tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = r.chunks.len(), "datanode registered");
     Ok(s.node_reply(cmds))
 }
@@ -906,5 +909,6 @@ fn chunk_report(s: &State, caller: &Principal, r: ChunkReport) -> Res<NodeReply>
     };
     let safe = s.safe_mode().is_some();
     let cmds = s.cluster().full_report(r.node, &chunks, safe);
+    s.replicas_changed();
     Ok(s.node_reply(cmds))
 }

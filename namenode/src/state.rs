@@ -67,6 +67,9 @@ pub(crate) struct State {
     pub leases: Mutex<HashMap<FileId, Instant>>,
     /// Set while the namenode waits for chunk reports after a start.
     pub safe_since: Mutex<Option<Instant>>,
+    /// The last count of unreported chunks (when, missing, total) that
+    /// safe mode's decision rests on.
+    pub safe_count: Mutex<Option<(Instant, usize, usize)>>,
     /// One namespace mutation at a time; readers do not take it.
     pub writer: tokio::sync::Mutex<()>,
     /// Chunks with a replication in flight, so it is not scheduled twice.
@@ -79,6 +82,14 @@ pub(crate) struct State {
     /// The jobs coordinators ran and run.
     pub jobs: crate::jobs::Jobs,
 }
+
+/// How long one count of unreported chunks stands for safe mode between
+/// reports. Every reply to a datanode says whether the namenode is in safe
+/// mode, and a count walks the whole chunk map: counted per reply, a
+/// thousand datanodes' heartbeats kept the namenode busy counting
+/// (measured in docs/scale.md). Reports and received chunks count again
+/// at once; a node declared dead is counted within this time.
+const SAFE_RECOUNT: Duration = Duration::from_millis(250);
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -94,7 +105,17 @@ impl State {
     pub fn safe_mode(&self) -> Option<String> {
         let mut since = lock(&self.safe_since);
         let started = (*since)?;
-        let (missing, total) = self.cluster().unreported();
+        let (missing, total) = {
+            let mut last = lock(&self.safe_count);
+            match *last {
+                Some((at, missing, total)) if at.elapsed() < SAFE_RECOUNT => (missing, total),
+                _ => {
+                    let (missing, total) = self.cluster().unreported();
+                    *last = Some((Instant::now(), missing, total));
+                    (missing, total)
+                }
+            }
+        };
         let waited = started.elapsed();
         if missing == 0 || waited >= self.cfg.safemode_max_wait {
             if missing > 0 {
@@ -115,6 +136,12 @@ impl State {
             total - missing,
             self.cfg.safemode_max_wait.saturating_sub(waited).as_secs() + 1
         ))
+    }
+
+    /// A report or a received chunk may have made the last unreported
+    /// chunks reported: safe mode's next check counts again.
+    pub(crate) fn replicas_changed(&self) {
+        *lock(&self.safe_count) = None;
     }
 
     pub(crate) fn writable(&self) -> Res<()> {
