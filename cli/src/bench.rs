@@ -74,30 +74,7 @@ pub enum BenchCommand {
     /// A namenode process under a simulated large cluster: memory per
     /// chunk, heartbeat latency under client load, a report storm and
     /// re-replication, restart-to-writable time, metadata rates.
-    Namenode {
-        /// A new directory for the cluster it makes.
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, default_value_t = 100)]
-        datanodes: usize,
-        #[arg(long, default_value_t = 1_000_000)]
-        chunks: u64,
-        #[arg(long, default_value_t = 3)]
-        replication: u8,
-        /// Concurrent clients (half stat, half create+complete).
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        /// How long the client load runs.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
-        heartbeat: std::time::Duration,
-        #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
-        dead_timeout: std::time::Duration,
-        /// The figures as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Namenode(crate::bench_namenode::BenchNamenode),
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<()> {
@@ -115,30 +92,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             labels,
             rounds,
         } => crate::bench_stats::run(&dir, &images, &labels, rounds).await,
-        BenchCommand::Namenode {
-            dir,
-            datanodes,
-            chunks,
-            replication,
-            clients,
-            seconds,
-            heartbeat,
-            dead_timeout,
-            json,
-        } => {
-            crate::bench_namenode::run(crate::bench_namenode::BenchNamenode {
-                dir,
-                datanodes,
-                chunks,
-                replication,
-                clients,
-                seconds,
-                heartbeat,
-                dead_timeout,
-                json,
-            })
-            .await
-        }
+        BenchCommand::Namenode(a) => crate::bench_namenode::run(a).await,
         BenchCommand::Train {
             dir,
             fashion,

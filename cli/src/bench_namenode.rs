@@ -25,15 +25,29 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[derive(clap::Args)]
 pub struct BenchNamenode {
+    /// A new directory for the cluster it makes.
+    #[arg(long)]
     pub dir: PathBuf,
+    #[arg(long, default_value_t = 100)]
     pub datanodes: usize,
+    #[arg(long, default_value_t = 1_000_000)]
     pub chunks: u64,
+    #[arg(long, default_value_t = 3)]
     pub replication: u8,
+    /// Concurrent clients (half stat, half create+complete).
+    #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    /// How long the client load runs.
+    #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
     pub heartbeat: Duration,
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
     pub dead_timeout: Duration,
+    /// The figures as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -86,56 +100,38 @@ impl Drop for NamenodeProc {
     }
 }
 
+/// Starts the namenode as `cluster up` does (its log and address file in
+/// DIR), with room for a namespace of millions of chunks to load first.
 async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
     let addr_file = dir.join("namenode.addr");
     let _ = std::fs::remove_file(&addr_file);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("namenode.log"))?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .arg("namenode")
-        .arg("--dir")
-        .arg(dir.join("namenode"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--no-http",
-            "--safemode-wait",
-            "1h",
-        ])
-        .arg("--dead-timeout")
-        .arg(format!("{}ms", a.dead_timeout.as_millis()))
-        .arg("--tls")
-        .arg(dir.join("tls"))
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting the namenode")?;
-    let mut p = NamenodeProc {
-        child,
-        addr: "127.0.0.1:0".parse().expect("literal address"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Ok(t) = std::fs::read_to_string(&addr_file) {
-            if let Some(Ok(a)) = t.lines().next().map(|l| l.trim().parse()) {
-                p.addr = a;
-                return Ok(p);
-            }
+    let log = dir.join("namenode.log");
+    let path = |p: PathBuf| p.display().to_string();
+    let args = [
+        "namenode".to_string(),
+        "--dir".into(),
+        path(dir.join("namenode")),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--no-http".into(),
+        "--safemode-wait".into(),
+        "1h".into(),
+        "--dead-timeout".into(),
+        format!("{}ms", a.dead_timeout.as_millis()),
+        "--tls".into(),
+        path(dir.join("tls")),
+        "--addr-file".into(),
+        path(addr_file.clone()),
+    ];
+    let mut child = crate::cluster::spawn("namenode", dir, &log, &args)?;
+    let within = Duration::from_secs(600);
+    match crate::cluster::wait_addr(&addr_file, &mut child, "namenode", &log, within).await {
+        Ok((addr, _)) => Ok(NamenodeProc { child, addr }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
         }
-        if let Ok(Some(status)) = p.child.try_wait() {
-            bail!(
-                "the namenode exited during start-up ({status}); see {}",
-                dir.join("namenode.log").display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("the namenode did not listen within 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -225,7 +221,9 @@ async fn obey(sims: &[Arc<Sim>], shared: &Shared, nn: SocketAddr, commands: Vec<
         match c {
             DatanodeCommand::Replicate { chunk, targets, .. } => {
                 for t in targets {
-                    let Some(sim) = sims.iter().find(|s| s.id == t.id) else {
+                    // Node ids are positions plus one (see `run`).
+                    let Some(sim) = (t.id.0 as usize).checked_sub(1).and_then(|i| sims.get(i))
+                    else {
                         continue;
                     };
                     let got = sim

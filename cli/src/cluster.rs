@@ -205,7 +205,12 @@ pub fn alive(pid: u32) -> bool {
     cmdline.is_empty() || String::from_utf8_lossy(&cmdline).contains("quern")
 }
 
-fn spawn(role: &str, data_dir: &Path, log: &Path, args: &[String]) -> Result<std::process::Child> {
+pub(crate) fn spawn(
+    role: &str,
+    data_dir: &Path,
+    log: &Path,
+    args: &[String],
+) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the quern binary")?;
     let out = std::fs::OpenOptions::new()
@@ -230,13 +235,14 @@ fn spawn(role: &str, data_dir: &Path, log: &Path, args: &[String]) -> Result<std
 }
 
 /// The QUIC address a started process wrote, and its HTTP one if any.
-async fn wait_addr(
+pub(crate) async fn wait_addr(
     file: &Path,
     child: &mut std::process::Child,
     role: &str,
     log: &Path,
+    within: Duration,
 ) -> Result<(SocketAddr, Option<SocketAddr>)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + within;
     loop {
         if let Ok(t) = std::fs::read_to_string(file) {
             let mut lines = t.lines();
@@ -253,7 +259,8 @@ async fn wait_addr(
         }
         if Instant::now() > deadline {
             bail!(
-                "the {role} did not start within 20 s; see {}",
+                "the {role} did not start within {} s; see {}",
+                within.as_secs(),
                 log.display()
             );
         }
@@ -283,7 +290,8 @@ async fn start_process(
     spawn_args.extend(["--addr-file".into(), addr_file.display().to_string()]);
     let mut child = spawn(role, &data_dir, &log, &spawn_args)?;
     let pid = child.id();
-    let (addr, http) = wait_addr(&addr_file, &mut child, role, &log).await?;
+    let (addr, http) =
+        wait_addr(&addr_file, &mut child, role, &log, Duration::from_secs(20)).await?;
     // Restarts reuse the addresses the process actually bound.
     if let Some(i) = args.iter().position(|a| a == "--listen") {
         args[i + 1] = addr.to_string();

@@ -2,7 +2,6 @@
 //! `part-NNNNN` files of fixed-size records, written so that every chunk
 //! holds whole records.
 
-use crate::history::Reporter;
 use crate::job::{JobOptions, JobSummary};
 use crate::{Client, Error, Result, WriteOptions};
 use quern_compute::ops::DatasetStats;
@@ -252,29 +251,25 @@ impl Client {
         ds: &mut Dataset,
         opts: &JobOptions,
     ) -> Result<(DatasetStats, JobSummary)> {
-        let report = Reporter::start(
-            self,
-            JobKind::Statistics,
-            "statistics".into(),
-            ds.dir.clone(),
-        );
-        let outcome = self
-            .run_map(
-                &ds.part_paths(),
-                &ds.manifest.layout,
-                DatasetStats::operator(),
-                opts,
+        let (partial, summary) = self
+            .as_job(
+                JobKind::Statistics,
+                "statistics".into(),
+                &ds.dir,
+                self.run_map(
+                    &ds.part_paths(),
+                    &ds.manifest.layout,
+                    DatasetStats::operator(),
+                    opts,
+                ),
+                |(_, j)| {
+                    format!(
+                        "{} tasks ({} node-local) in {} ms",
+                        j.tasks, j.node_local, j.wall_ms
+                    )
+                },
             )
-            .await;
-        report
-            .finish(&outcome, |(_, j)| {
-                format!(
-                    "{} tasks ({} node-local) in {} ms",
-                    j.tasks, j.node_local, j.wall_ms
-                )
-            })
-            .await;
-        let (partial, summary) = outcome?;
+            .await?;
         let stats = DatasetStats::from_partial(partial).map_err(|e| Error::Job(e.to_string()))?;
         if stats.count != ds.manifest.records {
             return Err(Error::Dataset(format!(

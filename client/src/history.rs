@@ -9,6 +9,7 @@
 use crate::train::TrainEvent;
 use crate::Client;
 use quern_proto::msg::{JobKind, JobNote, JobPoint, JobPost, JobStart};
+use quern_proto::token::now_ms;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -20,13 +21,6 @@ pub(crate) struct Reporter {
     tx: Option<mpsc::UnboundedSender<JobNote>>,
     task: Option<tokio::task::JoinHandle<()>>,
     plan: String,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The name a Keras model was given (`model.name`), else its class.
@@ -165,6 +159,24 @@ impl Reporter {
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(DRAIN, task).await;
         }
+    }
+}
+
+impl Client {
+    /// Runs `work` as a job in the cluster's history: registered before,
+    /// closed with `result`'s summary of its outcome (or its error) after.
+    pub(crate) async fn as_job<T>(
+        &self,
+        kind: JobKind,
+        model: String,
+        dataset: &str,
+        work: impl std::future::Future<Output = crate::Result<T>>,
+        result: impl FnOnce(&T) -> String,
+    ) -> crate::Result<T> {
+        let report = Reporter::start(self, kind, model, dataset.to_string());
+        let outcome = work.await;
+        report.finish(&outcome, result).await;
+        outcome
     }
 }
 

@@ -328,12 +328,12 @@ impl Client {
         scaler: &Scaler,
         objective: Objective,
     ) -> Result<(Scores, crate::JobSummary)> {
-        let report = Reporter::start(self, JobKind::Score, model_name(model_json), ds.dir.clone());
-        let outcome = self
-            .score_here(ds, model_json, params, scaler, objective)
-            .await;
-        report
-            .finish(&outcome, |(s, j)| {
+        self.as_job(
+            JobKind::Score,
+            model_name(model_json),
+            &ds.dir,
+            self.score_here(ds, model_json, params, scaler, objective),
+            |(s, j)| {
                 format!(
                     "loss {:.4}, accuracy {:.4} on {} records ({} tasks, {} node-local)",
                     s.loss(),
@@ -342,9 +342,9 @@ impl Client {
                     j.tasks,
                     j.node_local
                 )
-            })
-            .await;
-        outcome
+            },
+        )
+        .await
     }
 
     /// [`Client::score`] within a job already in the history.
@@ -380,38 +380,40 @@ impl Client {
             params: params.to_vec(),
             scaler: scaler.clone(),
         });
-        let report = Reporter::start(
-            self,
-            JobKind::Predict,
-            model_name(model_json),
-            ds.dir.clone(),
-        );
-        let outcome = self
-            .run_map(
-                &ds.part_paths(),
-                &ds.manifest.layout,
-                op,
-                &JobOptions::default(),
-            )
-            .await
-            .and_then(|(p, j)| match p {
+        let work = async {
+            let (p, j) = self
+                .run_map(
+                    &ds.part_paths(),
+                    &ds.manifest.layout,
+                    op,
+                    &JobOptions::default(),
+                )
+                .await?;
+            match p {
                 Partial::Predict(p) => Ok((p, j)),
                 other => Err(Error::Job(format!(
                     "a predict job returned {} results",
                     other.name()
                 ))),
-            });
-        report
-            .finish(&outcome, |(p, j)| {
-                format!(
-                    "{} records predicted ({} tasks, {} node-local)",
-                    p.values.len() / p.outputs.max(1),
-                    j.tasks,
-                    j.node_local
-                )
-            })
-            .await;
-        outcome.map(|(p, _)| p)
+            }
+        };
+        let (p, _) = self
+            .as_job(
+                JobKind::Predict,
+                model_name(model_json),
+                &ds.dir,
+                work,
+                |(p, j)| {
+                    format!(
+                        "{} records predicted ({} tasks, {} node-local)",
+                        p.values.len() / p.outputs.max(1),
+                        j.tasks,
+                        j.node_local
+                    )
+                },
+            )
+            .await?;
+        Ok(p)
     }
 
     /// Scores with the parameters a training job's workers hold, on those

@@ -8,6 +8,7 @@ use prometheus::proto::MetricFamily;
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
+use quern_proto::metrics::built;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,29 +23,25 @@ pub(crate) struct DatanodeMetrics {
     last_heartbeat: Mutex<Option<Instant>>,
 }
 
-fn expect<T>(r: prometheus::Result<T>) -> T {
-    r.expect("static metric options are valid")
-}
-
 impl DatanodeMetrics {
     pub fn new(registry: &Registry) -> DatanodeMetrics {
         let m = DatanodeMetrics {
-            read_bytes: expect(IntCounter::new(
+            read_bytes: built(IntCounter::new(
                 "quern_datanode_read_bytes_total",
                 "Chunk bytes sent to readers and to other datanodes.",
             )),
-            written_bytes: expect(IntCounter::new(
+            written_bytes: built(IntCounter::new(
                 "quern_datanode_written_bytes_total",
                 "Chunk bytes received, verified and stored.",
             )),
-            tasks: expect(IntCounterVec::new(
+            tasks: built(IntCounterVec::new(
                 Opts::new(
                     "quern_tasks_total",
                     "Map tasks run, by operator and outcome.",
                 ),
                 &["op", "outcome"],
             )),
-            task_seconds: expect(HistogramVec::new(
+            task_seconds: built(HistogramVec::new(
                 HistogramOpts::new(
                     "quern_task_duration_seconds",
                     "Time a map task took, reading its chunk included, by operator.",
@@ -52,7 +49,7 @@ impl DatanodeMetrics {
                 .buckets(prometheus::exponential_buckets(0.001, 4.0, 9).unwrap_or_default()),
                 &["op"],
             )),
-            step_seconds: expect(HistogramVec::new(
+            step_seconds: built(HistogramVec::new(
                 HistogramOpts::new(
                     "quern_train_step_duration_seconds",
                     "Time a training round took on this worker, by job.",
@@ -60,7 +57,7 @@ impl DatanodeMetrics {
                 .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).unwrap_or_default()),
                 &["job"],
             )),
-            train_bytes: expect(IntCounterVec::new(
+            train_bytes: built(IntCounterVec::new(
                 Opts::new(
                     "quern_train_bytes_total",
                     "Bytes a training job moved on this worker: from and to its coordinator, \
@@ -70,18 +67,13 @@ impl DatanodeMetrics {
             )),
             last_heartbeat: Mutex::new(None),
         };
-        for c in [
-            Box::new(m.read_bytes.clone()) as Box<dyn Collector>,
-            Box::new(m.written_bytes.clone()),
-            Box::new(m.tasks.clone()),
-            Box::new(m.task_seconds.clone()),
-            Box::new(m.step_seconds.clone()),
-            Box::new(m.train_bytes.clone()),
-        ] {
-            if let Err(e) = registry.register(c) {
-                tracing::error!("datanode metric not registered: {e}");
-            }
-        }
+        use quern_proto::metrics::register;
+        register(registry, &m.read_bytes);
+        register(registry, &m.written_bytes);
+        register(registry, &m.tasks);
+        register(registry, &m.task_seconds);
+        register(registry, &m.step_seconds);
+        register(registry, &m.train_bytes);
         m
     }
 
@@ -154,7 +146,7 @@ struct StoreGauges {
 
 impl StoreGauges {
     fn new(node: Weak<Node>) -> StoreGauges {
-        let g = |name: &str, help: &str| expect(IntGauge::new(name, help));
+        let g = |name: &str, help: &str| built(IntGauge::new(name, help));
         StoreGauges {
             node,
             chunks: g("quern_datanode_chunks", "Chunks stored on this datanode."),
@@ -171,7 +163,7 @@ impl StoreGauges {
                 "quern_datanode_full",
                 "1 while the node refuses new chunks for lack of space.",
             ),
-            heartbeat_age: expect(Gauge::new(
+            heartbeat_age: built(Gauge::new(
                 "quern_datanode_heartbeat_age_seconds",
                 "Time since the namenode last answered this node (-1 before it ever did).",
             )),
@@ -187,7 +179,7 @@ impl StoreGauges {
                 "quern_scrub_bad_replicas",
                 "Bad replicas the scrubber found since the node started.",
             ),
-            scrub_last_end: expect(Gauge::new(
+            scrub_last_end: built(Gauge::new(
                 "quern_scrub_last_pass_end_timestamp_seconds",
                 "When the last full scrubber pass ended (Unix time; 0: none yet).",
             )),

@@ -5,6 +5,7 @@
 //! A job's record is small and its points are stored apart (`job_points`),
 //! so listing jobs, the metrics and the overview never decode curves.
 
+pub use crate::namespace::now_ms;
 use crate::namespace::{Namespace, StoreError};
 use crate::perm::{denied, User};
 use quern_proto::msg::{JobKind, JobNote, JobPoint, JobStart};
@@ -82,13 +83,6 @@ pub struct Jobs {
     keep: usize,
     /// One change at a time: a post reads, changes and writes its record.
     change: Mutex<()>,
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn store(e: impl std::fmt::Display) -> WireError {

@@ -6,6 +6,7 @@ use crate::state::{lock, State};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, GaugeVec, IntGauge, IntGaugeVec, Opts};
+use quern_proto::metrics::built;
 use std::sync::{Arc, Weak};
 
 /// Registers the namenode's gauges; they hold the state weakly, so a
@@ -36,21 +37,20 @@ struct NamenodeCollector {
 }
 
 fn gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::new(name, help).expect("static metric options are valid")
+    built(IntGauge::new(name, help))
 }
 
 impl NamenodeCollector {
     fn new(state: Weak<State>) -> NamenodeCollector {
         NamenodeCollector {
             state,
-            datanodes: IntGaugeVec::new(
+            datanodes: built(IntGaugeVec::new(
                 Opts::new(
                     "quern_datanodes",
                     "Datanodes known to the namenode, by state.",
                 ),
                 &["state"],
-            )
-            .expect("static metric options are valid"),
+            )),
             capacity: gauge(
                 "quern_capacity_bytes",
                 "Disk capacity of the live datanodes.",
@@ -74,26 +74,26 @@ impl NamenodeCollector {
                 "quern_replication_queue_length",
                 "Re-replications under way plus commands waiting for a datanode's heartbeat.",
             ),
-            heartbeat_age: GaugeVec::new(
+            heartbeat_age: built(GaugeVec::new(
                 Opts::new(
                     "quern_heartbeat_age_seconds",
                     "Time since each datanode's last heartbeat.",
                 ),
                 &["node", "addr"],
-            )
-            .expect("static metric options are valid"),
+            )),
             safe_mode: gauge("quern_safe_mode", "1 while the namenode is in safe mode."),
-            jobs: IntGaugeVec::new(
+            jobs: built(IntGaugeVec::new(
                 Opts::new("quern_jobs", "Jobs in the namenode's history, by state."),
                 &["state"],
-            )
-            .expect("static metric options are valid"),
+            )),
             files_pending: gauge(
                 "quern_files_being_written",
                 "Files created and not yet completed.",
             ),
-            up: Gauge::new("quern_namenode_up", "1 while the namenode serves.")
-                .expect("static metric options are valid"),
+            up: built(Gauge::new(
+                "quern_namenode_up",
+                "1 while the namenode serves.",
+            )),
         }
     }
 
@@ -152,14 +152,17 @@ impl NamenodeCollector {
                 .set(n.since_heartbeat_secs);
         }
         let (mut running, mut finished, mut failed) = (0, 0, 0);
-        if let Ok(all) = s.jobs.all() {
-            for j in all {
-                match j.state {
-                    JobState::Running => running += 1,
-                    JobState::Finished => finished += 1,
-                    JobState::Failed => failed += 1,
+        match s.jobs.all() {
+            Ok(all) => {
+                for j in all {
+                    match j.state {
+                        JobState::Running => running += 1,
+                        JobState::Finished => finished += 1,
+                        JobState::Failed => failed += 1,
+                    }
                 }
             }
+            Err(e) => tracing::warn!("jobs not counted for /metrics: {e}"),
         }
         self.jobs.with_label_values(&["running"]).set(running);
         self.jobs.with_label_values(&["finished"]).set(finished);

@@ -16,12 +16,11 @@ pub struct RequestMetrics {
 impl RequestMetrics {
     pub fn new() -> RequestMetrics {
         let registry = Registry::new();
-        let served = IntCounterVec::new(
+        let served = built(IntCounterVec::new(
             Opts::new("quern_requests_total", "Requests served, by request kind."),
             &["kind"],
-        )
-        .expect("static metric options are valid");
-        let seconds = HistogramVec::new(
+        ));
+        let seconds = built(HistogramVec::new(
             HistogramOpts::new(
                 "quern_request_duration_seconds",
                 "Time from a request's frame to the end of its handling, by request kind.",
@@ -31,8 +30,7 @@ impl RequestMetrics {
                 10.0, 30.0,
             ]),
             &["kind"],
-        )
-        .expect("static metric options are valid");
+        ));
         register(&registry, &served);
         register(&registry, &seconds);
         RequestMetrics {
@@ -54,6 +52,12 @@ impl Default for RequestMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A metric built from options fixed in the source: they are valid, or
+/// the first test that starts a node fails here.
+pub fn built<T>(metric: prometheus::Result<T>) -> T {
+    metric.expect("static metric options are valid")
 }
 
 /// Registers a collector whose name is fixed in the source: a clash is a

@@ -379,6 +379,33 @@ pub fn outside_ip() -> Option<std::net::Ipv4Addr> {
     found
 }
 
+/// Creates `path` (replication 1, 1 MiB chunks) and allocates its first
+/// chunk, for tests that then talk to the datanode directly.
+pub async fn allocate_first_chunk(
+    client: &Client,
+    path: &str,
+) -> quern_proto::msg::ChunkAllocation {
+    use quern_proto::msg::{AllocateChunk, CreateFile};
+    let file = client
+        .call(CreateFile {
+            path: path.into(),
+            replication: 1,
+            chunk_size: 1 << 20,
+            mode: 0o644,
+            overwrite: false,
+        })
+        .await
+        .expect("create the file");
+    client
+        .call(AllocateChunk {
+            file,
+            index: 0,
+            exclude: Vec::new(),
+        })
+        .await
+        .expect("allocate its first chunk")
+}
+
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     use rand::{RngCore, SeedableRng};
     let mut v = vec![0u8; len];
@@ -406,6 +433,20 @@ pub fn quern_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Asserts a `quern` run succeeded, showing its output when not.
+pub fn ok(r: &Run) {
+    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+}
+
+/// The path of a Keras fixture in `tests/fixtures/keras`.
+pub fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/keras")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 /// A cluster of real processes started by `quern cluster up`; stopped (or

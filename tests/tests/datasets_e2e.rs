@@ -5,10 +5,6 @@ use quern_tests::*;
 use std::io::Read;
 use std::path::Path;
 
-fn ok(r: &Run) {
-    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
-}
-
 fn write(dir: &Path, name: &str, data: &[u8]) -> String {
     let p = dir.join(name);
     std::fs::write(&p, data).unwrap();

@@ -13,10 +13,6 @@ fn write_local(dir: &Path, name: &str, data: &[u8]) -> String {
     p.display().to_string()
 }
 
-fn ok(r: &Run) {
-    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
-}
-
 fn chunk_files(c: &BinCluster, datanodes: usize) -> usize {
     (0..datanodes)
         .map(|i| chunk_files_in(&c.datanode_dir(i)).len())

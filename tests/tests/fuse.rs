@@ -8,10 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn ok(r: &Run) {
-    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
-}
-
 fn sh(cmd: &mut Command) -> Run {
     let r: Run = cmd.output().expect("run command").into();
     ok(&r);

@@ -113,27 +113,10 @@ async fn an_unreachable_namenode_is_named_in_the_error() {
 /// has succeeded, and the caller sees that answer, not a stopped stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_body_answered_early_is_still_a_success() {
-    use quern_proto::msg::{AllocateChunk, ChunkMeta, CreateFile, WriteAck, WriteChunk};
+    use quern_proto::msg::{ChunkMeta, WriteAck, WriteChunk};
     let c = TestCluster::start(Options::default()).await;
     let admin = c.client();
-    let file = admin
-        .call(CreateFile {
-            path: "/empty".into(),
-            replication: 1,
-            chunk_size: 1 << 20,
-            mode: 0o644,
-            overwrite: false,
-        })
-        .await
-        .unwrap();
-    let alloc = admin
-        .call(AllocateChunk {
-            file,
-            index: 0,
-            exclude: Vec::new(),
-        })
-        .await
-        .unwrap();
+    let alloc = allocate_first_chunk(&admin, "/empty").await;
     let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
     let meta = ChunkMeta {
         id: alloc.chunk,

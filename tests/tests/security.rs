@@ -229,24 +229,7 @@ async fn chunk_reads_and_writes_need_a_valid_token() {
 async fn a_write_never_replaces_a_committed_chunk() {
     let c = TestCluster::start(Options::default()).await;
     let admin = c.client();
-    let file = admin
-        .call(CreateFile {
-            path: "/w".into(),
-            replication: 1,
-            chunk_size: 1 << 20,
-            mode: 0o644,
-            overwrite: false,
-        })
-        .await
-        .unwrap();
-    let alloc = admin
-        .call(AllocateChunk {
-            file,
-            index: 0,
-            exclude: Vec::new(),
-        })
-        .await
-        .unwrap();
+    let alloc = allocate_first_chunk(&admin, "/w").await;
     let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
     let target = alloc.targets[0];
     let send = |data: &'static [u8]| {

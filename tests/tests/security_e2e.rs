@@ -6,10 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn ok(r: &Run) {
-    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
-}
-
 fn quern(args: &[&str]) -> Run {
     Command::new(quern_bin())
         .args(args)

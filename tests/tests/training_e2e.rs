@@ -10,18 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn ok(r: &Run) {
-    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
-}
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/keras")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 fn fails_with(r: &Run, wants: &[&str]) {
     assert_ne!(r.status, 0, "succeeded: {}", r.stdout);
     for w in wants {

@@ -8,18 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn ok(r: &Run) {
-    assert_eq!(r.status, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
-}
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/keras")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 fn http_of(v: &serde_json::Value) -> SocketAddr {
     v["http"]
         .as_str()
