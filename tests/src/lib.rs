@@ -270,6 +270,27 @@ pub fn chunk_files_in(dn_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Flips bits of one byte in every chunk file a datanode holds; returns
+/// how many it damaged. A chunk deleted meanwhile (the namenode sends
+/// deletes for replaced files, such as a rewritten manifest, a heartbeat
+/// later) is skipped rather than failing the test.
+pub fn damage_chunks_in(dn_dir: &Path, at: usize, mask: u8) -> usize {
+    let mut damaged = 0;
+    for f in chunk_files_in(dn_dir) {
+        let mut b = match std::fs::read(&f) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("reading {}: {e}", f.display()),
+        };
+        if let Some(x) = b.get_mut(at) {
+            *x ^= mask;
+        }
+        std::fs::write(&f, b).unwrap_or_else(|e| panic!("writing {}: {e}", f.display()));
+        damaged += 1;
+    }
+    damaged
+}
+
 /// Polls `check` until it holds; panics naming `what` after `limit`.
 pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F)
 where

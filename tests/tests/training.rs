@@ -387,11 +387,7 @@ async fn a_corrupt_replica_is_fetched_from_another_holder() {
         .await
         .unwrap();
     // A flipped byte in every chunk one datanode holds.
-    for f in chunk_files_in(&c.datanode_dir(0)) {
-        let mut b = std::fs::read(&f).unwrap();
-        b[7] ^= 0x20;
-        std::fs::write(&f, b).unwrap();
-    }
+    assert!(damage_chunks_in(&c.datanode_dir(0), 7, 0x20) > 0);
     let run = client
         .train(&mut ds, None, &options(&model, 5), |_| {})
         .await
