@@ -7,8 +7,8 @@
 //! the namenode knows.
 //!
 //! Phases, each timed: a cold start with every datanode registering at
-//! once; client load with every datanode sending a full report at the same
-//! time; one datanode going silent, its chunks re-replicated by commands
+//! once; client load with every datanode registering again (with its full
+//! report) at the same time; one datanode going silent, its chunks re-replicated by commands
 //! the simulated datanodes acknowledge; a SIGKILLed namenode restarted until
 //! a file can be created. Heartbeat latency is recorded throughout.
 
@@ -46,6 +46,12 @@ pub struct BenchNamenode {
     pub heartbeat: Duration,
     #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
     pub dead_timeout: Duration,
+    /// The namenode's replication pass interval.
+    #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
+    pub replication_interval: Duration,
+    /// Copies each datanode takes part in per pass (the namenode's flag).
+    #[arg(long, default_value_t = 8)]
+    pub replication_per_node: usize,
     /// The figures as JSON.
     #[arg(long)]
     pub json: bool,
@@ -118,6 +124,10 @@ async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
         "1h".into(),
         "--dead-timeout".into(),
         format!("{}ms", a.dead_timeout.as_millis()),
+        "--replication-interval".into(),
+        format!("{}ms", a.replication_interval.as_millis()),
+        "--replication-per-node".into(),
+        a.replication_per_node.to_string(),
         "--tls".into(),
         path(dir.join("tls")),
         "--addr-file".into(),
@@ -467,7 +477,9 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let register_retries = shared.register_errors.load(Ordering::Relaxed);
     tokio::time::sleep(a.heartbeat * 2).await;
 
-    // Phase 1: client load while every datanode sends a full report.
+    // Phase 1: client load while every datanode registers again at once,
+    // with its full report (as after a network blip or a namenode
+    // failover).
     shared.phase.store(1, Ordering::Relaxed);
     client.mkdir("/load", true).await?;
     let stats = Arc::new(AtomicU64::new(0));
@@ -501,7 +513,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             let mut all = tokio::task::JoinSet::new();
             for s in sims.iter() {
                 let s = s.clone();
-                all.spawn(async move { full_report(&s, addr).await });
+                all.spawn(async move { register(&s, addr).await });
             }
             let t = Instant::now();
             while let Some(r) = all.join_next().await {
@@ -516,6 +528,16 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     }
     let load_s = t.elapsed().as_secs_f64();
     let storm_s = storm.await??;
+    // Nobody declared dead and nothing lost for it.
+    let after_storm = client.report().await?;
+    let storm_dead = after_storm
+        .datanodes
+        .iter()
+        .filter(|d| d.state == NodeState::Dead)
+        .count();
+    let health = client.fsck("/synthetic").await?;
+    let storm_missing = health.missing_chunks;
+    let storm_under = health.under_replicated_chunks;
     // Statters and creators split the clients; each rate is theirs alone.
     let stat_per_s = stats.load(Ordering::Relaxed) as f64 / load_s;
     let create_per_s = creates.load(Ordering::Relaxed) as f64 / load_s;
@@ -574,6 +596,10 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "stat_per_s": stat_per_s,
         "create_per_s": create_per_s,
         "report_storm_s": storm_s,
+        "storm_dead_datanodes": storm_dead,
+        "storm_missing_chunks": storm_missing,
+        "storm_under_replicated_chunks": storm_under,
+        "rereplicate_per_s": rereplicated as f64 / rereplicate_s.max(1e-9),
         "lost_replicas": lost,
         "rereplicated": rereplicated,
         "rereplicate_s": rereplicate_s,
@@ -604,13 +630,19 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         );
         println!(
             "clients: stat {stat_per_s:.0}/s, create+complete {create_per_s:.0}/s ({} clients, \
-             half each); every datanode's full report at once took {storm_s:.1} s",
+             half each); every datanode registering again at once took {storm_s:.1} s, \
+             leaving {storm_dead} declared dead, {storm_missing} chunks missing and \
+             {storm_under} under-replicated",
             a.clients
         );
         println!(
             "one datanode lost: {rereplicated} of its {lost} replicas copied back in \
-             {rereplicate_s:.1} s (dead after {:.1} s)",
-            a.dead_timeout.as_secs_f64()
+             {rereplicate_s:.1} s ({:.0}/s; dead after {:.1} s, {} copies per node per {:.1} s \
+             pass)",
+            rereplicated as f64 / rereplicate_s.max(1e-9),
+            a.dead_timeout.as_secs_f64(),
+            a.replication_per_node,
+            a.replication_interval.as_secs_f64()
         );
     }
     Ok(())

@@ -68,7 +68,9 @@ pub struct UpArgs {
     pub lease_timeout: String,
     #[arg(long, default_value = "3s")]
     pub replication_interval: String,
-    #[arg(long, default_value = "30s")]
+    /// Longest wait in safe mode after a start (`off`: until 99.9% of
+    /// chunks are reported, or `quern safemode leave`).
+    #[arg(long, default_value = "off")]
     pub safemode_wait: String,
     #[arg(long, default_value = "60s")]
     pub report_interval: String,
@@ -106,8 +108,8 @@ impl UpArgs {
             dead_timeout: "30s".into(),
             lease_timeout: "60s".into(),
             replication_interval: "3s".into(),
-            safemode_wait: "30s".into(),
-            report_interval: "60s".into(),
+            safemode_wait: "off".into(),
+            report_interval: "6h".into(),
             scrub_interval: "24h".into(),
             scrub_rate: "16MiB".into(),
             job_lease: "60s".into(),

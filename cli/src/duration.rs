@@ -26,6 +26,14 @@ pub fn parse(raw: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * scale))
 }
 
+/// A duration, or `off` (also `never`) for none.
+pub fn parse_or_off(raw: &str) -> Result<Option<Duration>, String> {
+    match raw.trim() {
+        "off" | "never" => Ok(None),
+        _ => parse(raw).map(Some),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -34,5 +42,10 @@ mod tests {
         assert_eq!(super::parse("500ms").unwrap().as_millis(), 500);
         assert_eq!(super::parse("1m").unwrap().as_secs(), 60);
         assert!(super::parse("soon").is_err());
+        assert_eq!(super::parse_or_off("off"), Ok(None));
+        assert_eq!(
+            super::parse_or_off("2m"),
+            Ok(Some(std::time::Duration::from_secs(120)))
+        );
     }
 }

@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use quern_client::{Client, WriteOptions};
-use quern_proto::msg::{FileKind, FileStatus, Health, NodeState, ReplicaState};
+use quern_proto::msg::{FileKind, FileStatus, Health, NodeState, ReplicaState, SafeModeAction};
 use quern_proto::size::{format_size, parse_size};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -97,6 +97,12 @@ pub enum FsCommand {
     Report {
         #[arg(long)]
         json: bool,
+    },
+    /// Safe mode: `get` it, `enter` or `leave` it (admin certificate), or
+    /// `wait` until the namenode leaves it.
+    Safemode {
+        #[arg(value_enum, default_value = "get")]
+        action: SafemodeArg,
     },
     /// Change the permissions of a path (its owner or the admin).
     Chmod {
@@ -310,6 +316,24 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                 );
             }
             return Ok(if r.health == Health::Healthy { 0 } else { 1 });
+        }
+        FsCommand::Safemode { action } => {
+            let status = match action {
+                SafemodeArg::Get => client.safe_mode(SafeModeAction::Get).await?,
+                SafemodeArg::Enter => client.safe_mode(SafeModeAction::Enter).await?,
+                SafemodeArg::Leave => client.safe_mode(SafeModeAction::Leave).await?,
+                SafemodeArg::Wait => loop {
+                    match client.safe_mode(SafeModeAction::Get).await? {
+                        None => break None,
+                        Some(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+                    }
+                },
+            };
+            match status {
+                Some(why) => println!("safe mode is ON: {why}"),
+                None => println!("safe mode is OFF"),
+            }
+            return Ok(0);
         }
         FsCommand::Report { json } => {
             let r = client.report().await?;
@@ -664,4 +688,12 @@ mod tests {
         assert_eq!(super::time_string(0), "1970-01-01 00:00");
         assert_eq!(super::time_string(1_795_651_200_000), "2026-11-26 00:00");
     }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum SafemodeArg {
+    Get,
+    Enter,
+    Leave,
+    Wait,
 }

@@ -45,9 +45,18 @@ pub struct NamenodeArgs {
     /// An unfinished file whose writer is silent this long is dropped.
     #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
     pub lease_timeout: Duration,
-    /// Longest wait for chunk reports after a start before leaving safe mode.
-    #[arg(long, default_value = "30s", value_parser = crate::duration::parse)]
-    pub safemode_wait: Duration,
+    /// Safe mode ends once this share of chunks has a live replica.
+    #[arg(long, default_value_t = 0.999, value_parser = share)]
+    pub safemode_threshold: f64,
+    /// Longest wait for chunk reports after a start before leaving safe
+    /// mode anyway; `off`: only the share or `quern safemode leave`.
+    // Spelled in full so clap takes the parser's Option as the value
+    // rather than making the flag optional.
+    #[arg(long, default_value = "off", value_parser = crate::duration::parse_or_off)]
+    pub safemode_wait: std::option::Option<Duration>,
+    /// Copies each datanode takes part in per replication pass.
+    #[arg(long, default_value_t = 8)]
+    pub replication_per_node: usize,
     /// How often under- and over-replicated chunks are looked for.
     #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
     pub replication_interval: Duration,
@@ -126,8 +135,10 @@ pub struct DatanodeArgs {
     pub tls: Option<PathBuf>,
     #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
     pub heartbeat: Duration,
-    /// How often the full chunk list is reported.
-    #[arg(long, default_value = "60s", value_parser = crate::duration::parse)]
+    /// How often the full chunk list is reported (the first time at a
+    /// random point of the interval); received chunks are reported as
+    /// they arrive.
+    #[arg(long, default_value = "6h", value_parser = crate::duration::parse)]
     pub report_interval: Duration,
     /// How long chunks the namenode did not know stay in the trash.
     #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
@@ -234,6 +245,8 @@ pub async fn namenode(cmd: NamenodeCmd) -> Result<()> {
     cfg.dead_timeout = a.dead_timeout;
     cfg.lease_timeout = a.lease_timeout;
     cfg.safemode_max_wait = a.safemode_wait;
+    cfg.safemode_threshold = a.safemode_threshold;
+    cfg.replication_per_node = a.replication_per_node.max(1);
     cfg.replication_interval = a.replication_interval;
     cfg.token_lifetime = a.token_lifetime;
     cfg.key_rotation = a.key_rotation;
@@ -299,4 +312,13 @@ pub async fn datanode(a: DatanodeArgs) -> Result<()> {
     tracing::info!("{sig}: datanode shutting down");
     dn.shutdown();
     Ok(())
+}
+
+fn share(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "invalid share {raw:?}: a number from 0 to 1, such as 0.999"
+        )),
+    }
 }

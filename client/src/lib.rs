@@ -331,4 +331,10 @@ impl Client {
     pub async fn report(&self) -> Result<ClusterReport> {
         self.call(Report).await
     }
+
+    /// Safe mode after `action`: `Some(why)` while in it. Entering and
+    /// leaving need the admin certificate.
+    pub async fn safe_mode(&self, action: SafeModeAction) -> Result<Option<String>> {
+        Ok(self.call(SafeModeRequest { action }).await?.safe_mode)
+    }
 }

@@ -19,7 +19,8 @@ const TRASH_SWEEP: Duration = Duration::from_secs(60);
 
 pub(crate) async fn run(node: Arc<Node>) {
     let mut registered = false;
-    let mut last_report = Instant::now();
+    // Set at registration, which carries the first full report.
+    let mut next_report = Instant::now();
     let mut last_sweep: Option<Instant> = None;
     // The last failure logged, so a lasting one is logged once, and a
     // namenode of another cluster is always named when it appears.
@@ -42,8 +43,8 @@ pub(crate) async fn run(node: Arc<Node>) {
         }
         let result = if !registered {
             register(&node, capacity, available).await
-        } else if last_report.elapsed() >= node.cfg.report_interval {
-            last_report = Instant::now();
+        } else if Instant::now() >= next_report {
+            next_report = Instant::now() + node.cfg.report_interval;
             report(&node, node.store.list(), None).await
         } else {
             let (used, chunks) = node.store.used();
@@ -78,7 +79,14 @@ pub(crate) async fn run(node: Arc<Node>) {
                 node.metrics.heard_from_namenode();
                 if !registered {
                     tracing::info!(namenode = %node.cfg.namenode, "registered with the namenode");
-                    last_report = Instant::now();
+                    // Full reports are rare (ChunkReceived keeps the
+                    // namenode current in between), and nodes that
+                    // registered together spread their next ones out.
+                    next_report = Instant::now()
+                        + node
+                            .cfg
+                            .report_interval
+                            .mul_f64(rand::random_range(0.5..1.5));
                 }
                 registered = true;
                 warned = None;

@@ -95,7 +95,7 @@ impl DatanodeConfig {
             advertise: None,
             namenode,
             heartbeat: Duration::from_secs(3),
-            report_interval: Duration::from_secs(60),
+            report_interval: Duration::from_secs(6 * 3600),
             trash_ttl: Duration::from_secs(24 * 3600),
             scrub: Default::default(),
             job_lease: Duration::from_secs(60),

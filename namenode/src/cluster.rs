@@ -2,18 +2,29 @@
 //!
 //! Nothing here is persisted. After a restart datanodes register again with
 //! full chunk reports and this map is rebuilt from them, as in HDFS.
+//!
+//! Nothing here scans every chunk. Each node keeps the set of chunks it
+//! holds, so a full report or a node's death costs that node's chunks; the
+//! health counts (safe mode's share, the web UI's and `/metrics`'
+//! under-replicated and missing chunks) are kept up to date as replicas
+//! come and go; and a chunk that needs copies or has extras is put on the
+//! replication queue when that happens, not found by a periodic sweep.
 
+use crate::chunkmap::{ChunkInfo, ChunkMap, Slot};
+use crate::replication::ReplicationQueue;
 use quern_proto::msg::{
     DatanodeCommand, DatanodeReport, Heartbeat, NodeAddr, NodeState, ReplicaInfo, ReplicaState,
     ScrubStatus, StoredChunk,
 };
 use quern_proto::{ChunkId, Digest, NodeId};
 use rand::seq::SliceRandom;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use roaring::RoaringTreemap;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub struct NodeEntry {
+    pub id: NodeId,
     pub addr: SocketAddr,
     pub capacity: u64,
     pub available: u64,
@@ -30,36 +41,23 @@ pub struct NodeEntry {
     /// allocations spreads out before usage figures catch up.
     pub placed_since_heartbeat: u64,
     pub commands: Vec<DatanodeCommand>,
-    pub was_live: bool,
+    /// Live as of the last transition noted; replica counts follow this,
+    /// not the clock, so they change only when a transition is noted.
+    pub live: bool,
+    /// Chunks this node holds a replica of (compressed: chunk ids are
+    /// mostly consecutive, a few bytes each).
+    pub held: RoaringTreemap,
 }
 
-pub struct ChunkEntry {
-    /// `None` while the chunk is allocated but not yet committed.
-    pub size: Option<u64>,
-    pub digest: Option<Digest>,
-    pub target: u8,
-    pub replicas: BTreeSet<NodeId>,
-    pub corrupt: BTreeMap<NodeId, String>,
-}
-
-impl ChunkEntry {
-    pub fn allocated(target: u8) -> ChunkEntry {
-        ChunkEntry {
-            size: None,
-            digest: None,
-            target,
-            replicas: BTreeSet::new(),
-            corrupt: BTreeMap::new(),
-        }
-    }
-
-    pub fn committed(size: u64, digest: Digest, target: u8) -> ChunkEntry {
-        ChunkEntry {
-            size: Some(size),
-            digest: Some(digest),
-            ..ChunkEntry::allocated(target)
-        }
-    }
+/// A committed chunk's health, as counted for safe mode and the overview.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    Gone,
+    Uncommitted,
+    /// No live good replica.
+    Missing,
+    Under,
+    Ok,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -70,180 +68,286 @@ pub struct ChunkHealth {
     pub corrupt_replicas: u64,
 }
 
+impl ChunkHealth {
+    fn shift(&mut self, from: Health, to: Health) {
+        if from == to {
+            return;
+        }
+        for (h, up) in [(from, false), (to, true)] {
+            let counters: &mut [&mut u64] = match h {
+                Health::Gone | Health::Uncommitted => &mut [],
+                Health::Missing => &mut [&mut self.chunks, &mut self.missing],
+                Health::Under => &mut [&mut self.chunks, &mut self.under_replicated],
+                Health::Ok => &mut [&mut self.chunks],
+            };
+            for c in counters.iter_mut() {
+                if up {
+                    **c += 1;
+                } else {
+                    **c = c.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+/// A full report taken in batches.
+#[derive(Default)]
+pub struct ReportProgress {
+    reported: RoaringTreemap,
+    orphans: Vec<ChunkId>,
+    false_claims: usize,
+}
+
 pub struct Cluster {
-    pub nodes: HashMap<NodeId, NodeEntry>,
-    pub chunks: HashMap<ChunkId, ChunkEntry>,
+    pub(crate) nodes: Vec<NodeEntry>,
+    slots: HashMap<NodeId, Slot>,
+    pub(crate) chunks: ChunkMap,
+    counts: ChunkHealth,
+    pub(crate) queue: ReplicationQueue,
     pub dead_timeout: Duration,
 }
 
 impl Cluster {
     pub fn new(dead_timeout: Duration) -> Cluster {
         Cluster {
-            nodes: HashMap::new(),
-            chunks: HashMap::new(),
+            nodes: Vec::new(),
+            slots: HashMap::new(),
+            chunks: ChunkMap::default(),
+            counts: ChunkHealth::default(),
+            queue: ReplicationQueue::default(),
             dead_timeout,
         }
     }
 
-    pub fn is_live(&self, node: NodeId) -> bool {
-        self.nodes
-            .get(&node)
-            .is_some_and(|n| n.last_heartbeat.elapsed() <= self.dead_timeout)
+    pub(crate) fn slot(&self, node: NodeId) -> Option<Slot> {
+        self.slots.get(&node).copied()
+    }
+
+    pub(crate) fn node(&self, slot: Slot) -> Option<&NodeEntry> {
+        self.nodes.get(slot as usize)
+    }
+
+    fn node_mut(&mut self, node: NodeId) -> Option<&mut NodeEntry> {
+        let slot = self.slot(node)?;
+        self.nodes.get_mut(slot as usize)
+    }
+
+    fn slot_live(&self, slot: Slot) -> bool {
+        self.node(slot).is_some_and(|n| n.live)
     }
 
     pub fn live_count(&self) -> usize {
-        self.nodes.keys().filter(|n| self.is_live(**n)).count()
+        self.nodes.iter().filter(|n| n.live).count()
     }
 
-    pub fn addr(&self, node: NodeId) -> Option<NodeAddr> {
-        self.nodes.get(&node).map(|n| NodeAddr {
-            id: node,
+    pub(crate) fn slot_addr(&self, slot: Slot) -> Option<NodeAddr> {
+        self.node(slot).map(|n| NodeAddr {
+            id: n.id,
             addr: n.addr,
         })
+    }
+
+    pub fn chunk(&self, id: ChunkId) -> Option<ChunkInfo> {
+        self.chunks.info(id)
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
     }
 
     /// Up to `n` distinct live nodes with room for `size` bytes, least used
     /// first (ties broken at random so equal nodes share the load).
     pub fn choose_targets(&mut self, n: usize, exclude: &[NodeId], size: u64) -> Vec<NodeAddr> {
-        let mut candidates: Vec<(NodeId, u64)> = self
+        self.choose_targets_where(n, size, |e| !exclude.contains(&e.id))
+    }
+
+    pub(crate) fn choose_targets_where(
+        &mut self,
+        n: usize,
+        size: u64,
+        allowed: impl Fn(&NodeEntry) -> bool,
+    ) -> Vec<NodeAddr> {
+        let mut candidates: Vec<(usize, u64)> = self
             .nodes
             .iter()
-            .filter(|(id, e)| {
-                !exclude.contains(id)
+            .enumerate()
+            .filter(|(_, e)| {
+                e.live
                     && !e.full
-                    && e.last_heartbeat.elapsed() <= self.dead_timeout
                     && e.available.saturating_sub(e.placed_since_heartbeat) >= size
+                    && allowed(e)
             })
-            .map(|(id, e)| (*id, e.used + e.placed_since_heartbeat))
+            .map(|(i, e)| (i, e.used + e.placed_since_heartbeat))
             .collect();
         candidates.shuffle(&mut rand::rng());
         candidates.sort_by_key(|(_, used)| *used);
         candidates.truncate(n);
         candidates
             .into_iter()
-            .filter_map(|(id, _)| {
-                let e = self.nodes.get_mut(&id)?;
+            .filter_map(|(i, _)| {
+                let e = self.nodes.get_mut(i)?;
                 e.placed_since_heartbeat += size;
-                Some(NodeAddr { id, addr: e.addr })
+                Some(NodeAddr {
+                    id: e.id,
+                    addr: e.addr,
+                })
             })
             .collect()
     }
 
     /// Where `node` was live last, if it still counts as live.
     pub fn live_elsewhere(&self, node: NodeAddr) -> Option<SocketAddr> {
-        self.nodes
-            .get(&node.id)
-            .filter(|e| e.last_heartbeat.elapsed() <= self.dead_timeout)
+        self.slot(node.id)
+            .and_then(|s| self.node(s))
+            .filter(|e| e.live && e.last_heartbeat.elapsed() <= self.dead_timeout)
             .map(|e| e.addr)
-    }
-
-    /// A datanode (re)joins with its full chunk report.
-    pub fn register(
-        &mut self,
-        node: NodeAddr,
-        capacity: u64,
-        available: u64,
-        chunks: &[StoredChunk],
-        safe_mode: bool,
-    ) -> Vec<DatanodeCommand> {
-        self.join(node, capacity, available, chunks);
-        self.full_report(node.id, chunks, safe_mode)
     }
 
     /// Records a node as live with what it holds, without reconciling its
     /// replicas (a paged report reconciles when its last page arrives).
     pub fn join(&mut self, node: NodeAddr, capacity: u64, available: u64, chunks: &[StoredChunk]) {
         let used = chunks.iter().map(|c| c.size).sum();
-        let entry = self.nodes.entry(node.id).or_insert_with(|| NodeEntry {
-            addr: node.addr,
-            capacity,
-            available,
-            used,
-            chunks: 0,
-            trash_bytes: 0,
-            scrub: ScrubStatus::default(),
-            full: false,
-            jobs: 0,
-            job_bytes: 0,
-            last_heartbeat: Instant::now(),
-            placed_since_heartbeat: 0,
-            commands: Vec::new(),
-            was_live: true,
-        });
-        entry.addr = node.addr;
-        entry.capacity = capacity;
-        entry.available = available;
-        entry.used = used;
-        entry.chunks = chunks.len() as u64;
-        entry.last_heartbeat = Instant::now();
-        entry.placed_since_heartbeat = 0;
-        entry.was_live = true;
+        let slot = match self.slot(node.id) {
+            Some(s) => s,
+            None => {
+                let s = self.nodes.len() as Slot;
+                self.nodes.push(NodeEntry {
+                    id: node.id,
+                    addr: node.addr,
+                    capacity,
+                    available,
+                    used,
+                    chunks: 0,
+                    trash_bytes: 0,
+                    scrub: ScrubStatus::default(),
+                    full: false,
+                    jobs: 0,
+                    job_bytes: 0,
+                    last_heartbeat: Instant::now(),
+                    placed_since_heartbeat: 0,
+                    commands: Vec::new(),
+                    live: false,
+                    held: RoaringTreemap::new(),
+                });
+                self.slots.insert(node.id, s);
+                s
+            }
+        };
+        if let Some(entry) = self.nodes.get_mut(slot as usize) {
+            entry.addr = node.addr;
+            entry.capacity = capacity;
+            entry.available = available;
+            entry.used = used;
+            entry.chunks = chunks.len() as u64;
+            entry.last_heartbeat = Instant::now();
+            entry.placed_since_heartbeat = 0;
+        }
+        self.set_live(slot, true);
     }
 
-    /// Reconciles what a node holds with what the namenode believes: known
-    /// chunks gain this replica, unknown ones are orphans for the node's
-    /// trash (never deleted outright, and not at all in safe mode), and
-    /// replicas it no longer reports are dropped. A reported digest that
+    /// Reconciles what a node holds with what the namenode believes:
+    /// known chunks gain this replica, unknown ones are orphans for the
+    /// node's trash (never deleted outright, and not at all in safe mode),
+    /// and replicas it no longer reports are dropped. A reported digest that
     /// differs from the committed one adds no replica: the node never
-    /// received that chunk.
+    /// received that chunk. The cost is this node's chunks, old and new.
+    #[cfg(test)]
     pub fn full_report(
         &mut self,
         node: NodeId,
         chunks: &[StoredChunk],
         safe_mode: bool,
     ) -> Vec<DatanodeCommand> {
-        let mut reported: BTreeSet<ChunkId> = BTreeSet::new();
-        let mut orphans = Vec::new();
-        let mut false_claims = 0usize;
+        let mut progress = ReportProgress::default();
+        if !self.report_batch(node, chunks, &mut progress) {
+            return vec![DatanodeCommand::Reregister];
+        }
+        self.finish_report(node, progress, safe_mode)
+    }
+
+    /// Takes one batch of a node's full report; false when the node is
+    /// unknown (it must register again). Callers take the lock per batch,
+    /// so a long report never holds heartbeats up for long.
+    pub fn report_batch(
+        &mut self,
+        node: NodeId,
+        chunks: &[StoredChunk],
+        progress: &mut ReportProgress,
+    ) -> bool {
+        let Some(slot) = self.slot(node) else {
+            return false;
+        };
         for c in chunks {
-            match self.chunks.get_mut(&c.id) {
-                Some(entry) if entry.digest.is_some_and(|d| d != c.digest) => {
-                    false_claims += 1;
+            match self.chunks.info(c.id) {
+                Some(info) if info.digest.is_some_and(|d| d != c.digest) => {
+                    progress.false_claims += 1;
                 }
-                Some(entry) => {
-                    reported.insert(c.id);
-                    entry.replicas.insert(node);
-                    if entry.size.is_some_and(|s| s != c.size) {
-                        entry.corrupt.insert(
-                            node,
-                            format!(
-                                "holds {} bytes, expected {}",
-                                c.size,
-                                entry.size.unwrap_or(0)
-                            ),
+                Some(info) => {
+                    progress.reported.insert(c.id.0);
+                    let before = self.health(c.id);
+                    self.add_replica(c.id, slot);
+                    if let Some(expected) = info.size.filter(|s| *s != c.size) {
+                        self.chunks.mark_corrupt(
+                            c.id,
+                            slot,
+                            format!("holds {} bytes, expected {expected}", c.size),
                         );
                     }
+                    self.settle(c.id, before);
                 }
-                None => orphans.push(c.id),
+                None => progress.orphans.push(c.id),
             }
         }
-        for (id, entry) in self.chunks.iter_mut() {
-            if entry.replicas.contains(&node) && !reported.contains(id) {
-                entry.replicas.remove(&node);
-                entry.corrupt.remove(&node);
-            }
+        true
+    }
+
+    /// Ends a full report: replicas the node did not report are dropped.
+    pub fn finish_report(
+        &mut self,
+        node: NodeId,
+        progress: ReportProgress,
+        safe_mode: bool,
+    ) -> Vec<DatanodeCommand> {
+        let Some(slot) = self.slot(node) else {
+            return vec![DatanodeCommand::Reregister];
+        };
+        let gone = match self.node(slot) {
+            Some(n) => &n.held - &progress.reported,
+            None => RoaringTreemap::new(),
+        };
+        for id in gone.iter().map(ChunkId) {
+            let before = self.health(id);
+            self.remove_replica(id, slot);
+            self.settle(id, before);
         }
-        if false_claims > 0 {
-            tracing::warn!(%node, count = false_claims, "report names chunks with digests that were never committed; ignoring them");
+        if progress.false_claims > 0 {
+            tracing::warn!(%node, count = progress.false_claims, "report names chunks with digests that were never committed; ignoring them");
         }
-        if orphans.is_empty() || safe_mode {
+        if progress.orphans.is_empty() || safe_mode {
             Vec::new()
         } else {
-            tracing::info!(%node, count = orphans.len(), "unknown chunks go to the datanode's trash");
-            vec![DatanodeCommand::Trash(orphans)]
+            tracing::info!(%node, count = progress.orphans.len(), "unknown chunks go to the datanode's trash");
+            vec![DatanodeCommand::Trash(progress.orphans)]
         }
     }
 
     pub fn chunk_received(&mut self, node: NodeId, chunk: StoredChunk) -> bool {
-        match self.chunks.get_mut(&chunk.id) {
+        let Some(slot) = self.slot(node) else {
+            return false;
+        };
+        match self.chunks.info(chunk.id) {
             // Not the chunk that was committed: the node never received it.
-            Some(entry) if entry.digest.is_some_and(|d| d != chunk.digest) => {
+            Some(info) if info.digest.is_some_and(|d| d != chunk.digest) => {
                 tracing::warn!(%node, chunk = %chunk.id, "announced a chunk with another digest; ignored");
                 false
             }
-            Some(entry) => {
-                entry.replicas.insert(node);
-                entry.corrupt.remove(&node);
+            Some(_) => {
+                let before = self.health(chunk.id);
+                self.add_replica(chunk.id, slot);
+                self.chunks.clear_corrupt(chunk.id, slot);
+                self.queue.landed(chunk.id);
+                self.settle(chunk.id, before);
                 true
             }
             None => {
@@ -256,51 +360,96 @@ impl Cluster {
     }
 
     pub fn queue(&mut self, node: NodeId, cmd: DatanodeCommand) {
-        if let Some(n) = self.nodes.get_mut(&node) {
+        if let Some(n) = self.node_mut(node) {
             n.commands.push(cmd);
+        }
+    }
+
+    /// A chunk handed out for writing.
+    pub fn allocate(&mut self, id: ChunkId, target: u8) {
+        self.chunks.allocate(id, target);
+    }
+
+    /// A chunk's size and digest as written, with the nodes that stored it.
+    pub fn commit(
+        &mut self,
+        id: ChunkId,
+        size: u64,
+        digest: Digest,
+        target: u8,
+        stored_on: &[NodeId],
+    ) {
+        let before = self.health(id);
+        self.chunks.commit(id, size, digest, target);
+        for node in stored_on {
+            if let Some(slot) = self.slot(*node) {
+                self.add_replica(id, slot);
+            }
+        }
+        self.settle(id, before);
+    }
+
+    /// A file's new replication target for one of its chunks.
+    pub fn set_target(&mut self, id: ChunkId, target: u8) {
+        let before = self.health(id);
+        if self.chunks.set_target(id, target) {
+            self.settle(id, before);
         }
     }
 
     /// Forgets chunks no file owns any more and tells their holders to
     /// delete them.
     pub fn forget_chunks(&mut self, ids: impl IntoIterator<Item = ChunkId>) {
-        let mut per_node: HashMap<NodeId, Vec<ChunkId>> = HashMap::new();
+        let mut per_node: HashMap<Slot, Vec<ChunkId>> = HashMap::new();
         for id in ids {
-            if let Some(entry) = self.chunks.remove(&id) {
-                for node in entry.replicas {
-                    per_node.entry(node).or_default().push(id);
+            let before = self.health(id);
+            if let Some(holders) = self.chunks.remove(id) {
+                for slot in holders {
+                    if let Some(n) = self.nodes.get_mut(slot as usize) {
+                        n.held.remove(id.0);
+                    }
+                    per_node.entry(slot).or_default().push(id);
                 }
             }
+            self.queue.forget(id);
+            self.counts.shift(before, Health::Gone);
         }
-        for (node, ids) in per_node {
-            self.queue(node, DatanodeCommand::Delete(ids));
+        for (slot, ids) in per_node {
+            if let Some(n) = self.nodes.get_mut(slot as usize) {
+                n.commands.push(DatanodeCommand::Delete(ids));
+            }
         }
     }
 
     pub fn mark_corrupt(&mut self, chunk: ChunkId, node: NodeId, reason: String) -> bool {
-        match self.chunks.get_mut(&chunk) {
-            Some(e) if e.replicas.contains(&node) => {
-                e.corrupt.insert(node, reason);
-                true
-            }
-            _ => false,
-        }
+        let Some(slot) = self.slot(node) else {
+            return false;
+        };
+        let before = self.health(chunk);
+        let marked = self.chunks.mark_corrupt(chunk, slot, reason);
+        self.settle(chunk, before);
+        marked
+    }
+
+    /// Why a node's replica of a chunk is corrupt, if it is.
+    pub fn corrupt_reason(&self, chunk: ChunkId, node: NodeId) -> Option<&str> {
+        self.chunks.corrupt_reason(chunk, self.slot(node)?)
     }
 
     /// Replicas of a chunk: live good ones first, then dead, then corrupt.
     pub fn replicas(&self, chunk: ChunkId, rotate: usize) -> Vec<ReplicaInfo> {
-        let Some(entry) = self.chunks.get(&chunk) else {
-            return Vec::new();
-        };
         let mut live = Vec::new();
         let mut rest = Vec::new();
-        for node in &entry.replicas {
-            let Some(addr) = self.addr(*node) else {
+        let mut holders = self.chunks.replicas(chunk);
+        // Stable order whatever the slots, so reads rotate predictably.
+        holders.sort_by_key(|s| self.node(*s).map(|n| n.id));
+        for slot in holders {
+            let Some(addr) = self.slot_addr(slot) else {
                 continue;
             };
-            let state = if entry.corrupt.contains_key(node) {
+            let state = if self.chunks.is_corrupt(chunk, slot) {
                 ReplicaState::Corrupt
-            } else if self.is_live(*node) {
+            } else if self.slot_live(slot) {
                 ReplicaState::Live
             } else {
                 ReplicaState::Dead
@@ -325,7 +474,8 @@ impl Cluster {
     /// Takes a node's figures; `None` when the node is unknown (it must
     /// register again).
     pub fn heartbeat(&mut self, hb: Heartbeat) -> Option<Vec<DatanodeCommand>> {
-        let n = self.nodes.get_mut(&hb.node)?;
+        let slot = self.slot(hb.node)?;
+        let n = self.nodes.get_mut(slot as usize)?;
         n.trash_bytes = hb.trash_bytes;
         n.scrub = hb.scrub;
         n.full = hb.full;
@@ -337,19 +487,24 @@ impl Cluster {
         n.chunks = hb.chunks;
         n.last_heartbeat = Instant::now();
         n.placed_since_heartbeat = 0;
-        Some(std::mem::take(&mut n.commands))
+        let cmds = std::mem::take(&mut n.commands);
+        if !n.live {
+            tracing::info!(node = %hb.node, "datanode is live again");
+            self.set_live(slot, true);
+        }
+        Some(cmds)
     }
 
     pub fn report(&self) -> Vec<DatanodeReport> {
         let mut out: Vec<DatanodeReport> = self
             .nodes
             .iter()
-            .map(|(id, n)| DatanodeReport {
+            .map(|n| DatanodeReport {
                 node: NodeAddr {
-                    id: *id,
+                    id: n.id,
                     addr: n.addr,
                 },
-                state: if self.is_live(*id) {
+                state: if n.live {
                     NodeState::Live
                 } else {
                     NodeState::Dead
@@ -370,60 +525,130 @@ impl Cluster {
         out
     }
 
-    /// Committed chunks by health. A scan of the whole chunk map, as fsck
-    /// does; it serves the web UI's overview and a metrics scrape.
-    pub fn health(&self) -> ChunkHealth {
-        let mut h = ChunkHealth::default();
-        for c in self.chunks.values().filter(|c| c.size.is_some()) {
-            h.chunks += 1;
-            h.corrupt_replicas += c.corrupt.len() as u64;
-            let live = c
-                .replicas
-                .iter()
-                .filter(|n| !c.corrupt.contains_key(n) && self.is_live(**n))
-                .count();
-            if live == 0 {
-                h.missing += 1;
-            } else if live < c.target as usize {
-                h.under_replicated += 1;
-            }
+    /// Committed chunks by health, as kept up to date: no scan.
+    pub fn health_counts(&self) -> ChunkHealth {
+        ChunkHealth {
+            corrupt_replicas: self.chunks.corrupt_total() as u64,
+            ..self.counts
         }
-        h
     }
 
     /// Commands queued for the datanodes' next heartbeats.
     pub fn queued_commands(&self) -> usize {
-        self.nodes.values().map(|n| n.commands.len()).sum()
+        self.nodes.iter().map(|n| n.commands.len()).sum()
     }
 
-    /// Chunks of completed files that no live node reports yet.
+    /// Committed chunks with no live good replica, and all committed
+    /// chunks: what safe mode waits on.
     pub fn unreported(&self) -> (usize, usize) {
-        let committed = self.chunks.values().filter(|c| c.size.is_some());
-        let mut total = 0;
-        let mut missing = 0;
-        for c in committed {
-            total += 1;
-            if !c.replicas.iter().any(|n| self.is_live(*n)) {
-                missing += 1;
-            }
-        }
-        (missing, total)
+        (self.counts.missing as usize, self.counts.chunks as usize)
     }
 
-    /// Logs nodes that went silent or came back; returns nodes newly dead.
-    pub fn note_transitions(&mut self) -> Vec<NodeId> {
-        let timeout = self.dead_timeout;
-        let mut newly_dead = Vec::new();
-        for (id, n) in self.nodes.iter_mut() {
-            let live = n.last_heartbeat.elapsed() <= timeout;
-            if n.was_live && !live {
-                tracing::warn!(node = %id, addr = %n.addr, "datanode is dead: no heartbeat for {:?}", timeout);
-                newly_dead.push(*id);
-            } else if !n.was_live && live {
-                tracing::info!(node = %id, addr = %n.addr, "datanode is live again");
-            }
-            n.was_live = live;
+    /// Live nodes silent past the dead timeout.
+    pub fn silent_nodes(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|n| n.live && n.last_heartbeat.elapsed() > self.dead_timeout)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// A node silent past the dead timeout is dead: its replicas stop
+    /// counting and chunks left short are queued for copies.
+    pub fn declare_dead(&mut self, node: NodeId) {
+        let Some(slot) = self.slot(node) else {
+            return;
+        };
+        let Some(n) = self.node(slot) else {
+            return;
+        };
+        // A heartbeat may have come in since it was found silent.
+        if !n.live || n.last_heartbeat.elapsed() <= self.dead_timeout {
+            return;
         }
-        newly_dead
+        tracing::warn!(%node, addr = %n.addr, chunks = n.held.len(), "datanode is dead: no heartbeat for {:?}", self.dead_timeout);
+        self.set_live(slot, false);
+    }
+
+    /// Flips a node's liveness and recounts the chunks it holds.
+    fn set_live(&mut self, slot: Slot, live: bool) {
+        let Some(n) = self.nodes.get(slot as usize) else {
+            return;
+        };
+        if n.live == live {
+            return;
+        }
+        let held: Vec<ChunkId> = n.held.iter().map(ChunkId).collect();
+        let before: Vec<Health> = held.iter().map(|id| self.health(*id)).collect();
+        if let Some(n) = self.nodes.get_mut(slot as usize) {
+            n.live = live;
+        }
+        for (id, b) in held.into_iter().zip(before) {
+            self.settle(id, b);
+        }
+    }
+
+    fn add_replica(&mut self, id: ChunkId, slot: Slot) {
+        if self.chunks.add_replica(id, slot) {
+            if let Some(n) = self.nodes.get_mut(slot as usize) {
+                n.held.insert(id.0);
+            }
+        }
+    }
+
+    pub(crate) fn remove_replica(&mut self, id: ChunkId, slot: Slot) {
+        self.chunks.remove_replica(id, slot);
+        if let Some(n) = self.nodes.get_mut(slot as usize) {
+            n.held.remove(id.0);
+        }
+    }
+
+    /// Good replicas on live nodes, and every holder.
+    pub(crate) fn good_replicas(&self, id: ChunkId) -> Vec<Slot> {
+        let mut good = Vec::new();
+        self.chunks.each_replica(id, |s| {
+            if self.slot_live(s) && !self.chunks.is_corrupt(id, s) {
+                good.push(s);
+            }
+        });
+        good
+    }
+
+    pub(crate) fn health(&self, id: ChunkId) -> Health {
+        let Some(info) = self.chunks.info(id) else {
+            return Health::Gone;
+        };
+        if info.size.is_none() {
+            return Health::Uncommitted;
+        }
+        let good = self.good_replicas(id).len();
+        if good == 0 {
+            Health::Missing
+        } else if good < info.target as usize {
+            Health::Under
+        } else {
+            Health::Ok
+        }
+    }
+
+    /// After a change to a chunk: moves it between the health counts and
+    /// queues it when it now needs copies, has extras or corrupt replicas.
+    pub(crate) fn settle(&mut self, id: ChunkId, before: Health) {
+        let after = self.health(id);
+        self.counts.shift(before, after);
+        let Some(info) = self.chunks.info(id) else {
+            return;
+        };
+        if after == Health::Under {
+            let good = self.good_replicas(id).len();
+            self.queue
+                .offer(id, crate::replication::urgency(good, info.target));
+        } else if after == Health::Ok {
+            let live_good = self.good_replicas(id).len();
+            let has_corrupt = !self.chunks.corrupt_slots(id).is_empty();
+            if live_good > info.target as usize || has_corrupt {
+                self.queue.offer(id, crate::replication::CLEANUP);
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! registry, placement, leases, safe mode, the replication monitor, the job
 //! history, and the web UI with `/metrics`.
 
+mod chunkmap;
 mod cluster;
 mod jobs;
 mod keys;
@@ -9,6 +10,7 @@ mod metrics;
 mod monitor;
 mod namespace;
 mod perm;
+mod replication;
 mod service;
 mod state;
 pub mod synthetic;

@@ -121,9 +121,9 @@ impl NamenodeCollector {
         self.safe_mode.set(i64::from(safe));
         let (nodes, health, queued) = {
             let c = s.cluster();
-            (c.report(), c.health(), c.queued_commands())
+            let queued = c.queued_commands() + c.queue.queued() + c.queue.inflight();
+            (c.report(), c.health_counts(), queued)
         };
-        let inflight = lock(&s.replicating).len();
         let live: Vec<_> = nodes
             .iter()
             .filter(|n| n.state == quern_proto::msg::NodeState::Live)
@@ -144,7 +144,7 @@ impl NamenodeCollector {
         self.under_replicated.set(health.under_replicated as i64);
         self.missing.set(health.missing as i64);
         self.corrupt.set(health.corrupt_replicas as i64);
-        self.replication_queue.set((inflight + queued) as i64);
+        self.replication_queue.set(queued as i64);
         self.heartbeat_age.reset();
         for n in &nodes {
             self.heartbeat_age

@@ -2,8 +2,8 @@
 //! health check that reports on them.
 
 use crate::state::State;
-use quern_proto::msg::{DatanodeCommand, Fsck, FsckFile, FsckReport, Health, LIST_PAGE};
-use quern_proto::{NodeId, RemotePath, WireError};
+use quern_proto::msg::{Fsck, FsckFile, FsckReport, Health, ReplicaState, LIST_PAGE};
+use quern_proto::{RemotePath, WireError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,11 @@ pub(crate) async fn run(state: Arc<State>) {
         if let Err(e) = state.tokens.rotate(&state.ns) {
             tracing::warn!("could not rotate token keys: {e}");
         }
-        state.cluster().note_transitions();
+        // One lock per node declared dead: each costs that node's chunks.
+        let dying = state.cluster().silent_nodes();
+        for node in dying {
+            state.cluster().declare_dead(node);
+        }
         if last_replication.elapsed() >= state.cfg.replication_interval {
             last_replication = Instant::now();
             if state.safe_mode().is_none() {
@@ -44,83 +48,22 @@ async fn expire_leases(state: &State) {
     }
 }
 
-/// Brings every chunk back to its target: copies from a good replica when
-/// too few live ones exist (a corrupt holder may take the fresh copy), drops
-/// extras, and deletes corrupt replicas once enough good ones exist.
+/// Works the replication queue: copies for chunks short of good
+/// replicas (a corrupt holder may take the fresh copy), then extras and
+/// corrupt replicas dropped once enough good ones exist.
 fn schedule_replication(state: &State) {
-    let mut c = state.cluster();
-    let mut inflight = state.replicating.lock().unwrap_or_else(|p| p.into_inner());
     let patience = state.cfg.replication_interval * 4 + Duration::from_secs(10);
-    inflight.retain(|_, since| since.elapsed() < patience);
-    let ids: Vec<_> = c
-        .chunks
-        .iter()
-        .filter(|(_, e)| e.size.is_some())
-        .map(|(id, _)| *id)
-        .collect();
-    for id in ids {
-        let Some(entry) = c.chunks.get(&id) else {
-            continue;
-        };
-        let good: Vec<NodeId> = entry
-            .replicas
-            .iter()
-            .filter(|n| !entry.corrupt.contains_key(n) && c.is_live(**n))
-            .copied()
-            .collect();
-        let target = entry.target as usize;
-        let corrupt: Vec<NodeId> = entry.corrupt.keys().copied().collect();
-        let (Some(size), Some(digest)) = (entry.size, entry.digest) else {
-            continue;
-        };
-        if good.is_empty() {
-            continue;
-        }
-        if good.len() < target {
-            if inflight.contains_key(&id) {
-                continue;
-            }
-            let exclude: Vec<NodeId> = entry
-                .replicas
-                .iter()
-                .filter(|n| !entry.corrupt.contains_key(n))
-                .copied()
-                .collect();
-            let targets = c.choose_targets(target - good.len(), &exclude, size);
-            if targets.is_empty() {
-                continue;
-            }
-            let source = good[id.0 as usize % good.len()];
-            tracing::info!(chunk = %id, %source, targets = targets.len(), "re-replicating");
-            c.queue(
-                source,
-                DatanodeCommand::Replicate {
-                    chunk: quern_proto::msg::ChunkMeta { id, size, digest },
-                    targets,
-                    token: state
-                        .tokens
-                        .sign(id, quern_proto::Access::REPLICATE, "namenode"),
-                },
-            );
-            inflight.insert(id, Instant::now());
-        } else {
-            let mut drop: Vec<NodeId> = corrupt;
-            if good.len() > target {
-                let mut extra = good.clone();
-                extra.sort_by_key(|n| {
-                    std::cmp::Reverse(c.nodes.get(n).map(|e| e.used).unwrap_or(0))
-                });
-                drop.extend(extra.into_iter().take(good.len() - target));
-            }
-            for node in drop {
-                if let Some(e) = c.chunks.get_mut(&id) {
-                    e.replicas.remove(&node);
-                    e.corrupt.remove(&node);
-                }
-                c.queue(node, DatanodeCommand::Delete(vec![id]));
-            }
-        }
-    }
+    let sign = |id| {
+        state
+            .tokens
+            .sign(id, quern_proto::Access::REPLICATE, "namenode")
+    };
+    crate::replication::work(
+        &mut state.cluster(),
+        state.cfg.replication_per_node,
+        patience,
+        &sign,
+    );
 }
 
 /// Health of everything below a path. The counts cover the whole tree;
@@ -143,7 +86,7 @@ pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
     let next =
         (page.end < files.len() && !page.is_empty()).then(|| files[page.end - 1].0.to_string());
     let safe_mode = state.safe_mode().is_some();
-    let c = state.cluster();
+    let live_datanodes = state.cluster().live_count() as u32;
     let mut report = FsckReport {
         path: path.to_string(),
         health: Health::Healthy,
@@ -154,7 +97,7 @@ pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
         under_replicated_chunks: 0,
         corrupt_replicas: 0,
         missing_chunks: 0,
-        live_datanodes: c.live_count() as u32,
+        live_datanodes,
         safe_mode,
     };
     for (n, (fpath, inode)) in files.into_iter().enumerate() {
@@ -166,29 +109,28 @@ pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
             replication: inode.replication,
             problems: Vec::new(),
         };
+        // The lock is taken per file, so checking a large tree never
+        // holds up heartbeats for long.
+        let c = state.cluster();
         for (i, meta) in inode.chunks.iter().enumerate() {
             report.chunks += 1;
-            let entry = c.chunks.get(&meta.id);
             let mut live = 0;
             let mut dead = Vec::new();
-            if let Some(e) = entry {
-                for node in &e.replicas {
-                    let addr = c
-                        .addr(*node)
-                        .map(|a| a.addr.to_string())
-                        .unwrap_or_else(|| "unknown address".into());
-                    if let Some(why) = e.corrupt.get(node) {
+            for r in c.replicas(meta.id, 0) {
+                let node = r.node.id;
+                let addr = r.node.addr;
+                match r.state {
+                    ReplicaState::Corrupt => {
+                        let why = c.corrupt_reason(meta.id, node).unwrap_or("corrupt");
                         report.corrupt_replicas += 1;
                         f.health = f.health.max(Health::Corrupt);
                         f.problems.push(format!(
                             "chunk {i} ({}): replica on {node} ({addr}) is CORRUPT: {why}",
                             meta.id
                         ));
-                    } else if c.is_live(*node) {
-                        live += 1;
-                    } else {
-                        dead.push(format!("{node} ({addr})"));
                     }
+                    ReplicaState::Live => live += 1,
+                    ReplicaState::Dead => dead.push(format!("{node} ({addr})")),
                 }
             }
             if live == 0 {

@@ -1,10 +1,13 @@
 //! The namespace in sled: inodes, directory entries and files being written.
 //!
 //! Trees: `inodes` (inode id -> [`Inode`]), `dirents` (parent id ++ name ->
-//! child id), `pending` ([`FileId`] -> [`PendingFile`]) and `meta` (the
-//! cluster id written by `quern namenode format`, the token keys). A file being
-//! written lives only in `pending` until it completes, so nobody can see it
-//! before then. Every mutation that touches several trees is one sled
+//! child id), `pending` ([`FileId`] -> [`PendingFile`]), `pending_parts`
+//! (file id ++ kind ++ number -> a chunk allocated to or committed for a
+//! pending file) and `meta` (the cluster id written by `quern namenode
+//! format`, the token keys). A file being written lives only in `pending`
+//! until it completes, so nobody can see it before then. Each allocated or
+//! committed chunk is one small record of its own, so writing a file of n
+//! chunks costs n small writes, not n rewrites of a growing record. Every mutation that touches several trees is one sled
 //! transaction, so a SIGKILL never leaves half an operation behind; callers
 //! serialise mutations (one writer at a time) and flush before replying.
 
@@ -264,16 +267,34 @@ pub struct Namespace {
     inodes: sled::Tree,
     dirents: sled::Tree,
     pending: sled::Tree,
+    pending_parts: sled::Tree,
     meta: sled::Tree,
     pub cluster_id: String,
 }
 
+const PART_ALLOCATED: u8 = 0;
+const PART_COMMITTED: u8 = 1;
+
+fn part_key(file: FileId, kind: u8, n: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..8].copy_from_slice(&file.0.to_be_bytes());
+    k[8] = kind;
+    k[9..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
 const CLUSTER_ID: &[u8] = b"cluster_id";
+
+/// The metadata store's page cache.
+const META_CACHE: u64 = 128 << 20;
 
 impl Namespace {
     fn open_db(dir: &std::path::Path) -> Result<sled::Db, StoreError> {
         let config = sled::Config::new()
             .path(dir.join("meta"))
+            // sled caches up to 1 GiB by default; the chunk map, not the
+            // page cache, is what must stay in memory.
+            .cache_capacity(META_CACHE)
             .flush_every_ms(Some(1000));
         // sled's flusher thread lets go of the file lock a moment after a
         // Db is dropped: a store just formatted in this process may still
@@ -346,6 +367,7 @@ impl Namespace {
             inodes,
             dirents: db.open_tree("dirents")?,
             pending: db.open_tree("pending")?,
+            pending_parts: db.open_tree("pending_parts")?,
             meta,
             cluster_id,
             db,
@@ -755,7 +777,9 @@ impl Namespace {
         }
     }
 
-    pub fn pending(&self, id: FileId) -> Res<PendingFile> {
+    /// A pending file's record without its chunks: what checking who
+    /// writes it needs.
+    pub fn pending_head(&self, id: FileId) -> Res<PendingFile> {
         match self.pending.get(id.0.to_be_bytes()).st()? {
             Some(v) => Ok(dec_pending(&v)?),
             None => Err(err(
@@ -765,9 +789,59 @@ impl Namespace {
         }
     }
 
-    pub fn put_pending(&self, id: FileId, p: &PendingFile) -> Res<()> {
-        self.pending
-            .insert(id.0.to_be_bytes(), enc_pending(p))
+    /// A pending file with every chunk allocated to and committed for it.
+    pub fn pending(&self, id: FileId) -> Res<PendingFile> {
+        let mut p = self.pending_head(id)?;
+        self.load_parts(id, &mut p)?;
+        Ok(p)
+    }
+
+    fn load_parts(&self, id: FileId, p: &mut PendingFile) -> Res<()> {
+        for item in self.pending_parts.scan_prefix(id.0.to_be_bytes()) {
+            let (k, v) = item.st()?;
+            let n = id_from(k.get(9..).unwrap_or_default());
+            match k.get(8).copied() {
+                Some(PART_ALLOCATED) => p.allocated.push(quern_proto::ChunkId(n)),
+                Some(PART_COMMITTED) => {
+                    p.chunks.insert(n as u32, dec(&v, "committed chunk")?);
+                }
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "pending part of {id} with an unknown kind"
+                    ))
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a chunk id handed out for a pending file.
+    pub fn add_allocated(&self, id: FileId, chunk: quern_proto::ChunkId) -> Res<()> {
+        self.pending_parts
+            .insert(part_key(id, PART_ALLOCATED, chunk.0), &[])
+            .st()?;
+        Ok(())
+    }
+
+    /// Whether a chunk id was handed out for this pending file.
+    pub fn is_allocated(
+        &self,
+        id: FileId,
+        head: &PendingFile,
+        chunk: quern_proto::ChunkId,
+    ) -> Res<bool> {
+        Ok(head.allocated.contains(&chunk)
+            || self
+                .pending_parts
+                .contains_key(part_key(id, PART_ALLOCATED, chunk.0))
+                .st()?)
+    }
+
+    /// Records chunk `index` of a pending file as written.
+    pub fn commit_part(&self, id: FileId, index: u32, meta: &ChunkMeta) -> Res<()> {
+        self.pending_parts
+            .insert(part_key(id, PART_COMMITTED, index as u64), enc(meta))
             .st()?;
         Ok(())
     }
@@ -776,16 +850,27 @@ impl Namespace {
         let mut out = Vec::new();
         for item in self.pending.iter() {
             let (k, v) = item.st()?;
-            out.push((FileId(id_from(&k)), dec_pending(&v)?));
+            let id = FileId(id_from(&k));
+            let mut p = dec_pending(&v)?;
+            self.load_parts(id, &mut p)?;
+            out.push((id, p));
         }
         Ok(out)
     }
 
     pub fn drop_pending(&self, id: FileId) -> Res<Option<PendingFile>> {
-        match self.pending.remove(id.0.to_be_bytes()).st()? {
-            Some(v) => Ok(Some(dec_pending(&v)?)),
-            None => Ok(None),
+        let p = match self.pending(id) {
+            Ok(p) => p,
+            Err(e) if e.code == ErrorCode::LeaseExpired => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut batch = sled::Batch::default();
+        for item in self.pending_parts.scan_prefix(id.0.to_be_bytes()).keys() {
+            batch.remove(item.st()?);
         }
+        self.pending_parts.apply_batch(batch).st()?;
+        self.pending.remove(id.0.to_be_bytes()).st()?;
+        Ok(Some(p))
     }
 
     /// Makes a pending file visible. Returns its status, the chunks of a
@@ -827,14 +912,28 @@ impl Namespace {
         };
         let new_id = self.new_id()?;
         let key = dirent_key(parent.id, path.name().unwrap_or_default());
-        (&self.inodes, &self.dirents, &self.pending)
-            .transaction(|(inodes, dirents, pending)| {
+        let parts: Vec<sled::IVec> = self
+            .pending_parts
+            .scan_prefix(id.0.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()
+            .st()?;
+        (
+            &self.inodes,
+            &self.dirents,
+            &self.pending,
+            &self.pending_parts,
+        )
+            .transaction(|(inodes, dirents, pending, pending_parts)| {
                 inodes.insert(&new_id.to_be_bytes(), enc_inode(&inode))?;
                 dirents.insert(key.as_slice(), &new_id.to_be_bytes())?;
                 if let Some(old) = replaced {
                     inodes.remove(&old.to_be_bytes())?;
                 }
                 pending.remove(&id.0.to_be_bytes())?;
+                for k in &parts {
+                    pending_parts.remove(k)?;
+                }
                 TxResult::Ok(())
             })
             .st()?;
@@ -1041,5 +1140,69 @@ mod tests {
         }
         assert_eq!(seen, N);
         assert_eq!(pages, 100);
+    }
+
+    #[test]
+    fn a_file_of_many_chunks_is_written_one_small_record_per_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        Namespace::format(dir.path()).unwrap();
+        let path = RemotePath::parse("/big").unwrap();
+        let id = {
+            let ns = Namespace::open(dir.path()).unwrap();
+            let parent = ns.parent_dir(&path).unwrap();
+            let id = ns
+                .create(
+                    &path,
+                    &parent,
+                    PendingFile {
+                        path: "/big".into(),
+                        replication: 3,
+                        chunk_size: 10,
+                        mode: 0o644,
+                        overwrite: false,
+                        owner: "admin".into(),
+                        group: SUPERGROUP.into(),
+                        chunks: BTreeMap::new(),
+                        allocated: Vec::new(),
+                    },
+                )
+                .unwrap();
+            let record = ns.pending.get(id.0.to_be_bytes()).unwrap().unwrap().len();
+            for i in 0..2000u32 {
+                let chunk = ns.new_chunk_id().unwrap();
+                ns.add_allocated(id, chunk).unwrap();
+                let head = ns.pending_head(id).unwrap();
+                assert!(ns.is_allocated(id, &head, chunk).unwrap());
+                let meta = ChunkMeta {
+                    id: chunk,
+                    size: 10,
+                    digest: quern_proto::Digest([i as u8; 32]),
+                };
+                ns.commit_part(id, i, &meta).unwrap();
+            }
+            // The file's own record never grew.
+            let now = ns.pending.get(id.0.to_be_bytes()).unwrap().unwrap().len();
+            assert_eq!(now, record);
+            ns.flush_now().unwrap();
+            id
+        };
+        // Across a restart the parts are read back with their file.
+        let ns = Namespace::open(dir.path()).unwrap();
+        let all = ns.all_pending().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].1.chunks.len(), 2000);
+        assert_eq!(all[0].1.allocated.len(), 2000);
+        assert!(!ns
+            .is_allocated(id, &all[0].1, quern_proto::ChunkId(u64::MAX))
+            .unwrap());
+        let (status, _, unused) = ns.complete(id).unwrap();
+        assert_eq!(status.size, 20_000);
+        assert!(unused.is_empty());
+        assert_eq!(
+            ns.pending_parts.len(),
+            0,
+            "completing leaves no parts behind"
+        );
+        assert_eq!(ns.get(&path).unwrap().inode.chunks.len(), 2000);
     }
 }

@@ -1,7 +1,7 @@
 //! Request handling: each namenode RPC mapped onto the namespace and the
 //! cluster map.
 
-use crate::cluster::{ChunkEntry, Cluster};
+use crate::cluster::Cluster;
 use crate::keys::Authority;
 use crate::namespace::{Inode, Namespace, PendingFile, Resolved, StoreError};
 use crate::perm::{check_datanode, denied, User, R, W, X};
@@ -11,7 +11,7 @@ use quern_proto::background::Background;
 use quern_proto::msg::*;
 use quern_proto::transport::{serve, Endpoint, Peer, ServerStream, Service, Tuning};
 use quern_proto::WireError;
-use quern_proto::{tls::Identity, Access, ErrorCode, FileId, Principal, RemotePath, Role};
+use quern_proto::{tls::Identity, Access, ErrorCode, FileId, NodeId, Principal, RemotePath, Role};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,27 +56,20 @@ impl Namenode {
             Authority::load(&ns, cfg.token_lifetime, cfg.key_rotation).map_err(StartError::Wire)?;
         let mut cluster = Cluster::new(cfg.dead_timeout);
         for (chunk, target) in ns.all_chunks().map_err(StartError::Wire)? {
-            cluster.chunks.insert(
-                chunk.id,
-                ChunkEntry::committed(chunk.size, chunk.digest, target),
-            );
+            cluster.commit(chunk.id, chunk.size, chunk.digest, target, &[]);
         }
         let jobs = crate::jobs::Jobs::open(&ns, cfg.job_history)?;
         let mut leases = HashMap::new();
         for (id, p) in ns.all_pending().map_err(StartError::Wire)? {
             for c in &p.allocated {
-                cluster
-                    .chunks
-                    .insert(*c, ChunkEntry::allocated(p.replication));
+                cluster.allocate(*c, p.replication);
             }
             for c in p.chunks.values() {
-                cluster
-                    .chunks
-                    .insert(c.id, ChunkEntry::committed(c.size, c.digest, p.replication));
+                cluster.commit(c.id, c.size, c.digest, p.replication, &[]);
             }
             leases.insert(id, Instant::now() + cfg.lease_timeout);
         }
-        let chunk_count = cluster.chunks.len();
+        let chunk_count = cluster.chunk_count();
         let safe_since = (chunk_count > 0).then(Instant::now);
         let endpoint = Arc::new(
             Endpoint::server(identity, cfg.listen, Tuning::tuned()).map_err(StartError::Net)?,
@@ -86,10 +79,11 @@ impl Namenode {
             ns,
             cluster: Mutex::new(cluster),
             leases: Mutex::new(leases),
-            safe_since: Mutex::new(safe_since),
-            safe_count: Mutex::new(None),
+            safe: Mutex::new(crate::state::SafeMode {
+                since: safe_since,
+                manual: false,
+            }),
             writer: tokio::sync::Mutex::new(()),
-            replicating: Mutex::new(HashMap::new()),
             tokens,
             endpoint: endpoint.clone(),
             reports: Mutex::new(HashMap::new()),
@@ -200,7 +194,6 @@ impl Service for NameService {
             NameRequest::ChunkReceived(r) => {
                 let reply = check_datanode(c, r.node, "ChunkReceived").map(|()| {
                     s.cluster().chunk_received(r.node, r.chunk);
-                    s.replicas_changed();
                 });
                 respond(stream, reply).await
             }
@@ -242,6 +235,7 @@ impl Service for NameService {
                         respond(stream, reply).await
                     }
                     NameRequest::Report(_) => respond(stream, report(s)).await,
+                    NameRequest::SafeMode(r) => respond(stream, safe_mode(s, u, r)).await,
                     NameRequest::JobStart(r) => respond(stream, s.jobs.start(u, r)).await,
                     NameRequest::JobPost(r) => {
                         let reply = s.jobs.post(u, r.job, r.note);
@@ -289,6 +283,7 @@ fn request_name(r: &NameRequest) -> &'static str {
         NameRequest::AddTargets(_) => "add targets",
         NameRequest::JobStart(_) => "job start",
         NameRequest::JobPost(_) => "job post",
+        NameRequest::SafeMode(_) => "safemode",
     }
 }
 
@@ -500,7 +495,7 @@ async fn create(s: &State, u: &User, r: CreateFile) -> Res<FileId> {
 async fn allocate(s: &State, u: &User, r: AllocateChunk) -> Res<ChunkAllocation> {
     s.writable()?;
     let _w = s.writer.lock().await;
-    let mut p = s.pending(u, r.file)?;
+    let p = s.pending(u, r.file)?;
     let chunk = s.ns.new_chunk_id()?;
     let targets = s
         .cluster()
@@ -522,11 +517,8 @@ async fn allocate(s: &State, u: &User, r: AllocateChunk) -> Res<ChunkAllocation>
             ),
         ));
     }
-    p.allocated.push(chunk);
-    s.ns.put_pending(r.file, &p)?;
-    s.cluster()
-        .chunks
-        .insert(chunk, ChunkEntry::allocated(p.replication));
+    s.ns.add_allocated(r.file, chunk)?;
+    s.cluster().allocate(chunk, p.replication);
     drop(_w);
     s.renew(r.file);
     let token = s.tokens.sign(chunk, Access::WRITE, &u.name);
@@ -543,7 +535,7 @@ async fn add_targets(s: &State, u: &User, r: AddTargets) -> Res<ChunkAllocation>
         let _w = s.writer.lock().await;
         s.pending(u, r.file)?
     };
-    if !p.allocated.contains(&r.chunk) {
+    if !s.ns.is_allocated(r.file, &p, r.chunk)? {
         return Err(WireError::new(
             ErrorCode::InvalidArgument,
             format!("{} was not allocated to {}", r.chunk, p.path),
@@ -574,8 +566,8 @@ async fn add_targets(s: &State, u: &User, r: AddTargets) -> Res<ChunkAllocation>
 
 async fn commit(s: &State, u: &User, r: CommitChunk) -> Res<()> {
     let _w = s.writer.lock().await;
-    let mut p = s.pending(u, r.file)?;
-    if !p.allocated.contains(&r.meta.id) {
+    let p = s.pending(u, r.file)?;
+    if !s.ns.is_allocated(r.file, &p, r.meta.id)? {
         return Err(WireError::new(
             ErrorCode::InvalidArgument,
             format!("{} was not allocated to {}", r.meta.id, p.path),
@@ -590,19 +582,15 @@ async fn commit(s: &State, u: &User, r: CommitChunk) -> Res<()> {
             ),
         ));
     }
-    p.chunks.insert(r.index, r.meta);
-    s.ns.put_pending(r.file, &p)?;
+    s.ns.commit_part(r.file, r.index, &r.meta)?;
     drop(_w);
-    {
-        let mut c = s.cluster();
-        let entry = c
-            .chunks
-            .entry(r.meta.id)
-            .or_insert_with(|| ChunkEntry::allocated(p.replication));
-        entry.size = Some(r.meta.size);
-        entry.digest = Some(r.meta.digest);
-        entry.replicas.extend(r.stored_on.iter().copied());
-    }
+    s.cluster().commit(
+        r.meta.id,
+        r.meta.size,
+        r.meta.digest,
+        p.replication,
+        &r.stored_on,
+    );
     s.renew(r.file);
     Ok(())
 }
@@ -725,9 +713,7 @@ async fn setrep(s: &State, u: &User, r: SetReplication) -> Res<()> {
     s.ns.flush().await?;
     let mut c = s.cluster();
     for id in changed {
-        if let Some(e) = c.chunks.get_mut(&id) {
-            e.target = r.replication;
-        }
+        c.set_target(id, r.replication);
     }
     Ok(())
 }
@@ -828,6 +814,23 @@ pub(crate) fn report(s: &State) -> Res<ClusterReport> {
     })
 }
 
+fn safe_mode(s: &State, u: &User, r: SafeModeRequest) -> Res<SafeModeStatus> {
+    match r.action {
+        SafeModeAction::Get => {}
+        _ if !u.superuser => {
+            return Err(denied(format!(
+                "permission denied: only the admin certificate changes safe mode, not {}",
+                u.name
+            )))
+        }
+        SafeModeAction::Enter => s.set_safe_mode(true),
+        SafeModeAction::Leave => s.set_safe_mode(false),
+    }
+    Ok(SafeModeStatus {
+        safe_mode: s.safe_mode(),
+    })
+}
+
 async fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> {
     check_datanode(caller, r.node.id, "register")?;
     if let Some(theirs) = &r.cluster_id {
@@ -868,15 +871,13 @@ async fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> 
         }
         tracing::info!(node = %r.node.id, %old, new = %r.node.addr, "datanode moved to a new address");
     }
-    let safe = s.safe_mode().is_some();
     let cmds = if r.report_follows {
         s.cluster().join(r.node, r.capacity, r.available, &[]);
         Vec::new()
     } else {
-        s.cluster()
-            .register(r.node, r.capacity, r.available, &r.chunks, safe)
+        s.cluster().join(r.node, r.capacity, r.available, &r.chunks);
+        take_report(s, r.node.id, &r.chunks)
     };
-    s.replicas_changed();
     tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = r.chunks.len(), "datanode registered");
     Ok(s.node_reply(cmds))
 }
@@ -907,8 +908,21 @@ fn chunk_report(s: &State, caller: &Principal, r: ChunkReport) -> Res<NodeReply>
         }
         partial.remove(&r.node).unwrap_or_default()
     };
-    let safe = s.safe_mode().is_some();
-    let cmds = s.cluster().full_report(r.node, &chunks, safe);
-    s.replicas_changed();
+    let cmds = take_report(s, r.node, &chunks);
     Ok(s.node_reply(cmds))
+}
+
+/// Chunks of a report reconciled per lock taken: a thousand nodes
+/// reporting at once leave room for heartbeats between batches.
+const REPORT_BATCH: usize = 4096;
+
+fn take_report(s: &State, node: NodeId, chunks: &[StoredChunk]) -> Vec<DatanodeCommand> {
+    let mut progress = crate::cluster::ReportProgress::default();
+    for batch in chunks.chunks(REPORT_BATCH) {
+        if !s.cluster().report_batch(node, batch, &mut progress) {
+            return vec![DatanodeCommand::Reregister];
+        }
+    }
+    let safe = s.safe_mode().is_some();
+    s.cluster().finish_report(node, progress, safe)
 }

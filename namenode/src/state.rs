@@ -28,10 +28,16 @@ pub struct NamenodeConfig {
     /// A file being written whose client stays silent this long is dropped
     /// and its chunks reclaimed.
     pub lease_timeout: Duration,
-    /// Leave safe mode after this long even if some chunks were never
-    /// reported (they then show as MISSING).
-    pub safemode_max_wait: Duration,
+    /// Safe mode ends once this share of committed chunks has a live
+    /// replica (HDFS's 0.999).
+    pub safemode_threshold: f64,
+    /// Leave safe mode after this long even if fewer chunks were reported
+    /// (the rest then show as MISSING); `None`: only the share or an
+    /// operator ends it.
+    pub safemode_max_wait: Option<Duration>,
     pub replication_interval: Duration,
+    /// Copies a datanode takes part in (as source or target) per pass.
+    pub replication_per_node: usize,
     /// How long a chunk access token is valid.
     pub token_lifetime: Duration,
     /// How often a new token key takes over.
@@ -49,8 +55,10 @@ impl NamenodeConfig {
             listen,
             dead_timeout: Duration::from_secs(30),
             lease_timeout: Duration::from_secs(60),
-            safemode_max_wait: Duration::from_secs(30),
+            safemode_threshold: 0.999,
+            safemode_max_wait: None,
             replication_interval: Duration::from_secs(3),
+            replication_per_node: 8,
             token_lifetime: Duration::from_secs(10 * 3600),
             key_rotation: Duration::from_secs(10 * 3600),
             job_history: 200,
@@ -65,15 +73,9 @@ pub(crate) struct State {
     pub cluster: Mutex<Cluster>,
     /// Expiry of each pending file's lease.
     pub leases: Mutex<HashMap<FileId, Instant>>,
-    /// Set while the namenode waits for chunk reports after a start.
-    pub safe_since: Mutex<Option<Instant>>,
-    /// The last count of unreported chunks (when, missing, total) that
-    /// safe mode's decision rests on.
-    pub safe_count: Mutex<Option<(Instant, usize, usize)>>,
+    pub safe: Mutex<SafeMode>,
     /// One namespace mutation at a time; readers do not take it.
     pub writer: tokio::sync::Mutex<()>,
-    /// Chunks with a replication in flight, so it is not scheduled twice.
-    pub replicating: Mutex<HashMap<quern_proto::ChunkId, Instant>>,
     pub tokens: Authority,
     /// For probing a datanode's old address when it registers anew.
     pub endpoint: Arc<Endpoint>,
@@ -83,13 +85,16 @@ pub(crate) struct State {
     pub jobs: crate::jobs::Jobs,
 }
 
-/// How long one count of unreported chunks stands for safe mode between
-/// reports. Every reply to a datanode says whether the namenode is in safe
-/// mode, and a count walks the whole chunk map: counted per reply, a
-/// thousand datanodes' heartbeats kept the namenode busy counting
-/// (measured in docs/scale.md). Reports and received chunks count again
-/// at once; a node declared dead is counted within this time.
-const SAFE_RECOUNT: Duration = Duration::from_millis(250);
+/// Safe mode: no namespace changes and no replication while chunk
+/// locations are rebuilt from reports after a start, or while an operator
+/// holds the namenode in it.
+#[derive(Debug, Default)]
+pub struct SafeMode {
+    /// Since when, while in it.
+    pub since: Option<Instant>,
+    /// Entered by an operator: only an operator ends it.
+    pub manual: bool,
+}
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -100,48 +105,71 @@ impl State {
         lock(&self.cluster)
     }
 
-    /// `Some(reason)` while in safe mode; leaves it once every chunk has a
-    /// live replica or the wait is over.
+    /// `Some(reason)` while in safe mode. After a start it is left once
+    /// the configured share of chunks has a live replica (kept as a count,
+    /// so this costs no scan), or when the optional longest wait is over.
     pub fn safe_mode(&self) -> Option<String> {
-        let mut since = lock(&self.safe_since);
-        let started = (*since)?;
-        let (missing, total) = {
-            let mut last = lock(&self.safe_count);
-            match *last {
-                Some((at, missing, total)) if at.elapsed() < SAFE_RECOUNT => (missing, total),
-                _ => {
-                    let (missing, total) = self.cluster().unreported();
-                    *last = Some((Instant::now(), missing, total));
-                    (missing, total)
-                }
-            }
+        let mut safe = lock(&self.safe);
+        let started = safe.since?;
+        if safe.manual {
+            return Some(
+                "namenode is in safe mode, entered by an operator; `quern safemode leave` \
+                 ends it"
+                    .into(),
+            );
+        }
+        let (missing, total) = self.cluster().unreported();
+        let reported = total - missing;
+        let share = if total == 0 {
+            1.0
+        } else {
+            reported as f64 / total as f64
         };
         let waited = started.elapsed();
-        if missing == 0 || waited >= self.cfg.safemode_max_wait {
+        let gave_up = self.cfg.safemode_max_wait.is_some_and(|w| waited >= w);
+        if share >= self.cfg.safemode_threshold || gave_up {
             if missing > 0 {
                 tracing::warn!(
                     missing,
                     total,
-                    "leaving safe mode with chunks never reported"
+                    waited_s = waited.as_secs_f64(),
+                    "leaving safe mode with chunks not reported by any live datanode"
                 );
             } else {
-                tracing::info!(total, "all chunks reported; leaving safe mode");
+                tracing::info!(
+                    total,
+                    waited_s = waited.as_secs_f64(),
+                    "all chunks reported; leaving safe mode"
+                );
             }
-            *since = None;
+            safe.since = None;
             return None;
         }
         Some(format!(
-            "namenode is in safe mode: {} of {total} chunks reported by datanodes; it leaves safe \
-             mode when all are reported or within {} s",
-            total - missing,
-            self.cfg.safemode_max_wait.saturating_sub(waited).as_secs() + 1
+            "namenode is in safe mode: {reported} of {total} chunks have a live replica ({:.2}%); \
+             it leaves at {:.2}%{}, or by `quern safemode leave`",
+            share * 100.0,
+            self.cfg.safemode_threshold * 100.0,
+            match self.cfg.safemode_max_wait {
+                Some(w) => format!(" or within {} s", w.saturating_sub(waited).as_secs() + 1),
+                None => String::new(),
+            }
         ))
     }
 
-    /// A report or a received chunk may have made the last unreported
-    /// chunks reported: safe mode's next check counts again.
-    pub(crate) fn replicas_changed(&self) {
-        *lock(&self.safe_count) = None;
+    /// An operator's `quern safemode enter|leave`.
+    pub(crate) fn set_safe_mode(&self, on: bool) {
+        let mut safe = lock(&self.safe);
+        if on {
+            safe.since = Some(safe.since.unwrap_or_else(Instant::now));
+            safe.manual = true;
+            tracing::warn!("safe mode entered by an operator");
+        } else {
+            if safe.since.is_some() {
+                tracing::warn!("safe mode left by an operator");
+            }
+            *safe = SafeMode::default();
+        }
     }
 
     pub(crate) fn writable(&self) -> Res<()> {
@@ -199,9 +227,10 @@ impl State {
         Ok(dir)
     }
 
-    /// A pending file, only for the user who created it.
+    /// A pending file's record (without its chunks), only for the user
+    /// who created it.
     pub(crate) fn pending(&self, user: &User, file: FileId) -> Res<PendingFile> {
-        let p = self.ns.pending(file)?;
+        let p = self.ns.pending_head(file)?;
         if !user.superuser && p.owner != user.name {
             return Err(denied(format!(
                 "permission denied: {} is being written by {}, not {}",

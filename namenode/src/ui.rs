@@ -89,7 +89,7 @@ async fn overview(Shared(s): S) -> Response {
         Ok(r) => r,
         Err(e) => return failed(e),
     };
-    let health = s.cluster().health();
+    let health = s.cluster().health_counts();
     let live: Vec<_> = r
         .datanodes
         .iter()

@@ -410,6 +410,27 @@ pub struct Fsck {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report;
 
+/// An operator's safe-mode command (admin certificate only for changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SafeModeAction {
+    Get,
+    /// Held until `Leave`, whatever the reports.
+    Enter,
+    /// Ends safe mode now, even with chunks not reported yet.
+    Leave,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SafeModeRequest {
+    pub action: SafeModeAction,
+}
+
+/// `Some(why)` while in safe mode, after the action.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SafeModeStatus {
+    pub safe_mode: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Register {
     /// The cluster this datanode joined before, if any.
@@ -496,6 +517,7 @@ rpcs!(NameRequest {
     AddTargets(AddTargets) -> ChunkAllocation,
     JobStart(JobStart) -> u64,
     JobPost(JobPost) -> (),
+    SafeMode(SafeModeRequest) -> SafeModeStatus,
 });
 
 // ---------------------------------------------------------------- jobs

@@ -571,7 +571,13 @@ impl BinCluster {
 
     /// `quern cluster up` again: restarts whatever is not running.
     pub fn restart(&self) -> Run {
-        self.run_in_dir(&["cluster", "up", "--datanodes", "0"])
+        self.restart_with(&[])
+    }
+
+    pub fn restart_with(&self, extra: &[&str]) -> Run {
+        let mut args = vec!["cluster", "up", "--datanodes", "0"];
+        args.extend_from_slice(extra);
+        self.run_in_dir(&args)
     }
 
     pub fn down(&self) -> Run {

@@ -173,6 +173,56 @@ fn cluster_up_put_get_fsck_down() {
 }
 
 #[test]
+fn a_namenode_restarted_without_a_holder_stays_in_safe_mode_until_told_to_leave() {
+    let c = BinCluster::up(2, &[]);
+    let local = tempfile::tempdir().unwrap();
+    let data = random_bytes(4 * 65536, 31);
+    let src = write_local(local.path(), "f", &data);
+    ok(&c.quern(&[
+        "put",
+        &src,
+        "/f",
+        "--chunk-size",
+        "64K",
+        "--replication",
+        "1",
+    ]));
+    // Datanode 0 comes back without its chunks: they have no holder left.
+    c.sigkill("namenode", 0);
+    c.sigkill("datanode", 0);
+    let lost = chunk_files_in(&c.datanode_dir(0));
+    assert!(!lost.is_empty(), "datanode 0 held none of /f's chunks");
+    for f in &lost {
+        std::fs::remove_file(f).unwrap();
+        std::fs::remove_file(f.with_extension("meta")).unwrap();
+    }
+    // No timer ends safe mode: `up` gives up waiting and says what to do.
+    let r = c.restart_with(&["--wait", "4s"]);
+    assert_ne!(r.status, 0, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("safe mode") && r.stderr.contains("quern safemode leave"),
+        "{}",
+        r.stderr
+    );
+    let r = c.quern(&["safemode"]);
+    ok(&r);
+    assert!(r.stdout.contains("safe mode is ON"), "{}", r.stdout);
+    let mkdir = c.quern(&["mkdir", "/d"]);
+    assert_ne!(mkdir.status, 0);
+    assert!(mkdir.stderr.contains("safe mode"), "{}", mkdir.stderr);
+    // Reads of what is there still work.
+    ok(&c.quern(&["ls", "/"]));
+    let r = c.quern(&["safemode", "leave"]);
+    ok(&r);
+    assert!(r.stdout.contains("safe mode is OFF"), "{}", r.stdout);
+    let r = c.quern(&["fsck", "/"]);
+    assert_eq!(r.status, 1, "{}", r.stdout);
+    assert!(r.stdout.contains("MISSING"), "{}", r.stdout);
+    ok(&c.quern(&["mkdir", "/d"]));
+    ok(&c.quern(&["safemode", "wait"]));
+}
+
+#[test]
 fn namenode_sigkill_and_restart_keeps_every_file() {
     let c = BinCluster::up(3, &["--safemode-wait", "20s"]);
     let local = tempfile::tempdir().unwrap();

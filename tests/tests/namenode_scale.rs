@@ -1,6 +1,8 @@
 //! `quern bench namenode` at a small scale: simulated datanodes register,
-//! report, heartbeat and obey, a lost one's replicas are copied back, and
-//! a SIGKILLed namenode becomes writable again; the figures come out as
+//! report, heartbeat and obey, all of them register again at once (a
+//! report storm) without anyone declared dead, a lost one's replicas are
+//! copied back at the set rate, and a SIGKILLed namenode becomes writable
+//! again; the figures come out as
 //! the JSON the scale document quotes.
 
 use quern_tests::*;
@@ -23,6 +25,10 @@ fn the_namenode_benchmark_runs_every_phase_and_reports_its_figures() {
             "300ms",
             "--dead-timeout",
             "2s",
+            "--replication-interval",
+            "300ms",
+            "--replication-per-node",
+            "100",
             "--json",
             "--dir",
         ])
@@ -52,6 +58,11 @@ fn the_namenode_benchmark_runs_every_phase_and_reports_its_figures() {
     // every one of the lost node's replicas was copied back.
     assert_eq!(f["lost_replicas"], 1500);
     assert_eq!(f["rereplicated"], 1500, "{f}");
+    // Every datanode registering again at once, under client load, costs
+    // no node its liveness and no chunk its replicas.
+    assert_eq!(f["storm_dead_datanodes"], 0, "{f}");
+    assert_eq!(f["storm_missing_chunks"], 0, "{f}");
+    assert_eq!(f["storm_under_replicated_chunks"], 0, "{f}");
     // The benchmark refuses to reuse a directory.
     let again = Command::new(quern_bin())
         .args(["bench", "namenode", "--dir"])

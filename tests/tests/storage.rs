@@ -2,7 +2,7 @@
 //! files on disk.
 
 use quern_client::{Client, WriteOptions};
-use quern_proto::msg::{FileKind, Health, NodeState, ReplicaState};
+use quern_proto::msg::{FileKind, Health, NodeState, ReplicaState, SafeModeAction};
 use quern_proto::ErrorCode;
 use quern_tests::*;
 use std::time::Duration;
@@ -424,4 +424,39 @@ async fn rename_moves_subtrees_and_overwrite_replaces_atomically() {
     .await;
     let st = client.stat("/").await.unwrap();
     assert_eq!(st.kind, FileKind::Dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_holds_the_namenode_in_safe_mode_until_leaving_it() {
+    let c = TestCluster::start(Options::default()).await;
+    let admin = c.client();
+    let alice = c.user_client("alice");
+    assert_eq!(admin.safe_mode(SafeModeAction::Get).await.unwrap(), None);
+    // Only the admin certificate changes it.
+    let e = alice
+        .safe_mode(SafeModeAction::Enter)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only the admin"), "{e}");
+    let why = admin
+        .safe_mode(SafeModeAction::Enter)
+        .await
+        .unwrap()
+        .expect("in safe mode");
+    assert!(why.contains("quern safemode leave"), "{why}");
+    // Reads work, changes are refused, whatever the reports say.
+    assert!(admin.stat("/").await.is_ok());
+    let e = admin.mkdir("/x", true).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::SafeMode), "{e}");
+    assert!(e.to_string().contains("entered by an operator"), "{e}");
+    let e = alice.safe_mode(SafeModeAction::Leave).await.unwrap_err();
+    assert!(e.to_string().contains("permission denied"), "{e}");
+    assert!(alice
+        .safe_mode(SafeModeAction::Get)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(admin.safe_mode(SafeModeAction::Leave).await.unwrap(), None);
+    admin.mkdir("/x", true).await.unwrap();
 }
