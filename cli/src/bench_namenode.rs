@@ -229,7 +229,12 @@ async fn full_report(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> 
 async fn obey(sims: &[Arc<Sim>], shared: &Shared, nn: SocketAddr, commands: Vec<DatanodeCommand>) {
     for c in commands {
         match c {
-            DatanodeCommand::Replicate { chunk, targets, .. } => {
+            DatanodeCommand::Replicate {
+                chunk,
+                size,
+                targets,
+                ..
+            } => {
                 for t in targets {
                     // Node ids are positions plus one (see `run`).
                     let Some(sim) = (t.id.0 as usize).checked_sub(1).and_then(|i| sims.get(i))
@@ -243,9 +248,9 @@ async fn obey(sims: &[Arc<Sim>], shared: &Shared, nn: SocketAddr, commands: Vec<
                             ChunkReceived {
                                 node: sim.id,
                                 chunk: StoredChunk {
-                                    id: chunk.id,
-                                    size: chunk.size,
-                                    digest: chunk.digest,
+                                    id: chunk,
+                                    size,
+                                    digest: synthetic::digest_of(chunk),
                                 },
                             },
                         )
@@ -364,17 +369,28 @@ fn latency(shared: &Shared, phase: Option<u8>) -> (f64, f64, f64, usize) {
     )
 }
 
-/// Chunk `j`'s replicas: on `replication` consecutive nodes from `j`.
+/// Each chunk's replicas on `replication` distinct nodes drawn at random
+/// (seeded, so runs compare), as a namenode placing by free space spreads
+/// them: a lost node's chunks then have their other replicas all over the
+/// cluster, and copying them back can use every node.
 fn placement(ids: &[ChunkId], nodes: usize, replication: usize) -> Vec<Vec<StoredChunk>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut per: Vec<Vec<StoredChunk>> = vec![Vec::new(); nodes];
-    for (j, id) in ids.iter().enumerate() {
+    let mut chosen = Vec::with_capacity(replication);
+    for id in ids {
         let c = StoredChunk {
             id: *id,
             size: CHUNK_SIZE,
             digest: synthetic::digest_of(*id),
         };
-        for r in 0..replication {
-            per[(j + r) % nodes].push(c);
+        chosen.clear();
+        while chosen.len() < replication.min(nodes) {
+            let n = rng.random_range(0..nodes);
+            if !chosen.contains(&n) {
+                chosen.push(n);
+                per[n].push(c);
+            }
         }
     }
     per

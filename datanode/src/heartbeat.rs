@@ -253,16 +253,26 @@ fn execute(node: &Arc<Node>, cmd: DatanodeCommand) {
         }
         DatanodeCommand::Replicate {
             chunk,
+            size,
+            check,
             targets,
             token,
         } => {
             let node = node.clone();
             tokio::spawn(async move {
-                match push_chunk(&node.endpoint, node.store.clone(), chunk, &targets, token).await {
+                match push_chunk(
+                    &node.endpoint,
+                    node.store.clone(),
+                    (chunk, size, check),
+                    &targets,
+                    token,
+                )
+                .await
+                {
                     Ok(ack) => {
-                        tracing::info!(chunk = %chunk.id, copies = ack.stored_on.len(), "replicated")
+                        tracing::info!(%chunk, copies = ack.stored_on.len(), "replicated")
                     }
-                    Err(e) => tracing::warn!(chunk = %chunk.id, "replication failed: {e}"),
+                    Err(e) => tracing::warn!(%chunk, "replication failed: {e}"),
                 }
             });
         }

@@ -135,11 +135,13 @@ pub fn disk_writer(mut part: PartialChunk) -> (mpsc::Sender<Bytes>, DiskWrite) {
     (tx, handle)
 }
 
-/// Sends a stored chunk to `targets` as a pipelined write (re-replication).
+/// Sends a stored chunk to `targets` as a pipelined write (re-replication)
+/// if the local copy is the one committed: `size` bytes with a digest
+/// starting with `check`.
 pub async fn push_chunk(
     endpoint: &Endpoint,
     store: Arc<ChunkStore>,
-    chunk: ChunkMeta,
+    (id, size, check): (ChunkId, u64, u64),
     targets: &[NodeAddr],
     token: ChunkToken,
 ) -> Result<WriteAck, Error> {
@@ -150,13 +152,19 @@ pub async fn push_chunk(
         });
     };
     let (mut pieces, info) =
-        read_pieces(store, chunk.id, 0, chunk.size).map_err(|e| Error::Malformed(e.to_string()))?;
-    if info.digest != chunk.digest {
+        read_pieces(store, id, 0, size).map_err(|e| Error::Malformed(e.to_string()))?;
+    if info.size != size || info.digest.check() != check {
         return Err(Error::Malformed(format!(
-            "{}: local digest differs from the namenode's",
-            chunk.id
+            "{id}: the local copy ({} bytes, digest {}) is not the one committed",
+            info.size,
+            info.digest.to_hex()
         )));
     }
+    let chunk = ChunkMeta {
+        id,
+        size,
+        digest: info.digest,
+    };
     let mut s = endpoint
         .request(
             *first,

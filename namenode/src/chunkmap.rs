@@ -1,14 +1,15 @@
 //! Every chunk the namespace knows, with where its replicas are, kept small:
 //! at a hundred million chunks each byte of an entry is 100 MB of RAM.
 //!
-//! An entry is 56 bytes: size, digest, target and up to three replicas
-//! inline as 4-byte node slots (the node table's index, not the 8-byte
-//! node id). Replicas beyond three (replication above 3, or a dead node's
+//! An entry is 32 bytes: size, the committed digest's first eight bytes
+//! (enough to tell a replica of another write; the full digest lives in the
+//! namespace and on the datanodes), target and up to three replicas inline
+//! as 4-byte node slots (the node table's index, not the 8-byte node id). Replicas beyond three (replication above 3, or a dead node's
 //! replica kept while a new copy is made) and corrupt marks sit in side
 //! maps, which only the rare chunks that need them pay for.
 
 use quern_proto::{ChunkId, Digest};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 /// A datanode's index in the cluster's node table.
 pub type Slot = u32;
@@ -22,7 +23,7 @@ const HAS_MORE: u8 = 4;
 
 struct Entry {
     size: u64,
-    digest: Digest,
+    check: u64,
     inline: [Slot; INLINE],
     target: u8,
     flags: u8,
@@ -33,8 +34,18 @@ struct Entry {
 pub struct ChunkInfo {
     /// `None` while the chunk is allocated but not yet committed.
     pub size: Option<u64>,
-    pub digest: Option<Digest>,
+    /// The committed digest's first eight bytes ([`Digest::check`]).
+    pub check: Option<u64>,
     pub target: u8,
+}
+
+/// A chunk's replicas counted in one look-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Tally {
+    pub info: ChunkInfo,
+    /// Replicas on live nodes, not marked corrupt.
+    pub good: usize,
+    pub corrupt: bool,
 }
 
 #[derive(Default)]
@@ -59,7 +70,7 @@ impl ChunkMap {
             let committed = e.flags & COMMITTED != 0;
             ChunkInfo {
                 size: committed.then_some(e.size),
-                digest: committed.then_some(e.digest),
+                check: committed.then_some(e.check),
                 target: e.target,
             }
         })
@@ -69,7 +80,7 @@ impl ChunkMap {
     pub fn allocate(&mut self, id: ChunkId, target: u8) {
         self.entries.entry(id).or_insert(Entry {
             size: 0,
-            digest: Digest([0; 32]),
+            check: 0,
             inline: [EMPTY; INLINE],
             target,
             flags: 0,
@@ -81,7 +92,7 @@ impl ChunkMap {
         self.allocate(id, target);
         if let Some(e) = self.entries.get_mut(&id) {
             e.size = size;
-            e.digest = digest;
+            e.check = digest.check();
             e.target = target;
             e.flags |= COMMITTED;
         }
@@ -110,6 +121,37 @@ impl ChunkMap {
             }
         }
         Some(holders)
+    }
+
+    /// Counts a chunk's good replicas (`live` says which nodes are).
+    pub fn tally(&self, id: ChunkId, live: impl Fn(Slot) -> bool) -> Option<Tally> {
+        let e = self.entries.get(&id)?;
+        let committed = e.flags & COMMITTED != 0;
+        let marks = if e.flags & HAS_CORRUPT != 0 {
+            self.corrupt.get(&id).map(|m| m.as_slice()).unwrap_or(&[])
+        } else {
+            &[]
+        };
+        let good_one = |s: Slot| s != EMPTY && live(s) && !marks.iter().any(|(m, _)| *m == s);
+        let mut good = e.inline.iter().filter(|s| good_one(**s)).count();
+        if e.flags & HAS_MORE != 0 {
+            good += self
+                .more
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .filter(|s| good_one(**s))
+                .count();
+        }
+        Some(Tally {
+            info: ChunkInfo {
+                size: committed.then_some(e.size),
+                check: committed.then_some(e.check),
+                target: e.target,
+            },
+            good,
+            corrupt: !marks.is_empty(),
+        })
     }
 
     /// The nodes holding a chunk, in no particular order.
@@ -258,7 +300,7 @@ mod tests {
 
     #[test]
     fn an_entry_stays_small() {
-        assert!(std::mem::size_of::<Entry>() <= 56);
+        assert!(std::mem::size_of::<Entry>() <= 32);
     }
 
     #[test]

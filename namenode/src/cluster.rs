@@ -10,7 +10,7 @@
 //! come and go; and a chunk that needs copies or has extras is put on the
 //! replication queue when that happens, not found by a periodic sweep.
 
-use crate::chunkmap::{ChunkInfo, ChunkMap, Slot};
+use crate::chunkmap::{ChunkInfo, ChunkMap, Slot, Tally};
 use crate::replication::ReplicationQueue;
 use quern_proto::msg::{
     DatanodeCommand, DatanodeReport, Heartbeat, NodeAddr, NodeState, ReplicaInfo, ReplicaState,
@@ -19,7 +19,7 @@ use quern_proto::msg::{
 use quern_proto::{ChunkId, Digest, NodeId};
 use rand::seq::SliceRandom;
 use roaring::RoaringTreemap;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -112,7 +112,7 @@ impl Cluster {
     pub fn new(dead_timeout: Duration) -> Cluster {
         Cluster {
             nodes: Vec::new(),
-            slots: HashMap::new(),
+            slots: HashMap::default(),
             chunks: ChunkMap::default(),
             counts: ChunkHealth::default(),
             queue: ReplicationQueue::default(),
@@ -280,7 +280,7 @@ impl Cluster {
         };
         for c in chunks {
             match self.chunks.info(c.id) {
-                Some(info) if info.digest.is_some_and(|d| d != c.digest) => {
+                Some(info) if info.check.is_some_and(|k| k != c.digest.check()) => {
                     progress.false_claims += 1;
                 }
                 Some(info) => {
@@ -338,7 +338,7 @@ impl Cluster {
         };
         match self.chunks.info(chunk.id) {
             // Not the chunk that was committed: the node never received it.
-            Some(info) if info.digest.is_some_and(|d| d != chunk.digest) => {
+            Some(info) if info.check.is_some_and(|k| k != chunk.digest.check()) => {
                 tracing::warn!(%node, chunk = %chunk.id, "announced a chunk with another digest; ignored");
                 false
             }
@@ -400,7 +400,7 @@ impl Cluster {
     /// Forgets chunks no file owns any more and tells their holders to
     /// delete them.
     pub fn forget_chunks(&mut self, ids: impl IntoIterator<Item = ChunkId>) {
-        let mut per_node: HashMap<Slot, Vec<ChunkId>> = HashMap::new();
+        let mut per_node: HashMap<Slot, Vec<ChunkId>> = HashMap::default();
         for id in ids {
             let before = self.health(id);
             if let Some(holders) = self.chunks.remove(id) {
@@ -614,41 +614,45 @@ impl Cluster {
         good
     }
 
+    fn tally(&self, id: ChunkId) -> Option<Tally> {
+        let nodes = &self.nodes;
+        self.chunks
+            .tally(id, |s| nodes.get(s as usize).is_some_and(|n| n.live))
+    }
+
     pub(crate) fn health(&self, id: ChunkId) -> Health {
-        let Some(info) = self.chunks.info(id) else {
-            return Health::Gone;
-        };
-        if info.size.is_none() {
-            return Health::Uncommitted;
-        }
-        let good = self.good_replicas(id).len();
-        if good == 0 {
-            Health::Missing
-        } else if good < info.target as usize {
-            Health::Under
-        } else {
-            Health::Ok
-        }
+        health_of(self.tally(id))
     }
 
     /// After a change to a chunk: moves it between the health counts and
     /// queues it when it now needs copies, has extras or corrupt replicas.
     pub(crate) fn settle(&mut self, id: ChunkId, before: Health) {
-        let after = self.health(id);
+        let tally = self.tally(id);
+        let after = health_of(tally);
         self.counts.shift(before, after);
-        let Some(info) = self.chunks.info(id) else {
+        let Some(t) = tally else {
             return;
         };
         if after == Health::Under {
-            let good = self.good_replicas(id).len();
             self.queue
-                .offer(id, crate::replication::urgency(good, info.target));
-        } else if after == Health::Ok {
-            let live_good = self.good_replicas(id).len();
-            let has_corrupt = !self.chunks.corrupt_slots(id).is_empty();
-            if live_good > info.target as usize || has_corrupt {
-                self.queue.offer(id, crate::replication::CLEANUP);
-            }
+                .offer(id, crate::replication::urgency(t.good, t.info.target));
+        } else if after == Health::Ok && (t.good > t.info.target as usize || t.corrupt) {
+            self.queue.offer(id, crate::replication::CLEANUP);
         }
+    }
+}
+
+fn health_of(tally: Option<Tally>) -> Health {
+    let Some(t) = tally else {
+        return Health::Gone;
+    };
+    if t.info.size.is_none() {
+        Health::Uncommitted
+    } else if t.good == 0 {
+        Health::Missing
+    } else if t.good < t.info.target as usize {
+        Health::Under
+    } else {
+        Health::Ok
     }
 }

@@ -8,9 +8,10 @@
 
 use crate::chunkmap::Slot;
 use crate::cluster::Cluster;
-use quern_proto::msg::{ChunkMeta, DatanodeCommand};
+use quern_proto::msg::DatanodeCommand;
 use quern_proto::{ChunkId, ChunkToken, NodeId};
-use std::collections::{HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Queue levels: 0 for a chunk down to one good replica, 1 for two or
@@ -116,7 +117,7 @@ pub(crate) fn work(
     let per_node = per_node.max(1);
     let live = c.live_count().max(1);
     let max_pops = 4 * per_node * live + 64;
-    let mut load: HashMap<NodeId, usize> = HashMap::new();
+    let mut load: HashMap<NodeId, usize> = HashMap::default();
     let mut deferred = Vec::new();
     let mut pass = Pass::default();
     for _ in 0..max_pops {
@@ -126,7 +127,7 @@ pub(crate) fn work(
         let Some(info) = c.chunk(id) else {
             continue;
         };
-        let (Some(size), Some(digest)) = (info.size, info.digest) else {
+        let (Some(size), Some(check)) = (info.size, info.check) else {
             continue;
         };
         let good = c.good_replicas(id);
@@ -141,7 +142,9 @@ pub(crate) fn work(
                     c.queue(
                         source,
                         DatanodeCommand::Replicate {
-                            chunk: ChunkMeta { id, size, digest },
+                            chunk: id,
+                            size,
+                            check,
                             targets: awaited,
                             token: sign(id),
                         },
@@ -322,7 +325,13 @@ mod tests {
         assert_eq!(cmds.len(), 5);
         // The copies land; those chunks are whole again and leave the queue.
         for cmd in cmds {
-            let DatanodeCommand::Replicate { chunk, targets, .. } = cmd else {
+            let DatanodeCommand::Replicate {
+                chunk,
+                size,
+                targets,
+                ..
+            } = cmd
+            else {
                 panic!("{cmd:?}");
             };
             assert_eq!(targets.len(), 1);
@@ -330,9 +339,8 @@ mod tests {
             c.chunk_received(
                 targets[0].id,
                 StoredChunk {
-                    id: chunk.id,
-                    size: chunk.size,
-                    digest: chunk.digest,
+                    size,
+                    ..stored(chunk.0)
                 },
             );
         }

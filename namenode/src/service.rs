@@ -77,7 +77,8 @@ impl Namenode {
         let state = Arc::new(State {
             cfg,
             ns,
-            cluster: Mutex::new(cluster),
+            cluster: parking_lot::Mutex::new(cluster),
+            reporting: tokio::sync::Mutex::new(()),
             leases: Mutex::new(leases),
             safe: Mutex::new(crate::state::SafeMode {
                 since: safe_since,
@@ -188,9 +189,11 @@ impl Service for NameService {
         let caller = stream.caller.clone();
         let c = caller.as_ref();
         match req {
-            NameRequest::Register(r) => respond(stream, register(s, c, r).await).await,
+            NameRequest::Register(r) => respond(stream, register(s.clone(), c, r).await).await,
             NameRequest::Heartbeat(r) => respond(stream, heartbeat(s, c, r)).await,
-            NameRequest::ChunkReport(r) => respond(stream, chunk_report(s, c, r)).await,
+            NameRequest::ChunkReport(r) => {
+                respond(stream, chunk_report(s.clone(), c, r).await).await
+            }
             NameRequest::ChunkReceived(r) => {
                 let reply = check_datanode(c, r.node, "ChunkReceived").map(|()| {
                     s.cluster().chunk_received(r.node, r.chunk);
@@ -831,7 +834,7 @@ fn safe_mode(s: &State, u: &User, r: SafeModeRequest) -> Res<SafeModeStatus> {
     })
 }
 
-async fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> {
+async fn register(s: Arc<State>, caller: &Principal, r: Register) -> Res<NodeReply> {
     check_datanode(caller, r.node.id, "register")?;
     if let Some(theirs) = &r.cluster_id {
         if *theirs != s.ns.cluster_id {
@@ -871,14 +874,15 @@ async fn register(s: &State, caller: &Principal, r: Register) -> Res<NodeReply> 
         }
         tracing::info!(node = %r.node.id, %old, new = %r.node.addr, "datanode moved to a new address");
     }
+    let reported = r.chunks.len();
     let cmds = if r.report_follows {
         s.cluster().join(r.node, r.capacity, r.available, &[]);
         Vec::new()
     } else {
         s.cluster().join(r.node, r.capacity, r.available, &r.chunks);
-        take_report(s, r.node.id, &r.chunks)
+        take_report(s.clone(), r.node.id, r.chunks).await
     };
-    tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = r.chunks.len(), "datanode registered");
+    tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = reported, "datanode registered");
     Ok(s.node_reply(cmds))
 }
 
@@ -894,7 +898,7 @@ fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
 /// A report arrives in pages; it is reconciled whole, at its last page, so
 /// the cost of a report is that node's chunks and nothing is dropped for
 /// being on a later page.
-fn chunk_report(s: &State, caller: &Principal, r: ChunkReport) -> Res<NodeReply> {
+async fn chunk_report(s: Arc<State>, caller: &Principal, r: ChunkReport) -> Res<NodeReply> {
     check_datanode(caller, r.node, "chunk report")?;
     let chunks = {
         let mut partial = lock(&s.reports);
@@ -908,21 +912,41 @@ fn chunk_report(s: &State, caller: &Principal, r: ChunkReport) -> Res<NodeReply>
         }
         partial.remove(&r.node).unwrap_or_default()
     };
-    let cmds = take_report(s, r.node, &chunks);
+    let cmds = take_report(s.clone(), r.node, chunks).await;
     Ok(s.node_reply(cmds))
 }
 
 /// Chunks of a report reconciled per lock taken: a thousand nodes
 /// reporting at once leave room for heartbeats between batches.
-const REPORT_BATCH: usize = 4096;
+const REPORT_BATCH: usize = 2048;
 
-fn take_report(s: &State, node: NodeId, chunks: &[StoredChunk]) -> Vec<DatanodeCommand> {
-    let mut progress = crate::cluster::ReportProgress::default();
-    for batch in chunks.chunks(REPORT_BATCH) {
-        if !s.cluster().report_batch(node, batch, &mut progress) {
-            return vec![DatanodeCommand::Reregister];
+/// Reconciles a full report on a blocking thread, one report at a time,
+/// handing the lock fairly to whoever waits between batches, so that
+/// heartbeats and client calls are answered while reports pile up.
+async fn take_report(
+    s: Arc<State>,
+    node: NodeId,
+    chunks: Vec<StoredChunk>,
+) -> Vec<DatanodeCommand> {
+    let _turn = s.reporting.lock().await;
+    let state = s.clone();
+    let work = tokio::task::spawn_blocking(move || {
+        let mut progress = crate::cluster::ReportProgress::default();
+        for batch in chunks.chunks(REPORT_BATCH) {
+            let mut c = state.cluster();
+            if !c.report_batch(node, batch, &mut progress) {
+                return vec![DatanodeCommand::Reregister];
+            }
+            parking_lot::MutexGuard::unlock_fair(c);
+        }
+        let safe = state.safe_mode().is_some();
+        state.cluster().finish_report(node, progress, safe)
+    });
+    match work.await {
+        Ok(cmds) => cmds,
+        Err(e) => {
+            tracing::error!(%node, "reconciling a chunk report failed: {e}");
+            Vec::new()
         }
     }
-    let safe = s.safe_mode().is_some();
-    s.cluster().finish_report(node, progress, safe)
 }

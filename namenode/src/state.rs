@@ -70,7 +70,12 @@ impl NamenodeConfig {
 pub(crate) struct State {
     pub cfg: NamenodeConfig,
     pub ns: Namespace,
-    pub cluster: Mutex<Cluster>,
+    /// Fair on demand: a long report hands the lock to waiting
+    /// heartbeats between its batches.
+    pub cluster: parking_lot::Mutex<Cluster>,
+    /// One report reconciled at a time, off the async workers: a storm of
+    /// reports queues here instead of taking every thread.
+    pub reporting: tokio::sync::Mutex<()>,
     /// Expiry of each pending file's lease.
     pub leases: Mutex<HashMap<FileId, Instant>>,
     pub safe: Mutex<SafeMode>,
@@ -101,8 +106,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
-    pub fn cluster(&self) -> MutexGuard<'_, Cluster> {
-        lock(&self.cluster)
+    pub fn cluster(&self) -> parking_lot::MutexGuard<'_, Cluster> {
+        self.cluster.lock()
     }
 
     /// `Some(reason)` while in safe mode. After a start it is left once

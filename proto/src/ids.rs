@@ -48,6 +48,13 @@ impl Digest {
         Digest(*h.finalize().as_bytes())
     }
 
+    /// The first eight bytes, as the namenode keeps a committed digest.
+    pub fn check(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(b)
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }

@@ -239,7 +239,13 @@ pub enum DatanodeCommand {
     Trash(Vec<ChunkId>),
     /// Copy a chunk this node holds to the targets (pipelined).
     Replicate {
-        chunk: ChunkMeta,
+        chunk: ChunkId,
+        size: u64,
+        /// The committed digest's first eight bytes ([`Digest::check`]):
+        /// the namenode keeps no more of it in memory. The source checks
+        /// its copy against it and sends its own full digest, which the
+        /// targets check the bytes against.
+        check: u64,
         targets: Vec<NodeAddr>,
         token: ChunkToken,
     },

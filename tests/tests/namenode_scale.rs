@@ -54,10 +54,11 @@ fn the_namenode_benchmark_runs_every_phase_and_reports_its_figures() {
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     assert_eq!(f["chunks"], 6000);
-    // Replication 3 over 12 nodes: each holds a quarter of the chunks, and
-    // every one of the lost node's replicas was copied back.
-    assert_eq!(f["lost_replicas"], 1500);
-    assert_eq!(f["rereplicated"], 1500, "{f}");
+    // Replication 3 over 12 nodes: each holds about a quarter of the
+    // chunks, and every one of the lost node's replicas was copied back.
+    let lost = f["lost_replicas"].as_u64().unwrap();
+    assert!((1200..1800).contains(&lost), "{f}");
+    assert_eq!(f["rereplicated"], lost, "{f}");
     // Every datanode registering again at once, under client load, costs
     // no node its liveness and no chunk its replicas.
     assert_eq!(f["storm_dead_datanodes"], 0, "{f}");
