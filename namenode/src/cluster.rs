@@ -105,6 +105,12 @@ pub struct Cluster {
     pub(crate) chunks: ChunkMap,
     counts: ChunkHealth,
     pub(crate) queue: ReplicationQueue,
+    /// Whether changes queue chunks for replication. Off while the map is
+    /// rebuilt from reports after a start: a chunk seen with one replica
+    /// before its other holders reported needs nothing. When safe mode
+    /// ends the queue is built once from every node's chunks, as HDFS
+    /// initialises its replication queues.
+    pub(crate) queueing: bool,
     pub dead_timeout: Duration,
 }
 
@@ -116,6 +122,7 @@ impl Cluster {
             chunks: ChunkMap::default(),
             counts: ChunkHealth::default(),
             queue: ReplicationQueue::default(),
+            queueing: true,
             dead_timeout,
         }
     }
@@ -553,6 +560,19 @@ impl Cluster {
             .collect()
     }
 
+    /// Queues whatever of a node's chunks needs copies or has extras (the
+    /// queue's one-off build after safe mode, a node at a time).
+    pub(crate) fn queue_held(&mut self, slot: Slot) {
+        let held: Vec<ChunkId> = match self.node(slot) {
+            Some(n) => n.held.iter().map(ChunkId).collect(),
+            None => return,
+        };
+        for id in held {
+            let now = self.health(id);
+            self.settle(id, now);
+        }
+    }
+
     /// A node silent past the dead timeout is dead: its replicas stop
     /// counting and chunks left short are queued for copies.
     pub fn declare_dead(&mut self, node: NodeId) {
@@ -630,7 +650,7 @@ impl Cluster {
         let tally = self.tally(id);
         let after = health_of(tally);
         self.counts.shift(before, after);
-        let Some(t) = tally else {
+        let Some(t) = tally.filter(|_| self.queueing) else {
             return;
         };
         if after == Health::Under {

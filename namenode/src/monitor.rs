@@ -24,6 +24,9 @@ pub(crate) async fn run(state: Arc<State>) {
         if last_replication.elapsed() >= state.cfg.replication_interval {
             last_replication = Instant::now();
             if state.safe_mode().is_none() {
+                if !state.cluster().queueing {
+                    build_queue(&state);
+                }
                 schedule_replication(&state);
             }
         }
@@ -48,6 +51,26 @@ async fn expire_leases(state: &State) {
     }
 }
 
+/// Builds the replication queue once safe mode is over, a node's chunks
+/// per lock.
+fn build_queue(state: &State) {
+    let started = Instant::now();
+    let nodes = {
+        let mut c = state.cluster();
+        c.queueing = true;
+        c.nodes.len()
+    };
+    for slot in 0..nodes {
+        state.cluster().queue_held(slot as crate::chunkmap::Slot);
+    }
+    let queued = state.cluster().queue.queued();
+    tracing::info!(
+        queued,
+        ms = started.elapsed().as_millis() as u64,
+        "replication queue built from every datanode's chunks"
+    );
+}
+
 /// Works the replication queue: copies for chunks short of good
 /// replicas (a corrupt holder may take the fresh copy), then extras and
 /// corrupt replicas dropped once enough good ones exist.
@@ -59,7 +82,7 @@ fn schedule_replication(state: &State) {
             .sign(id, quern_proto::Access::REPLICATE, "namenode")
     };
     crate::replication::work(
-        &mut state.cluster(),
+        &state.cluster,
         state.cfg.replication_per_node,
         patience,
         &sign,

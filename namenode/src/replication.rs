@@ -8,8 +8,8 @@
 
 use crate::chunkmap::Slot;
 use crate::cluster::Cluster;
-use quern_proto::msg::DatanodeCommand;
-use quern_proto::{ChunkId, ChunkToken, NodeId};
+use quern_proto::msg::{DatanodeCommand, NodeAddr};
+use quern_proto::{ChunkId, ChunkToken};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -93,15 +93,20 @@ pub struct Pass {
     pub deferred: usize,
 }
 
+/// Chunks looked at per hold of the cluster lock; between slices the lock
+/// goes to whoever waits (heartbeats, reports, clients).
+const SLICE: usize = 256;
+
 /// Works the queue: at most `per_node` copies per datanode (as source or
-/// target) in this pass. A copy not acknowledged within `patience` is
-/// asked for again.
+/// target) in this pass, every queued chunk looked at once. A copy not
+/// acknowledged within `patience` is asked for again.
 pub(crate) fn work(
-    c: &mut Cluster,
+    cluster: &parking_lot::Mutex<Cluster>,
     per_node: usize,
     patience: Duration,
     sign: &dyn Fn(ChunkId) -> ChunkToken,
 ) -> Pass {
+    let mut c = cluster.lock();
     let expired: Vec<ChunkId> = c
         .queue
         .inflight
@@ -115,47 +120,26 @@ pub(crate) fn work(
         c.settle(id, now);
     }
     let per_node = per_node.max(1);
-    let live = c.live_count().max(1);
-    let max_pops = 4 * per_node * live + 64;
-    let mut load: HashMap<NodeId, usize> = HashMap::default();
-    let mut deferred = Vec::new();
     let mut pass = Pass::default();
-    for _ in 0..max_pops {
-        let Some((id, level)) = c.queue.pop() else {
-            break;
-        };
-        let Some(info) = c.chunk(id) else {
-            continue;
-        };
-        let (Some(size), Some(check)) = (info.size, info.check) else {
-            continue;
-        };
-        let good = c.good_replicas(id);
-        // No good copy left to copy from: queued again if one comes back.
-        if good.is_empty() {
-            continue;
-        }
-        let target = info.target as usize;
-        if good.len() < target {
-            match copy(c, id, &good, target, size, per_node, &mut load) {
-                Some((source, awaited)) => {
-                    c.queue(
-                        source,
-                        DatanodeCommand::Replicate {
-                            chunk: id,
-                            size,
-                            check,
-                            targets: awaited,
-                            token: sign(id),
-                        },
-                    );
-                    pass.copies += 1;
-                }
-                None => deferred.push((id, level)),
+    let mut targets = Targets::new(&c, per_node);
+    let mut deferred = Vec::new();
+    let mut left = c.queue.queued();
+    while left > 0 {
+        for _ in 0..SLICE.min(left) {
+            left -= 1;
+            let Some((id, level)) = c.queue.pop() else {
+                left = 0;
+                break;
+            };
+            match one(&mut c, id, &mut targets, sign) {
+                Some(Step::Copied) => pass.copies += 1,
+                Some(Step::Dropped(n)) => pass.dropped += n,
+                Some(Step::Busy) => deferred.push((id, level)),
+                None => {}
             }
-        } else {
-            pass.dropped += drop_extras(c, id, good, target);
         }
+        parking_lot::MutexGuard::unlock_fair(c);
+        c = cluster.lock();
     }
     pass.deferred = deferred.len();
     for (id, level) in deferred {
@@ -173,43 +157,137 @@ pub(crate) fn work(
     pass
 }
 
-/// Picks a source with capacity left this pass and targets for the
-/// missing copies; records them as under way.
-fn copy(
+enum Step {
+    Copied,
+    Dropped(usize),
+    /// Every node that could take part has done its share of this pass.
+    Busy,
+}
+
+/// What one queued chunk needs, done; `None` when it needs nothing now.
+fn one(
     c: &mut Cluster,
     id: ChunkId,
-    good: &[Slot],
-    target: usize,
-    size: u64,
-    per_node: usize,
-    load: &mut HashMap<NodeId, usize>,
-) -> Option<(NodeId, Vec<quern_proto::msg::NodeAddr>)> {
+    targets: &mut Targets,
+    sign: &dyn Fn(ChunkId) -> ChunkToken,
+) -> Option<Step> {
+    let info = c.chunk(id)?;
+    let (Some(size), Some(check)) = (info.size, info.check) else {
+        return None;
+    };
+    let good = c.good_replicas(id);
+    // No good copy left to copy from: queued again if one comes back.
+    if good.is_empty() {
+        return None;
+    }
+    let target = info.target as usize;
+    if good.len() >= target {
+        let n = drop_extras(c, id, good, target);
+        return (n > 0).then_some(Step::Dropped(n));
+    }
     let start = id.0 as usize % good.len();
-    let source = (0..good.len())
+    let Some(source) = (0..good.len())
         .map(|i| good[(start + i) % good.len()])
-        .filter_map(|s| c.node(s).map(|n| n.id))
-        .find(|n| load.get(n).copied().unwrap_or(0) < per_node)?;
+        .find(|s| targets.has_room(*s))
+    else {
+        return Some(Step::Busy);
+    };
     // A corrupt holder may take the fresh copy; good holders may not.
-    let holders: Vec<NodeId> = c
+    let holders: Vec<Slot> = c
         .chunks
         .replicas(id)
         .into_iter()
         .filter(|s| !c.chunks.is_corrupt(id, *s))
-        .filter_map(|s| c.node(s).map(|n| n.id))
         .collect();
-    let targets = c.choose_targets_where(target - good.len(), size, |e| {
-        !holders.contains(&e.id) && load.get(&e.id).copied().unwrap_or(0) < per_node
-    });
-    if targets.is_empty() {
-        return None;
+    let chosen = targets.pick(c, target - good.len(), size, &holders);
+    if chosen.is_empty() {
+        return Some(Step::Busy);
     }
-    *load.entry(source).or_default() += 1;
-    for t in &targets {
-        *load.entry(t.id).or_default() += 1;
+    targets.take(source);
+    let addrs: Vec<NodeAddr> = chosen.iter().filter_map(|s| c.slot_addr(*s)).collect();
+    let source_id = c.node(source)?.id;
+    tracing::debug!(chunk = %id, source = %source_id, targets = addrs.len(), "re-replicating");
+    c.queue.inflight.insert(id, (Instant::now(), addrs.len()));
+    c.queue(
+        source_id,
+        DatanodeCommand::Replicate {
+            chunk: id,
+            size,
+            check,
+            targets: addrs,
+            token: sign(id),
+        },
+    );
+    Some(Step::Copied)
+}
+
+/// The nodes a pass may copy to, least used first, and how many copies
+/// each has taken part in; built once per pass so choosing targets does
+/// not sort every node for every chunk.
+struct Targets {
+    order: Vec<Slot>,
+    load: HashMap<Slot, usize>,
+    per_node: usize,
+    next: usize,
+}
+
+impl Targets {
+    fn new(c: &Cluster, per_node: usize) -> Targets {
+        let mut order: Vec<(Slot, u64)> = c
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.live && !n.full)
+            .map(|(i, n)| (i as Slot, n.used + n.placed_since_heartbeat))
+            .collect();
+        order.sort_by_key(|(_, used)| *used);
+        Targets {
+            order: order.into_iter().map(|(s, _)| s).collect(),
+            load: HashMap::default(),
+            per_node,
+            next: 0,
+        }
     }
-    tracing::debug!(chunk = %id, %source, targets = targets.len(), "re-replicating");
-    c.queue.inflight.insert(id, (Instant::now(), targets.len()));
-    Some((source, targets))
+
+    fn has_room(&self, slot: Slot) -> bool {
+        self.load.get(&slot).copied().unwrap_or(0) < self.per_node
+    }
+
+    fn take(&mut self, slot: Slot) {
+        *self.load.entry(slot).or_default() += 1;
+    }
+
+    /// Up to `n` nodes with room for `size` bytes and for one more copy
+    /// this pass, not among `exclude`; taken round the list so copies
+    /// spread over every node rather than piling on the emptiest.
+    fn pick(&mut self, c: &mut Cluster, n: usize, size: u64, exclude: &[Slot]) -> Vec<Slot> {
+        let mut out = Vec::with_capacity(n);
+        let len = self.order.len();
+        for k in 0..len {
+            if out.len() == n {
+                break;
+            }
+            let slot = self.order[(self.next + k) % len];
+            if exclude.contains(&slot) || !self.has_room(slot) {
+                continue;
+            }
+            let Some(node) = c.nodes.get_mut(slot as usize) else {
+                continue;
+            };
+            if node.available.saturating_sub(node.placed_since_heartbeat) < size {
+                continue;
+            }
+            node.placed_since_heartbeat += size;
+            out.push(slot);
+        }
+        if len > 0 {
+            self.next = (self.next + 1) % len;
+        }
+        for s in &out {
+            self.take(*s);
+        }
+        out
+    }
 }
 
 /// Drops corrupt replicas, then good ones beyond the target from the
@@ -236,7 +314,7 @@ fn drop_extras(c: &mut Cluster, id: ChunkId, mut good: Vec<Slot>, target: usize)
 mod tests {
     use super::*;
     use quern_proto::msg::{NodeAddr, ReplicaState, StoredChunk};
-    use quern_proto::{ChunkToken, Digest};
+    use quern_proto::{ChunkToken, Digest, NodeId};
 
     fn addr(i: u64) -> NodeAddr {
         NodeAddr {
@@ -300,6 +378,18 @@ mod tests {
         (committed, missing, under)
     }
 
+    fn run(
+        c: &mut Cluster,
+        per_node: usize,
+        patience: Duration,
+        sign: &dyn Fn(ChunkId) -> ChunkToken,
+    ) -> Pass {
+        let m = parking_lot::Mutex::new(std::mem::replace(c, Cluster::new(c.dead_timeout)));
+        let pass = work(&m, per_node, patience, sign);
+        *c = m.into_inner();
+        pass
+    }
+
     fn counts(c: &Cluster) -> (u64, u64, u64) {
         let h = c.health_counts();
         (h.chunks, h.missing, h.under_replicated)
@@ -317,7 +407,7 @@ mod tests {
         assert_eq!(counts(&c), recount(&c, 100));
         assert_eq!(c.queue.queued(), 100);
         // Node 2 is the only source: five copies a pass, no more.
-        let pass = work(&mut c, 5, Duration::from_secs(60), &token);
+        let pass = run(&mut c, 5, Duration::from_secs(60), &token);
         assert_eq!(pass.copies, 5);
         assert_eq!(c.queue.queued(), 95);
         assert_eq!(c.queue.inflight(), 5);
@@ -361,7 +451,7 @@ mod tests {
         // Node 1 comes back holding its old replicas: one too many each.
         c.join(addr(1), 1 << 40, 1 << 40, &[]);
         assert_eq!(c.queue.queued(), 3);
-        let pass = work(&mut c, 1, Duration::from_secs(60), &token);
+        let pass = run(&mut c, 1, Duration::from_secs(60), &token);
         assert_eq!(pass.dropped, 3, "deletes are not rate-bound");
         for id in 0..3 {
             assert_eq!(c.replicas(ChunkId(id), 0).len(), 2);
@@ -406,16 +496,47 @@ mod tests {
         let mut c = cluster(3, 1);
         assert!(c.mark_corrupt(ChunkId(0), NodeId(1), "digest".into()));
         assert_eq!(counts(&c), (1, 0, 1));
-        let pass = work(&mut c, 8, Duration::from_secs(60), &token);
+        let pass = run(&mut c, 8, Duration::from_secs(60), &token);
         assert_eq!(pass.copies, 1);
         c.chunk_received(NodeId(3), stored(0));
         assert_eq!(counts(&c), (1, 0, 0));
-        let pass = work(&mut c, 8, Duration::from_secs(60), &token);
+        let pass = run(&mut c, 8, Duration::from_secs(60), &token);
         assert_eq!(pass.dropped, 1);
         assert!(c.nodes[0]
             .commands
             .iter()
             .any(|cmd| matches!(cmd, DatanodeCommand::Delete(ids) if ids == &[ChunkId(0)])));
         assert_eq!(c.health_counts().corrupt_replicas, 0);
+    }
+
+    #[test]
+    fn nothing_is_queued_while_the_map_is_rebuilt_and_the_queue_is_built_once_after() {
+        let mut c = Cluster::new(Duration::from_secs(30));
+        c.queueing = false;
+        for i in 1..=3 {
+            c.join(addr(i), 1 << 40, 1 << 40, &[]);
+        }
+        // As loaded at a start: committed, no holder known yet.
+        for id in 0..10 {
+            let s = stored(id);
+            c.commit(s.id, s.size, s.digest, 2, &[]);
+        }
+        assert_eq!(counts(&c), (10, 10, 0));
+        let all: Vec<StoredChunk> = (0..10).map(stored).collect();
+        c.full_report(NodeId(1), &all, true);
+        assert_eq!(counts(&c), (10, 0, 10));
+        assert_eq!(
+            c.queue.queued(),
+            0,
+            "the other holders have not reported yet"
+        );
+        c.full_report(NodeId(2), &all[..5], true);
+        assert_eq!(counts(&c), (10, 0, 5));
+        assert_eq!(c.queue.queued(), 0);
+        c.queueing = true;
+        for slot in 0..3 {
+            c.queue_held(slot);
+        }
+        assert_eq!(c.queue.queued(), 5, "only the chunks node 2 lacks");
     }
 }

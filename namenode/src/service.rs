@@ -70,6 +70,7 @@ impl Namenode {
             leases.insert(id, Instant::now() + cfg.lease_timeout);
         }
         let chunk_count = cluster.chunk_count();
+        cluster.queueing = chunk_count == 0;
         let safe_since = (chunk_count > 0).then(Instant::now);
         let endpoint = Arc::new(
             Endpoint::server(identity, cfg.listen, Tuning::tuned()).map_err(StartError::Net)?,
