@@ -97,6 +97,8 @@ fn rss_bytes(pid: u32) -> Result<u64> {
 struct NamenodeProc {
     child: std::process::Child,
     addr: SocketAddr,
+    /// Where it serves `/metrics`.
+    http: Option<SocketAddr>,
 }
 
 impl Drop for NamenodeProc {
@@ -119,7 +121,8 @@ async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
         path(dir.join("namenode")),
         "--listen".into(),
         "127.0.0.1:0".into(),
-        "--no-http".into(),
+        "--http".into(),
+        "127.0.0.1:0".into(),
         "--safemode-wait".into(),
         "1h".into(),
         "--dead-timeout".into(),
@@ -136,7 +139,7 @@ async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
     let mut child = crate::cluster::spawn("namenode", dir, &log, &args)?;
     let within = Duration::from_secs(600);
     match crate::cluster::wait_addr(&addr_file, &mut child, "namenode", &log, within).await {
-        Ok((addr, _)) => Ok(NamenodeProc { child, addr }),
+        Ok((addr, http)) => Ok(NamenodeProc { child, addr, http }),
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
@@ -343,6 +346,86 @@ async fn heartbeats(
     }
 }
 
+async fn scrape(nn: &NamenodeProc) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let http = nn
+        .http
+        .ok_or_else(|| anyhow!("the namenode wrote no HTTP address"))?;
+    let mut s = tokio::net::TcpStream::connect(http)
+        .await
+        .with_context(|| format!("scraping {http}/metrics"))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// The namenode's own account of its chunk map's memory.
+async fn chunk_map_bytes(nn: &NamenodeProc) -> Result<f64> {
+    let body = scrape(nn).await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("quern_chunk_map_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no quern_chunk_map_bytes in the namenode's /metrics"))
+}
+
+/// The namenode's own histogram of heartbeat handling times, from its
+/// `/metrics`: (bucket upper bound in seconds, cumulative count).
+async fn heartbeat_buckets(nn: &NamenodeProc) -> Result<Vec<(f64, u64)>> {
+    let body = scrape(nn).await?;
+    let mut out = Vec::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("quern_request_duration_seconds_bucket{") else {
+            continue;
+        };
+        if !rest.contains("kind=\"Heartbeat\"") {
+            continue;
+        }
+        let le = rest
+            .split("le=\"")
+            .nth(1)
+            .and_then(|v| v.split('"').next())
+            .map(|v| {
+                if v == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    v.parse().unwrap_or(f64::NAN)
+                }
+            });
+        let count = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok());
+        if let (Some(le), Some(count)) = (le, count) {
+            out.push((le, count as u64));
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(out)
+}
+
+/// The 99th percentile, in ms, of heartbeats handled between two scrapes,
+/// to the resolution of the histogram's buckets (the bound it is under).
+fn bucket_p99_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> f64 {
+    let diff: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let was = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map(|(_, c)| *c)
+                .unwrap_or(0);
+            (*le, n.saturating_sub(was))
+        })
+        .collect();
+    let total = diff.last().map(|(_, n)| *n).unwrap_or(0);
+    if total == 0 {
+        return f64::NAN;
+    }
+    diff.iter()
+        .find(|(_, n)| *n as f64 >= 0.99 * total as f64)
+        .map(|(le, _)| le * 1e3)
+        .unwrap_or(f64::INFINITY)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -482,7 +565,8 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     }
     let cold_writable_s = until_writable(&client, "/probe-cold", started).await?;
     let rss = rss_bytes(nn.child.id())?;
-    let bytes_per_chunk = rss.saturating_sub(rss_empty) as f64 / a.chunks.max(1) as f64;
+    let rss_per_chunk = rss.saturating_sub(rss_empty) as f64 / a.chunks.max(1) as f64;
+    let bytes_per_chunk = chunk_map_bytes(&nn).await? / a.chunks.max(1) as f64;
     eprintln!(
         "cold start: listening after {listening_s:.1} s, writable after {cold_writable_s:.1} s; \
          namenode RSS {:.0} MiB ({:.0} MiB empty)",
@@ -492,6 +576,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
 
     let register_retries = shared.register_errors.load(Ordering::Relaxed);
     tokio::time::sleep(a.heartbeat * 2).await;
+    let served_cold = heartbeat_buckets(&nn).await?;
 
     // Phase 1: client load while every datanode registers again at once,
     // with its full report (as after a network blip or a namenode
@@ -544,6 +629,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     }
     let load_s = t.elapsed().as_secs_f64();
     let storm_s = storm.await??;
+    let served_load = heartbeat_buckets(&nn).await?;
     // Nobody declared dead and nothing lost for it.
     let after_storm = client.report().await?;
     let storm_dead = after_storm
@@ -570,6 +656,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     }
     let rereplicated = shared.replicated.load(Ordering::Relaxed) - before;
     let rereplicate_s = t.elapsed().as_secs_f64();
+    let served_rerep = heartbeat_buckets(&nn).await?;
 
     // Phase 3: the namenode is SIGKILLed and started again.
     shared.phase.store(3, Ordering::Relaxed);
@@ -581,6 +668,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let client = Client::new(&admin, nn.addr, Duration::from_secs(600))?;
     let restart_listening_s = restarted.elapsed().as_secs_f64();
     let restart_to_writable_s = until_writable(&client, "/probe-restart", restarted).await?;
+    let served_restart = heartbeat_buckets(&nn).await?;
     done.store(true, Ordering::Relaxed);
     for b in beats {
         let _ = b.await;
@@ -594,6 +682,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "replication": a.replication,
         "clients": a.clients,
         "bytes_per_chunk": bytes_per_chunk,
+        "rss_bytes_per_chunk": rss_per_chunk,
         "namenode_rss_bytes": rss,
         "namenode_empty_rss_bytes": rss_empty,
         "populate_s": populate_s,
@@ -609,6 +698,10 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "heartbeat_p99_ms_under_load": phases[1].1,
         "heartbeat_p99_ms_rereplicating": phases[2].1,
         "heartbeat_errors": shared.heartbeat_errors.load(Ordering::Relaxed),
+        "namenode_heartbeat_p99_ms_cold": bucket_p99_ms(&[], &served_cold),
+        "namenode_heartbeat_p99_ms_under_load": bucket_p99_ms(&served_cold, &served_load),
+        "namenode_heartbeat_p99_ms_rereplicating": bucket_p99_ms(&served_load, &served_rerep),
+        "namenode_heartbeat_p99_ms_restart": bucket_p99_ms(&[], &served_restart),
         "stat_per_s": stat_per_s,
         "create_per_s": create_per_s,
         "report_storm_s": storm_s,
@@ -628,7 +721,9 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             a.datanodes, a.chunks, a.replication, a.clients
         );
         println!(
-            "memory: {bytes_per_chunk:.0} bytes per chunk (namenode RSS {:.0} MiB, {:.0} MiB empty)",
+            "memory: chunk map {bytes_per_chunk:.0} bytes per chunk; namenode RSS {:.0} MiB \
+             ({:.0} MiB empty, {rss_per_chunk:.0} bytes per chunk with connections, caches and \
+             freed report buffers)",
             rss as f64 / (1 << 20) as f64,
             rss_empty as f64 / (1 << 20) as f64
         );
@@ -643,6 +738,15 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             phases[1].1,
             phases[2].1,
             shared.heartbeat_errors.load(Ordering::Relaxed)
+        );
+        println!(
+            "heartbeats as the namenode handled them (p99, to its histogram's buckets): cold start \
+             {:.1} ms, client load and report storm {:.1} ms, re-replicating {:.1} ms, restart \
+             {:.1} ms",
+            bucket_p99_ms(&[], &served_cold),
+            bucket_p99_ms(&served_cold, &served_load),
+            bucket_p99_ms(&served_load, &served_rerep),
+            bucket_p99_ms(&[], &served_restart)
         );
         println!(
             "clients: stat {stat_per_s:.0}/s, create+complete {create_per_s:.0}/s ({} clients, \

@@ -39,6 +39,27 @@ pub struct ChunkInfo {
     pub target: u8,
 }
 
+/// What taking one reported replica did, in one look-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    Unknown,
+    /// Committed with another digest: the node never received this chunk.
+    OtherDigest,
+    /// The node was known to hold it already.
+    Held,
+    /// A new replica of a chunk without extra or corrupt replicas: its
+    /// good replicas before and after.
+    Added {
+        committed: bool,
+        target: u8,
+        good_before: usize,
+        good_after: usize,
+    },
+    /// Anything else (another size, a fourth holder, corrupt marks): the
+    /// caller takes the general path.
+    Other,
+}
+
 /// A chunk's replicas counted in one look-up.
 #[derive(Debug, Clone, Copy)]
 pub struct Tally {
@@ -152,6 +173,49 @@ impl ChunkMap {
             good,
             corrupt: !marks.is_empty(),
         })
+    }
+
+    /// Takes a replica a node reports, when that is simple (the common
+    /// case of a full report), with a single look-up of the chunk.
+    pub fn add_reported(
+        &mut self,
+        id: ChunkId,
+        slot: Slot,
+        size: u64,
+        check: u64,
+        live: impl Fn(Slot) -> bool,
+    ) -> Reported {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return Reported::Unknown;
+        };
+        let committed = e.flags & COMMITTED != 0;
+        if committed && e.check != check {
+            return Reported::OtherDigest;
+        }
+        if committed && e.size != size {
+            return Reported::Other;
+        }
+        if e.inline.contains(&slot) {
+            return Reported::Held;
+        }
+        if e.flags & (HAS_MORE | HAS_CORRUPT) != 0 {
+            return Reported::Other;
+        }
+        let Some(free) = e.inline.iter().position(|s| *s == EMPTY) else {
+            return Reported::Other;
+        };
+        let good_before = e
+            .inline
+            .iter()
+            .filter(|s| **s != EMPTY && live(**s))
+            .count();
+        e.inline[free] = slot;
+        Reported::Added {
+            committed,
+            target: e.target,
+            good_before,
+            good_after: good_before + usize::from(live(slot)),
+        }
     }
 
     /// The nodes holding a chunk, in no particular order.
@@ -286,6 +350,19 @@ impl ChunkMap {
             .get(&id)
             .map(|m| m.iter().map(|(s, _)| *s).collect())
             .unwrap_or_default()
+    }
+
+    /// Bytes the tables hold (entries by capacity, side maps roughly).
+    pub fn memory_bytes(&self) -> usize {
+        let slot = std::mem::size_of::<(ChunkId, Entry)>() + 1;
+        let more: usize = self.more.values().map(|v| 32 + v.capacity() * 4).sum();
+        let corrupt: usize = self
+            .corrupt
+            .values()
+            .flatten()
+            .map(|(_, why)| 48 + why.capacity())
+            .sum();
+        self.entries.capacity() * slot + more + corrupt
     }
 
     /// Corrupt replicas over all chunks.

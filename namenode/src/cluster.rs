@@ -10,7 +10,7 @@
 //! come and go; and a chunk that needs copies or has extras is put on the
 //! replication queue when that happens, not found by a periodic sweep.
 
-use crate::chunkmap::{ChunkInfo, ChunkMap, Slot, Tally};
+use crate::chunkmap::{ChunkInfo, ChunkMap, Reported, Slot, Tally};
 use crate::replication::ReplicationQueue;
 use quern_proto::msg::{
     DatanodeCommand, DatanodeReport, Heartbeat, NodeAddr, NodeState, ReplicaInfo, ReplicaState,
@@ -163,6 +163,17 @@ impl Cluster {
         self.chunks.len()
     }
 
+    /// Memory of the chunk map and of every node's chunk set (as
+    /// serialized, which is close to what a bitmap holds in memory).
+    pub fn memory_bytes(&self) -> usize {
+        self.chunks.memory_bytes()
+            + self
+                .nodes
+                .iter()
+                .map(|n| n.held.serialized_size())
+                .sum::<usize>()
+    }
+
     /// Up to `n` distinct live nodes with room for `size` bytes, least used
     /// first (ties broken at random so equal nodes share the load).
     pub fn choose_targets(&mut self, n: usize, exclude: &[NodeId], size: u64) -> Vec<NodeAddr> {
@@ -286,6 +297,49 @@ impl Cluster {
             return false;
         };
         for c in chunks {
+            let nodes = &self.nodes;
+            let live = |s: Slot| nodes.get(s as usize).is_some_and(|n| n.live);
+            match self
+                .chunks
+                .add_reported(c.id, slot, c.size, c.digest.check(), live)
+            {
+                Reported::Unknown => {
+                    progress.orphans.push(c.id);
+                    continue;
+                }
+                Reported::OtherDigest => {
+                    progress.false_claims += 1;
+                    continue;
+                }
+                Reported::Held => {
+                    progress.reported.insert(c.id.0);
+                    continue;
+                }
+                Reported::Added {
+                    committed,
+                    target,
+                    good_before,
+                    good_after,
+                } => {
+                    progress.reported.insert(c.id.0);
+                    if let Some(n) = self.nodes.get_mut(slot as usize) {
+                        n.held.insert(c.id.0);
+                    }
+                    let before = health_from(committed, target, good_before);
+                    let after = health_from(committed, target, good_after);
+                    self.counts.shift(before, after);
+                    if self.queueing {
+                        if after == Health::Under {
+                            self.queue
+                                .offer(c.id, crate::replication::urgency(good_after, target));
+                        } else if after == Health::Ok && good_after > target as usize {
+                            self.queue.offer(c.id, crate::replication::CLEANUP);
+                        }
+                    }
+                    continue;
+                }
+                Reported::Other => {}
+            }
             match self.chunks.info(c.id) {
                 Some(info) if info.check.is_some_and(|k| k != c.digest.check()) => {
                     progress.false_claims += 1;
@@ -663,14 +717,18 @@ impl Cluster {
 }
 
 fn health_of(tally: Option<Tally>) -> Health {
-    let Some(t) = tally else {
-        return Health::Gone;
-    };
-    if t.info.size.is_none() {
+    match tally {
+        None => Health::Gone,
+        Some(t) => health_from(t.info.size.is_some(), t.info.target, t.good),
+    }
+}
+
+fn health_from(committed: bool, target: u8, good: usize) -> Health {
+    if !committed {
         Health::Uncommitted
-    } else if t.good == 0 {
+    } else if good == 0 {
         Health::Missing
-    } else if t.good < t.info.target as usize {
+    } else if good < target as usize {
         Health::Under
     } else {
         Health::Ok

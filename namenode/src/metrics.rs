@@ -29,6 +29,7 @@ struct NamenodeCollector {
     missing: IntGauge,
     corrupt: IntGauge,
     replication_queue: IntGauge,
+    chunk_map_bytes: IntGauge,
     heartbeat_age: GaugeVec,
     safe_mode: IntGauge,
     jobs: IntGaugeVec,
@@ -74,6 +75,10 @@ impl NamenodeCollector {
                 "quern_replication_queue_length",
                 "Re-replications under way plus commands waiting for a datanode's heartbeat.",
             ),
+            chunk_map_bytes: gauge(
+                "quern_chunk_map_bytes",
+                "Memory the chunk map's tables and the datanodes' chunk sets hold.",
+            ),
             heartbeat_age: built(GaugeVec::new(
                 Opts::new(
                     "quern_heartbeat_age_seconds",
@@ -97,7 +102,7 @@ impl NamenodeCollector {
         }
     }
 
-    fn parts(&self) -> [&dyn Collector; 14] {
+    fn parts(&self) -> [&dyn Collector; 15] {
         [
             &self.datanodes,
             &self.capacity,
@@ -108,6 +113,7 @@ impl NamenodeCollector {
             &self.missing,
             &self.corrupt,
             &self.replication_queue,
+            &self.chunk_map_bytes,
             &self.heartbeat_age,
             &self.safe_mode,
             &self.jobs,
@@ -119,11 +125,12 @@ impl NamenodeCollector {
     fn refresh(&self, s: &State) {
         let safe = s.safe_mode().is_some();
         self.safe_mode.set(i64::from(safe));
-        let (nodes, health, queued) = {
+        let (nodes, health, queued, map_bytes) = {
             let c = s.cluster();
             let queued = c.queued_commands() + c.queue.queued() + c.queue.inflight();
-            (c.report(), c.health_counts(), queued)
+            (c.report(), c.health_counts(), queued, c.memory_bytes())
         };
+        self.chunk_map_bytes.set(map_bytes as i64);
         let live: Vec<_> = nodes
             .iter()
             .filter(|n| n.state == quern_proto::msg::NodeState::Live)

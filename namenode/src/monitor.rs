@@ -23,8 +23,11 @@ pub(crate) async fn run(state: Arc<State>) {
         }
         if last_replication.elapsed() >= state.cfg.replication_interval {
             last_replication = Instant::now();
+            // Until a dead timeout has passed since the start, a node that
+            // has not reported yet may be on its way rather than dead: its
+            // chunks are not copied elsewhere before then.
             if state.safe_mode().is_none() {
-                if !state.cluster().queueing {
+                if !state.cluster().queueing && state.started.elapsed() >= state.cfg.dead_timeout {
                     build_queue(&state);
                 }
                 schedule_replication(&state);

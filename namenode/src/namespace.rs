@@ -981,16 +981,16 @@ impl Namespace {
     }
 
     /// Every chunk of every completed file, with its replication target.
-    pub fn all_chunks(&self) -> Res<Vec<(ChunkMeta, u8)>> {
-        let mut out = Vec::new();
+    /// Every file's chunks with the file's replication, a file at a time.
+    pub fn each_file_chunks(&self, mut f: impl FnMut(&[ChunkMeta], u8)) -> Res<()> {
         for item in self.inodes.iter() {
             let (_, v) = item.st()?;
             let inode = dec_inode(&v)?;
-            for c in inode.chunks {
-                out.push((c, inode.replication));
+            if !inode.chunks.is_empty() {
+                f(&inode.chunks, inode.replication);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -54,10 +54,10 @@ impl Namenode {
         let ns = Namespace::open(&cfg.dir)?;
         let tokens =
             Authority::load(&ns, cfg.token_lifetime, cfg.key_rotation).map_err(StartError::Wire)?;
+        // Chunks of completed files are loaded after the endpoint is up
+        // (`load_chunks`); files being written are few and loaded now.
         let mut cluster = Cluster::new(cfg.dead_timeout);
-        for (chunk, target) in ns.all_chunks().map_err(StartError::Wire)? {
-            cluster.commit(chunk.id, chunk.size, chunk.digest, target, &[]);
-        }
+        cluster.queueing = false;
         let jobs = crate::jobs::Jobs::open(&ns, cfg.job_history)?;
         let mut leases = HashMap::new();
         for (id, p) in ns.all_pending().map_err(StartError::Wire)? {
@@ -69,9 +69,6 @@ impl Namenode {
             }
             leases.insert(id, Instant::now() + cfg.lease_timeout);
         }
-        let chunk_count = cluster.chunk_count();
-        cluster.queueing = chunk_count == 0;
-        let safe_since = (chunk_count > 0).then(Instant::now);
         let endpoint = Arc::new(
             Endpoint::server(identity, cfg.listen, Tuning::tuned()).map_err(StartError::Net)?,
         );
@@ -80,11 +77,13 @@ impl Namenode {
             ns,
             cluster: parking_lot::Mutex::new(cluster),
             reporting: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
             leases: Mutex::new(leases),
             safe: Mutex::new(crate::state::SafeMode {
-                since: safe_since,
+                since: Some(Instant::now()),
                 manual: false,
             }),
+            loaded: tokio::sync::watch::channel(false).0,
             writer: tokio::sync::Mutex::new(()),
             tokens,
             endpoint: endpoint.clone(),
@@ -92,11 +91,31 @@ impl Namenode {
             jobs,
         });
         let addr = endpoint.local_addr().map_err(StartError::Net)?;
-        tracing::info!(%addr, cluster = %state.ns.cluster_id, chunks = chunk_count, safe_mode = safe_since.is_some(), "namenode listening");
+        tracing::info!(%addr, cluster = %state.ns.cluster_id, "namenode listening; loading the chunk map");
         let service = Arc::new(NameService {
             state: state.clone(),
         });
         let mut tasks = Background::default();
+        // A one-off task, not a background duty that must run forever.
+        let loader = state.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let state = loader.clone();
+            match tokio::task::spawn_blocking(move || load_chunks(&state)).await {
+                Ok(Ok(chunks)) => {
+                    tracing::info!(
+                        chunks,
+                        secs = started.elapsed().as_secs_f64(),
+                        "chunk map loaded; safe mode until datanodes report"
+                    );
+                    loader.loaded.send_replace(true);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!("cannot load the chunk map, staying in safe mode: {e}")
+                }
+                Err(e) => tracing::error!("loading the chunk map stopped: {e}"),
+            }
+        });
         tasks.spawn("requests", serve(endpoint.clone(), service));
         tasks.spawn("monitor", crate::monitor::run(state.clone()));
         crate::metrics::register(&state, endpoint.registry());
@@ -178,6 +197,32 @@ async fn respond<T: serde::Serialize>(mut stream: ServerStream, reply: Res<T>) {
     }
 }
 
+/// Every completed file's chunks into the chunk map, a few files per lock,
+/// while requests are already served (reports wait for it).
+fn load_chunks(s: &State) -> Res<usize> {
+    let mut batch: Vec<(ChunkMeta, u8)> = Vec::new();
+    let flush = |batch: &mut Vec<(ChunkMeta, u8)>| {
+        let mut c = s.cluster();
+        for (m, target) in batch.drain(..) {
+            c.commit(m.id, m.size, m.digest, target, &[]);
+        }
+    };
+    s.ns.each_file_chunks(|chunks, target| {
+        batch.extend(chunks.iter().map(|m| (*m, target)));
+        if batch.len() >= 8192 {
+            flush(&mut batch);
+        }
+    })?;
+    flush(&mut batch);
+    let mut c = s.cluster();
+    let n = c.chunk_count();
+    // Nothing to wait for reports of: changes queue from the start.
+    if n == 0 {
+        c.queueing = true;
+    }
+    Ok(n)
+}
+
 impl Service for NameService {
     type Request = NameRequest;
 
@@ -190,18 +235,26 @@ impl Service for NameService {
         let caller = stream.caller.clone();
         let c = caller.as_ref();
         match req {
-            NameRequest::Register(r) => respond(stream, register(s.clone(), c, r).await).await,
+            NameRequest::Register(r) => {
+                s.wait_loaded().await;
+                respond(stream, register(s.clone(), c, r).await).await
+            }
             NameRequest::Heartbeat(r) => respond(stream, heartbeat(s, c, r)).await,
             NameRequest::ChunkReport(r) => {
+                s.wait_loaded().await;
                 respond(stream, chunk_report(s.clone(), c, r).await).await
             }
             NameRequest::ChunkReceived(r) => {
+                s.wait_loaded().await;
                 let reply = check_datanode(c, r.node, "ChunkReceived").map(|()| {
                     s.cluster().chunk_received(r.node, r.chunk);
                 });
                 respond(stream, reply).await
             }
-            NameRequest::ReportBadReplica(r) => respond(stream, bad_replica(s, c, r)).await,
+            NameRequest::ReportBadReplica(r) => {
+                s.wait_loaded().await;
+                respond(stream, bad_replica(s, c, r)).await
+            }
             other => {
                 let user = match User::of(c, request_name(&other)) {
                     Ok(u) => u,

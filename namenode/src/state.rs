@@ -79,6 +79,9 @@ pub(crate) struct State {
     /// Expiry of each pending file's lease.
     pub leases: Mutex<HashMap<FileId, Instant>>,
     pub safe: Mutex<SafeMode>,
+    /// Set once every completed file's chunks are in the chunk map.
+    pub loaded: tokio::sync::watch::Sender<bool>,
+    pub started: Instant,
     /// One namespace mutation at a time; readers do not take it.
     pub writer: tokio::sync::Mutex<()>,
     pub tokens: Authority,
@@ -115,6 +118,12 @@ impl State {
     /// so this costs no scan), or when the optional longest wait is over.
     pub fn safe_mode(&self) -> Option<String> {
         let mut safe = lock(&self.safe);
+        if !*self.loaded.borrow() {
+            return Some(format!(
+                "namenode is in safe mode: loading its chunk map ({} chunks so far)",
+                self.cluster().chunk_count()
+            ));
+        }
         let started = safe.since?;
         if safe.manual {
             return Some(
@@ -160,6 +169,13 @@ impl State {
                 None => String::new(),
             }
         ))
+    }
+
+    /// Waits until the chunk map is loaded: a report or a received chunk
+    /// taken before would find its chunks unknown.
+    pub(crate) async fn wait_loaded(&self) {
+        let mut rx = self.loaded.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     /// An operator's `quern safemode enter|leave`.
