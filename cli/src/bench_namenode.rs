@@ -52,6 +52,9 @@ pub struct BenchNamenode {
     /// Copies each datanode takes part in per pass (the namenode's flag).
     #[arg(long, default_value_t = 8)]
     pub replication_per_node: usize,
+    /// Datanodes sending a long full report at once (the namenode's flag).
+    #[arg(long, default_value_t = 16)]
+    pub report_leases: usize,
     /// The figures as JSON.
     #[arg(long)]
     pub json: bool,
@@ -69,6 +72,10 @@ struct Sim {
     stopped: AtomicBool,
     /// Set when the namenode asked it to register again.
     reregister: AtomicBool,
+    /// Its full report is owed (registered with `report_follows`), and
+    /// whether the namenode said to send it.
+    owes_report: AtomicBool,
+    granted: AtomicBool,
 }
 
 #[derive(Default)]
@@ -80,6 +87,8 @@ struct Shared {
     replicated: AtomicU64,
     heartbeat_errors: AtomicU64,
     register_errors: AtomicU64,
+    /// Full reports the namenode has taken (inline or in pages).
+    reported: AtomicU64,
 }
 
 fn rss_bytes(pid: u32) -> Result<u64> {
@@ -131,6 +140,8 @@ async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
         format!("{}ms", a.replication_interval.as_millis()),
         "--replication-per-node".into(),
         a.replication_per_node.to_string(),
+        "--report-leases".into(),
+        a.report_leases.to_string(),
         "--tls".into(),
         path(dir.join("tls")),
         "--addr-file".into(),
@@ -177,9 +188,12 @@ async fn create_empty(client: &Client, path: &str) -> Result<()> {
     Ok(())
 }
 
+/// Registers as a datanode does: a short chunk list in the registration,
+/// a long one owed until the namenode says to send it.
 async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
     let peer = Peer::namenode(nn);
-    let mut commands = sim
+    let inline = sim.chunks.len() <= INLINE_REPORT;
+    let commands = sim
         .endpoint
         .call(
             peer,
@@ -191,13 +205,17 @@ async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
                 },
                 capacity: 1 << 50,
                 available: 1 << 49,
-                chunks: Vec::new(),
-                report_follows: true,
+                chunks: if inline {
+                    sim.chunks.clone()
+                } else {
+                    Vec::new()
+                },
+                report_follows: !inline,
             },
         )
         .await?
         .commands;
-    commands.extend(full_report(sim, nn).await?);
+    sim.owes_report.store(!inline, Ordering::Relaxed);
     Ok(commands)
 }
 
@@ -263,8 +281,9 @@ async fn obey(sims: &[Arc<Sim>], shared: &Shared, nn: SocketAddr, commands: Vec<
                     }
                 }
             }
-            // Registering again is the heartbeat loop's to do.
+            // Registering again and reporting are the heartbeat loop's.
             DatanodeCommand::Reregister
+            | DatanodeCommand::SendReport
             | DatanodeCommand::Delete(_)
             | DatanodeCommand::Trash(_) => {}
         }
@@ -291,7 +310,29 @@ async fn heartbeats(
         let addr = *nn.lock().unwrap_or_else(|p| p.into_inner());
         if sim.reregister.swap(false, Ordering::Relaxed) {
             match register(&sim, addr).await {
-                Ok(cmds) => obey(&sims, &shared, addr, cmds).await,
+                Ok(cmds) => {
+                    take_grant(&sim, &cmds);
+                    obey(&sims, &shared, addr, cmds).await;
+                    if !sim.owes_report.load(Ordering::Relaxed) {
+                        shared.reported.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {
+                    shared.register_errors.fetch_add(1, Ordering::Relaxed);
+                    sim.reregister.store(true, Ordering::Relaxed);
+                }
+            }
+            if !sim.granted.load(Ordering::Relaxed) {
+                continue;
+            }
+        }
+        if sim.granted.swap(false, Ordering::Relaxed) {
+            match full_report(&sim, addr).await {
+                Ok(cmds) => {
+                    sim.owes_report.store(false, Ordering::Relaxed);
+                    shared.reported.fetch_add(1, Ordering::Relaxed);
+                    obey(&sims, &shared, addr, cmds).await;
+                }
                 Err(_) => {
                     shared.register_errors.fetch_add(1, Ordering::Relaxed);
                     sim.reregister.store(true, Ordering::Relaxed);
@@ -315,6 +356,7 @@ async fn heartbeats(
                     full: false,
                     jobs: 0,
                     job_bytes: 0,
+                    wants_report: sim.owes_report.load(Ordering::Relaxed),
                 },
             )
             .await;
@@ -328,6 +370,7 @@ async fn heartbeats(
                     .unwrap_or_else(|p| p.into_inner())
                     .push((phase, ms));
                 let mut cmds = r.commands;
+                take_grant(&sim, &cmds);
                 if cmds
                     .iter()
                     .any(|c| matches!(c, DatanodeCommand::Reregister))
@@ -424,6 +467,16 @@ fn bucket_p99_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> f64 {
         .find(|(_, n)| *n as f64 >= 0.99 * total as f64)
         .map(|(le, _)| le * 1e3)
         .unwrap_or(f64::INFINITY)
+}
+
+fn take_grant(sim: &Sim, cmds: &[DatanodeCommand]) {
+    if sim.owes_report.load(Ordering::Relaxed)
+        && cmds
+            .iter()
+            .any(|c| matches!(c, DatanodeCommand::SendReport))
+    {
+        sim.granted.store(true, Ordering::Relaxed);
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -536,6 +589,8 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             chunks,
             stopped: AtomicBool::new(false),
             reregister: AtomicBool::new(true),
+            owes_report: AtomicBool::new(false),
+            granted: AtomicBool::new(false),
         }));
     }
     let sims = Arc::new(sims);
@@ -585,10 +640,16 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     client.mkdir("/load", true).await?;
     let stats = Arc::new(AtomicU64::new(0));
     let creates = Arc::new(AtomicU64::new(0));
+    // Clients connect before the storm, as running applications are.
+    let mut clients = Vec::with_capacity(a.clients);
+    for _ in 0..a.clients {
+        let client = Client::new(&admin, nn.addr, Duration::from_secs(60))?;
+        client.stat("/load").await?;
+        clients.push(client);
+    }
     let until = Instant::now() + Duration::from_secs(a.seconds);
     let mut load = tokio::task::JoinSet::new();
-    for c in 0..a.clients {
-        let client = Client::new(&admin, nn.addr, Duration::from_secs(60))?;
+    for (c, client) in clients.into_iter().enumerate() {
         let (stats, creates) = (stats.clone(), creates.clone());
         let nfiles = nfiles.max(1);
         load.spawn(async move {
@@ -609,16 +670,35 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     }
     let storm = {
         let sims = sims.clone();
+        let shared = shared.clone();
         let addr = nn.addr;
+        let reported_before = shared.reported.load(Ordering::Relaxed);
         tokio::spawn(async move {
             let mut all = tokio::task::JoinSet::new();
-            for s in sims.iter() {
-                let s = s.clone();
-                all.spawn(async move { register(&s, addr).await });
-            }
             let t = Instant::now();
+            for s in sims.iter() {
+                let (s, shared) = (s.clone(), shared.clone());
+                all.spawn(async move {
+                    let cmds = register(&s, addr).await?;
+                    take_grant(&s, &cmds);
+                    if s.granted.swap(false, Ordering::Relaxed) {
+                        full_report(&s, addr).await?;
+                        s.owes_report.store(false, Ordering::Relaxed);
+                    }
+                    if !s.owes_report.load(Ordering::Relaxed) {
+                        shared.reported.fetch_add(1, Ordering::Relaxed);
+                    }
+                    anyhow::Ok(())
+                });
+            }
             while let Some(r) = all.join_next().await {
                 r??;
+            }
+            // The rest report as the namenode grants them turns, through
+            // their heartbeats.
+            let want = reported_before + sims.len() as u64;
+            while shared.reported.load(Ordering::Relaxed) < want {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             anyhow::Ok(t.elapsed().as_secs_f64())
         })

@@ -57,6 +57,9 @@ pub struct NamenodeArgs {
     /// Copies each datanode takes part in per replication pass.
     #[arg(long, default_value_t = 8)]
     pub replication_per_node: usize,
+    /// Datanodes sending a long full report at the same time.
+    #[arg(long, default_value_t = 16)]
+    pub report_leases: usize,
     /// How often under- and over-replicated chunks are looked for.
     #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
     pub replication_interval: Duration,
@@ -247,6 +250,7 @@ pub async fn namenode(cmd: NamenodeCmd) -> Result<()> {
     cfg.safemode_max_wait = a.safemode_wait;
     cfg.safemode_threshold = a.safemode_threshold;
     cfg.replication_per_node = a.replication_per_node.max(1);
+    cfg.report_leases = a.report_leases.max(1);
     cfg.replication_interval = a.replication_interval;
     cfg.token_lifetime = a.token_lifetime;
     cfg.key_rotation = a.key_rotation;

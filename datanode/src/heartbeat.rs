@@ -9,7 +9,9 @@
 
 use crate::node::{write_cluster_id, Node};
 use crate::transfer::push_chunk;
-use quern_proto::msg::{ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register};
+use quern_proto::msg::{
+    ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register, INLINE_REPORT,
+};
 use quern_proto::{ErrorCode, KeyRing};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +21,12 @@ const TRASH_SWEEP: Duration = Duration::from_secs(60);
 
 pub(crate) async fn run(node: Arc<Node>) {
     let mut registered = false;
-    // Set at registration, which carries the first full report.
+    // Set at registration, which carries the first full report or asks
+    // for a turn to send it.
     let mut next_report = Instant::now();
+    // A full report is owed, and whether the namenode said to send it.
+    let mut wants_report = false;
+    let mut granted = false;
     let mut last_sweep: Option<Instant> = None;
     // The last failure logged, so a lasting one is logged once, and a
     // namenode of another cluster is always named when it appears.
@@ -41,11 +47,19 @@ pub(crate) async fn run(node: Arc<Node>) {
         if node.is_full() && available >= crate::node::room_again(capacity) {
             node.set_full(false);
         }
-        let result = if !registered {
-            register(&node, capacity, available).await
-        } else if Instant::now() >= next_report {
+        if registered && Instant::now() >= next_report {
             next_report = Instant::now() + node.cfg.report_interval;
-            report(&node, node.store.list(), None).await
+            wants_report = true;
+        }
+        let result = if !registered {
+            register(&node, capacity, available, &mut wants_report).await
+        } else if granted {
+            granted = false;
+            let sent = report(&node, node.store.list()).await;
+            if sent.is_ok() {
+                wants_report = false;
+            }
+            sent
         } else {
             let (used, chunks) = node.store.used();
             let store = node.store.clone();
@@ -67,6 +81,7 @@ pub(crate) async fn run(node: Arc<Node>) {
                         full: node.is_full(),
                         jobs,
                         job_bytes,
+                        wants_report,
                     },
                 )
                 .await
@@ -91,12 +106,14 @@ pub(crate) async fn run(node: Arc<Node>) {
                 registered = true;
                 warned = None;
                 for cmd in commands {
-                    if matches!(cmd, DatanodeCommand::Reregister) {
-                        registered = false;
+                    match cmd {
+                        DatanodeCommand::Reregister => registered = false,
+                        DatanodeCommand::SendReport => granted = wants_report,
+                        _ => {}
                     }
                     execute(&node, cmd);
                 }
-                if !registered {
+                if !registered || granted {
                     continue;
                 }
             }
@@ -117,12 +134,13 @@ pub(crate) async fn run(node: Arc<Node>) {
     }
 }
 
-/// Registers with the full chunk list, in pages after the registration
-/// itself when it would not fit one frame.
+/// Registers with the full chunk list when it is short; a longer one is
+/// owed (`wants_report`) and sent in pages when the namenode says so.
 async fn register(
     node: &Node,
     capacity: u64,
     available: u64,
+    wants_report: &mut bool,
 ) -> Result<NodeReply, quern_proto::Error> {
     let cluster_id = node
         .cluster_id
@@ -130,7 +148,7 @@ async fn register(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let chunks = node.store.list();
-    let paged = chunks.len() > node.cfg.report_page;
+    let paged = chunks.len() > node.cfg.report_page.min(INLINE_REPORT);
     let reply = node
         .endpoint
         .call(
@@ -143,26 +161,22 @@ async fn register(
                 },
                 capacity,
                 available,
-                chunks: if paged { Vec::new() } else { chunks.clone() },
+                chunks: if paged { Vec::new() } else { chunks },
                 report_follows: paged,
             },
         )
         .await?;
-    if !paged {
-        return Ok(reply);
-    }
-    report(node, chunks, Some(reply)).await
+    *wants_report = paged;
+    Ok(reply)
 }
 
 /// Sends a full chunk report in pages of at most `report_page` chunks;
-/// the commands of every reply (and of `before`, a registration's) are
-/// gathered into the last reply.
+/// the commands of every reply are gathered into the last reply.
 async fn report(
     node: &Node,
     chunks: Vec<quern_proto::msg::StoredChunk>,
-    before: Option<NodeReply>,
 ) -> Result<NodeReply, quern_proto::Error> {
-    let mut commands = before.map(|r| r.commands).unwrap_or_default();
+    let mut commands = Vec::new();
     let pages: Vec<&[quern_proto::msg::StoredChunk]> = if chunks.is_empty() {
         vec![&[]]
     } else {
@@ -276,6 +290,7 @@ fn execute(node: &Arc<Node>, cmd: DatanodeCommand) {
                 }
             });
         }
-        DatanodeCommand::Reregister => {}
+        // The heartbeat loop acts on these.
+        DatanodeCommand::Reregister | DatanodeCommand::SendReport => {}
     }
 }

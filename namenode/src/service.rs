@@ -78,6 +78,7 @@ impl Namenode {
             cluster: parking_lot::Mutex::new(cluster),
             reporting: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            report_leases: Mutex::new(HashMap::new()),
             leases: Mutex::new(leases),
             safe: Mutex::new(crate::state::SafeMode {
                 since: Some(Instant::now()),
@@ -931,7 +932,11 @@ async fn register(s: Arc<State>, caller: &Principal, r: Register) -> Res<NodeRep
     let reported = r.chunks.len();
     let cmds = if r.report_follows {
         s.cluster().join(r.node, r.capacity, r.available, &[]);
-        Vec::new()
+        if s.lease_report(r.node.id) {
+            vec![DatanodeCommand::SendReport]
+        } else {
+            Vec::new()
+        }
     } else {
         s.cluster().join(r.node, r.capacity, r.available, &r.chunks);
         take_report(s.clone(), r.node.id, r.chunks).await
@@ -942,10 +947,15 @@ async fn register(s: Arc<State>, caller: &Principal, r: Register) -> Res<NodeRep
 
 fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
     check_datanode(caller, r.node, "heartbeat")?;
-    let cmds = s
+    let (node, wants_report) = (r.node, r.wants_report);
+    let mut cmds = s
         .cluster()
         .heartbeat(r)
         .unwrap_or_else(|| vec![DatanodeCommand::Reregister]);
+    let known = !cmds.contains(&DatanodeCommand::Reregister);
+    if wants_report && known && s.lease_report(node) {
+        cmds.push(DatanodeCommand::SendReport);
+    }
     Ok(s.node_reply(cmds))
 }
 
@@ -967,6 +977,7 @@ async fn chunk_report(s: Arc<State>, caller: &Principal, r: ChunkReport) -> Res<
         partial.remove(&r.node).unwrap_or_default()
     };
     let cmds = take_report(s.clone(), r.node, chunks).await;
+    s.report_done(r.node);
     Ok(s.node_reply(cmds))
 }
 

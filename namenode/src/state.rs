@@ -38,6 +38,8 @@ pub struct NamenodeConfig {
     pub replication_interval: Duration,
     /// Copies a datanode takes part in (as source or target) per pass.
     pub replication_per_node: usize,
+    /// Datanodes sending a full report in pages at the same time.
+    pub report_leases: usize,
     /// How long a chunk access token is valid.
     pub token_lifetime: Duration,
     /// How often a new token key takes over.
@@ -59,6 +61,7 @@ impl NamenodeConfig {
             safemode_max_wait: None,
             replication_interval: Duration::from_secs(3),
             replication_per_node: 8,
+            report_leases: 16,
             token_lifetime: Duration::from_secs(10 * 3600),
             key_rotation: Duration::from_secs(10 * 3600),
             job_history: 200,
@@ -82,6 +85,8 @@ pub(crate) struct State {
     /// Set once every completed file's chunks are in the chunk map.
     pub loaded: tokio::sync::watch::Sender<bool>,
     pub started: Instant,
+    /// Datanodes told to send their full report, and since when.
+    pub report_leases: Mutex<HashMap<quern_proto::NodeId, Instant>>,
     /// One namespace mutation at a time; readers do not take it.
     pub writer: tokio::sync::Mutex<()>,
     pub tokens: Authority,
@@ -103,6 +108,9 @@ pub struct SafeMode {
     /// Entered by an operator: only an operator ends it.
     pub manual: bool,
 }
+
+/// How long a datanode told to send its full report has to finish it.
+const REPORT_LEASE: Duration = Duration::from_secs(120);
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -169,6 +177,26 @@ impl State {
                 None => String::new(),
             }
         ))
+    }
+
+    /// Whether `node` may send its full report now, taking one of the
+    /// report leases if so. A lease not returned within `REPORT_LEASE`
+    /// (the node died mid-report) lapses.
+    pub(crate) fn lease_report(&self, node: quern_proto::NodeId) -> bool {
+        let mut leases = lock(&self.report_leases);
+        leases.retain(|_, since| since.elapsed() < REPORT_LEASE);
+        if leases.contains_key(&node) {
+            return true;
+        }
+        if leases.len() >= self.cfg.report_leases.max(1) {
+            return false;
+        }
+        leases.insert(node, Instant::now());
+        true
+    }
+
+    pub(crate) fn report_done(&self, node: quern_proto::NodeId) {
+        lock(&self.report_leases).remove(&node);
     }
 
     /// Waits until the chunk map is loaded: a report or a received chunk

@@ -252,6 +252,10 @@ pub enum DatanodeCommand {
     /// The namenode does not know this node (it restarted): register again
     /// with a full chunk report.
     Reregister,
+    /// Send the full chunk report now: the namenode takes a few at a time
+    /// (a report lease), so a thousand nodes registering together send
+    /// their lists in turn rather than all at once.
+    SendReport,
 }
 
 // ---------------------------------------------------------------- namenode
@@ -464,6 +468,9 @@ pub struct Heartbeat {
     /// Training jobs held in memory and the bytes charged for them.
     pub jobs: u64,
     pub job_bytes: u64,
+    /// A full report is due (or owed since registering): the namenode
+    /// answers `SendReport` when it can take one.
+    pub wants_report: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -478,6 +485,10 @@ pub struct ChunkReport {
 
 /// Chunks in one page of a datanode's report: 4.8 MB of report.
 pub const REPORT_PAGE: usize = 100_000;
+
+/// Most chunks a datanode lists in its `Register` itself; a longer list
+/// follows in `ChunkReport` pages once the namenode sends `SendReport`.
+pub const INLINE_REPORT: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChunkReceived {
