@@ -220,26 +220,9 @@ async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
 }
 
 async fn full_report(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
-    let pages: Vec<&[StoredChunk]> = if sim.chunks.is_empty() {
-        vec![&[]]
-    } else {
-        sim.chunks.chunks(REPORT_PAGE).collect()
-    };
-    let n = pages.len();
     let mut commands = Vec::new();
-    for (i, page) in pages.into_iter().enumerate() {
-        let reply = sim
-            .endpoint
-            .call(
-                Peer::namenode(nn),
-                ChunkReport {
-                    node: sim.id,
-                    chunks: page.to_vec(),
-                    first: i == 0,
-                    last: i + 1 == n,
-                },
-            )
-            .await?;
+    for page in ChunkReport::pages(sim.id, &sim.chunks, REPORT_PAGE) {
+        let reply = sim.endpoint.call(Peer::namenode(nn), page).await?;
         commands.extend(reply.commands);
     }
     Ok(commands)

@@ -177,26 +177,9 @@ async fn report(
     chunks: Vec<quern_proto::msg::StoredChunk>,
 ) -> Result<NodeReply, quern_proto::Error> {
     let mut commands = Vec::new();
-    let pages: Vec<&[quern_proto::msg::StoredChunk]> = if chunks.is_empty() {
-        vec![&[]]
-    } else {
-        chunks.chunks(node.cfg.report_page.max(1)).collect()
-    };
-    let n = pages.len();
     let mut last = None;
-    for (i, page) in pages.into_iter().enumerate() {
-        let mut reply = node
-            .endpoint
-            .call(
-                node.namenode(),
-                ChunkReport {
-                    node: node.id,
-                    chunks: page.to_vec(),
-                    first: i == 0,
-                    last: i + 1 == n,
-                },
-            )
-            .await?;
+    for page in ChunkReport::pages(node.id, &chunks, node.cfg.report_page) {
+        let mut reply = node.endpoint.call(node.namenode(), page).await?;
         commands.append(&mut reply.commands);
         last = Some(reply);
     }

@@ -29,6 +29,17 @@ struct Entry {
     flags: u8,
 }
 
+impl Entry {
+    fn info(&self) -> ChunkInfo {
+        let committed = self.flags & COMMITTED != 0;
+        ChunkInfo {
+            size: committed.then_some(self.size),
+            check: committed.then_some(self.check),
+            target: self.target,
+        }
+    }
+}
+
 /// What is known of a chunk besides its replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkInfo {
@@ -48,12 +59,10 @@ pub enum Reported {
     /// The node was known to hold it already.
     Held,
     /// A new replica of a chunk without extra or corrupt replicas: its
-    /// good replicas before and after.
+    /// good replicas before, and its tally after.
     Added {
-        committed: bool,
-        target: u8,
         good_before: usize,
-        good_after: usize,
+        after: Tally,
     },
     /// Anything else (another size, a fourth holder, corrupt marks): the
     /// caller takes the general path.
@@ -61,7 +70,7 @@ pub enum Reported {
 }
 
 /// A chunk's replicas counted in one look-up.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
     pub info: ChunkInfo,
     /// Replicas on live nodes, not marked corrupt.
@@ -87,14 +96,7 @@ impl ChunkMap {
     }
 
     pub fn info(&self, id: ChunkId) -> Option<ChunkInfo> {
-        self.entries.get(&id).map(|e| {
-            let committed = e.flags & COMMITTED != 0;
-            ChunkInfo {
-                size: committed.then_some(e.size),
-                check: committed.then_some(e.check),
-                target: e.target,
-            }
-        })
+        self.entries.get(&id).map(Entry::info)
     }
 
     /// A chunk handed out for writing; an existing entry stays as it is.
@@ -147,7 +149,6 @@ impl ChunkMap {
     /// Counts a chunk's good replicas (`live` says which nodes are).
     pub fn tally(&self, id: ChunkId, live: impl Fn(Slot) -> bool) -> Option<Tally> {
         let e = self.entries.get(&id)?;
-        let committed = e.flags & COMMITTED != 0;
         let marks = if e.flags & HAS_CORRUPT != 0 {
             self.corrupt.get(&id).map(|m| m.as_slice()).unwrap_or(&[])
         } else {
@@ -165,11 +166,7 @@ impl ChunkMap {
                 .count();
         }
         Some(Tally {
-            info: ChunkInfo {
-                size: committed.then_some(e.size),
-                check: committed.then_some(e.check),
-                target: e.target,
-            },
+            info: e.info(),
             good,
             corrupt: !marks.is_empty(),
         })
@@ -211,10 +208,12 @@ impl ChunkMap {
             .count();
         e.inline[free] = slot;
         Reported::Added {
-            committed,
-            target: e.target,
             good_before,
-            good_after: good_before + usize::from(live(slot)),
+            after: Tally {
+                info: e.info(),
+                good: good_before + usize::from(live(slot)),
+                corrupt: false,
+            },
         }
     }
 

@@ -177,15 +177,6 @@ impl Cluster {
     /// Up to `n` distinct live nodes with room for `size` bytes, least used
     /// first (ties broken at random so equal nodes share the load).
     pub fn choose_targets(&mut self, n: usize, exclude: &[NodeId], size: u64) -> Vec<NodeAddr> {
-        self.choose_targets_where(n, size, |e| !exclude.contains(&e.id))
-    }
-
-    pub(crate) fn choose_targets_where(
-        &mut self,
-        n: usize,
-        size: u64,
-        allowed: impl Fn(&NodeEntry) -> bool,
-    ) -> Vec<NodeAddr> {
         let mut candidates: Vec<(usize, u64)> = self
             .nodes
             .iter()
@@ -194,7 +185,7 @@ impl Cluster {
                 e.live
                     && !e.full
                     && e.available.saturating_sub(e.placed_since_heartbeat) >= size
-                    && allowed(e)
+                    && !exclude.contains(&e.id)
             })
             .map(|(i, e)| (i, e.used + e.placed_since_heartbeat))
             .collect();
@@ -303,64 +294,46 @@ impl Cluster {
                 .chunks
                 .add_reported(c.id, slot, c.size, c.digest.check(), live)
             {
-                Reported::Unknown => {
-                    progress.orphans.push(c.id);
-                    continue;
-                }
-                Reported::OtherDigest => {
-                    progress.false_claims += 1;
-                    continue;
-                }
+                Reported::Unknown => progress.orphans.push(c.id),
+                Reported::OtherDigest => progress.false_claims += 1,
                 Reported::Held => {
                     progress.reported.insert(c.id.0);
-                    continue;
                 }
-                Reported::Added {
-                    committed,
-                    target,
-                    good_before,
-                    good_after,
-                } => {
+                Reported::Added { good_before, after } => {
                     progress.reported.insert(c.id.0);
                     if let Some(n) = self.nodes.get_mut(slot as usize) {
                         n.held.insert(c.id.0);
                     }
-                    let before = health_from(committed, target, good_before);
-                    let after = health_from(committed, target, good_after);
-                    self.counts.shift(before, after);
-                    if self.queueing {
-                        if after == Health::Under {
-                            self.queue
-                                .offer(c.id, crate::replication::urgency(good_after, target));
-                        } else if after == Health::Ok && good_after > target as usize {
-                            self.queue.offer(c.id, crate::replication::CLEANUP);
-                        }
-                    }
-                    continue;
+                    let before =
+                        health_from(after.info.size.is_some(), after.info.target, good_before);
+                    self.settle_with(c.id, before, Some(after));
                 }
-                Reported::Other => {}
-            }
-            match self.chunks.info(c.id) {
-                Some(info) if info.check.is_some_and(|k| k != c.digest.check()) => {
-                    progress.false_claims += 1;
-                }
-                Some(info) => {
+                Reported::Other => {
                     progress.reported.insert(c.id.0);
-                    let before = self.health(c.id);
-                    self.add_replica(c.id, slot);
-                    if let Some(expected) = info.size.filter(|s| *s != c.size) {
-                        self.chunks.mark_corrupt(
-                            c.id,
-                            slot,
-                            format!("holds {} bytes, expected {expected}", c.size),
-                        );
-                    }
-                    self.settle(c.id, before);
+                    self.take_replica(c, slot);
                 }
-                None => progress.orphans.push(c.id),
             }
         }
         true
+    }
+
+    /// A reported replica the one-look-up path left alone (another size,
+    /// a fourth holder, corrupt marks): a size other than the committed
+    /// one marks it corrupt.
+    fn take_replica(&mut self, c: &StoredChunk, slot: Slot) {
+        let Some(info) = self.chunks.info(c.id) else {
+            return;
+        };
+        let before = self.health(c.id);
+        self.add_replica(c.id, slot);
+        if let Some(expected) = info.size.filter(|s| *s != c.size) {
+            self.chunks.mark_corrupt(
+                c.id,
+                slot,
+                format!("holds {} bytes, expected {expected}", c.size),
+            );
+        }
+        self.settle(c.id, before);
     }
 
     /// Ends a full report: replicas the node did not report are dropped.
@@ -702,6 +675,10 @@ impl Cluster {
     /// queues it when it now needs copies, has extras or corrupt replicas.
     pub(crate) fn settle(&mut self, id: ChunkId, before: Health) {
         let tally = self.tally(id);
+        self.settle_with(id, before, tally);
+    }
+
+    fn settle_with(&mut self, id: ChunkId, before: Health, tally: Option<Tally>) {
         let after = health_of(tally);
         self.counts.shift(before, after);
         let Some(t) = tally.filter(|_| self.queueing) else {

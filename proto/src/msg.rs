@@ -483,6 +483,29 @@ pub struct ChunkReport {
     pub last: bool,
 }
 
+impl ChunkReport {
+    /// A full report as the pages that carry it, at most `page` chunks
+    /// each; a node with no chunks sends one empty page.
+    pub fn pages(node: NodeId, chunks: &[StoredChunk], page: usize) -> Vec<ChunkReport> {
+        let pages: Vec<&[StoredChunk]> = if chunks.is_empty() {
+            vec![&[]]
+        } else {
+            chunks.chunks(page.max(1)).collect()
+        };
+        let n = pages.len();
+        pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| ChunkReport {
+                node,
+                chunks: p.to_vec(),
+                first: i == 0,
+                last: i + 1 == n,
+            })
+            .collect()
+    }
+}
+
 /// Chunks in one page of a datanode's report: 4.8 MB of report.
 pub const REPORT_PAGE: usize = 100_000;
 
