@@ -39,6 +39,10 @@ pub struct BenchNamenode {
     /// Concurrent clients (half stat, half create+complete).
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    /// Calls each client keeps outstanding on its connection (an
+    /// application's threads sharing one client, as HDFS clients do).
+    #[arg(long, default_value_t = 16)]
+    pub in_flight: usize,
     /// How long the client load runs.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
@@ -157,6 +161,70 @@ async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
             Err(e)
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// Half the clients stat, half create and complete.
+    Mixed,
+    Stat,
+    Create,
+}
+
+struct Rates {
+    stat_per_s: f64,
+    create_per_s: f64,
+}
+
+/// `in_flight` calls at a time from each client for `seconds`.
+async fn client_load(
+    clients: Vec<Client>,
+    load: Load,
+    seconds: u64,
+    in_flight: usize,
+    nfiles: u64,
+) -> Result<Rates> {
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let stats = Arc::new(AtomicU64::new(0));
+    let creates = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let lanes = in_flight.max(1) as u64;
+    let mut all = tokio::task::JoinSet::new();
+    for (c, client) in clients.into_iter().enumerate() {
+        let stat = match load {
+            Load::Mixed => c % 2 == 0,
+            Load::Stat => true,
+            Load::Create => false,
+        };
+        for lane in 0..lanes {
+            let (stats, creates, client) = (stats.clone(), creates.clone(), client.clone());
+            all.spawn(async move {
+                let mut i = lane;
+                while Instant::now() < until {
+                    if stat {
+                        let f = (i * 7919 + c as u64) % nfiles;
+                        client.stat(&format!("/synthetic/f{f:08}")).await?;
+                        stats.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        create_empty(&client, &format!("/load/r{run}c{c}-{i}")).await?;
+                        creates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += lanes;
+                }
+                anyhow::Ok(())
+            });
+        }
+    }
+    while let Some(r) = all.join_next().await {
+        r??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Rates {
+        stat_per_s: stats.load(Ordering::Relaxed) as f64 / secs,
+        create_per_s: creates.load(Ordering::Relaxed) as f64 / secs,
+    })
 }
 
 /// Waits until a file can be created (safe mode over); returns how long.
@@ -621,8 +689,6 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     // failover).
     shared.phase.store(1, Ordering::Relaxed);
     client.mkdir("/load", true).await?;
-    let stats = Arc::new(AtomicU64::new(0));
-    let creates = Arc::new(AtomicU64::new(0));
     // Clients connect before the storm, as running applications are.
     let mut clients = Vec::with_capacity(a.clients);
     for _ in 0..a.clients {
@@ -630,27 +696,14 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         client.stat("/load").await?;
         clients.push(client);
     }
-    let until = Instant::now() + Duration::from_secs(a.seconds);
-    let mut load = tokio::task::JoinSet::new();
-    for (c, client) in clients.into_iter().enumerate() {
-        let (stats, creates) = (stats.clone(), creates.clone());
-        let nfiles = nfiles.max(1);
-        load.spawn(async move {
-            let mut i = 0u64;
-            while Instant::now() < until {
-                if c % 2 == 0 {
-                    let f = (i * 7919 + c as u64) % nfiles;
-                    client.stat(&format!("/synthetic/f{f:08}")).await?;
-                    stats.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    create_empty(&client, &format!("/load/c{c}-{i}")).await?;
-                    creates.fetch_add(1, Ordering::Relaxed);
-                }
-                i += 1;
-            }
-            anyhow::Ok(())
-        });
-    }
+    let nfiles = nfiles.max(1);
+    let mixed = tokio::spawn(client_load(
+        clients.clone(),
+        Load::Mixed,
+        a.seconds,
+        a.in_flight,
+        nfiles,
+    ));
     let storm = {
         let sims = sims.clone();
         let shared = shared.clone();
@@ -686,13 +739,8 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             anyhow::Ok(t.elapsed().as_secs_f64())
         })
     };
-    let t = Instant::now();
-    while let Some(r) = load.join_next().await {
-        r??;
-    }
-    let load_s = t.elapsed().as_secs_f64();
+    let mixed = mixed.await??;
     let storm_s = storm.await??;
-    let served_load = heartbeat_buckets(&nn).await?;
     // Nobody declared dead and nothing lost for it.
     let after_storm = client.report().await?;
     let storm_dead = after_storm
@@ -703,9 +751,15 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let health = client.fsck("/synthetic").await?;
     let storm_missing = health.missing_chunks;
     let storm_under = health.under_replicated_chunks;
-    // Statters and creators split the clients; each rate is theirs alone.
-    let stat_per_s = stats.load(Ordering::Relaxed) as f64 / load_s;
-    let create_per_s = creates.load(Ordering::Relaxed) as f64 / load_s;
+    // Then each kind of call alone from every client, as HDFS's
+    // NNThroughputBenchmark measures them.
+    let stat_per_s = client_load(clients.clone(), Load::Stat, a.seconds, a.in_flight, nfiles)
+        .await?
+        .stat_per_s;
+    let create_per_s = client_load(clients, Load::Create, a.seconds, a.in_flight, nfiles)
+        .await?
+        .create_per_s;
+    let served_load = heartbeat_buckets(&nn).await?;
 
     // Phase 2: one datanode goes silent; its chunks are copied back.
     shared.phase.store(2, Ordering::Relaxed);
@@ -767,6 +821,9 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "namenode_heartbeat_p99_ms_restart": bucket_p99_ms(&[], &served_restart),
         "stat_per_s": stat_per_s,
         "create_per_s": create_per_s,
+        "mixed_stat_per_s": mixed.stat_per_s,
+        "mixed_create_per_s": mixed.create_per_s,
+        "in_flight_per_client": a.in_flight,
         "report_storm_s": storm_s,
         "storm_dead_datanodes": storm_dead,
         "storm_missing_chunks": storm_missing,
@@ -812,11 +869,15 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             bucket_p99_ms(&[], &served_restart)
         );
         println!(
-            "clients: stat {stat_per_s:.0}/s, create+complete {create_per_s:.0}/s ({} clients, \
-             half each); every datanode registering again at once took {storm_s:.1} s, \
+            "clients ({} of them, {} calls in flight each): stat {stat_per_s:.0}/s alone, \
+             create+complete {create_per_s:.0}/s alone; together (half each) during the storm \
+             {:.0}/s and {:.0}/s",
+            a.clients, a.in_flight, mixed.stat_per_s, mixed.create_per_s
+        );
+        println!(
+            "report storm: every datanode registering again at once took {storm_s:.1} s, \
              leaving {storm_dead} declared dead, {storm_missing} chunks missing and \
-             {storm_under} under-replicated",
-            a.clients
+             {storm_under} under-replicated"
         );
         println!(
             "one datanode lost: {rereplicated} of its {lost} replicas copied back in \

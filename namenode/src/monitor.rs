@@ -101,7 +101,7 @@ pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
     let first = match &req.start_after {
         Some(after) => files
             .iter()
-            .position(|(p, _)| p.to_string() == *after)
+            .position(|(p, _, _)| p.to_string() == *after)
             .map_or(files.len(), |i| i + 1),
         None => 0,
     };
@@ -126,19 +126,20 @@ pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
         live_datanodes,
         safe_mode,
     };
-    for (n, (fpath, inode)) in files.into_iter().enumerate() {
+    for (n, (fpath, id, inode)) in files.into_iter().enumerate() {
         let mut f = FsckFile {
             path: fpath.to_string(),
             health: Health::Healthy,
             size: inode.size,
-            chunks: inode.chunks.len() as u32,
+            chunks: inode.chunk_count,
             replication: inode.replication,
             problems: Vec::new(),
         };
         // The lock is taken per file, so checking a large tree never
         // holds up heartbeats for long.
         let c = state.cluster();
-        for (i, meta) in inode.chunks.iter().enumerate() {
+        let chunks = state.ns.file_chunks(id)?;
+        for (i, meta) in chunks.iter().enumerate() {
             report.chunks += 1;
             let mut live = 0;
             let mut dead = Vec::new();

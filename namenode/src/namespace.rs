@@ -22,6 +22,10 @@ pub const ROOT: u64 = 1;
 /// The group of the root directory, as in HDFS.
 pub const SUPERGROUP: &str = "supergroup";
 
+/// A file's or directory's attributes. A file's chunk list is stored after
+/// them in the same record and read only by what needs it
+/// ([`Namespace::file_chunks`]): `stat`, `ls` and permission checks on a
+/// file of thousands of chunks decode a few dozen bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inode {
     pub kind: FileKind,
@@ -30,9 +34,24 @@ pub struct Inode {
     pub replication: u8,
     pub chunk_size: u64,
     pub size: u64,
-    pub chunks: Vec<ChunkMeta>,
     pub owner: String,
     pub group: String,
+    pub chunk_count: u32,
+}
+
+/// An inode as stored with owners and its chunk list in the middle; read,
+/// never written.
+#[derive(Deserialize)]
+struct InodeV2 {
+    kind: FileKind,
+    mode: u32,
+    mtime_ms: i64,
+    replication: u8,
+    chunk_size: u64,
+    size: u64,
+    chunks: Vec<ChunkMeta>,
+    owner: String,
+    group: String,
 }
 
 /// An inode as stored before owners existed; read, never written.
@@ -71,13 +90,46 @@ where
     }
 }
 
-fn enc_inode(i: &Inode) -> Vec<u8> {
-    enc_v2(i)
+/// Inodes written since chunk lists follow the attributes start with this
+/// tag.
+const V3: &[u8] = &[0xff, 3];
+
+/// An inode record: the tag, the attributes, then the chunk list.
+fn enc_inode(i: &Inode, chunks: &[ChunkMeta]) -> Vec<u8> {
+    let mut head = i.clone();
+    head.chunk_count = chunks.len() as u32;
+    let mut out = V3.to_vec();
+    out.extend(enc(&head));
+    out.extend(enc(&chunks));
+    out
 }
 
-fn dec_inode(bytes: &[u8]) -> Result<Inode, StoreError> {
+/// [`enc_inode`] with the chunk list already encoded (an update of the
+/// attributes copies it as it is).
+fn enc_inode_raw(i: &Inode, chunks: &[u8]) -> Vec<u8> {
+    let mut out = V3.to_vec();
+    out.extend(enc(i));
+    out.extend_from_slice(chunks);
+    out
+}
+
+fn dec_with_len<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<(T, usize), StoreError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// An inode record from any release, with its chunks.
+fn dec_inode_full(bytes: &[u8]) -> Result<(Inode, Vec<ChunkMeta>), StoreError> {
+    if let Some(rest) = bytes.strip_prefix(V3) {
+        let (inode, used) = dec_with_len::<Inode>(rest, "inode")?;
+        let chunks = dec(rest.get(used..).unwrap_or_default(), "inode's chunk list")?;
+        return Ok((inode, chunks));
+    }
     // Metadata from before users upgrades in place: owned by the admin.
-    dec_v2(bytes, "inode", |v1: InodeV1| Inode {
+    let v2 = dec_v2(bytes, "inode", |v1: InodeV1| InodeV2 {
         kind: v1.kind,
         mode: v1.mode,
         mtime_ms: v1.mtime_ms,
@@ -87,7 +139,27 @@ fn dec_inode(bytes: &[u8]) -> Result<Inode, StoreError> {
         chunks: v1.chunks,
         owner: quern_proto::tls::ADMIN_USER.into(),
         group: SUPERGROUP.into(),
-    })
+    })?;
+    let inode = Inode {
+        kind: v2.kind,
+        mode: v2.mode,
+        mtime_ms: v2.mtime_ms,
+        replication: v2.replication,
+        chunk_size: v2.chunk_size,
+        size: v2.size,
+        owner: v2.owner,
+        group: v2.group,
+        chunk_count: v2.chunks.len() as u32,
+    };
+    Ok((inode, v2.chunks))
+}
+
+/// An inode record's attributes; a current record's chunks are not read.
+fn dec_inode(bytes: &[u8]) -> Result<Inode, StoreError> {
+    match bytes.strip_prefix(V3) {
+        Some(rest) => dec(rest, "inode"),
+        None => Ok(dec_inode_full(bytes)?.0),
+    }
 }
 
 /// A pending file as stored before owners existed; read, never written.
@@ -130,9 +202,9 @@ impl Inode {
             replication: 0,
             chunk_size: 0,
             size: 0,
-            chunks: Vec::new(),
             owner: owner.into(),
             group: group.into(),
+            chunk_count: 0,
         }
     }
 
@@ -147,7 +219,7 @@ impl Inode {
             owner: self.owner.clone(),
             group: self.group.clone(),
             mtime_ms: self.mtime_ms,
-            chunks: self.chunks.len() as u32,
+            chunks: self.chunk_count,
         }
     }
 }
@@ -334,7 +406,10 @@ impl Namespace {
         let id = new_cluster_id();
         inodes.insert(
             ROOT.to_be_bytes(),
-            enc_inode(&Inode::dir(0o755, quern_proto::tls::ADMIN_USER, SUPERGROUP)),
+            enc_inode(
+                &Inode::dir(0o755, quern_proto::tls::ADMIN_USER, SUPERGROUP),
+                &[],
+            ),
         )?;
         meta.insert(CLUSTER_ID, id.as_bytes())?;
         db.flush()?;
@@ -439,6 +514,14 @@ impl Namespace {
         match self.inodes.get(id.to_be_bytes()).st()? {
             Some(v) => Ok(Some(dec_inode(&v)?)),
             None => Ok(None),
+        }
+    }
+
+    /// A file's chunks in order (none for a directory or a missing id).
+    pub fn file_chunks(&self, id: u64) -> Res<Vec<ChunkMeta>> {
+        match self.inodes.get(id.to_be_bytes()).st()? {
+            Some(v) => Ok(dec_inode_full(&v)?.1),
+            None => Ok(Vec::new()),
         }
     }
 
@@ -605,7 +688,7 @@ impl Namespace {
         let inode = Inode::dir(mode, owner, &parent.inode.group);
         (&self.inodes, &self.dirents)
             .transaction(|(inodes, dirents)| {
-                inodes.insert(&id.to_be_bytes(), enc_inode(&inode))?;
+                inodes.insert(&id.to_be_bytes(), enc_inode(&inode, &[]))?;
                 dirents.insert(dirent_key(parent.id, name), &id.to_be_bytes())?;
                 TxResult::Ok(())
             })
@@ -627,7 +710,7 @@ impl Namespace {
         // Collect the subtree first: sled transactions cannot scan.
         let mut doomed_inodes = vec![target.id];
         let mut doomed_dirents = vec![dirent_key(parent.id, &name)];
-        let mut freed = target.inode.chunks.clone();
+        let mut freed = self.file_chunks(target.id)?;
         if target.inode.kind == FileKind::Dir {
             let mut stack = vec![target.id];
             let mut first = true;
@@ -648,7 +731,7 @@ impl Namespace {
                     if cinode.kind == FileKind::Dir {
                         stack.push(cid);
                     } else {
-                        freed.extend(cinode.chunks);
+                        freed.extend(self.file_chunks(cid)?);
                     }
                 }
             }
@@ -712,7 +795,7 @@ impl Namespace {
                     format!("cannot move {src} to {dst}: {dst} already exists ({what})"),
                 ));
             }
-            freed = ex.chunks;
+            freed = self.file_chunks(existing)?;
             displaced = Some(existing);
         }
         let src_key = dirent_key(src_parent.id, src.name().unwrap_or_default());
@@ -744,10 +827,6 @@ impl Namespace {
             .insert(id.0.to_be_bytes(), enc_pending(&pending))
             .st()?;
         Ok(id)
-    }
-
-    fn check_creatable(&self, path: &RemotePath, overwrite: bool) -> Res<Option<u64>> {
-        self.check_creatable_in(path, &self.parent_dir(path)?, overwrite)
     }
 
     fn check_creatable_in(
@@ -796,7 +875,10 @@ impl Namespace {
         Ok(p)
     }
 
-    fn load_parts(&self, id: FileId, p: &mut PendingFile) -> Res<()> {
+    /// Adds a pending file's allocated and committed chunks to its record;
+    /// returns their keys.
+    fn load_parts(&self, id: FileId, p: &mut PendingFile) -> Res<Vec<sled::IVec>> {
+        let mut keys = Vec::new();
         for item in self.pending_parts.scan_prefix(id.0.to_be_bytes()) {
             let (k, v) = item.st()?;
             let n = id_from(k.get(9..).unwrap_or_default());
@@ -812,8 +894,9 @@ impl Namespace {
                     .into())
                 }
             }
+            keys.push(k);
         }
-        Ok(())
+        Ok(keys)
     }
 
     /// Records a chunk id handed out for a pending file.
@@ -880,7 +963,18 @@ impl Namespace {
         &self,
         id: FileId,
     ) -> Res<(FileStatus, Vec<ChunkMeta>, Vec<quern_proto::ChunkId>)> {
-        let p = self.pending(id)?;
+        self.complete_from(id, self.pending_head(id)?)
+    }
+
+    /// [`Namespace::complete`] with the pending file's record already read
+    /// (checking who may complete it needed it).
+    #[allow(clippy::type_complexity)]
+    pub fn complete_from(
+        &self,
+        id: FileId,
+        mut p: PendingFile,
+    ) -> Res<(FileStatus, Vec<ChunkMeta>, Vec<quern_proto::ChunkId>)> {
+        let parts = self.load_parts(id, &mut p)?;
         let path = RemotePath::parse(&p.path)?;
         let chunks: Vec<ChunkMeta> = p.chunks.values().copied().collect();
         for (expect, idx) in p.chunks.keys().enumerate() {
@@ -891,13 +985,11 @@ impl Namespace {
                 ));
             }
         }
-        let replaced = self.check_creatable(&path, p.overwrite)?;
         let parent = self.parent_dir(&path)?;
+        let replaced = self.check_creatable_in(&path, &parent, p.overwrite)?;
         let mut freed = Vec::new();
         if let Some(old) = replaced {
-            if let Some(ino) = self.inode(old)? {
-                freed = ino.chunks;
-            }
+            freed = self.file_chunks(old)?;
         }
         let inode = Inode {
             kind: FileKind::File,
@@ -906,18 +998,12 @@ impl Namespace {
             replication: p.replication,
             chunk_size: p.chunk_size,
             size: chunks.iter().map(|c| c.size).sum(),
-            chunks,
             owner: p.owner.clone(),
             group: p.group.clone(),
+            chunk_count: chunks.len() as u32,
         };
         let new_id = self.new_id()?;
         let key = dirent_key(parent.id, path.name().unwrap_or_default());
-        let parts: Vec<sled::IVec> = self
-            .pending_parts
-            .scan_prefix(id.0.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .st()?;
         (
             &self.inodes,
             &self.dirents,
@@ -925,7 +1011,7 @@ impl Namespace {
             &self.pending_parts,
         )
             .transaction(|(inodes, dirents, pending, pending_parts)| {
-                inodes.insert(&new_id.to_be_bytes(), enc_inode(&inode))?;
+                inodes.insert(&new_id.to_be_bytes(), enc_inode(&inode, &chunks))?;
                 dirents.insert(key.as_slice(), &new_id.to_be_bytes())?;
                 if let Some(old) = replaced {
                     inodes.remove(&old.to_be_bytes())?;
@@ -937,7 +1023,7 @@ impl Namespace {
                 TxResult::Ok(())
             })
             .st()?;
-        let committed: std::collections::HashSet<_> = inode.chunks.iter().map(|c| c.id).collect();
+        let committed: std::collections::HashSet<_> = chunks.iter().map(|c| c.id).collect();
         let unused = p
             .allocated
             .into_iter()
@@ -946,27 +1032,42 @@ impl Namespace {
         Ok((inode.status(&path), freed, unused))
     }
 
+    /// Changes an inode's attributes; its chunks stay as they are.
     pub fn update_inode(&self, id: u64, f: impl FnOnce(&mut Inode)) -> Res<Inode> {
-        let mut inode = self
-            .inode(id)?
+        let bytes = self
+            .inodes
+            .get(id.to_be_bytes())
+            .st()?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("inode {id} vanished")))?;
-        f(&mut inode);
-        self.inodes
-            .insert(id.to_be_bytes(), enc_inode(&inode))
-            .st()?;
-        Ok(inode)
+        let record = match bytes.strip_prefix(V3) {
+            Some(rest) => {
+                let (mut inode, used) = dec_with_len::<Inode>(rest, "inode")?;
+                f(&mut inode);
+                let record = enc_inode_raw(&inode, rest.get(used..).unwrap_or_default());
+                (inode, record)
+            }
+            None => {
+                let (mut inode, chunks) = dec_inode_full(&bytes)?;
+                f(&mut inode);
+                let record = enc_inode(&inode, &chunks);
+                (inode, record)
+            }
+        };
+        self.inodes.insert(id.to_be_bytes(), record.1).st()?;
+        Ok(record.0)
     }
 
-    /// Every file below (or at) `path`, depth first, and the number of
-    /// directories seen.
-    pub fn walk(&self, path: &RemotePath) -> Res<(Vec<(RemotePath, Inode)>, u64)> {
+    /// Every file below (or at) `path` with its inode id, depth first,
+    /// and the number of directories seen.
+    #[allow(clippy::type_complexity)]
+    pub fn walk(&self, path: &RemotePath) -> Res<(Vec<(RemotePath, u64, Inode)>, u64)> {
         let top = self.get(path)?;
         let mut files = Vec::new();
         let mut dirs = 0;
         let mut stack = vec![(path.clone(), top.id, top.inode)];
         while let Some((p, id, inode)) = stack.pop() {
             match inode.kind {
-                FileKind::File => files.push((p, inode)),
+                FileKind::File => files.push((p, id, inode)),
                 FileKind::Dir => {
                     dirs += 1;
                     let mut children = self.list(id)?;
@@ -985,9 +1086,9 @@ impl Namespace {
     pub fn each_file_chunks(&self, mut f: impl FnMut(&[ChunkMeta], u8)) -> Res<()> {
         for item in self.inodes.iter() {
             let (_, v) = item.st()?;
-            let inode = dec_inode(&v)?;
-            if !inode.chunks.is_empty() {
-                f(&inode.chunks, inode.replication);
+            let (inode, chunks) = dec_inode_full(&v)?;
+            if !chunks.is_empty() {
+                f(&chunks, inode.replication);
             }
         }
         Ok(())
@@ -1028,6 +1129,67 @@ mod tests {
         assert_eq!(ns.cluster_id, id);
         let root = ns.inode(ROOT).unwrap().unwrap();
         assert_eq!((root.owner.as_str(), root.mode), ("admin", 0o755));
+    }
+
+    #[test]
+    fn files_stored_with_their_chunks_in_the_middle_keep_them() {
+        #[derive(Serialize)]
+        struct V2Inode {
+            kind: FileKind,
+            mode: u32,
+            mtime_ms: i64,
+            replication: u8,
+            chunk_size: u64,
+            size: u64,
+            chunks: Vec<ChunkMeta>,
+            owner: String,
+            group: String,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        Namespace::format(dir.path()).unwrap();
+        let ns = Namespace::open(dir.path()).unwrap();
+        let chunks: Vec<ChunkMeta> = (0..3)
+            .map(|i| ChunkMeta {
+                id: quern_proto::ChunkId(100 + i),
+                size: 10,
+                digest: quern_proto::Digest::of(&[i as u8]),
+            })
+            .collect();
+        let old = V2Inode {
+            kind: FileKind::File,
+            mode: 0o640,
+            mtime_ms: 1,
+            replication: 2,
+            chunk_size: 10,
+            size: 30,
+            chunks: chunks.clone(),
+            owner: "alice".into(),
+            group: "staff".into(),
+        };
+        let id = 500u64;
+        ns.inodes.insert(id.to_be_bytes(), enc_v2(&old)).unwrap();
+        ns.dirents
+            .insert(dirent_key(ROOT, "old"), &id.to_be_bytes())
+            .unwrap();
+        let path = RemotePath::parse("/old").unwrap();
+        let found = ns.get(&path).unwrap();
+        assert_eq!(found.inode.chunk_count, 3);
+        assert_eq!(found.inode.status(&path).chunks, 3);
+        assert_eq!(found.inode.owner, "alice");
+        assert_eq!(ns.file_chunks(id).unwrap(), chunks);
+        // A change of attributes writes the current layout and keeps the
+        // chunks; so does a second one, which copies them as they are.
+        ns.update_inode(id, |i| i.replication = 3).unwrap();
+        assert!(ns
+            .inodes
+            .get(id.to_be_bytes())
+            .unwrap()
+            .unwrap()
+            .starts_with(V3));
+        ns.update_inode(id, |i| i.mode = 0o600).unwrap();
+        let now = ns.inode(id).unwrap().unwrap();
+        assert_eq!((now.replication, now.mode, now.chunk_count), (3, 0o600, 3));
+        assert_eq!(ns.file_chunks(id).unwrap(), chunks);
     }
 
     #[test]
@@ -1115,7 +1277,7 @@ mod tests {
         ns.inodes
             .insert(
                 id.to_be_bytes(),
-                enc_inode(&Inode::dir(0o755, "admin", SUPERGROUP)),
+                enc_inode(&Inode::dir(0o755, "admin", SUPERGROUP), &[]),
             )
             .unwrap();
         let mut dirents = sled::Batch::default();
@@ -1203,6 +1365,7 @@ mod tests {
             0,
             "completing leaves no parts behind"
         );
-        assert_eq!(ns.get(&path).unwrap().inode.chunks.len(), 2000);
+        let id = ns.get(&path).unwrap().id;
+        assert_eq!(ns.file_chunks(id).unwrap().len(), 2000);
     }
 }

@@ -130,9 +130,9 @@ mod tests {
             replication: 1,
             chunk_size: 1,
             size: 0,
-            chunks: Vec::new(),
             owner: owner.into(),
             group: group.into(),
+            chunk_count: 0,
         }
     }
 

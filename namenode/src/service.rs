@@ -656,8 +656,8 @@ async fn commit(s: &State, u: &User, r: CommitChunk) -> Res<()> {
 async fn complete(s: &State, u: &User, r: Complete) -> Res<FileStatus> {
     let (status, freed, unused) = {
         let _w = s.writer.lock().await;
-        s.pending(u, r.file)?;
-        s.ns.complete(r.file)?
+        let head = s.pending(u, r.file)?;
+        s.ns.complete_from(r.file, head)?
     };
     s.ns.flush().await?;
     lock(&s.leases).remove(&r.file);
@@ -684,7 +684,7 @@ pub(crate) fn locate(s: &State, u: &User, r: Locate) -> Res<FileLocations> {
     }
     u.check(&path.to_string(), &found.inode, R)?;
     let access = Access::READ.union(Access::TASK);
-    let all = &found.inode.chunks;
+    let all = &s.ns.file_chunks(found.id)?;
     let page = first.min(all.len())..(first.saturating_add(limit)).min(all.len());
     let tokens: Vec<_> = all[page.clone()]
         .iter()
@@ -759,13 +759,12 @@ async fn setrep(s: &State, u: &User, r: SetReplication) -> Res<()> {
         let _w = s.writer.lock().await;
         s.get(u, &path, 0)?;
         let (files, _) = s.ns.walk(&path)?;
-        for (fpath, inode) in &files {
+        for (fpath, _, inode) in &files {
             u.check(&fpath.to_string(), inode, W)?;
         }
-        for (fpath, _) in files {
-            let id = s.ns.get(&fpath)?.id;
-            let ino = s.ns.update_inode(id, |i| i.replication = r.replication)?;
-            changed.extend(ino.chunks.iter().map(|c| c.id));
+        for (_, id, _) in files {
+            s.ns.update_inode(id, |i| i.replication = r.replication)?;
+            changed.extend(s.ns.file_chunks(id)?.iter().map(|c| c.id));
         }
     }
     s.ns.flush().await?;
@@ -850,10 +849,10 @@ fn summary(s: &State, u: &User, path: &str) -> Res<ContentSummary> {
     readable_tree(s, u, path)?;
     let path = parse(path)?;
     let (files, dirs) = s.ns.walk(&path)?;
-    let bytes = files.iter().map(|(_, i)| i.size).sum();
+    let bytes = files.iter().map(|(_, _, i)| i.size).sum();
     let stored_bytes = files
         .iter()
-        .map(|(_, i)| i.size * i.replication as u64)
+        .map(|(_, _, i)| i.size * i.replication as u64)
         .sum();
     Ok(ContentSummary {
         files: files.len() as u64,
