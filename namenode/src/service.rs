@@ -6,7 +6,7 @@ use crate::keys::Authority;
 use crate::namespace::{Inode, Namespace, PendingFile, Resolved, StoreError};
 use crate::perm::{check_datanode, denied, User, R, W, X};
 pub use crate::state::NamenodeConfig;
-use crate::state::{abandon, lock, State};
+use crate::state::{abandon, lock, State, WaitingCompletion};
 use quern_proto::background::Background;
 use quern_proto::msg::*;
 use quern_proto::transport::{serve, Endpoint, Peer, ServerStream, Service, Tuning};
@@ -86,6 +86,7 @@ impl Namenode {
             }),
             loaded: tokio::sync::watch::channel(false).0,
             writer: tokio::sync::Mutex::new(()),
+            completing: Mutex::new(Vec::new()),
             tokens,
             endpoint: endpoint.clone(),
             reports: Mutex::new(HashMap::new()),
@@ -654,11 +655,28 @@ async fn commit(s: &State, u: &User, r: CommitChunk) -> Res<()> {
 }
 
 async fn complete(s: &State, u: &User, r: Complete) -> Res<FileStatus> {
-    let (status, freed, unused) = {
+    s.pending(u, r.file)?;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    lock(&s.completing).push(WaitingCompletion { file: r.file, done });
+    {
+        // Completions queue up while another holds the writer; the next
+        // holder completes them all at once, this one among them unless an
+        // earlier holder already did.
         let _w = s.writer.lock().await;
-        let head = s.pending(u, r.file)?;
-        s.ns.complete_from(r.file, head)?
-    };
+        let batch = std::mem::take(&mut *lock(&s.completing));
+        if !batch.is_empty() {
+            let files: Vec<FileId> = batch.iter().map(|w| w.file).collect();
+            for (w, result) in batch.into_iter().zip(s.ns.complete_many(&files)) {
+                let _ = w.done.send(result);
+            }
+        }
+    }
+    let (status, freed, unused) = finished.await.map_err(|_| {
+        WireError::new(
+            ErrorCode::Internal,
+            format!("completing {}: the namenode dropped the request", r.file),
+        )
+    })??;
     s.ns.flush().await?;
     lock(&s.leases).remove(&r.file);
     let mut c = s.cluster();
