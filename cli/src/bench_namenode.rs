@@ -41,7 +41,7 @@ pub struct BenchNamenode {
     pub clients: usize,
     /// Calls each client keeps outstanding on its connection (an
     /// application's threads sharing one client, as HDFS clients do).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     pub in_flight: usize,
     /// How long the client load runs.
     #[arg(long, default_value_t = 10)]
