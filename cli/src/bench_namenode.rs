@@ -107,6 +107,28 @@ fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
+/// CPU time (user and system) process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading the CPU time of process {pid}"))?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is the first, utime the 12th, stime the 13th.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("no CPU times in /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
 struct NamenodeProc {
     child: std::process::Child,
     addr: SocketAddr,
@@ -753,12 +775,21 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let storm_under = health.under_replicated_chunks;
     // Then each kind of call alone from every client, as HDFS's
     // NNThroughputBenchmark measures them.
+    // The namenode's own CPU per call says what it would serve with the
+    // clients and datanodes on other machines.
+    let pid = nn.child.id();
+    let (cpu, t) = (cpu_seconds(pid)?, Instant::now());
     let stat_per_s = client_load(clients.clone(), Load::Stat, a.seconds, a.in_flight, nfiles)
         .await?
         .stat_per_s;
+    let stat_cpu_us =
+        (cpu_seconds(pid)? - cpu) * 1e6 / (stat_per_s * t.elapsed().as_secs_f64()).max(1.0);
+    let (cpu, t) = (cpu_seconds(pid)?, Instant::now());
     let create_per_s = client_load(clients, Load::Create, a.seconds, a.in_flight, nfiles)
         .await?
         .create_per_s;
+    let create_cpu_us =
+        (cpu_seconds(pid)? - cpu) * 1e6 / (create_per_s * t.elapsed().as_secs_f64()).max(1.0);
     let served_load = heartbeat_buckets(&nn).await?;
 
     // Phase 2: one datanode goes silent; its chunks are copied back.
@@ -821,6 +852,8 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "namenode_heartbeat_p99_ms_restart": bucket_p99_ms(&[], &served_restart),
         "stat_per_s": stat_per_s,
         "create_per_s": create_per_s,
+        "namenode_cpu_us_per_stat": stat_cpu_us,
+        "namenode_cpu_us_per_create": create_cpu_us,
         "mixed_stat_per_s": mixed.stat_per_s,
         "mixed_create_per_s": mixed.create_per_s,
         "in_flight_per_client": a.in_flight,
@@ -873,6 +906,10 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
              create+complete {create_per_s:.0}/s alone; together (half each) during the storm \
              {:.0}/s and {:.0}/s",
             a.clients, a.in_flight, mixed.stat_per_s, mixed.create_per_s
+        );
+        println!(
+            "namenode CPU (heartbeats of every datanode included): {stat_cpu_us:.0} µs per stat, \
+             {create_cpu_us:.0} µs per create+complete"
         );
         println!(
             "report storm: every datanode registering again at once took {storm_s:.1} s, \
