@@ -185,7 +185,7 @@ async fn start_namenode(dir: &Path, a: &BenchNamenode) -> Result<NamenodeProc> {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 enum Load {
     /// Half the clients stat, half create and complete.
     Mixed,
@@ -196,18 +196,23 @@ enum Load {
 struct Rates {
     stat_per_s: f64,
     create_per_s: f64,
+    /// The namenode's own CPU time per call (a create+complete counting
+    /// as one), which says what it would serve with the clients and
+    /// datanodes on other machines.
+    namenode_cpu_us: f64,
 }
 
-/// `in_flight` calls at a time from each client for `seconds`.
+/// `in_flight` calls at a time from each client for `seconds`, against
+/// the namenode process `namenode`.
 async fn client_load(
     clients: Vec<Client>,
     load: Load,
     seconds: u64,
     in_flight: usize,
     nfiles: u64,
+    namenode: u32,
 ) -> Result<Rates> {
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let cpu_before = cpu_seconds(namenode)?;
     let stats = Arc::new(AtomicU64::new(0));
     let creates = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -230,7 +235,7 @@ async fn client_load(
                         client.stat(&format!("/synthetic/f{f:08}")).await?;
                         stats.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        create_empty(&client, &format!("/load/r{run}c{c}-{i}")).await?;
+                        create_empty(&client, &format!("/load/{load:?}-c{c}-{i}")).await?;
                         creates.fetch_add(1, Ordering::Relaxed);
                     }
                     i += lanes;
@@ -243,9 +248,15 @@ async fn client_load(
         r??;
     }
     let secs = started.elapsed().as_secs_f64();
+    let (stats, creates) = (
+        stats.load(Ordering::Relaxed),
+        creates.load(Ordering::Relaxed),
+    );
     Ok(Rates {
-        stat_per_s: stats.load(Ordering::Relaxed) as f64 / secs,
-        create_per_s: creates.load(Ordering::Relaxed) as f64 / secs,
+        stat_per_s: stats as f64 / secs,
+        create_per_s: creates as f64 / secs,
+        namenode_cpu_us: (cpu_seconds(namenode)? - cpu_before) * 1e6
+            / (stats + creates).max(1) as f64,
     })
 }
 
@@ -719,12 +730,14 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         clients.push(client);
     }
     let nfiles = nfiles.max(1);
+    let pid = nn.child.id();
     let mixed = tokio::spawn(client_load(
         clients.clone(),
         Load::Mixed,
         a.seconds,
         a.in_flight,
         nfiles,
+        pid,
     ));
     let storm = {
         let sims = sims.clone();
@@ -775,21 +788,18 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let storm_under = health.under_replicated_chunks;
     // Then each kind of call alone from every client, as HDFS's
     // NNThroughputBenchmark measures them.
-    // The namenode's own CPU per call says what it would serve with the
-    // clients and datanodes on other machines.
-    let pid = nn.child.id();
-    let (cpu, t) = (cpu_seconds(pid)?, Instant::now());
-    let stat_per_s = client_load(clients.clone(), Load::Stat, a.seconds, a.in_flight, nfiles)
-        .await?
-        .stat_per_s;
-    let stat_cpu_us =
-        (cpu_seconds(pid)? - cpu) * 1e6 / (stat_per_s * t.elapsed().as_secs_f64()).max(1.0);
-    let (cpu, t) = (cpu_seconds(pid)?, Instant::now());
-    let create_per_s = client_load(clients, Load::Create, a.seconds, a.in_flight, nfiles)
-        .await?
-        .create_per_s;
-    let create_cpu_us =
-        (cpu_seconds(pid)? - cpu) * 1e6 / (create_per_s * t.elapsed().as_secs_f64()).max(1.0);
+    let stat = client_load(
+        clients.clone(),
+        Load::Stat,
+        a.seconds,
+        a.in_flight,
+        nfiles,
+        pid,
+    )
+    .await?;
+    let create = client_load(clients, Load::Create, a.seconds, a.in_flight, nfiles, pid).await?;
+    let (stat_per_s, stat_cpu_us) = (stat.stat_per_s, stat.namenode_cpu_us);
+    let (create_per_s, create_cpu_us) = (create.create_per_s, create.namenode_cpu_us);
     let served_load = heartbeat_buckets(&nn).await?;
 
     // Phase 2: one datanode goes silent; its chunks are copied back.

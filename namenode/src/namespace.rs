@@ -40,8 +40,9 @@ pub struct Inode {
 }
 
 /// An inode as stored with owners and its chunk list in the middle; read,
-/// never written.
+/// never written (but by tests, to make such a store).
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct InodeV2 {
     kind: FileKind,
     mode: u32,
@@ -98,10 +99,7 @@ const V3: &[u8] = &[0xff, 3];
 fn enc_inode(i: &Inode, chunks: &[ChunkMeta]) -> Vec<u8> {
     let mut head = i.clone();
     head.chunk_count = chunks.len() as u32;
-    let mut out = V3.to_vec();
-    out.extend(enc(&head));
-    out.extend(enc(&chunks));
-    out
+    enc_inode_raw(&head, &enc(&chunks))
 }
 
 /// [`enc_inode`] with the chunk list already encoded (an update of the
@@ -324,7 +322,6 @@ pub fn not_found(path: &RemotePath) -> WireError {
     )
 }
 
-/// Where a path resolved to.
 /// A completed file's status, the chunks of the file it replaced, and the
 /// chunk ids allocated to it but never committed.
 pub type Completed = (FileStatus, Vec<ChunkMeta>, Vec<quern_proto::ChunkId>);
@@ -340,6 +337,7 @@ struct Completion {
     result: Completed,
 }
 
+/// Where a path resolved to.
 pub struct Resolved {
     pub id: u64,
     pub inode: Inode,
@@ -1017,6 +1015,9 @@ impl Namespace {
                     Ok(p) => ready.push((i, p)),
                 }
             }
+            if ready.is_empty() {
+                break;
+            }
             let applied = (
                 &self.inodes,
                 &self.dirents,
@@ -1107,22 +1108,22 @@ impl Namespace {
             .get(id.to_be_bytes())
             .st()?
             .ok_or_else(|| err(ErrorCode::NotFound, format!("inode {id} vanished")))?;
-        let record = match bytes.strip_prefix(V3) {
+        // A current record's chunk list is copied as it is encoded.
+        let (mut inode, chunks) = match bytes.strip_prefix(V3) {
             Some(rest) => {
-                let (mut inode, used) = dec_with_len::<Inode>(rest, "inode")?;
-                f(&mut inode);
-                let record = enc_inode_raw(&inode, rest.get(used..).unwrap_or_default());
-                (inode, record)
+                let (inode, used) = dec_with_len::<Inode>(rest, "inode")?;
+                (inode, rest.get(used..).unwrap_or_default().to_vec())
             }
             None => {
-                let (mut inode, chunks) = dec_inode_full(&bytes)?;
-                f(&mut inode);
-                let record = enc_inode(&inode, &chunks);
-                (inode, record)
+                let (inode, chunks) = dec_inode_full(&bytes)?;
+                (inode, enc(&chunks))
             }
         };
-        self.inodes.insert(id.to_be_bytes(), record.1).st()?;
-        Ok(record.0)
+        f(&mut inode);
+        self.inodes
+            .insert(id.to_be_bytes(), enc_inode_raw(&inode, &chunks))
+            .st()?;
+        Ok(inode)
     }
 
     /// Every file below (or at) `path` with its inode id, depth first,
@@ -1149,7 +1150,6 @@ impl Namespace {
         Ok((files, dirs))
     }
 
-    /// Every chunk of every completed file, with its replication target.
     /// Every file's chunks with the file's replication, a file at a time.
     pub fn each_file_chunks(&self, mut f: impl FnMut(&[ChunkMeta], u8)) -> Res<()> {
         for item in self.inodes.iter() {
@@ -1201,18 +1201,6 @@ mod tests {
 
     #[test]
     fn files_stored_with_their_chunks_in_the_middle_keep_them() {
-        #[derive(Serialize)]
-        struct V2Inode {
-            kind: FileKind,
-            mode: u32,
-            mtime_ms: i64,
-            replication: u8,
-            chunk_size: u64,
-            size: u64,
-            chunks: Vec<ChunkMeta>,
-            owner: String,
-            group: String,
-        }
         let dir = tempfile::tempdir().unwrap();
         Namespace::format(dir.path()).unwrap();
         let ns = Namespace::open(dir.path()).unwrap();
@@ -1223,7 +1211,7 @@ mod tests {
                 digest: quern_proto::Digest::of(&[i as u8]),
             })
             .collect();
-        let old = V2Inode {
+        let old = InodeV2 {
             kind: FileKind::File,
             mode: 0o640,
             mtime_ms: 1,

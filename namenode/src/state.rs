@@ -70,7 +70,7 @@ impl NamenodeConfig {
     }
 }
 
-/// A completion handed to whichever caller next holds the writer.
+/// A completion handed to the next completion that takes the writer.
 pub(crate) struct WaitingCompletion {
     pub file: quern_proto::FileId,
     pub done: tokio::sync::oneshot::Sender<Res<crate::namespace::Completed>>,
@@ -95,8 +95,8 @@ pub(crate) struct State {
     pub report_leases: Mutex<HashMap<quern_proto::NodeId, Instant>>,
     /// One namespace mutation at a time; readers do not take it.
     pub writer: tokio::sync::Mutex<()>,
-    /// Completions waiting for the writer; whoever holds it next completes
-    /// them all in one transaction.
+    /// Completions waiting for the writer; the next completion to take it
+    /// completes them all in one transaction.
     pub completing: Mutex<Vec<WaitingCompletion>>,
     pub tokens: Authority,
     /// For probing a datanode's old address when it registers anew.
