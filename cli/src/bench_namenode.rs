@@ -16,6 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use quern_client::{Client, WriteOptions};
 use quern_namenode::synthetic;
 use quern_proto::msg::*;
+use quern_proto::report::PackedChunks;
 use quern_proto::tls::{init_cluster_dir, ClusterFiles, Identity};
 use quern_proto::transport::{Endpoint, Peer, Tuning};
 use quern_proto::{ChunkId, NodeId, Principal, Role};
@@ -76,10 +77,8 @@ struct Sim {
     stopped: AtomicBool,
     /// Set when the namenode asked it to register again.
     reregister: AtomicBool,
-    /// Its full report is owed (registered with `report_follows`), and
-    /// whether the namenode said to send it.
+    /// Its full report is owed (registered with `report_follows`).
     owes_report: AtomicBool,
-    granted: AtomicBool,
 }
 
 #[derive(Default)]
@@ -89,10 +88,9 @@ struct Shared {
     phase: AtomicU64,
     /// Replicas the simulated targets acknowledged.
     replicated: AtomicU64,
-    heartbeat_errors: AtomicU64,
+    /// Heartbeats that failed, by phase.
+    heartbeat_errors: [AtomicU64; 4],
     register_errors: AtomicU64,
-    /// Full reports the namenode has taken (inline or in pages).
-    reported: AtomicU64,
 }
 
 fn rss_bytes(pid: u32) -> Result<u64> {
@@ -307,9 +305,9 @@ async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
                 capacity: 1 << 50,
                 available: 1 << 49,
                 chunks: if inline {
-                    sim.chunks.clone()
+                    PackedChunks::pack(&sim.chunks)
                 } else {
-                    Vec::new()
+                    PackedChunks::default()
                 },
                 report_follows: !inline,
             },
@@ -320,13 +318,35 @@ async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
     Ok(commands)
 }
 
-async fn full_report(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
+/// Asks for a turn, as a datanode does, until one is granted, and sends
+/// the full report in it.
+async fn report_in_turn(
+    sims: &[Arc<Sim>],
+    me: usize,
+    shared: &Shared,
+    nn: SocketAddr,
+) -> Result<()> {
+    let sim = &sims[me];
+    loop {
+        let reply = sim
+            .endpoint
+            .call(Peer::namenode(nn), ReportTurn { node: sim.id })
+            .await?;
+        if reply.commands.contains(&DatanodeCommand::Reregister) {
+            bail!("{} must register again before it reports", sim.id);
+        }
+        if reply.commands.contains(&DatanodeCommand::SendReport) {
+            break;
+        }
+    }
     let mut commands = Vec::new();
     for page in ChunkReport::pages(sim.id, &sim.chunks, REPORT_PAGE) {
         let reply = sim.endpoint.call(Peer::namenode(nn), page).await?;
         commands.extend(reply.commands);
     }
-    Ok(commands)
+    sim.owes_report.store(false, Ordering::Relaxed);
+    obey(sims, shared, nn, commands).await;
+    Ok(())
 }
 
 /// Obeys commands as a datanode would, without data: a replication is
@@ -395,27 +415,17 @@ async fn heartbeats(
         if sim.reregister.swap(false, Ordering::Relaxed) {
             match register(&sim, addr).await {
                 Ok(cmds) => {
-                    take_grant(&sim, &cmds);
                     obey(&sims, &shared, addr, cmds).await;
-                    if !sim.owes_report.load(Ordering::Relaxed) {
-                        shared.reported.fetch_add(1, Ordering::Relaxed);
+                    if sim.owes_report.load(Ordering::Relaxed) {
+                        // The report waits for its turn beside heartbeats.
+                        let (sims, shared) = (sims.clone(), shared.clone());
+                        tokio::spawn(async move {
+                            if report_in_turn(&sims, me, &shared, addr).await.is_err() {
+                                shared.register_errors.fetch_add(1, Ordering::Relaxed);
+                                sims[me].reregister.store(true, Ordering::Relaxed);
+                            }
+                        });
                     }
-                }
-                Err(_) => {
-                    shared.register_errors.fetch_add(1, Ordering::Relaxed);
-                    sim.reregister.store(true, Ordering::Relaxed);
-                }
-            }
-            if !sim.granted.load(Ordering::Relaxed) {
-                continue;
-            }
-        }
-        if sim.granted.swap(false, Ordering::Relaxed) {
-            match full_report(&sim, addr).await {
-                Ok(cmds) => {
-                    sim.owes_report.store(false, Ordering::Relaxed);
-                    shared.reported.fetch_add(1, Ordering::Relaxed);
-                    obey(&sims, &shared, addr, cmds).await;
                 }
                 Err(_) => {
                     shared.register_errors.fetch_add(1, Ordering::Relaxed);
@@ -440,7 +450,6 @@ async fn heartbeats(
                     full: false,
                     jobs: 0,
                     job_bytes: 0,
-                    wants_report: sim.owes_report.load(Ordering::Relaxed),
                 },
             )
             .await;
@@ -454,7 +463,6 @@ async fn heartbeats(
                     .unwrap_or_else(|p| p.into_inner())
                     .push((phase, ms));
                 let mut cmds = r.commands;
-                take_grant(&sim, &cmds);
                 if cmds
                     .iter()
                     .any(|c| matches!(c, DatanodeCommand::Reregister))
@@ -466,7 +474,8 @@ async fn heartbeats(
             }
             Err(_) => {
                 // A namenode that went away: register again once it is back.
-                shared.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                let phase = shared.phase.load(Ordering::Relaxed) as usize;
+                shared.heartbeat_errors[phase.min(3)].fetch_add(1, Ordering::Relaxed);
                 sim.reregister.store(true, Ordering::Relaxed);
             }
         }
@@ -488,13 +497,15 @@ async fn scrape(nn: &NamenodeProc) -> Result<String> {
     Ok(body)
 }
 
-/// The namenode's own account of its chunk map's memory.
-async fn chunk_map_bytes(nn: &NamenodeProc) -> Result<f64> {
+/// One of the namenode's own figures from its `/metrics`, by the
+/// series' name with its labels (`quern_chunk_map_bytes`,
+/// `quern_datanodes{state="dead"}`).
+async fn gauge(nn: &NamenodeProc, series: &str) -> Result<f64> {
     let body = scrape(nn).await?;
     body.lines()
-        .find_map(|l| l.strip_prefix("quern_chunk_map_bytes "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no quern_chunk_map_bytes in the namenode's /metrics"))
+        .ok_or_else(|| anyhow!("no {series} in the namenode's /metrics"))
 }
 
 /// The namenode's own histogram of heartbeat handling times, from its
@@ -551,16 +562,6 @@ fn bucket_p99_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> f64 {
         .find(|(_, n)| *n as f64 >= 0.99 * total as f64)
         .map(|(le, _)| le * 1e3)
         .unwrap_or(f64::INFINITY)
-}
-
-fn take_grant(sim: &Sim, cmds: &[DatanodeCommand]) {
-    if sim.owes_report.load(Ordering::Relaxed)
-        && cmds
-            .iter()
-            .any(|c| matches!(c, DatanodeCommand::SendReport))
-    {
-        sim.granted.store(true, Ordering::Relaxed);
-    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -674,7 +675,6 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             stopped: AtomicBool::new(false),
             reregister: AtomicBool::new(true),
             owes_report: AtomicBool::new(false),
-            granted: AtomicBool::new(false),
         }));
     }
     let sims = Arc::new(sims);
@@ -705,7 +705,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let cold_writable_s = until_writable(&client, "/probe-cold", started).await?;
     let rss = rss_bytes(nn.child.id())?;
     let rss_per_chunk = rss.saturating_sub(rss_empty) as f64 / a.chunks.max(1) as f64;
-    let bytes_per_chunk = chunk_map_bytes(&nn).await? / a.chunks.max(1) as f64;
+    let bytes_per_chunk = gauge(&nn, "quern_chunk_map_bytes").await? / a.chunks.max(1) as f64;
     eprintln!(
         "cold start: listening after {listening_s:.1} s, writable after {cold_writable_s:.1} s; \
          namenode RSS {:.0} MiB ({:.0} MiB empty)",
@@ -743,33 +743,22 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         let sims = sims.clone();
         let shared = shared.clone();
         let addr = nn.addr;
-        let reported_before = shared.reported.load(Ordering::Relaxed);
         tokio::spawn(async move {
             let mut all = tokio::task::JoinSet::new();
             let t = Instant::now();
-            for s in sims.iter() {
-                let (s, shared) = (s.clone(), shared.clone());
+            for me in 0..sims.len() {
+                let (sims, shared) = (sims.clone(), shared.clone());
                 all.spawn(async move {
-                    let cmds = register(&s, addr).await?;
-                    take_grant(&s, &cmds);
-                    if s.granted.swap(false, Ordering::Relaxed) {
-                        full_report(&s, addr).await?;
-                        s.owes_report.store(false, Ordering::Relaxed);
-                    }
-                    if !s.owes_report.load(Ordering::Relaxed) {
-                        shared.reported.fetch_add(1, Ordering::Relaxed);
+                    let cmds = register(&sims[me], addr).await?;
+                    obey(&sims, &shared, addr, cmds).await;
+                    if sims[me].owes_report.load(Ordering::Relaxed) {
+                        report_in_turn(&sims, me, &shared, addr).await?;
                     }
                     anyhow::Ok(())
                 });
             }
             while let Some(r) = all.join_next().await {
                 r??;
-            }
-            // The rest report as the namenode grants them turns, through
-            // their heartbeats.
-            let want = reported_before + sims.len() as u64;
-            while shared.reported.load(Ordering::Relaxed) < want {
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             anyhow::Ok(t.elapsed().as_secs_f64())
         })
@@ -802,15 +791,28 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let (create_per_s, create_cpu_us) = (create.create_per_s, create.namenode_cpu_us);
     let served_load = heartbeat_buckets(&nn).await?;
 
-    // Phase 2: one datanode goes silent; its chunks are copied back.
+    // Phase 2: one datanode goes silent; its chunks are copied back. Done
+    // when the namenode has declared it dead and counts no chunk short of
+    // replicas (its own figures: the node may have held a few replicas
+    // more or less than placed, after the storm's copies and drops).
     shared.phase.store(2, Ordering::Relaxed);
     let lost = sims[0].chunks.len() as u64;
     let before = shared.replicated.load(Ordering::Relaxed);
+    let limit = a.dead_timeout + Duration::from_secs(600);
+    let dead = "quern_datanodes{state=\"dead\"}";
+    let dead_before = gauge(&nn, dead).await?;
     sims[0].stopped.store(true, Ordering::Relaxed);
     let t = Instant::now();
-    let limit = a.dead_timeout + Duration::from_secs(600);
-    while shared.replicated.load(Ordering::Relaxed) - before < lost && t.elapsed() < limit {
+    let mut declared = false;
+    while t.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        declared = declared || gauge(&nn, dead).await? > dead_before;
+        if declared
+            && gauge(&nn, "quern_under_replicated_chunks").await? == 0.0
+            && gauge(&nn, "quern_missing_chunks").await? == 0.0
+        {
+            break;
+        }
     }
     let rereplicated = shared.replicated.load(Ordering::Relaxed) - before;
     let rereplicate_s = t.elapsed().as_secs_f64();
@@ -833,6 +835,11 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     }
 
     let (p50, p99, max, n) = latency(&shared, None);
+    let failed: Vec<u64> = shared
+        .heartbeat_errors
+        .iter()
+        .map(|e| e.load(Ordering::Relaxed))
+        .collect();
     let phases: Vec<(f64, f64, f64, usize)> = (0..4).map(|p| latency(&shared, Some(p))).collect();
     let figures = serde_json::json!({
         "datanodes": a.datanodes,
@@ -855,7 +862,8 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "heartbeats": n,
         "heartbeat_p99_ms_under_load": phases[1].1,
         "heartbeat_p99_ms_rereplicating": phases[2].1,
-        "heartbeat_errors": shared.heartbeat_errors.load(Ordering::Relaxed),
+        "heartbeat_errors": failed.iter().sum::<u64>(),
+        "heartbeat_errors_by_phase": failed,
         "namenode_heartbeat_p99_ms_cold": bucket_p99_ms(&[], &served_cold),
         "namenode_heartbeat_p99_ms_under_load": bucket_p99_ms(&served_cold, &served_load),
         "namenode_heartbeat_p99_ms_rereplicating": bucket_p99_ms(&served_load, &served_rerep),
@@ -897,10 +905,9 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         );
         println!(
             "heartbeats: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms over {n}; p99 under \
-             client load and a report storm {:.1} ms, while re-replicating {:.1} ms; {} failed",
-            phases[1].1,
-            phases[2].1,
-            shared.heartbeat_errors.load(Ordering::Relaxed)
+             client load and a report storm {:.1} ms, while re-replicating {:.1} ms; failed: \
+             {} in the cold start, {} under load, {} re-replicating, {} across the restart",
+            phases[1].1, phases[2].1, failed[0], failed[1], failed[2], failed[3]
         );
         println!(
             "heartbeats as the namenode handled them (p99, to its histogram's buckets): cold start \

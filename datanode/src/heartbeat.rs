@@ -10,8 +10,9 @@
 use crate::node::{write_cluster_id, Node};
 use crate::transfer::push_chunk;
 use quern_proto::msg::{
-    ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register, INLINE_REPORT,
+    ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register, ReportTurn, INLINE_REPORT,
 };
+use quern_proto::report::PackedChunks;
 use quern_proto::{ErrorCode, KeyRing};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +25,8 @@ pub(crate) async fn run(node: Arc<Node>) {
     // Set at registration, which carries the first full report or asks
     // for a turn to send it.
     let mut next_report = Instant::now();
-    // A full report is owed, and whether the namenode said to send it.
-    let mut wants_report = false;
-    let mut granted = false;
+    // A full report waiting for its turn or being sent, beside heartbeats.
+    let mut reporting: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_sweep: Option<Instant> = None;
     // The last failure logged, so a lasting one is logged once, and a
     // namenode of another cluster is always named when it appears.
@@ -47,19 +47,24 @@ pub(crate) async fn run(node: Arc<Node>) {
         if node.is_full() && available >= crate::node::room_again(capacity) {
             node.set_full(false);
         }
-        if registered && Instant::now() >= next_report {
+        let idle = reporting.as_ref().is_none_or(|t| t.is_finished());
+        if registered && idle && Instant::now() >= next_report {
             next_report = Instant::now() + node.cfg.report_interval;
-            wants_report = true;
+            reporting = Some(tokio::spawn(report_in_turn(node.clone())));
         }
+        let mut paged = false;
         let result = if !registered {
-            register(&node, capacity, available, &mut wants_report).await
-        } else if granted {
-            granted = false;
-            let sent = report(&node, node.store.list()).await;
-            if sent.is_ok() {
-                wants_report = false;
+            // A namenode that forgot this node takes no report before it
+            // registers again.
+            if let Some(t) = reporting.take() {
+                t.abort();
             }
-            sent
+            register(&node, capacity, available)
+                .await
+                .map(|(reply, p)| {
+                    paged = p;
+                    reply
+                })
         } else {
             let (used, chunks) = node.store.used();
             let store = node.store.clone();
@@ -81,7 +86,6 @@ pub(crate) async fn run(node: Arc<Node>) {
                         full: node.is_full(),
                         jobs,
                         job_bytes,
-                        wants_report,
                     },
                 )
                 .await
@@ -102,18 +106,19 @@ pub(crate) async fn run(node: Arc<Node>) {
                             .cfg
                             .report_interval
                             .mul_f64(rand::random_range(0.5..1.5));
+                    if paged {
+                        reporting = Some(tokio::spawn(report_in_turn(node.clone())));
+                    }
                 }
                 registered = true;
                 warned = None;
                 for cmd in commands {
-                    match cmd {
-                        DatanodeCommand::Reregister => registered = false,
-                        DatanodeCommand::SendReport => granted = wants_report,
-                        _ => {}
+                    if cmd == DatanodeCommand::Reregister {
+                        registered = false;
                     }
                     execute(&node, cmd);
                 }
-                if !registered || granted {
+                if !registered {
                     continue;
                 }
             }
@@ -135,13 +140,12 @@ pub(crate) async fn run(node: Arc<Node>) {
 }
 
 /// Registers with the full chunk list when it is short; a longer one is
-/// owed (`wants_report`) and sent in pages when the namenode says so.
+/// owed (the second value) and sent in pages in the node's turn.
 async fn register(
     node: &Node,
     capacity: u64,
     available: u64,
-    wants_report: &mut bool,
-) -> Result<NodeReply, quern_proto::Error> {
+) -> Result<(NodeReply, bool), quern_proto::Error> {
     let cluster_id = node
         .cluster_id
         .lock()
@@ -161,13 +165,60 @@ async fn register(
                 },
                 capacity,
                 available,
-                chunks: if paged { Vec::new() } else { chunks },
+                chunks: if paged {
+                    PackedChunks::default()
+                } else {
+                    PackedChunks::pack(&chunks)
+                },
                 report_follows: paged,
             },
         )
         .await?;
-    *wants_report = paged;
-    Ok(reply)
+    Ok((reply, paged))
+}
+
+/// Asks the namenode for a turn and sends the full report in it, asking
+/// again until one is sent; heartbeats go on meanwhile, so a node waiting
+/// behind a thousand others' reports is never taken for dead.
+async fn report_in_turn(node: Arc<Node>) {
+    loop {
+        let asked = Instant::now();
+        let turn = node
+            .endpoint
+            .call(node.namenode(), ReportTurn { node: node.id })
+            .await
+            .map_err(|e| (e.code(), e.to_string()))
+            .and_then(|r| accept(&node, r));
+        match turn {
+            // Registering again starts a new report.
+            Ok(cmds) if cmds.contains(&DatanodeCommand::Reregister) => return,
+            Ok(cmds) if cmds.contains(&DatanodeCommand::SendReport) => {
+                let chunks = node.store.list();
+                let count = chunks.len();
+                let sent = report(&node, chunks)
+                    .await
+                    .map_err(|e| (e.code(), e.to_string()))
+                    .and_then(|r| accept(&node, r));
+                match sent {
+                    Ok(cmds) => {
+                        tracing::info!(chunks = count, "full chunk report sent");
+                        for cmd in cmds {
+                            execute(&node, cmd);
+                        }
+                        return;
+                    }
+                    Err((_, e)) => {
+                        tracing::warn!("full chunk report failed: {e}; asking for another turn")
+                    }
+                }
+            }
+            // No turn came while the namenode held the request: ask again.
+            Ok(_) if asked.elapsed() >= Duration::from_secs(1) => continue,
+            Ok(_) => {}
+            Err((_, e)) => tracing::warn!("asking for a turn to report failed: {e}"),
+        }
+        tokio::time::sleep(node.cfg.heartbeat).await;
+    }
 }
 
 /// Sends a full chunk report in pages of at most `report_page` chunks;
@@ -273,7 +324,7 @@ fn execute(node: &Arc<Node>, cmd: DatanodeCommand) {
                 }
             });
         }
-        // The heartbeat loop acts on these.
+        // The heartbeat loop and the report task act on these.
         DatanodeCommand::Reregister | DatanodeCommand::SendReport => {}
     }
 }

@@ -16,6 +16,7 @@ use quern_proto::msg::{
     DatanodeCommand, DatanodeReport, Heartbeat, NodeAddr, NodeState, ReplicaInfo, ReplicaState,
     ScrubStatus, StoredChunk,
 };
+use quern_proto::report::ReportedChunk;
 use quern_proto::{ChunkId, Digest, NodeId};
 use rand::seq::SliceRandom;
 use roaring::RoaringTreemap;
@@ -47,7 +48,14 @@ pub struct NodeEntry {
     /// Chunks this node holds a replica of (compressed: chunk ids are
     /// mostly consecutive, a few bytes each).
     pub held: RoaringTreemap,
+    /// Registered without its chunk list, which follows in its turn.
+    pub owes_report: bool,
 }
+
+/// Chunks handled per hold of the cluster lock by long jobs (a report, the
+/// replication queue's first build): about 2 ms, after which the lock is
+/// handed fairly to any heartbeat or read waiting for it.
+pub(crate) const LOCK_BATCH: usize = 2048;
 
 /// A committed chunk's health, as counted for safe mode and the overview.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +120,9 @@ pub struct Cluster {
     /// initialises its replication queues.
     pub(crate) queueing: bool,
     pub dead_timeout: Duration,
+    /// When the last full report was taken: reports still coming in say
+    /// the map is not whole yet.
+    pub(crate) last_report: Instant,
 }
 
 impl Cluster {
@@ -124,6 +135,7 @@ impl Cluster {
             queue: ReplicationQueue::default(),
             queueing: true,
             dead_timeout,
+            last_report: Instant::now(),
         }
     }
 
@@ -215,7 +227,14 @@ impl Cluster {
 
     /// Records a node as live with what it holds, without reconciling its
     /// replicas (a paged report reconciles when its last page arrives).
-    pub fn join(&mut self, node: NodeAddr, capacity: u64, available: u64, chunks: &[StoredChunk]) {
+    pub fn join(
+        &mut self,
+        node: NodeAddr,
+        capacity: u64,
+        available: u64,
+        chunks: &[ReportedChunk],
+        report_follows: bool,
+    ) {
         let used = chunks.iter().map(|c| c.size).sum();
         let slot = match self.slot(node.id) {
             Some(s) => s,
@@ -238,6 +257,7 @@ impl Cluster {
                     commands: Vec::new(),
                     live: false,
                     held: RoaringTreemap::new(),
+                    owes_report: false,
                 });
                 self.slots.insert(node.id, s);
                 s
@@ -251,8 +271,18 @@ impl Cluster {
             entry.chunks = chunks.len() as u64;
             entry.last_heartbeat = Instant::now();
             entry.placed_since_heartbeat = 0;
+            entry.owes_report = report_follows;
         }
         self.set_live(slot, true);
+    }
+
+    /// Live nodes that registered and have not sent their full report yet:
+    /// until they do, a chunk may look short of replicas it has.
+    pub fn reports_owed(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.live && n.owes_report)
+            .count()
     }
 
     /// Reconciles what a node holds with what the namenode believes:
@@ -268,8 +298,9 @@ impl Cluster {
         chunks: &[StoredChunk],
         safe_mode: bool,
     ) -> Vec<DatanodeCommand> {
+        let chunks: Vec<ReportedChunk> = chunks.iter().map(ReportedChunk::from).collect();
         let mut progress = ReportProgress::default();
-        if !self.report_batch(node, chunks, &mut progress) {
+        if !self.report_batch(node, &chunks, &mut progress) {
             return vec![DatanodeCommand::Reregister];
         }
         self.finish_report(node, progress, safe_mode)
@@ -281,7 +312,7 @@ impl Cluster {
     pub fn report_batch(
         &mut self,
         node: NodeId,
-        chunks: &[StoredChunk],
+        chunks: &[ReportedChunk],
         progress: &mut ReportProgress,
     ) -> bool {
         let Some(slot) = self.slot(node) else {
@@ -290,10 +321,7 @@ impl Cluster {
         for c in chunks {
             let nodes = &self.nodes;
             let live = |s: Slot| nodes.get(s as usize).is_some_and(|n| n.live);
-            match self
-                .chunks
-                .add_reported(c.id, slot, c.size, c.digest.check(), live)
-            {
+            match self.chunks.add_reported(c.id, slot, c.size, c.check, live) {
                 Reported::Unknown => progress.orphans.push(c.id),
                 Reported::OtherDigest => progress.false_claims += 1,
                 Reported::Held => {
@@ -320,7 +348,7 @@ impl Cluster {
     /// A reported replica the one-look-up path left alone (another size,
     /// a fourth holder, corrupt marks): a size other than the committed
     /// one marks it corrupt.
-    fn take_replica(&mut self, c: &StoredChunk, slot: Slot) {
+    fn take_replica(&mut self, c: &ReportedChunk, slot: Slot) {
         let Some(info) = self.chunks.info(c.id) else {
             return;
         };
@@ -350,6 +378,10 @@ impl Cluster {
             Some(n) => &n.held - &progress.reported,
             None => RoaringTreemap::new(),
         };
+        if let Some(n) = self.nodes.get_mut(slot as usize) {
+            n.owes_report = false;
+        }
+        self.last_report = Instant::now();
         for id in gone.iter().map(ChunkId) {
             let before = self.health(id);
             self.remove_replica(id, slot);
@@ -589,14 +621,18 @@ impl Cluster {
 
     /// Queues whatever of a node's chunks needs copies or has extras (the
     /// queue's one-off build after safe mode, a node at a time).
-    pub(crate) fn queue_held(&mut self, slot: Slot) {
-        let held: Vec<ChunkId> = match self.node(slot) {
-            Some(n) => n.held.iter().map(ChunkId).collect(),
-            None => return,
-        };
-        for id in held {
-            let now = self.health(id);
-            self.settle(id, now);
+    /// The chunks a node holds a replica of.
+    pub(crate) fn held(&self, slot: Slot) -> Vec<ChunkId> {
+        self.node(slot)
+            .map(|n| n.held.iter().map(ChunkId).collect())
+            .unwrap_or_default()
+    }
+
+    /// Queues whichever of these chunks need copies or have extras.
+    pub(crate) fn queue_chunks(&mut self, ids: &[ChunkId]) {
+        for id in ids {
+            let now = self.health(*id);
+            self.settle(*id, now);
         }
     }
 

@@ -11,6 +11,7 @@ mod monitor;
 mod namespace;
 mod perm;
 mod replication;
+mod report_turns;
 mod service;
 mod state;
 pub mod synthetic;

@@ -16,24 +16,49 @@ pub(crate) async fn run(state: Arc<State>) {
         if let Err(e) = state.tokens.rotate(&state.ns) {
             tracing::warn!("could not rotate token keys: {e}");
         }
-        // One lock per node declared dead: each costs that node's chunks.
-        let dying = state.cluster().silent_nodes();
-        for node in dying {
-            state.cluster().declare_dead(node);
-        }
-        if last_replication.elapsed() >= state.cfg.replication_interval {
+        let replicate = last_replication.elapsed() >= state.cfg.replication_interval;
+        if replicate {
             last_replication = Instant::now();
-            // Until a dead timeout has passed since the start, a node that
-            // has not reported yet may be on its way rather than dead: its
-            // chunks are not copied elsewhere before then.
-            if state.safe_mode().is_none() {
-                if !state.cluster().queueing && state.started.elapsed() >= state.cfg.dead_timeout {
-                    build_queue(&state);
-                }
-                schedule_replication(&state);
-            }
+        }
+        // Work on the chunk map runs off the async workers, with the lock
+        // handed on fairly between nodes and batches, so heartbeats and
+        // reads never wait behind it for long.
+        let s = state.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || chunk_duties(&s, replicate)).await {
+            tracing::error!("the namenode's chunk duties failed: {e}");
         }
     }
+}
+
+/// Declares silent nodes dead (one lock each: each costs that node's
+/// chunks) and, every replication interval, works the replication queue.
+fn chunk_duties(state: &State, replicate: bool) {
+    let dying = state.cluster().silent_nodes();
+    for node in dying {
+        let mut c = state.cluster();
+        c.declare_dead(node);
+        parking_lot::MutexGuard::unlock_fair(c);
+    }
+    // Until a dead timeout has passed since the start, a node that has
+    // not reported yet may be on its way rather than dead; and while
+    // registered nodes still owe their reports (safe mode ends at a share
+    // of the chunks, not all), a chunk may have replicas not reported yet.
+    // Its chunks are not copied elsewhere before then, unless reports
+    // stopped coming for a dead timeout.
+    if !replicate || state.safe_mode().is_some() {
+        return;
+    }
+    let ready = {
+        let c = state.cluster();
+        let quiet = c.last_report.elapsed() >= state.cfg.dead_timeout;
+        !c.queueing
+            && state.started.elapsed() >= state.cfg.dead_timeout
+            && (c.reports_owed() == 0 || quiet)
+    };
+    if ready {
+        build_queue(state);
+    }
+    schedule_replication(state);
 }
 
 async fn expire_leases(state: &State) {
@@ -64,7 +89,12 @@ fn build_queue(state: &State) {
         c.nodes.len()
     };
     for slot in 0..nodes {
-        state.cluster().queue_held(slot as crate::chunkmap::Slot);
+        let held = state.cluster().held(slot as crate::chunkmap::Slot);
+        for batch in held.chunks(crate::cluster::LOCK_BATCH) {
+            let mut c = state.cluster();
+            c.queue_chunks(batch);
+            parking_lot::MutexGuard::unlock_fair(c);
+        }
     }
     let queued = state.cluster().queue.queued();
     tracing::info!(
@@ -135,10 +165,11 @@ pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
             replication: inode.replication,
             problems: Vec::new(),
         };
-        // The lock is taken per file, so checking a large tree never
-        // holds up heartbeats for long.
-        let c = state.cluster();
+        // The lock is taken per file, after its chunk list is read, and
+        // handed on fairly, so checking a large tree never holds up
+        // heartbeats for long.
         let chunks = state.ns.file_chunks(id)?;
+        let c = state.cluster();
         for (i, meta) in chunks.iter().enumerate() {
             report.chunks += 1;
             let mut live = 0;
@@ -181,6 +212,7 @@ pub(crate) fn fsck(state: &State, req: Fsck) -> Result<FsckReport, WireError> {
                 ));
             }
         }
+        parking_lot::MutexGuard::unlock_fair(c);
         report.health = report.health.max(f.health);
         if page.contains(&n) {
             report.files.push(f);

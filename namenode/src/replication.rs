@@ -336,7 +336,7 @@ mod tests {
     fn cluster(nodes: u64, chunks: u64) -> Cluster {
         let mut c = Cluster::new(Duration::from_secs(30));
         for i in 1..=nodes {
-            c.join(addr(i), 1 << 40, 1 << 40, &[]);
+            c.join(addr(i), 1 << 40, 1 << 40, &[], false);
         }
         for id in 0..chunks {
             let s = stored(id);
@@ -449,7 +449,7 @@ mod tests {
         }
         assert_eq!(counts(&c), (3, 0, 0));
         // Node 1 comes back holding its old replicas: one too many each.
-        c.join(addr(1), 1 << 40, 1 << 40, &[]);
+        c.join(addr(1), 1 << 40, 1 << 40, &[], false);
         assert_eq!(c.queue.queued(), 3);
         let pass = run(&mut c, 1, Duration::from_secs(60), &token);
         assert_eq!(pass.dropped, 3, "deletes are not rate-bound");
@@ -514,7 +514,7 @@ mod tests {
         let mut c = Cluster::new(Duration::from_secs(30));
         c.queueing = false;
         for i in 1..=3 {
-            c.join(addr(i), 1 << 40, 1 << 40, &[]);
+            c.join(addr(i), 1 << 40, 1 << 40, &[], false);
         }
         // As loaded at a start: committed, no holder known yet.
         for id in 0..10 {
@@ -535,8 +535,29 @@ mod tests {
         assert_eq!(c.queue.queued(), 0);
         c.queueing = true;
         for slot in 0..3 {
-            c.queue_held(slot);
+            let held = c.held(slot);
+            c.queue_chunks(&held);
         }
         assert_eq!(c.queue.queued(), 5, "only the chunks node 2 lacks");
+    }
+
+    #[test]
+    fn a_node_registered_without_its_list_owes_it_until_its_full_report() {
+        let mut c = Cluster::new(Duration::from_millis(1));
+        c.join(addr(1), 1 << 40, 1 << 40, &[], true);
+        c.join(addr(2), 1 << 40, 1 << 40, &[], true);
+        c.join(addr(3), 1 << 40, 1 << 40, &[], false);
+        assert_eq!(c.reports_owed(), 2);
+        let reported = c.last_report;
+        c.full_report(NodeId(1), &[stored(0)], true);
+        assert_eq!(c.reports_owed(), 1);
+        assert!(c.last_report > reported);
+        // A node that dies owing its report holds nothing up.
+        std::thread::sleep(Duration::from_millis(5));
+        c.declare_dead(NodeId(2));
+        assert_eq!(c.reports_owed(), 0);
+        // Registering again without the list owes it again.
+        c.join(addr(1), 1 << 40, 1 << 40, &[], true);
+        assert_eq!(c.reports_owed(), 1);
     }
 }

@@ -9,6 +9,7 @@ pub use crate::state::NamenodeConfig;
 use crate::state::{abandon, lock, State, WaitingCompletion};
 use quern_proto::background::Background;
 use quern_proto::msg::*;
+use quern_proto::report::{PackedChunks, ReportedChunk};
 use quern_proto::transport::{serve, Endpoint, Peer, ServerStream, Service, Tuning};
 use quern_proto::WireError;
 use quern_proto::{tls::Identity, Access, ErrorCode, FileId, NodeId, Principal, RemotePath, Role};
@@ -72,13 +73,15 @@ impl Namenode {
         let endpoint = Arc::new(
             Endpoint::server(identity, cfg.listen, Tuning::tuned()).map_err(StartError::Net)?,
         );
+        let report_turns =
+            crate::report_turns::ReportTurns::new(cfg.report_leases, crate::state::REPORT_LEASE);
         let state = Arc::new(State {
             cfg,
             ns,
             cluster: parking_lot::Mutex::new(cluster),
             reporting: tokio::sync::Mutex::new(()),
             started: Instant::now(),
-            report_leases: Mutex::new(HashMap::new()),
+            report_turns,
             leases: Mutex::new(leases),
             safe: Mutex::new(crate::state::SafeMode {
                 since: Some(Instant::now()),
@@ -242,6 +245,10 @@ impl Service for NameService {
                 respond(stream, register(s.clone(), c, r).await).await
             }
             NameRequest::Heartbeat(r) => respond(stream, heartbeat(s, c, r)).await,
+            NameRequest::ReportTurn(r) => {
+                s.wait_loaded().await;
+                respond(stream, report_turn(s, c, r).await).await
+            }
             NameRequest::ChunkReport(r) => {
                 s.wait_loaded().await;
                 respond(stream, chunk_report(s.clone(), c, r).await).await
@@ -288,7 +295,18 @@ impl Service for NameService {
                     NameRequest::Summary(r) => respond(stream, summary(s, u, &r.path)).await,
                     NameRequest::Fsck(r) => {
                         let reply = match readable_tree(s, u, &r.path) {
-                            Ok(()) => crate::monitor::fsck(s, r),
+                            // A whole tree's chunks: off the async workers.
+                            Ok(()) => {
+                                let st = s.clone();
+                                tokio::task::spawn_blocking(move || crate::monitor::fsck(&st, r))
+                                    .await
+                                    .unwrap_or_else(|e| {
+                                        Err(WireError::new(
+                                            ErrorCode::Internal,
+                                            format!("fsck failed: {e}"),
+                                        ))
+                                    })
+                            }
                             Err(e) => Err(e),
                         };
                         respond(stream, reply).await
@@ -307,6 +325,7 @@ impl Service for NameService {
                     NameRequest::Register(_)
                     | NameRequest::Heartbeat(_)
                     | NameRequest::ChunkReport(_)
+                    | NameRequest::ReportTurn(_)
                     | NameRequest::ChunkReceived(_)
                     | NameRequest::ReportBadReplica(_) => {}
                 }
@@ -343,6 +362,7 @@ fn request_name(r: &NameRequest) -> &'static str {
         NameRequest::JobStart(_) => "job start",
         NameRequest::JobPost(_) => "job post",
         NameRequest::SafeMode(_) => "safemode",
+        NameRequest::ReportTurn(_) => "report turn",
     }
 }
 
@@ -946,17 +966,16 @@ async fn register(s: Arc<State>, caller: &Principal, r: Register) -> Res<NodeRep
         }
         tracing::info!(node = %r.node.id, %old, new = %r.node.addr, "datanode moved to a new address");
     }
-    let reported = r.chunks.len();
+    let chunks = unpack(&r.chunks, r.node.id)?;
+    let reported = chunks.len();
     let cmds = if r.report_follows {
-        s.cluster().join(r.node, r.capacity, r.available, &[]);
-        if s.lease_report(r.node.id) {
-            vec![DatanodeCommand::SendReport]
-        } else {
-            Vec::new()
-        }
+        // The list follows once the node is given a turn (`ReportTurn`).
+        s.cluster().join(r.node, r.capacity, r.available, &[], true);
+        Vec::new()
     } else {
-        s.cluster().join(r.node, r.capacity, r.available, &r.chunks);
-        take_report(s.clone(), r.node.id, r.chunks).await
+        s.cluster()
+            .join(r.node, r.capacity, r.available, &chunks, false);
+        take_report(s.clone(), r.node.id, chunks).await
     };
     tracing::info!(node = %r.node.id, addr = %r.node.addr, chunks = reported, "datanode registered");
     Ok(s.node_reply(cmds))
@@ -964,16 +983,36 @@ async fn register(s: Arc<State>, caller: &Principal, r: Register) -> Res<NodeRep
 
 fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
     check_datanode(caller, r.node, "heartbeat")?;
-    let (node, wants_report) = (r.node, r.wants_report);
-    let mut cmds = s
+    let cmds = s
         .cluster()
         .heartbeat(r)
         .unwrap_or_else(|| vec![DatanodeCommand::Reregister]);
-    let known = !cmds.contains(&DatanodeCommand::Reregister);
-    if wants_report && known && s.lease_report(node) {
-        cmds.push(DatanodeCommand::SendReport);
-    }
     Ok(s.node_reply(cmds))
+}
+
+/// Answers `SendReport` once the node has a turn to send its full report,
+/// or nothing after `REPORT_TURN_WAIT` without one (the node asks again).
+async fn report_turn(s: &State, caller: &Principal, r: ReportTurn) -> Res<NodeReply> {
+    check_datanode(caller, r.node, "report turn")?;
+    if s.cluster().slot(r.node).is_none() {
+        return Ok(s.node_reply(vec![DatanodeCommand::Reregister]));
+    }
+    let cmds = if s.report_turns.take(r.node, REPORT_TURN_WAIT).await {
+        vec![DatanodeCommand::SendReport]
+    } else {
+        Vec::new()
+    };
+    Ok(s.node_reply(cmds))
+}
+
+/// A report's chunk list, or an error naming the node whose list is unreadable.
+fn unpack(chunks: &PackedChunks, node: NodeId) -> Res<Vec<ReportedChunk>> {
+    chunks.unpack().map_err(|e| {
+        WireError::new(
+            ErrorCode::Protocol,
+            format!("chunk report of {node}: {e}; the datanode must send its report again"),
+        )
+    })
 }
 
 /// A report arrives in pages; it is reconciled whole, at its last page, so
@@ -981,26 +1020,23 @@ fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
 /// being on a later page.
 async fn chunk_report(s: Arc<State>, caller: &Principal, r: ChunkReport) -> Res<NodeReply> {
     check_datanode(caller, r.node, "chunk report")?;
+    let page = unpack(&r.chunks, r.node)?;
     let chunks = {
         let mut partial = lock(&s.reports);
         let acc = partial.entry(r.node).or_default();
         if r.first {
             acc.clear();
         }
-        acc.extend(r.chunks);
+        acc.extend(page);
         if !r.last {
             return Ok(s.node_reply(Vec::new()));
         }
         partial.remove(&r.node).unwrap_or_default()
     };
     let cmds = take_report(s.clone(), r.node, chunks).await;
-    s.report_done(r.node);
+    s.report_turns.done(r.node);
     Ok(s.node_reply(cmds))
 }
-
-/// Chunks of a report reconciled per lock taken: a thousand nodes
-/// reporting at once leave room for heartbeats between batches.
-const REPORT_BATCH: usize = 2048;
 
 /// Reconciles a full report on a blocking thread, one report at a time,
 /// handing the lock fairly to whoever waits between batches, so that
@@ -1008,13 +1044,13 @@ const REPORT_BATCH: usize = 2048;
 async fn take_report(
     s: Arc<State>,
     node: NodeId,
-    chunks: Vec<StoredChunk>,
+    chunks: Vec<ReportedChunk>,
 ) -> Vec<DatanodeCommand> {
     let _turn = s.reporting.lock().await;
     let state = s.clone();
     let work = tokio::task::spawn_blocking(move || {
         let mut progress = crate::cluster::ReportProgress::default();
-        for batch in chunks.chunks(REPORT_BATCH) {
+        for batch in chunks.chunks(crate::cluster::LOCK_BATCH) {
             let mut c = state.cluster();
             if !c.report_batch(node, batch, &mut progress) {
                 return vec![DatanodeCommand::Reregister];

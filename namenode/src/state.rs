@@ -91,8 +91,8 @@ pub(crate) struct State {
     /// Set once every completed file's chunks are in the chunk map.
     pub loaded: tokio::sync::watch::Sender<bool>,
     pub started: Instant,
-    /// Datanodes told to send their full report, and since when.
-    pub report_leases: Mutex<HashMap<quern_proto::NodeId, Instant>>,
+    /// Turns to send a long full report.
+    pub report_turns: crate::report_turns::ReportTurns,
     /// One namespace mutation at a time; readers do not take it.
     pub writer: tokio::sync::Mutex<()>,
     /// Completions waiting for the writer; the next completion to take it
@@ -102,7 +102,7 @@ pub(crate) struct State {
     /// For probing a datanode's old address when it registers anew.
     pub endpoint: Arc<Endpoint>,
     /// Pages of chunk reports received so far, per node.
-    pub reports: Mutex<HashMap<quern_proto::NodeId, Vec<StoredChunk>>>,
+    pub reports: Mutex<HashMap<quern_proto::NodeId, Vec<quern_proto::report::ReportedChunk>>>,
     /// The jobs coordinators ran and run.
     pub jobs: crate::jobs::Jobs,
 }
@@ -118,8 +118,8 @@ pub struct SafeMode {
     pub manual: bool,
 }
 
-/// How long a datanode told to send its full report has to finish it.
-const REPORT_LEASE: Duration = Duration::from_secs(120);
+/// How long a datanode given a turn to send its full report has to finish it.
+pub(crate) const REPORT_LEASE: Duration = Duration::from_secs(120);
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -186,26 +186,6 @@ impl State {
                 None => String::new(),
             }
         ))
-    }
-
-    /// Whether `node` may send its full report now, taking one of the
-    /// report leases if so. A lease not returned within `REPORT_LEASE`
-    /// (the node died mid-report) lapses.
-    pub(crate) fn lease_report(&self, node: quern_proto::NodeId) -> bool {
-        let mut leases = lock(&self.report_leases);
-        leases.retain(|_, since| since.elapsed() < REPORT_LEASE);
-        if leases.contains_key(&node) {
-            return true;
-        }
-        if leases.len() >= self.cfg.report_leases.max(1) {
-            return false;
-        }
-        leases.insert(node, Instant::now());
-        true
-    }
-
-    pub(crate) fn report_done(&self, node: quern_proto::NodeId) {
-        lock(&self.report_leases).remove(&node);
     }
 
     /// Waits until the chunk map is loaded: a report or a received chunk

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod metrics;
 pub mod msg;
 pub mod path;
+pub mod report;
 pub mod size;
 pub mod tls;
 pub mod token;
@@ -26,7 +27,7 @@ pub use token::{Access, ChunkToken, KeyRing, TokenKey};
 
 /// Protocol number every request stream starts with; a peer speaking
 /// another number is refused with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN token negotiated by every quern QUIC connection.
 pub const ALPN: &[u8] = b"quern";

@@ -6,6 +6,7 @@
 
 use crate::error::WireError;
 use crate::ids::{ChunkId, Digest, FileId, NodeId};
+use crate::report::PackedChunks;
 use crate::token::{ChunkToken, TokenKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -448,9 +449,9 @@ pub struct Register {
     pub node: NodeAddr,
     pub capacity: u64,
     pub available: u64,
-    pub chunks: Vec<StoredChunk>,
-    /// The chunk list is too long for one frame: it follows as paged
-    /// [`ChunkReport`]s, and `chunks` is empty.
+    pub chunks: PackedChunks,
+    /// The chunk list is long: it follows as paged [`ChunkReport`]s once
+    /// a [`ReportTurn`] grants the node a turn, and `chunks` is empty.
     pub report_follows: bool,
 }
 
@@ -468,17 +469,28 @@ pub struct Heartbeat {
     /// Training jobs held in memory and the bytes charged for them.
     pub jobs: u64,
     pub job_bytes: u64,
-    /// A full report is due (or owed since registering): the namenode
-    /// answers `SendReport` when it can take one.
-    pub wants_report: bool,
 }
+
+/// A datanode whose full report is due asks for a turn to send it. The
+/// namenode takes a few long reports at a time (`--report-leases`): the
+/// reply carries `SendReport` as soon as a turn is free, or nothing once
+/// [`REPORT_TURN_WAIT`] has passed without one, and the node asks again.
+/// Heartbeats go on meanwhile on their own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportTurn {
+    pub node: NodeId,
+}
+
+/// Longest the namenode holds a [`ReportTurn`] before answering that no
+/// turn is free yet; well inside an RPC's timeout.
+pub const REPORT_TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChunkReport {
     pub node: NodeId,
     /// One page of the node's chunks; the namenode reconciles once the
     /// `last` page has arrived.
-    pub chunks: Vec<StoredChunk>,
+    pub chunks: PackedChunks,
     pub first: bool,
     pub last: bool,
 }
@@ -498,7 +510,7 @@ impl ChunkReport {
             .enumerate()
             .map(|(i, p)| ChunkReport {
                 node,
-                chunks: p.to_vec(),
+                chunks: PackedChunks::pack(p),
                 first: i == 0,
                 last: i + 1 == n,
             })
@@ -506,11 +518,11 @@ impl ChunkReport {
     }
 }
 
-/// Chunks in one page of a datanode's report: 4.8 MB of report.
+/// Chunks in one page of a datanode's report: about 1 MB of report.
 pub const REPORT_PAGE: usize = 100_000;
 
 /// Most chunks a datanode lists in its `Register` itself; a longer list
-/// follows in `ChunkReport` pages once the namenode sends `SendReport`.
+/// follows in `ChunkReport` pages once a `ReportTurn` is granted.
 pub const INLINE_REPORT: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -558,6 +570,7 @@ rpcs!(NameRequest {
     JobStart(JobStart) -> u64,
     JobPost(JobPost) -> (),
     SafeMode(SafeModeRequest) -> SafeModeStatus,
+    ReportTurn(ReportTurn) -> NodeReply,
 });
 
 // ---------------------------------------------------------------- jobs

@@ -64,7 +64,7 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
         },
         capacity: 1 << 40,
         available: 1 << 40,
-        chunks,
+        chunks: quern_proto::report::PackedChunks::pack(&chunks),
         report_follows: false,
     };
     let nn = Peer::namenode(c.namenode_addr);
@@ -91,7 +91,6 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
                 full: false,
                 jobs: 0,
                 job_bytes: 0,
-                wants_report: false,
             },
         )
         .await
@@ -115,11 +114,16 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
             nn,
             ChunkReport {
                 node: real.id,
-                chunks: Vec::new(),
+                chunks: Default::default(),
                 first: true,
                 last: true,
             },
         )
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), Some(ErrorCode::PermissionDenied), "{e}");
+    let e = rogue
+        .call(nn, ReportTurn { node: real.id })
         .await
         .unwrap_err();
     assert_eq!(code_of(&e), Some(ErrorCode::PermissionDenied), "{e}");
