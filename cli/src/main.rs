@@ -1,5 +1,9 @@
 //! `quern`: servers, local clusters, file verbs and benchmarks in one binary.
 
+// `bench namenode` prints its figures with one `serde_json::json!` object,
+// whose macro recursion outgrows the default limit.
+#![recursion_limit = "256"]
+
 mod bench;
 mod bench_fuse;
 mod bench_io;

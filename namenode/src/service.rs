@@ -994,15 +994,17 @@ fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
 /// or nothing after `REPORT_TURN_WAIT` without one (the node asks again).
 async fn report_turn(s: &State, caller: &Principal, r: ReportTurn) -> Res<NodeReply> {
     check_datanode(caller, r.node, "report turn")?;
+    if !s.report_turns.take(r.node, REPORT_TURN_WAIT).await {
+        return Ok(s.node_reply(Vec::new()));
+    }
+    // Checked once a turn is granted, not at every ask: a thousand nodes
+    // asking again and again would each wait on the cluster lock while
+    // reports hold it.
     if s.cluster().slot(r.node).is_none() {
+        s.report_turns.done(r.node);
         return Ok(s.node_reply(vec![DatanodeCommand::Reregister]));
     }
-    let cmds = if s.report_turns.take(r.node, REPORT_TURN_WAIT).await {
-        vec![DatanodeCommand::SendReport]
-    } else {
-        Vec::new()
-    };
-    Ok(s.node_reply(cmds))
+    Ok(s.node_reply(vec![DatanodeCommand::SendReport]))
 }
 
 /// A report's chunk list, or an error naming the node whose list is unreadable.
