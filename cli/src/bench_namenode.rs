@@ -81,8 +81,14 @@ struct Sim {
     stopped: AtomicBool,
     /// Set when the namenode asked it to register again.
     reregister: AtomicBool,
-    /// Its full report is owed (registered with `report_follows`).
-    owes_report: AtomicBool,
+}
+
+impl Sim {
+    /// Its list is too long for a registration: it registers with
+    /// `report_follows` and sends the list in its turn.
+    fn paged(&self) -> bool {
+        self.chunks.len() > INLINE_REPORT
+    }
 }
 
 #[derive(Default)]
@@ -295,7 +301,7 @@ async fn create_empty(client: &Client, path: &str) -> Result<()> {
 /// a long one owed until the namenode says to send it.
 async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
     let peer = Peer::namenode(nn);
-    let inline = sim.chunks.len() <= INLINE_REPORT;
+    let inline = !sim.paged();
     let commands = sim
         .endpoint
         .call(
@@ -318,7 +324,6 @@ async fn register(sim: &Sim, nn: SocketAddr) -> Result<Vec<DatanodeCommand>> {
         )
         .await?
         .commands;
-    sim.owes_report.store(!inline, Ordering::Relaxed);
     Ok(commands)
 }
 
@@ -348,7 +353,6 @@ async fn report_in_turn(
         let reply = sim.endpoint.call(Peer::namenode(nn), page).await?;
         commands.extend(reply.commands);
     }
-    sim.owes_report.store(false, Ordering::Relaxed);
     obey(sims, shared, nn, commands).await;
     Ok(())
 }
@@ -420,7 +424,7 @@ async fn heartbeats(
             match register(&sim, addr).await {
                 Ok(cmds) => {
                     obey(&sims, &shared, addr, cmds).await;
-                    if sim.owes_report.load(Ordering::Relaxed) {
+                    if sim.paged() {
                         // The report waits for its turn beside heartbeats.
                         let (sims, shared) = (sims.clone(), shared.clone());
                         tokio::spawn(async move {
@@ -678,7 +682,6 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
             chunks,
             stopped: AtomicBool::new(false),
             reregister: AtomicBool::new(true),
-            owes_report: AtomicBool::new(false),
         }));
     }
     let sims = Arc::new(sims);
@@ -755,7 +758,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
                 all.spawn(async move {
                     let cmds = register(&sims[me], addr).await?;
                     obey(&sims, &shared, addr, cmds).await;
-                    if sims[me].owes_report.load(Ordering::Relaxed) {
+                    if sims[me].paged() {
                         report_in_turn(&sims, me, &shared, addr).await?;
                     }
                     anyhow::Ok(())

@@ -623,8 +623,6 @@ impl Cluster {
             .collect()
     }
 
-    /// Queues whatever of a node's chunks needs copies or has extras (the
-    /// queue's one-off build after safe mode, a node at a time).
     /// The chunks a node holds a replica of.
     pub(crate) fn held(&self, slot: Slot) -> Vec<ChunkId> {
         self.node(slot)

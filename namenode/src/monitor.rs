@@ -35,9 +35,7 @@ pub(crate) async fn run(state: Arc<State>) {
 fn chunk_duties(state: &State, replicate: bool) {
     let dying = state.cluster().silent_nodes();
     for node in dying {
-        let mut c = state.cluster();
-        c.declare_dead(node);
-        parking_lot::MutexGuard::unlock_fair(c);
+        state.cluster_step(|c| c.declare_dead(node));
     }
     // Until a dead timeout has passed since the start, a node that has
     // not reported yet may be on its way rather than dead; and while
@@ -91,9 +89,7 @@ fn build_queue(state: &State) {
     for slot in 0..nodes {
         let held = state.cluster().held(slot as crate::chunkmap::Slot);
         for batch in held.chunks(crate::cluster::LOCK_BATCH) {
-            let mut c = state.cluster();
-            c.queue_chunks(batch);
-            parking_lot::MutexGuard::unlock_fair(c);
+            state.cluster_step(|c| c.queue_chunks(batch));
         }
     }
     let queued = state.cluster().queue.queued();

@@ -1053,11 +1053,9 @@ async fn take_report(
     let work = tokio::task::spawn_blocking(move || {
         let mut progress = crate::cluster::ReportProgress::default();
         for batch in chunks.chunks(crate::cluster::LOCK_BATCH) {
-            let mut c = state.cluster();
-            if !c.report_batch(node, batch, &mut progress) {
+            if !state.cluster_step(|c| c.report_batch(node, batch, &mut progress)) {
                 return vec![DatanodeCommand::Reregister];
             }
-            parking_lot::MutexGuard::unlock_fair(c);
         }
         let safe = state.safe_mode().is_some();
         state.cluster().finish_report(node, progress, safe)

@@ -130,6 +130,16 @@ impl State {
         self.cluster.lock()
     }
 
+    /// One step of a long job on the cluster map (a batch of a report, a
+    /// node declared dead), then the lock handed fairly to whoever waits,
+    /// so heartbeats are never held up by more than one step.
+    pub fn cluster_step<R>(&self, step: impl FnOnce(&mut Cluster) -> R) -> R {
+        let mut c = self.cluster.lock();
+        let r = step(&mut c);
+        parking_lot::MutexGuard::unlock_fair(c);
+        r
+    }
+
     /// `Some(reason)` while in safe mode. After a start it is left once
     /// the configured share of chunks has a live replica (kept as a count,
     /// so this costs no scan), or when the optional longest wait is over.
