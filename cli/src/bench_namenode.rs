@@ -22,7 +22,7 @@ use quern_proto::transport::{Endpoint, Peer, Tuning};
 use quern_proto::{ChunkId, NodeId, Principal, Role};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -101,6 +101,9 @@ struct Shared {
     /// Heartbeats that failed, by phase.
     heartbeat_errors: [AtomicU64; PHASES],
     register_errors: AtomicU64,
+    /// The namenode's lifeline port, once a reply has named it (0 before):
+    /// heartbeats go there, as a datanode's do.
+    lifeline: AtomicU16,
 }
 
 fn rss_bytes(pid: u32) -> Result<u64> {
@@ -442,11 +445,15 @@ async fn heartbeats(
             }
             continue;
         }
+        let to = match shared.lifeline.load(Ordering::Relaxed) {
+            0 => addr,
+            port => SocketAddr::new(addr.ip(), port),
+        };
         let t = Instant::now();
         let reply = sim
             .endpoint
             .call(
-                Peer::namenode(addr),
+                Peer::namenode(to),
                 Heartbeat {
                     node: sim.id,
                     capacity: 1 << 50,
@@ -464,6 +471,9 @@ async fn heartbeats(
         let ms = t.elapsed().as_secs_f64() * 1e3;
         match reply {
             Ok(r) => {
+                if let Some(port) = r.lifeline {
+                    shared.lifeline.store(port, Ordering::Relaxed);
+                }
                 let phase = shared.phase.load(Ordering::Relaxed) as u8;
                 shared
                     .latencies
@@ -728,6 +738,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     // with its full report (as after a network blip or a namenode
     // failover).
     shared.phase.store(1, Ordering::Relaxed);
+    eprintln!("storm: every datanode registers again, with client load");
     client.mkdir("/load", true).await?;
     // Clients connect before the storm, as running applications are.
     let mut clients = Vec::with_capacity(a.clients);
@@ -786,6 +797,10 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     // Then each kind of call alone from every client, as fast as they go,
     // as HDFS's NNThroughputBenchmark measures them.
     shared.phase.store(2, Ordering::Relaxed);
+    eprintln!(
+        "clients alone: stat for {} s, then create+complete",
+        a.seconds
+    );
     let stat = client_load(
         clients.clone(),
         Load::Stat,
@@ -805,6 +820,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     // replicas (its own figures: the node may have held a few replicas
     // more or less than placed, after the storm's copies and drops).
     shared.phase.store(3, Ordering::Relaxed);
+    eprintln!("lost node: one datanode goes silent");
     let lost = sims[0].chunks.len() as u64;
     let before = shared.replicated.load(Ordering::Relaxed);
     let limit = a.dead_timeout + Duration::from_secs(600);
@@ -829,6 +845,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
 
     // Phase 4: the namenode is SIGKILLed and started again.
     shared.phase.store(4, Ordering::Relaxed);
+    eprintln!("restart: the namenode is killed and started again");
     sims[0].stopped.store(false, Ordering::Relaxed);
     drop(nn);
     let restarted = Instant::now();

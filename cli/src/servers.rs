@@ -35,6 +35,11 @@ pub struct NamenodeArgs {
     pub dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Serve datanode heartbeats here, apart from every other request
+    /// (default: --listen's address, any free UDP port; datanodes learn it
+    /// when they register).
+    #[arg(long)]
+    pub lifeline: Option<SocketAddr>,
     /// Directory with the cluster certificates (default: DIR/tls, else DIR/../tls);
     /// the namenode presents namenode.pem from it unless --cert is given.
     #[arg(long)]
@@ -255,6 +260,7 @@ pub async fn namenode(cmd: NamenodeCmd) -> Result<()> {
     cfg.token_lifetime = a.token_lifetime;
     cfg.key_rotation = a.key_rotation;
     cfg.job_history = a.job_history;
+    cfg.lifeline = a.lifeline;
     if !a.no_http {
         cfg.http = Some(a.http_token.config(a.http)?);
     }

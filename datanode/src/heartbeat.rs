@@ -13,7 +13,9 @@ use quern_proto::msg::{
     ChunkReport, DatanodeCommand, Heartbeat, NodeReply, Register, ReportTurn, INLINE_REPORT,
 };
 use quern_proto::report::PackedChunks;
+use quern_proto::transport::Peer;
 use quern_proto::{ErrorCode, KeyRing};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,7 @@ pub(crate) async fn run(node: Arc<Node>) {
     // The last failure logged, so a lasting one is logged once, and a
     // namenode of another cluster is always named when it appears.
     let mut warned: Option<Option<ErrorCode>> = None;
+    let mut lifeline = Lifeline::default();
     loop {
         if last_sweep.is_none_or(|t| t.elapsed() >= TRASH_SWEEP) {
             last_sweep = Some(Instant::now());
@@ -72,28 +75,24 @@ pub(crate) async fn run(node: Arc<Node>) {
                 .await
                 .unwrap_or(0);
             let (jobs, job_bytes) = node.jobs.usage();
-            node.endpoint
-                .call(
-                    node.namenode(),
-                    Heartbeat {
-                        node: node.id,
-                        capacity,
-                        available,
-                        used,
-                        chunks,
-                        trash_bytes,
-                        scrub: node.scrub.status(),
-                        full: node.is_full(),
-                        jobs,
-                        job_bytes,
-                    },
-                )
-                .await
+            let beat = Heartbeat {
+                node: node.id,
+                capacity,
+                available,
+                used,
+                chunks,
+                trash_bytes,
+                scrub: node.scrub.status(),
+                full: node.is_full(),
+                jobs,
+                job_bytes,
+            };
+            lifeline.send(&node, beat).await
         };
-        match result
-            .map_err(|e| (e.code(), e.to_string()))
-            .and_then(|r| accept(&node, r))
-        {
+        match result.map_err(|e| (e.code(), e.to_string())).and_then(|r| {
+            lifeline.offered(&node, r.lifeline);
+            accept(&node, r)
+        }) {
             Ok(commands) => {
                 node.metrics.heard_from_namenode();
                 if !registered {
@@ -237,6 +236,52 @@ async fn report(
     let mut reply = last.ok_or_else(|| quern_proto::Error::Malformed("empty report".into()))?;
     reply.commands = commands;
     Ok(reply)
+}
+
+/// Where heartbeats go: the namenode's lifeline port once a reply has
+/// named it, else (and after it failed) the namenode's own address.
+#[derive(Default)]
+struct Lifeline {
+    at: Option<SocketAddr>,
+    /// A lifeline that failed while the namenode's address answered (a
+    /// firewall, say): not used again, unless a restarted namenode names
+    /// another.
+    failed: Option<SocketAddr>,
+}
+
+impl Lifeline {
+    fn offered(&mut self, node: &Node, port: Option<u16>) {
+        let offered = port.map(|p| SocketAddr::new(node.cfg.namenode.ip(), p));
+        self.at = offered.filter(|a| Some(*a) != self.failed);
+    }
+
+    async fn send(&mut self, node: &Node, beat: Heartbeat) -> quern_proto::Result<NodeReply> {
+        let Some(at) = self.at else {
+            return node.endpoint.call(node.namenode(), beat).await;
+        };
+        // A slow answer is waited for: it means a slow namenode, which the
+        // main port would not answer sooner. A failed one is tried again
+        // there at once (a namenode gone, another in its place); one that
+        // could not even connect while the main port answers is given up.
+        match node.endpoint.call(Peer::namenode(at), beat.clone()).await {
+            Err(e) if !matches!(e, quern_proto::Error::Remote(_)) => {
+                let main = node.endpoint.call(node.namenode(), beat).await;
+                if main.is_ok() && matches!(e, quern_proto::Error::Connect { .. }) {
+                    tracing::warn!(
+                        namenode = %node.cfg.namenode,
+                        "the namenode's lifeline port {at} failed ({e}); heartbeats go to its \
+                         address instead (let datanodes reach the namenode's UDP port {}, or set \
+                         it with the namenode's --lifeline)",
+                        at.port()
+                    );
+                    self.failed = Some(at);
+                    self.at = None;
+                }
+                main
+            }
+            other => other,
+        }
+    }
 }
 
 /// Checks the reply comes from this node's cluster (adopting the cluster

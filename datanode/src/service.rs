@@ -123,6 +123,18 @@ impl Datanode {
         &self.node.store
     }
 
+    /// Whether the node has taken its registration's answer: until then it
+    /// holds no token keys and refuses every chunk request, though the
+    /// namenode already counts it live.
+    pub fn has_token_keys(&self) -> bool {
+        !self
+            .node
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     /// The fault rules of this node's endpoint (for tests).
     pub fn faults(&self) -> &Arc<quern_proto::fault::Faults> {
         self.node.endpoint.faults()

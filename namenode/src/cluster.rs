@@ -544,6 +544,22 @@ impl Cluster {
     /// Takes a node's figures; `None` when the node is unknown (it must
     /// register again).
     pub fn heartbeat(&mut self, hb: Heartbeat) -> Option<Vec<DatanodeCommand>> {
+        self.beat(hb, Instant::now(), true)
+    }
+
+    /// A heartbeat answered while the map was busy, applied now with the
+    /// time it came. Its reply carried no commands, so they stay queued
+    /// for the next one.
+    pub fn late_heartbeat(&mut self, hb: Heartbeat, came: Instant) {
+        self.beat(hb, came, false);
+    }
+
+    fn beat(
+        &mut self,
+        hb: Heartbeat,
+        came: Instant,
+        take_commands: bool,
+    ) -> Option<Vec<DatanodeCommand>> {
         let slot = self.slot(hb.node)?;
         let n = self.nodes.get_mut(slot as usize)?;
         n.trash_bytes = hb.trash_bytes;
@@ -555,9 +571,13 @@ impl Cluster {
         n.available = hb.available;
         n.used = hb.used;
         n.chunks = hb.chunks;
-        n.last_heartbeat = Instant::now();
+        n.last_heartbeat = n.last_heartbeat.max(came);
         n.placed_since_heartbeat = 0;
-        let cmds = std::mem::take(&mut n.commands);
+        let cmds = if take_commands {
+            std::mem::take(&mut n.commands)
+        } else {
+            Vec::new()
+        };
         if !n.live {
             tracing::info!(node = %hb.node, "datanode is live again");
             self.set_live(slot, true);

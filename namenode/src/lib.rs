@@ -6,6 +6,7 @@ mod chunkmap;
 mod cluster;
 mod jobs;
 mod keys;
+mod lifeline;
 mod metrics;
 mod monitor;
 mod namespace;

@@ -560,4 +560,47 @@ mod tests {
         c.join(addr(1), 1 << 40, 1 << 40, &[], true);
         assert_eq!(c.reports_owed(), 1);
     }
+
+    fn beat(node: u64) -> quern_proto::msg::Heartbeat {
+        quern_proto::msg::Heartbeat {
+            node: NodeId(node),
+            capacity: 1 << 40,
+            available: 1 << 40,
+            used: 0,
+            chunks: 0,
+            trash_bytes: 0,
+            scrub: Default::default(),
+            full: false,
+            jobs: 0,
+            job_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_late_heartbeat_counts_from_when_it_came_and_leaves_the_commands_queued() {
+        let mut c = cluster(3, 10);
+        c.queue(NodeId(1), DatanodeCommand::Trash(vec![ChunkId(99)]));
+        let came = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        c.late_heartbeat(beat(1), came);
+        let r = c.report();
+        let n1 = r.iter().find(|d| d.node.id == NodeId(1)).unwrap();
+        assert!(
+            n1.since_heartbeat_secs >= 0.02,
+            "{}",
+            n1.since_heartbeat_secs
+        );
+        // The reply it had carried no commands: the next heartbeat's does.
+        assert_eq!(
+            c.heartbeat(beat(1)).unwrap(),
+            vec![DatanodeCommand::Trash(vec![ChunkId(99)])]
+        );
+        // A late heartbeat of a node declared dead meanwhile brings it back.
+        c.dead_timeout = Duration::ZERO;
+        std::thread::sleep(Duration::from_millis(5));
+        c.declare_dead(NodeId(2));
+        assert_eq!(recount(&c, 10), (10, 0, 10));
+        c.late_heartbeat(beat(2), Instant::now());
+        assert_eq!(recount(&c, 10), (10, 0, 0));
+    }
 }

@@ -27,9 +27,10 @@ fn parse(path: &str) -> Res<RemotePath> {
 
 pub struct Namenode {
     endpoint: Arc<Endpoint>,
-    state: Arc<State>,
+    pub(crate) state: Arc<State>,
     tasks: Background,
     http_addr: Option<SocketAddr>,
+    lifeline: crate::lifeline::Lifeline,
 }
 
 impl Namenode {
@@ -94,8 +95,17 @@ impl Namenode {
             endpoint: endpoint.clone(),
             reports: Mutex::new(HashMap::new()),
             jobs,
+            lifeline: std::sync::OnceLock::new(),
+            late_beats: Mutex::new(Vec::new()),
         });
         let addr = endpoint.local_addr().map_err(StartError::Net)?;
+        let lifeline_at = state
+            .cfg
+            .lifeline
+            .unwrap_or_else(|| SocketAddr::new(addr.ip(), 0));
+        let lifeline =
+            crate::lifeline::Lifeline::start(state.clone(), identity, lifeline_at, &endpoint)?;
+        let _ = state.lifeline.set(lifeline.port()?);
         tracing::info!(%addr, cluster = %state.ns.cluster_id, "namenode listening; loading the chunk map");
         let service = Arc::new(NameService {
             state: state.clone(),
@@ -145,12 +155,27 @@ impl Namenode {
             state,
             tasks,
             http_addr,
+            lifeline,
         })
     }
 
     /// The fault rules of the namenode's endpoint (for tests).
     pub fn faults(&self) -> &Arc<quern_proto::fault::Faults> {
         self.endpoint.faults()
+    }
+
+    /// The fault rules of the lifeline endpoint, where heartbeats are
+    /// served (for tests).
+    pub fn lifeline_faults(&self) -> &Arc<quern_proto::fault::Faults> {
+        self.lifeline.faults()
+    }
+
+    /// Where heartbeats are served.
+    pub fn lifeline_addr(&self) -> SocketAddr {
+        SocketAddr::new(
+            self.addr().ip(),
+            self.state.lifeline.get().copied().unwrap_or(0),
+        )
     }
 
     pub fn cluster_id(&self) -> &str {
@@ -171,6 +196,7 @@ impl Namenode {
     /// Stops serving and flushes the metadata store.
     pub async fn shutdown(self) {
         self.endpoint.close();
+        drop(self.lifeline);
         self.tasks.stop();
         let _ = self.state.ns.flush().await;
     }
@@ -196,7 +222,7 @@ struct NameService {
     state: Arc<State>,
 }
 
-async fn respond<T: serde::Serialize>(mut stream: ServerStream, reply: Res<T>) {
+pub(crate) async fn respond<T: serde::Serialize>(mut stream: ServerStream, reply: Res<T>) {
     if let Err(e) = stream.reply(&reply).await {
         tracing::debug!(peer = %stream.peer, "could not send reply: {e}");
     }
@@ -334,7 +360,7 @@ impl Service for NameService {
     }
 }
 
-fn request_name(r: &NameRequest) -> &'static str {
+pub(crate) fn request_name(r: &NameRequest) -> &'static str {
     match r {
         NameRequest::Stat(_) => "stat",
         NameRequest::List(_) => "list",
@@ -981,13 +1007,12 @@ async fn register(s: Arc<State>, caller: &Principal, r: Register) -> Res<NodeRep
     Ok(s.node_reply(cmds))
 }
 
-fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
+pub(crate) fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
     check_datanode(caller, r.node, "heartbeat")?;
-    let cmds = s
-        .cluster()
-        .heartbeat(r)
-        .unwrap_or_else(|| vec![DatanodeCommand::Reregister]);
-    Ok(s.node_reply(cmds))
+    Ok(match s.heartbeat(r) {
+        Some(cmds) => s.node_reply(cmds),
+        None => s.busy_reply(),
+    })
 }
 
 /// Answers `SendReport` once the node has a turn to send its full report,

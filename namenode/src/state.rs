@@ -48,6 +48,9 @@ pub struct NamenodeConfig {
     pub job_history: usize,
     /// Where the web UI and `/metrics` are served; `None`: not at all.
     pub http: Option<quern_web::HttpConfig>,
+    /// Where heartbeats are served, apart from every other request;
+    /// `None`: the main address's IP, any free port.
+    pub lifeline: Option<SocketAddr>,
 }
 
 impl NamenodeConfig {
@@ -66,6 +69,7 @@ impl NamenodeConfig {
             key_rotation: Duration::from_secs(10 * 3600),
             job_history: 200,
             http: None,
+            lifeline: None,
         }
     }
 }
@@ -105,7 +109,20 @@ pub(crate) struct State {
     pub reports: Mutex<HashMap<quern_proto::NodeId, Vec<quern_proto::report::ReportedChunk>>>,
     /// The jobs coordinators ran and run.
     pub jobs: crate::jobs::Jobs,
+    /// The lifeline endpoint's port, told to datanodes in every reply.
+    pub lifeline: std::sync::OnceLock<u16>,
+    /// Heartbeats that came while the cluster map was held longer than a
+    /// heartbeat waits ([`HEARTBEAT_WAIT`]), with when they came; whoever
+    /// takes the map next applies them.
+    pub late_beats: Mutex<Vec<(Instant, Heartbeat)>>,
 }
+
+/// Longest a heartbeat waits for the cluster map. Reports hand it on every
+/// few hundred chunks, but declaring a node dead or live again settles all
+/// its chunks in one hold (tens of milliseconds at 30,000 chunks): a
+/// heartbeat that came meanwhile is answered at once, without commands,
+/// and counted when the map is free.
+pub const HEARTBEAT_WAIT: Duration = Duration::from_millis(5);
 
 /// Safe mode: no namespace changes and no replication while chunk
 /// locations are rebuilt from reports after a start, or while an operator
@@ -127,14 +144,43 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl State {
     pub fn cluster(&self) -> parking_lot::MutexGuard<'_, Cluster> {
-        self.cluster.lock()
+        let mut c = self.cluster.lock();
+        self.apply_late_beats(&mut c);
+        c
+    }
+
+    fn apply_late_beats(&self, c: &mut Cluster) {
+        let late = std::mem::take(&mut *lock(&self.late_beats));
+        for (came, hb) in late {
+            c.late_heartbeat(hb, came);
+        }
+    }
+
+    /// Records a heartbeat: its commands, or (`None`) none if the map was
+    /// busy for longer than [`HEARTBEAT_WAIT`], the heartbeat then counted
+    /// by the next holder; `Some(Reregister)` for a node it does not know.
+    pub fn heartbeat(&self, hb: Heartbeat) -> Option<Vec<DatanodeCommand>> {
+        let came = Instant::now();
+        match self.cluster.try_lock_for(HEARTBEAT_WAIT) {
+            Some(mut c) => {
+                self.apply_late_beats(&mut c);
+                Some(
+                    c.heartbeat(hb)
+                        .unwrap_or_else(|| vec![DatanodeCommand::Reregister]),
+                )
+            }
+            None => {
+                lock(&self.late_beats).push((came, hb));
+                None
+            }
+        }
     }
 
     /// One step of a long job on the cluster map (a batch of a report, a
     /// node declared dead), then the lock handed fairly to whoever waits,
     /// so heartbeats are never held up by more than one step.
     pub fn cluster_step<R>(&self, step: impl FnOnce(&mut Cluster) -> R) -> R {
-        let mut c = self.cluster.lock();
+        let mut c = self.cluster();
         let r = step(&mut c);
         parking_lot::MutexGuard::unlock_fair(c);
         r
@@ -294,6 +340,21 @@ impl State {
             safe_mode: self.safe_mode().is_some(),
             keys: self.tokens.keys(),
             commands,
+            lifeline: self.lifeline.get().copied(),
+        }
+    }
+
+    /// The answer to a heartbeat the map was too busy to take: no
+    /// commands, and safe mode as last decided (deciding it anew reads
+    /// the map).
+    pub(crate) fn busy_reply(&self) -> NodeReply {
+        let safe = !*self.loaded.borrow() || lock(&self.safe).since.is_some();
+        NodeReply {
+            cluster_id: self.ns.cluster_id.clone(),
+            safe_mode: safe,
+            keys: self.tokens.keys(),
+            commands: Vec::new(),
+            lifeline: self.lifeline.get().copied(),
         }
     }
 }
@@ -311,4 +372,69 @@ pub(crate) async fn abandon(s: &State, file: FileId) -> Res<()> {
         s.cluster().forget_chunks(p.allocated);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::service::{heartbeat, Namenode, NamenodeConfig};
+    use quern_proto::msg::{Heartbeat, NodeAddr};
+    use quern_proto::{NodeId, Principal, Role};
+    use std::time::{Duration, Instant};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_is_answered_while_the_chunk_map_is_held_and_counted_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = quern_proto::tls::init_cluster_dir(&dir.path().join("tls")).unwrap();
+        Namenode::format(&dir.path().join("nn")).unwrap();
+        let cfg = NamenodeConfig::new(dir.path().join("nn"), "127.0.0.1:0".parse().unwrap());
+        let nn = Namenode::start(cfg, &files.namenode_identity().unwrap())
+            .await
+            .unwrap();
+        let s = nn.state.clone();
+        let node = NodeId(7);
+        let addr = "127.0.0.1:9".parse().unwrap();
+        s.cluster()
+            .join(NodeAddr { id: node, addr }, 1 << 40, 1 << 39, &[], false);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // A long job holds the map for a second (a node of many chunks
+        // declared dead, say).
+        let (held, holding) = std::sync::mpsc::channel();
+        let job = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let _map = s.cluster.lock();
+                held.send(()).unwrap();
+                std::thread::sleep(Duration::from_secs(1));
+            })
+        };
+        holding.recv().unwrap();
+        let beat = Heartbeat {
+            node,
+            capacity: 1 << 40,
+            available: 1 << 39,
+            used: 0,
+            chunks: 0,
+            trash_bytes: 0,
+            scrub: Default::default(),
+            full: false,
+            jobs: 0,
+            job_bytes: 0,
+        };
+        let t = Instant::now();
+        let reply = heartbeat(&s, &Principal::new(Role::Datanode(node)), beat).unwrap();
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "answered without waiting for the map: {took:?}"
+        );
+        assert!(reply.commands.is_empty(), "{:?}", reply.commands);
+        tokio::task::spawn_blocking(move || job.join().unwrap())
+            .await
+            .unwrap();
+        // Counted with the time it came (1.5 s after joining), not lost:
+        // without it the node would have been silent 2.5 s.
+        let report = s.cluster().report();
+        let since = report[0].since_heartbeat_secs;
+        assert!(since < 1.4, "last heard {since} s ago");
+    }
 }

@@ -541,6 +541,10 @@ pub struct NodeReply {
     /// The keys tokens are signed with (current and still-valid old ones).
     pub keys: Vec<TokenKey>,
     pub commands: Vec<DatanodeCommand>,
+    /// The port of the namenode's lifeline endpoint (same host): heartbeats
+    /// go there, served apart from every other request so that a loaded
+    /// namenode still hears its datanodes in time (HDFS's lifeline RPC).
+    pub lifeline: Option<u16>,
 }
 
 rpcs!(NameRequest {

@@ -98,8 +98,32 @@ impl Tuning {
         t
     }
 
-    fn endpoint_config(&self) -> quinn::EndpointConfig {
-        let mut e = quinn::EndpointConfig::default();
+    fn endpoint_config(&self, identity: &Identity) -> quinn::EndpointConfig {
+        let mut e = match &identity.cert {
+            // Connection ids and stateless resets are keyed by secrets
+            // derived from the node's private key, the same in every run:
+            // a peer still holding a connection to this node's previous
+            // process is told it is gone at its first packet (its ids are
+            // recognised, and the reset proves who sends it), instead of
+            // waiting out QUIC's idle timeout: a datanode's heartbeats
+            // after a namenode restart, a client's reads after a datanode's.
+            Some((_, key)) => {
+                let reset = blake3::derive_key("quern QUIC stateless reset", key.secret_der());
+                let ids = blake3::derive_key("quern QUIC connection ids", key.secret_der());
+                let ids = u64::from_le_bytes([
+                    ids[0], ids[1], ids[2], ids[3], ids[4], ids[5], ids[6], ids[7],
+                ]);
+                let mut e = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                    ring::hmac::HMAC_SHA256,
+                    &reset,
+                )));
+                e.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(ids))
+                });
+                e
+            }
+            None => quinn::EndpointConfig::default(),
+        };
         if let Some(p) = self.max_udp_payload {
             // Only fails below the QUIC minimum, which no setting here uses.
             let _ = e.max_udp_payload_size(p);
@@ -245,8 +269,9 @@ impl Endpoint {
         let socket = tuning.bind(addr)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| Error::Config("quinn needs a tokio runtime".into()))?;
-        let mut inner = quinn::Endpoint::new(tuning.endpoint_config(), server, socket, runtime)
-            .map_err(|e| Error::io(format!("starting QUIC on {addr}"), e))?;
+        let mut inner =
+            quinn::Endpoint::new(tuning.endpoint_config(identity), server, socket, runtime)
+                .map_err(|e| Error::io(format!("starting QUIC on {addr}"), e))?;
         let crypto = QuicClientConfig::try_from(identity.client_config()?)
             .map_err(|e| Error::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -273,6 +298,14 @@ impl Endpoint {
 
     pub fn rpc_timeout(&self) -> Duration {
         self.rpc_timeout
+    }
+
+    /// Counts this endpoint's requests in `other`'s figures: a second
+    /// listener of one node (the namenode's lifeline) shows in the node's
+    /// `/metrics` beside the first.
+    pub fn counting_with(mut self, other: &Endpoint) -> Endpoint {
+        self.metrics = other.metrics.clone();
+        self
     }
 
     pub fn with_piece_idle(mut self, idle: Duration) -> Endpoint {

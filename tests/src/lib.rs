@@ -44,6 +44,8 @@ pub struct Options {
     /// callers from beyond loopback must present.
     pub http_ip: std::net::IpAddr,
     pub http_token: Option<String>,
+    /// Where the namenode serves heartbeats (its default if unset).
+    pub lifeline: Option<SocketAddr>,
 }
 
 impl Default for Options {
@@ -62,6 +64,7 @@ impl Default for Options {
             job_memory: None,
             http_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             http_token: None,
+            lifeline: None,
         }
     }
 }
@@ -98,6 +101,7 @@ impl TestCluster {
         cfg.replication_interval = opts.replication_interval;
         cfg.token_lifetime = opts.token_lifetime;
         cfg.http = Some(opts.http_config());
+        cfg.lifeline = opts.lifeline;
         let nn = Namenode::start(cfg, &identity).await.expect("namenode");
         let namenode_addr = nn.addr();
         let mut c = TestCluster {
@@ -244,6 +248,17 @@ impl TestCluster {
                 })
             }
         })
+        .await;
+        // The namenode counts a node live at its registration; the node
+        // serves chunks once it has read the answer, a moment later.
+        wait_for(
+            Duration::from_secs(20),
+            "datanodes to take their keys",
+            || {
+                let ready = self.datanodes.iter().flatten().all(|d| d.has_token_keys());
+                async move { ready }
+            },
+        )
         .await;
     }
 

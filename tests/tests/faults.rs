@@ -210,3 +210,76 @@ async fn a_read_that_keeps_progressing_is_not_hedged() {
         );
     }
 }
+
+/// All datanodes of `c` stay live for `secs` seconds (two dead timeouts
+/// and more), checked every 200 ms.
+async fn all_stay_live(c: &TestCluster, secs: u64, why: &str) {
+    let client = c.client();
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        let r = client.report().await.unwrap();
+        assert!(
+            r.datanodes.iter().all(|d| d.state == NodeState::Live),
+            "{why}: {:?}",
+            r.datanodes
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_go_to_the_lifeline_port() {
+    let c = TestCluster::start(Options {
+        datanodes: 2,
+        heartbeat: Duration::from_millis(200),
+        dead_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let nn = c.namenode.as_ref().unwrap();
+    // The main port drops every heartbeat: the lifeline still carries them.
+    nn.faults().add(Rule {
+        direction: Direction::Incoming,
+        peer: None,
+        kind: Some("Heartbeat"),
+        fault: Fault::Drop,
+    });
+    all_stay_live(&c, 5, "heartbeats dropped on the main port only").await;
+    // The check can fail: with the lifeline dropping them too, nodes die.
+    nn.lifeline_faults().add(Rule {
+        direction: Direction::Incoming,
+        peer: None,
+        kind: Some("Heartbeat"),
+        fault: Fault::Drop,
+    });
+    let client = c.client();
+    wait_for(Duration::from_secs(20), "the datanodes to be dead", || {
+        let client = client.clone();
+        async move {
+            client
+                .report()
+                .await
+                .is_ok_and(|r| r.datanodes.iter().all(|d| d.state == NodeState::Dead))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lifeline_port_out_of_reach_leaves_heartbeats_on_the_main_port() {
+    // The lifeline listens where datanodes cannot reach it (they call the
+    // namenode's address at the lifeline's port, where nothing answers):
+    // as behind a firewall that lets only the main port through. They
+    // give up on it at the connect timeout (5 s) and stay live.
+    let c = TestCluster::start(Options {
+        datanodes: 2,
+        heartbeat: Duration::from_millis(200),
+        dead_timeout: Duration::from_secs(8),
+        lifeline: Some("127.0.0.2:0".parse().unwrap()),
+        ..Default::default()
+    })
+    .await;
+    all_stay_live(&c, 12, "lifeline out of reach").await;
+    let r = c.client().report().await.unwrap();
+    assert_eq!(r.datanodes.len(), 2);
+}

@@ -141,3 +141,96 @@ async fn an_empty_body_answered_early_is_still_a_success() {
     s.finish().unwrap();
     s.reply::<WriteAck>().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifeline_port_takes_heartbeats_only() {
+    let c = TestCluster::start(Options {
+        datanodes: 1,
+        ..Default::default()
+    })
+    .await;
+    let lifeline = c.namenode.as_ref().unwrap().lifeline_addr();
+    assert_ne!(lifeline.port(), c.namenode_addr.port());
+    let ep = Endpoint::client(&c.admin_identity(), Tuning::tuned()).unwrap();
+    let e = ep
+        .call(
+            quern_proto::transport::Peer::namenode(lifeline),
+            quern_proto::msg::Stat { path: "/".into() },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lifeline") && e.contains("heartbeats only"),
+        "{e}"
+    );
+    assert!(e.contains("stat"), "names what was sent: {e}");
+}
+
+/// A server on `addr` that accepts connections and keeps them, serving no
+/// request; on the runtime it is called in.
+fn hold_connections(
+    identity: &quern_proto::tls::Identity,
+    addr: std::net::SocketAddr,
+) -> std::sync::Arc<Endpoint> {
+    let server = std::sync::Arc::new(Endpoint::server(identity, addr, Tuning::tuned()).unwrap());
+    let accepting = server.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            if let Ok(conn) = incoming.await {
+                tokio::spawn(async move { conn.closed().await });
+            }
+        }
+    });
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_resets_old_connections_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: ClusterFiles = init_cluster_dir(dir.path()).unwrap();
+    let server_id = files.namenode_identity().unwrap();
+    // The first server runs on a thread and runtime of its own, as in a
+    // process of its own, which then dies without closing anything.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (die_tx, die_rx) = std::sync::mpsc::channel::<()>();
+    let first_id = server_id.clone();
+    let process = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = {
+            let _inside = runtime.enter();
+            hold_connections(&first_id, "127.0.0.1:0".parse().unwrap())
+        };
+        addr_tx.send(server.local_addr().unwrap()).unwrap();
+        let _ = die_rx.recv();
+        drop(server);
+        drop(runtime);
+    });
+    let addr = addr_rx.recv().unwrap();
+    let client = Endpoint::client(&files.admin_identity().unwrap(), Tuning::tuned()).unwrap();
+    let (conn, _) = client.connection(addr).await.unwrap();
+    die_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || process.join().unwrap())
+        .await
+        .unwrap();
+    // Its successor: same identity, same port. A packet on the old
+    // connection is answered with a reset the client can verify.
+    let _second = hold_connections(&server_id, addr);
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(&[0u8; 512]).await;
+    let t = std::time::Instant::now();
+    let why = conn.closed().await;
+    assert!(
+        matches!(why, quinn::ConnectionError::Reset),
+        "closed by {why:?}"
+    );
+    // QUIC's idle timeout is 10 s; a reset comes in a round trip.
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A new connection to the successor works.
+    client.forget(addr);
+    client.connection(addr).await.unwrap();
+}
