@@ -55,12 +55,15 @@ impl Lifeline {
         let endpoint = {
             let _inside = runtime.enter();
             let again = last.and_then(|port| {
-                Endpoint::server(
-                    identity,
-                    SocketAddr::new(listen.ip(), port),
-                    Tuning::tuned(),
-                )
-                .ok()
+                let at = SocketAddr::new(listen.ip(), port);
+                Endpoint::server(identity, at, Tuning::tuned())
+                    .map_err(|e| {
+                        tracing::info!(
+                            "lifeline: the last run's port {at} is taken ({e}); using another, \
+                             so datanodes notice the restart only at QUIC's idle timeout"
+                        )
+                    })
+                    .ok()
             });
             let endpoint = match again {
                 Some(e) => e,

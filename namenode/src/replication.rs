@@ -311,7 +311,7 @@ fn drop_extras(c: &mut Cluster, id: ChunkId, mut good: Vec<Slot>, target: usize)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use quern_proto::msg::{NodeAddr, ReplicaState, StoredChunk};
     use quern_proto::{ChunkToken, Digest, NodeId};
@@ -561,7 +561,8 @@ mod tests {
         assert_eq!(c.reports_owed(), 1);
     }
 
-    fn beat(node: u64) -> quern_proto::msg::Heartbeat {
+    /// A heartbeat of an empty node.
+    pub(crate) fn beat(node: u64) -> quern_proto::msg::Heartbeat {
         quern_proto::msg::Heartbeat {
             node: NodeId(node),
             capacity: 1 << 40,

@@ -335,13 +335,7 @@ impl State {
     }
 
     pub(crate) fn node_reply(&self, commands: Vec<DatanodeCommand>) -> NodeReply {
-        NodeReply {
-            cluster_id: self.ns.cluster_id.clone(),
-            safe_mode: self.safe_mode().is_some(),
-            keys: self.tokens.keys(),
-            commands,
-            lifeline: self.lifeline.get().copied(),
-        }
+        self.reply(self.safe_mode().is_some(), commands)
     }
 
     /// The answer to a heartbeat the map was too busy to take: no
@@ -349,11 +343,15 @@ impl State {
     /// the map).
     pub(crate) fn busy_reply(&self) -> NodeReply {
         let safe = !*self.loaded.borrow() || lock(&self.safe).since.is_some();
+        self.reply(safe, Vec::new())
+    }
+
+    fn reply(&self, safe_mode: bool, commands: Vec<DatanodeCommand>) -> NodeReply {
         NodeReply {
             cluster_id: self.ns.cluster_id.clone(),
-            safe_mode: safe,
+            safe_mode,
             keys: self.tokens.keys(),
-            commands: Vec::new(),
+            commands,
             lifeline: self.lifeline.get().copied(),
         }
     }
@@ -377,7 +375,7 @@ pub(crate) async fn abandon(s: &State, file: FileId) -> Res<()> {
 #[cfg(test)]
 mod tests {
     use crate::service::{heartbeat, Namenode, NamenodeConfig};
-    use quern_proto::msg::{Heartbeat, NodeAddr};
+    use quern_proto::msg::NodeAddr;
     use quern_proto::{NodeId, Principal, Role};
     use std::time::{Duration, Instant};
 
@@ -408,18 +406,7 @@ mod tests {
             })
         };
         holding.recv().unwrap();
-        let beat = Heartbeat {
-            node,
-            capacity: 1 << 40,
-            available: 1 << 39,
-            used: 0,
-            chunks: 0,
-            trash_bytes: 0,
-            scrub: Default::default(),
-            full: false,
-            jobs: 0,
-            job_bytes: 0,
-        };
+        let beat = crate::replication::tests::beat(node.0);
         let t = Instant::now();
         let reply = heartbeat(&s, &Principal::new(Role::Datanode(node)), beat).unwrap();
         let took = t.elapsed();
