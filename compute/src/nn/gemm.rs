@@ -337,3 +337,62 @@ pub fn sgemm_ceiling_gflops() -> f64 {
     }
     2.0 * (N * N * N) as f64 / best / 1e9
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: Mat<'_>, b: Mat<'_>) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| {
+                        f64::from(a.data[i * a.rs + p * a.cs])
+                            * f64::from(b.data[p * b.rs + j * b.cs])
+                    })
+                    .sum();
+            }
+        }
+        c
+    }
+
+    /// Every path (one call, split by rows, split by columns, written by
+    /// columns and transposed) against the definition, storing and adding.
+    #[test]
+    fn every_layout_and_split_matches_the_definition() {
+        let mut seed = 7u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        // (m, k, n): small; tall (row split); wide with B by columns (the
+        // transposed-output path); long inner dimension (K blocks).
+        for (m, k, n) in [(3, 5, 4), (700, 90, 300), (48, 600, 1500), (20, 1300, 30)] {
+            let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let init: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+            for (a, b) in [
+                (Mat::rows(&av, k), Mat::rows(&bv, n)),
+                (Mat::rows(&av, k), Mat::rows_t(&bv, k)),
+                (Mat::rows_t(&av, m), Mat::rows(&bv, n)),
+                (Mat::rows_t(&av, m), Mat::rows_t(&bv, k)),
+            ] {
+                let want = naive(m, k, n, a, b);
+                for accumulate in [false, true] {
+                    let mut c = init.clone();
+                    gemm(m, k, n, a, b, &mut c, accumulate);
+                    for (i, (got, want)) in c.iter().zip(&want).enumerate() {
+                        let want = want + if accumulate { f64::from(init[i]) } else { 0.0 };
+                        let tol = 1e-5 * (k as f64).sqrt() * 4.0;
+                        assert!(
+                            (f64::from(*got) - want).abs() <= tol,
+                            "{m}x{k}x{n} a({},{}) b({},{}) acc {accumulate} at {i}: {got} vs {want}",
+                            a.rs, a.cs, b.rs, b.cs
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
