@@ -47,10 +47,14 @@ pub(crate) fn conv(g: &Geom, x: &[f32], w: &[f32], filters: usize, y: &mut [f32]
         let per_out = g.oh * g.ow * filters;
         assert_eq!(x.len() / per_in.max(1) * per_out, y.len(), "output size");
         assert_eq!(w.len(), g.kh * g.kw * g.c * filters, "kernel size");
+        let pad = Padded::new(g);
+        let mut buf = vec![0.0f32; pad.h * pad.w * g.c];
         for (xs, ys) in x.chunks_exact(per_in).zip(y.chunks_exact_mut(per_out)) {
-            // SAFETY: applies() checked AVX2 and FMA on this CPU, and the
-            // sizes above bound every index the kernel computes.
-            unsafe { sample_avx2(g, xs, w, filters, ys) };
+            pad.fill(g, xs, &mut buf);
+            // SAFETY: applies() checked AVX2 and FMA on this CPU; the padded
+            // sample holds every window of every output pixel and the sizes
+            // above bound the kernel and the output.
+            unsafe { sample_avx2(g, &pad, &buf, w, filters, ys) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -60,33 +64,118 @@ pub(crate) fn conv(g: &Geom, x: &[f32], w: &[f32], filters: usize, y: &mut [f32]
     }
 }
 
+/// A sample copied inside its zero padding, so that every window lies
+/// wholly inside it: the kernel then runs without a bounds test per tap,
+/// and taps in the padding add exact zeros, as they do through im2col.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Padded {
+    h: usize,
+    w: usize,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl Padded {
+    fn new(g: &Geom) -> Padded {
+        Padded {
+            h: (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1,
+            w: (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1,
+        }
+    }
+
+    /// Copies one sample into `buf`; what lies outside it stays zero.
+    fn fill(&self, g: &Geom, x: &[f32], buf: &mut [f32]) {
+        let rows = g.h.min(self.h.saturating_sub(g.pt));
+        let cols = g.w.min(self.w.saturating_sub(g.pl));
+        for iy in 0..rows {
+            let dst = ((iy + g.pt) * self.w + g.pl) * g.c;
+            buf[dst..dst + cols * g.c].copy_from_slice(&x[iy * g.w * g.c..][..cols * g.c]);
+        }
+    }
+}
+
+/// Output pixels of one row computed together: each weight vector loaded
+/// serves all of them, and there are enough independent sums to keep both
+/// FMA units busy. `V` vectors of eight filters; the sums (`P * V`), one
+/// tap's weights (`V`) and the broadcast input fit the 16 AVX2 registers,
+/// so nothing spills to the stack.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sample_avx2(g: &Geom, x: &[f32], w: &[f32], filters: usize, y: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let vecs = filters / 8;
+unsafe fn sample_avx2(g: &Geom, pad: &Padded, x: &[f32], w: &[f32], filters: usize, y: &mut [f32]) {
+    match filters / 8 {
+        1 => row_tiles::<1, 6>(g, pad, x, w, y),
+        2 => row_tiles::<2, 6>(g, pad, x, w, y),
+        3 => row_tiles::<3, 3>(g, pad, x, w, y),
+        4 => row_tiles::<4, 2>(g, pad, x, w, y),
+        5 => row_tiles::<5, 2>(g, pad, x, w, y),
+        6 => row_tiles::<6, 1>(g, pad, x, w, y),
+        7 => row_tiles::<7, 1>(g, pad, x, w, y),
+        _ => row_tiles::<8, 1>(g, pad, x, w, y),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_tiles<const V: usize, const P: usize>(
+    g: &Geom,
+    pad: &Padded,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+) {
+    let filters = V * 8;
     for oy in 0..g.oh {
-        for ox in 0..g.ow {
-            let mut acc = [_mm256_setzero_ps(); MAX_FILTERS / 8];
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    let Some(p) = g.src(oy, ox, ky, kx) else {
-                        continue;
-                    };
-                    for ci in 0..g.c {
-                        let xv = _mm256_set1_ps(x[p * g.c + ci]);
-                        let row = &w[((ky * g.kw + kx) * g.c + ci) * filters..][..filters];
-                        for (j, a) in acc.iter_mut().enumerate().take(vecs) {
-                            let wv = _mm256_loadu_ps(row.as_ptr().add(j * 8));
-                            *a = _mm256_fmadd_ps(xv, wv, *a);
-                        }
+        let mut ox = 0;
+        while ox + P <= g.ow {
+            tile::<V, P>(g, pad, x, w, y, oy, ox);
+            ox += P;
+        }
+        while ox < g.ow {
+            tile::<V, 1>(g, pad, x, w, y, oy, ox);
+            ox += 1;
+        }
+    }
+    debug_assert_eq!(y.len(), g.oh * g.ow * filters);
+}
+
+/// `P` neighbouring output pixels of row `oy` from `ox` on. Each pixel's
+/// sums take the taps in (ky, kx, channel) order whatever `P` is, so the
+/// tiling never changes a result.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const V: usize, const P: usize>(
+    g: &Geom,
+    pad: &Padded,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    oy: usize,
+    ox: usize,
+) {
+    use std::arch::x86_64::*;
+    let filters = V * 8;
+    let c = g.c;
+    let xp = x.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); V]; P];
+    for ky in 0..g.kh {
+        let row = (oy * g.sh + ky * g.dh) * pad.w;
+        for kx in 0..g.kw {
+            let first = (row + ox * g.sw + kx * g.dw) * c;
+            for ci in 0..c {
+                let wr = w.as_ptr().add(((ky * g.kw + kx) * c + ci) * filters);
+                for (p, sums) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*xp.add(first + p * g.sw * c + ci));
+                    for (j, a) in sums.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wr.add(j * 8)), *a);
                     }
                 }
             }
-            let out = &mut y[(oy * g.ow + ox) * filters..][..filters];
-            for (j, a) in acc.iter().enumerate().take(vecs) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(j * 8), *a);
-            }
+        }
+    }
+    let out = y.as_mut_ptr().add((oy * g.ow + ox) * filters);
+    for (p, sums) in acc.iter().enumerate() {
+        for (j, a) in sums.iter().enumerate() {
+            _mm256_storeu_ps(out.add(p * filters + j * 8), *a);
         }
     }
 }
