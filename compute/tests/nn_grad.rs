@@ -287,8 +287,11 @@ fn results_do_not_depend_on_thread_count() {
     let m = sequential(
         &[16, 16, 3],
         vec![
-            conv("c0", 8, 5, 1, "same", "relu"),
+            conv("c0", 16, 5, 1, "same", "relu"),
             layer("MaxPooling2D", "p", json!({"pool_size": [2, 2]})),
+            // 5x5 over 16 channels: the Winograd path, whose kernel
+            // gradient sums over groups of samples.
+            conv("cw", 16, 5, 1, "same", "relu"),
             conv("c1", 16, 3, 2, "same", "relu"),
             flatten(),
             dense("d", 64, "relu"),

@@ -293,6 +293,10 @@ impl Geom {
             then(y);
             return;
         }
+        if super::winograd::applies(self, filters, groups) {
+            super::winograd::forward(self, x, w, filters, y, then);
+            return;
+        }
         let per_out = self.oh * self.ow * filters;
         if super::direct::applies(self, filters, groups) {
             const SAMPLES: usize = 4;
@@ -304,6 +308,20 @@ impl Geom {
                 });
             return;
         }
+        self.conv_then_im2col(x, w, filters, groups, y, then);
+    }
+
+    /// The general path: blocks of im2col columns times the kernel.
+    pub(crate) fn conv_then_im2col(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        filters: usize,
+        groups: usize,
+        y: &mut [f32],
+        then: &(dyn Fn(&mut [f32]) + Sync),
+    ) {
+        let per_out = self.oh * self.ow * filters;
         let cg = self.c / groups;
         let fg = filters / groups;
         let kd = self.kh * self.kw * cg;
@@ -357,10 +375,6 @@ impl Geom {
         dw: Option<&mut [f32]>,
         need_dx: bool,
     ) -> Option<Vec<f32>> {
-        let cg = self.c / groups;
-        let fg = filters / groups;
-        let kd = self.kh * self.kw * cg;
-        let per_in = self.per_in();
         let per_out = self.oh * self.ow * filters;
         let n = dy.len() / per_out.max(1);
         if groups == 1 && self.is_pointwise() {
@@ -390,6 +404,30 @@ impl Geom {
                 dx
             });
         }
+        if super::winograd::applies(self, filters, groups) {
+            return super::winograd::backward(self, x, w, filters, dy, dw, need_dx);
+        }
+        self.conv_backward_im2col(x, w, filters, groups, dy, dw, need_dx)
+    }
+
+    /// The general backward path, through im2col columns.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv_backward_im2col(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        filters: usize,
+        groups: usize,
+        dy: &[f32],
+        dw: Option<&mut [f32]>,
+        need_dx: bool,
+    ) -> Option<Vec<f32>> {
+        let cg = self.c / groups;
+        let fg = filters / groups;
+        let kd = self.kh * self.kw * cg;
+        let per_in = self.per_in();
+        let per_out = self.oh * self.ow * filters;
+        let n = dy.len() / per_out.max(1);
         // Eight groups of samples (fewer for small batches), each summing its
         // own kernel gradient, added in group order: the order depends only
         // on the batch and the layer, never on the number of threads.

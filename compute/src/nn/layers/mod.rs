@@ -21,6 +21,7 @@ pub(crate) mod norm;
 pub(crate) mod pool;
 pub(crate) mod preprocess;
 pub(crate) mod reshape;
+mod winograd;
 
 /// Keras padding modes for convolution and pooling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

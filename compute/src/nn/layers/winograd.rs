@@ -1,0 +1,749 @@
+//! Winograd's minimal filtering, F(2x2, r x r), for stride-1 square
+//! convolutions over enough channels to feed a GEMM (5x5 kernels; see
+//! [`applies`]).
+//!
+//! Each 2x2 block of output pixels is computed from an (r+1)x(r+1) tile of
+//! input: the tile and the kernel are transformed (`B'dB`, `GgG'`), multiplied
+//! element by element (summed over channels: one GEMM per tile position),
+//! and transformed back (`A'MA`). A 5x5 kernel then takes 36 products per
+//! 2x2 outputs instead of 100, a 3x3 one 16 instead of 36; the transforms
+//! cost a few additions per element. The backward pass uses the same
+//! transforms: the input gradient is a forward pass of the output gradient
+//! through the flipped kernel, and the kernel gradient sums, per tile
+//! position, transformed inputs times transformed output gradients.
+//!
+//! The transforms come from the Toom-Cook construction over the points
+//! 0, 1, -1, 2, -2 and infinity (Lavin and Gray, 2016), built in f64 when a
+//! layer runs and rounded once. With m = 2 outputs per tile the entries stay
+//! small and the error stays close to a direct sum's (checked against the
+//! im2col path below and by the Keras parity tests).
+//!
+//! Every output depends on its own tile only, and the kernel gradient is
+//! summed in fixed groups of samples, so results do not depend on the
+//! number of threads.
+
+use super::conv::Geom;
+use crate::nn::gemm::{gemm_serial, Mat};
+use rayon::prelude::*;
+
+/// Outputs per tile side.
+const M: usize = 2;
+
+/// Whether the Winograd path runs for this layer: 5x5 kernels only.
+///
+/// For 3x3 kernels the transforms are as accurate as im2col (largest error
+/// against an f64 sum 3.6e-7 of the largest output, im2col 4.8e-7), but
+/// their different rounding flips ReLUs near zero in the deep 3x3 networks
+/// of the parity tests (VGG16, DenseNet121), whose first-layer gradients
+/// then move past Keras's tolerance. For 5x5 the error is larger (3e-6
+/// forward, 7e-6 for the kernel gradient, against 5e-7 through im2col)
+/// and every parity test holds.
+pub(crate) fn applies(g: &Geom, filters: usize, groups: usize) -> bool {
+    groups == 1
+        && g.kh == g.kw
+        && g.kh == 5
+        && (g.sh, g.sw, g.dh, g.dw) == (1, 1, 1, 1)
+        && g.c >= 16
+        && filters >= 16
+        && g.oh >= M
+        && g.ow >= M
+        && g.pt < g.kh
+        && g.pl < g.kw
+}
+
+/// The transforms of F(2x2, r x r), row-major.
+struct Transforms {
+    r: usize,
+    /// Tile side, r + 1.
+    a: usize,
+    /// A' (M x a): tile position to output.
+    at: Vec<f32>,
+    /// G (a x r): kernel to tile position.
+    g: Vec<f32>,
+    /// B' (a x a): input tile to tile position.
+    bt: Vec<f32>,
+}
+
+impl Transforms {
+    fn new(r: usize) -> Transforms {
+        let a = M + r - 1;
+        let points: Vec<f64> = [0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0][..a - 1].to_vec();
+        let mut at = vec![0.0f64; M * a];
+        let mut g = vec![0.0f64; a * r];
+        let mut bt = vec![0.0f64; a * a];
+        for (j, &p) in points.iter().enumerate() {
+            let others: Vec<f64> = points
+                .iter()
+                .enumerate()
+                .filter(|&(l, _)| l != j)
+                .map(|(_, &q)| q)
+                .collect();
+            let f: f64 = others.iter().map(|q| p - q).product();
+            for i in 0..M {
+                at[i * a + j] = p.powi(i as i32);
+            }
+            for k in 0..r {
+                g[j * r + k] = p.powi(k as i32) / f;
+            }
+            for (i, c) in poly(&others).into_iter().enumerate() {
+                bt[j * a + i] = c;
+            }
+        }
+        // The point at infinity: the leading coefficients.
+        at[(M - 1) * a + a - 1] = 1.0;
+        g[(a - 1) * r + r - 1] = 1.0;
+        for (i, c) in poly(&points).into_iter().enumerate() {
+            bt[(a - 1) * a + i] = c;
+        }
+        let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+        Transforms {
+            r,
+            a,
+            at: f32s(at),
+            g: f32s(g),
+            bt: f32s(bt),
+        }
+    }
+
+    /// U[e][c][f] = (G k[.., .., c, f] G')[e] for an HWIO kernel `k` with
+    /// `ci` inputs and `co` outputs; e = row * a + column of the tile.
+    fn kernel(&self, k: &[f32], ci: usize, co: usize) -> Vec<f32> {
+        let (a, r) = (self.a, self.r);
+        let per = ci * co;
+        // First G along the kernel's rows, then along its columns.
+        let mut half = vec![0.0f32; a * r * per];
+        for xi in 0..a {
+            for ky in 0..r {
+                let gv = self.g[xi * r + ky];
+                if gv == 0.0 {
+                    continue;
+                }
+                for kx in 0..r {
+                    let src = &k[(ky * r + kx) * per..][..per];
+                    let dst = &mut half[(xi * r + kx) * per..][..per];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
+                }
+            }
+        }
+        let mut u = vec![0.0f32; a * a * per];
+        for xi in 0..a {
+            for nu in 0..a {
+                let dst = &mut u[(xi * a + nu) * per..][..per];
+                for kx in 0..r {
+                    let gv = self.g[nu * r + kx];
+                    if gv == 0.0 {
+                        continue;
+                    }
+                    let src = &half[(xi * r + kx) * per..][..per];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
+                }
+            }
+        }
+        u
+    }
+
+    /// The kernel gradient from the tile-position sums dU:
+    /// dk[.., .., c, f] = G' dU[.., c, f] G.
+    fn kernel_grad(&self, du: &[f32], per: usize, dk: &mut [f32]) {
+        let (a, r) = (self.a, self.r);
+        let mut half = vec![0.0f32; r * a * per];
+        for ky in 0..r {
+            for xi in 0..a {
+                let gv = self.g[xi * r + ky];
+                if gv == 0.0 {
+                    continue;
+                }
+                for nu in 0..a {
+                    let src = &du[(xi * a + nu) * per..][..per];
+                    let dst = &mut half[(ky * a + nu) * per..][..per];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
+                }
+            }
+        }
+        for ky in 0..r {
+            for kx in 0..r {
+                let dst = &mut dk[(ky * r + kx) * per..][..per];
+                for nu in 0..a {
+                    let gv = self.g[nu * r + kx];
+                    if gv == 0.0 {
+                        continue;
+                    }
+                    let src = &half[(ky * a + nu) * per..][..per];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
+                }
+            }
+        }
+    }
+
+    /// B'dB for a run of input tiles: `d` holds, for each of the a x a
+    /// positions, `c` values (the run's tiles' channels, zeros outside the
+    /// input); position e of the result goes to `v[e * stride ..][..c]`.
+    /// Transforming a run of tiles at once keeps the inner loops long.
+    fn input_tile(&self, d: &[f32], c: usize, tmp: &mut [f32], v: &mut [f32], stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was just detected on this CPU.
+            return unsafe { self.input_tile_avx2(d, c, tmp, v, stride) };
+        }
+        self.input_tile_any(d, c, tmp, v, stride)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn input_tile_avx2(
+        &self,
+        d: &[f32],
+        c: usize,
+        tmp: &mut [f32],
+        v: &mut [f32],
+        stride: usize,
+    ) {
+        self.input_tile_any(d, c, tmp, v, stride)
+    }
+
+    #[inline(always)]
+    fn input_tile_any(&self, d: &[f32], c: usize, tmp: &mut [f32], v: &mut [f32], stride: usize) {
+        let a = self.a;
+        for xi in 0..a {
+            let mut first = true;
+            for row in 0..a {
+                let b = self.bt[xi * a + row];
+                if b == 0.0 {
+                    continue;
+                }
+                for col in 0..a {
+                    let src = &d[(row * a + col) * c..][..c];
+                    mix(&mut tmp[(xi * a + col) * c..][..c], first, b, src);
+                }
+                first = false;
+            }
+        }
+        for xi in 0..a {
+            for nu in 0..a {
+                let dst = &mut v[(xi * a + nu) * stride..][..c];
+                let mut first = true;
+                for col in 0..a {
+                    let b = self.bt[nu * a + col];
+                    if b == 0.0 {
+                        continue;
+                    }
+                    mix(dst, first, b, &tmp[(xi * a + col) * c..][..c]);
+                    first = false;
+                }
+            }
+        }
+    }
+
+    /// A dY A' for a run of 2x2 blocks of output gradients (`f` values for
+    /// each of the M x M positions: the run's blocks' filters, zeros past
+    /// the output's edge); position e goes to `z[e * stride ..][..f]`.
+    fn grad_tile(&self, dy: &[f32], f: usize, tmp: &mut [f32], z: &mut [f32], stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was just detected on this CPU.
+            return unsafe { self.grad_tile_avx2(dy, f, tmp, z, stride) };
+        }
+        self.grad_tile_any(dy, f, tmp, z, stride)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn grad_tile_avx2(
+        &self,
+        dy: &[f32],
+        f: usize,
+        tmp: &mut [f32],
+        z: &mut [f32],
+        stride: usize,
+    ) {
+        self.grad_tile_any(dy, f, tmp, z, stride)
+    }
+
+    #[inline(always)]
+    fn grad_tile_any(&self, dy: &[f32], f: usize, tmp: &mut [f32], z: &mut [f32], stride: usize) {
+        let a = self.a;
+        for xi in 0..a {
+            let mut first = true;
+            for i in 0..M {
+                let b = self.at[i * a + xi];
+                if b == 0.0 {
+                    continue;
+                }
+                for j in 0..M {
+                    let src = &dy[(i * M + j) * f..][..f];
+                    mix(&mut tmp[(xi * M + j) * f..][..f], first, b, src);
+                }
+                first = false;
+            }
+        }
+        for xi in 0..a {
+            for nu in 0..a {
+                let dst = &mut z[(xi * a + nu) * stride..][..f];
+                let mut first = true;
+                for j in 0..M {
+                    let b = self.at[j * a + nu];
+                    if b == 0.0 {
+                        continue;
+                    }
+                    mix(dst, first, b, &tmp[(xi * M + j) * f..][..f]);
+                    first = false;
+                }
+            }
+        }
+    }
+
+    /// A'MA for a run of tiles: `m` holds the run's products for position e
+    /// at `m[e * stride ..][..f]`; the 2x2 outputs go to `out`, `f` values
+    /// for each of the M x M positions.
+    fn output_tile(&self, m: &[f32], f: usize, stride: usize, tmp: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was just detected on this CPU.
+            return unsafe { self.output_tile_avx2(m, f, stride, tmp, out) };
+        }
+        self.output_tile_any(m, f, stride, tmp, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn output_tile_avx2(
+        &self,
+        m: &[f32],
+        f: usize,
+        stride: usize,
+        tmp: &mut [f32],
+        out: &mut [f32],
+    ) {
+        self.output_tile_any(m, f, stride, tmp, out)
+    }
+
+    #[inline(always)]
+    fn output_tile_any(
+        &self,
+        m: &[f32],
+        f: usize,
+        stride: usize,
+        tmp: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let a = self.a;
+        for i in 0..M {
+            let mut first = true;
+            for xi in 0..a {
+                let b = self.at[i * a + xi];
+                if b == 0.0 {
+                    continue;
+                }
+                for nu in 0..a {
+                    let src = &m[(xi * a + nu) * stride..][..f];
+                    mix(&mut tmp[(i * a + nu) * f..][..f], first, b, src);
+                }
+                first = false;
+            }
+        }
+        for i in 0..M {
+            for j in 0..M {
+                let dst = &mut out[(i * M + j) * f..][..f];
+                let mut first = true;
+                for nu in 0..a {
+                    let b = self.at[j * a + nu];
+                    if b == 0.0 {
+                        continue;
+                    }
+                    mix(dst, first, b, &tmp[(i * a + nu) * f..][..f]);
+                    first = false;
+                }
+            }
+        }
+    }
+}
+
+/// `dst = b * src` for a transform's first term, `dst += b * src` after.
+/// (Every row of every transform has a nonzero entry.)
+#[inline(always)]
+fn mix(dst: &mut [f32], first: bool, b: f32, src: &[f32]) {
+    if first {
+        dst.iter_mut().zip(src).for_each(|(t, s)| *t = b * s);
+    } else {
+        dst.iter_mut().zip(src).for_each(|(t, s)| *t += b * s);
+    }
+}
+
+/// The coefficients, lowest first, of the product of (x - root).
+fn poly(roots: &[f64]) -> Vec<f64> {
+    let mut c = vec![0.0f64; roots.len() + 1];
+    c[0] = 1.0;
+    for (deg, &q) in roots.iter().enumerate() {
+        for i in (0..=deg + 1).rev() {
+            let lower = if i > 0 { c[i - 1] } else { 0.0 };
+            c[i] = lower - q * c[i];
+        }
+    }
+    c
+}
+
+/// Tiles transformed together.
+const RUN: usize = 16;
+
+/// Tiles per block of work: enough rows for the per-position GEMMs to run
+/// at speed, few enough for the block's transforms to stay in cache.
+const BLOCK_TILES: usize = 512;
+
+/// Where one block's tiles come from: samples `s0..s1` of the batch.
+fn sample_blocks(n: usize, tiles_per_sample: usize) -> usize {
+    (BLOCK_TILES / tiles_per_sample.max(1)).clamp(1, n.max(1))
+}
+
+struct Tiling<'g> {
+    g: &'g Geom,
+    th: usize,
+    tw: usize,
+}
+
+impl Tiling<'_> {
+    fn new(g: &Geom) -> Tiling<'_> {
+        Tiling {
+            g,
+            th: g.oh.div_ceil(M),
+            tw: g.ow.div_ceil(M),
+        }
+    }
+
+    fn per_sample(&self) -> usize {
+        self.th * self.tw
+    }
+
+    /// The a x a x c input tile of tile `t` of one sample, zeros outside,
+    /// into `d` with `len` values per position.
+    fn gather(&self, x: &[f32], t: usize, a: usize, d: &mut [f32], len: usize) {
+        let g = self.g;
+        let c = g.c;
+        let (ty, tx) = (t / self.tw, t % self.tw);
+        for row in 0..a {
+            let iy = (ty * M + row) as isize - g.pt as isize;
+            for col in 0..a {
+                let ix = (tx * M + col) as isize - g.pl as isize;
+                let dst = &mut d[(row * a + col) * len..][..c];
+                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                    let p = iy as usize * g.w + ix as usize;
+                    dst.copy_from_slice(&x[p * c..][..c]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    }
+
+    /// Transforms of every tile of `xs` (whole samples): v[e][tile][c].
+    fn input(&self, tr: &Transforms, xs: &[f32], v: &mut Vec<f32>) -> usize {
+        let g = self.g;
+        let (a, c) = (tr.a, g.c);
+        let samples = xs.len() / g.per_in().max(1);
+        let tiles = samples * self.per_sample();
+        v.resize(a * a * tiles * c, 0.0);
+        let mut d = vec![0.0f32; a * a * RUN * c];
+        let mut tmp = vec![0.0f32; a * a * RUN * c];
+        let mut t0 = 0;
+        while t0 < tiles {
+            let run = RUN.min(tiles - t0);
+            let len = run * c;
+            for k in 0..run {
+                let t = t0 + k;
+                let (s, tt) = (t / self.per_sample(), t % self.per_sample());
+                let x = &xs[s * g.per_in()..][..g.per_in()];
+                self.gather(x, tt, a, &mut d[k * c..], len);
+            }
+            tr.input_tile(&d, len, &mut tmp, &mut v[t0 * c..], tiles * c);
+            t0 += run;
+        }
+        tiles
+    }
+}
+
+/// `y = conv(x, w)`, calling `then` on each finished block of samples.
+pub(crate) fn forward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    filters: usize,
+    y: &mut [f32],
+    then: &(dyn Fn(&mut [f32]) + Sync),
+) {
+    let tr = Transforms::new(g.kh);
+    let u = tr.kernel(w, g.c, filters);
+    run_forward(g, &tr, &u, x, filters, y, then);
+}
+
+fn run_forward(
+    g: &Geom,
+    tr: &Transforms,
+    u: &[f32],
+    x: &[f32],
+    filters: usize,
+    y: &mut [f32],
+    then: &(dyn Fn(&mut [f32]) + Sync),
+) {
+    let tiling = Tiling::new(g);
+    let per_out = g.oh * g.ow * filters;
+    let n = y.len() / per_out.max(1);
+    let sb = sample_blocks(n, tiling.per_sample());
+    let (a, c, f) = (tr.a, g.c, filters);
+    y.par_chunks_mut((sb * per_out).max(1))
+        .zip(x.par_chunks((sb * g.per_in()).max(1)))
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(v, m), (yc, xc)| {
+                let tiles = tiling.input(tr, xc, v);
+                m.resize(a * a * tiles * f, 0.0);
+                for e in 0..a * a {
+                    gemm_serial(
+                        tiles,
+                        c,
+                        f,
+                        Mat::rows(&v[e * tiles * c..][..tiles * c], c),
+                        Mat::rows(&u[e * c * f..][..c * f], f),
+                        &mut m[e * tiles * f..][..tiles * f],
+                        false,
+                    );
+                }
+                let mut tmp = vec![0.0f32; M * a * RUN * f];
+                let mut out = vec![0.0f32; M * M * RUN * f];
+                let mut t0 = 0;
+                while t0 < tiles {
+                    let run = RUN.min(tiles - t0);
+                    let len = run * f;
+                    tr.output_tile(&m[t0 * f..], len, tiles * f, &mut tmp, &mut out);
+                    for k in 0..run {
+                        let t = t0 + k;
+                        let (s, tt) = (t / tiling.per_sample(), t % tiling.per_sample());
+                        let (ty, tx) = (tt / tiling.tw, tt % tiling.tw);
+                        for i in 0..M {
+                            let oy = ty * M + i;
+                            if oy >= g.oh {
+                                break;
+                            }
+                            for j in 0..M {
+                                let ox = tx * M + j;
+                                if ox >= g.ow {
+                                    break;
+                                }
+                                let at = s * per_out + (oy * g.ow + ox) * f;
+                                yc[at..at + f]
+                                    .copy_from_slice(&out[(i * M + j) * len + k * f..][..f]);
+                            }
+                        }
+                    }
+                    t0 += run;
+                }
+                then(yc);
+            },
+        );
+}
+
+/// The geometry whose forward pass is this layer's input gradient: the
+/// output gradient, padded by r - 1 - pad, correlated with the flipped
+/// kernel, gives every input pixel.
+fn input_grad_geom(g: &Geom, filters: usize) -> Geom {
+    Geom {
+        h: g.oh,
+        w: g.ow,
+        c: filters,
+        kh: g.kh,
+        kw: g.kw,
+        sh: 1,
+        sw: 1,
+        dh: 1,
+        dw: 1,
+        oh: g.h,
+        ow: g.w,
+        pt: g.kh - 1 - g.pt,
+        pl: g.kw - 1 - g.pl,
+    }
+}
+
+/// The kernel gradient (added into `dw`) and, when asked, the input
+/// gradient.
+pub(crate) fn backward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    filters: usize,
+    dy: &[f32],
+    dw: Option<&mut [f32]>,
+    need_dx: bool,
+) -> Option<Vec<f32>> {
+    let tr = Transforms::new(g.kh);
+    let (r, a, c, f) = (g.kh, tr.a, g.c, filters);
+    let dx = need_dx.then(|| {
+        // The flipped kernel, HWIO with inputs and outputs swapped.
+        let mut flipped = vec![0.0f32; r * r * c * f];
+        for ky in 0..r {
+            for kx in 0..r {
+                let src = &w[(ky * r + kx) * c * f..][..c * f];
+                let dst = &mut flipped[((r - 1 - ky) * r + (r - 1 - kx)) * f * c..][..f * c];
+                for ci in 0..c {
+                    for fi in 0..f {
+                        dst[fi * c + ci] = src[ci * f + fi];
+                    }
+                }
+            }
+        }
+        let gi = input_grad_geom(g, f);
+        let u = tr.kernel(&flipped, f, c);
+        let n = dy.len() / (g.oh * g.ow * f).max(1);
+        let mut dx = vec![0.0f32; n * g.per_in()];
+        run_forward(&gi, &tr, &u, dy, c, &mut dx, &|_| {});
+        dx
+    });
+    if let Some(dw) = dw {
+        let tiling = Tiling::new(g);
+        let per_out = g.oh * g.ow * f;
+        let n = dy.len() / per_out.max(1);
+        // Eight groups of samples, summed in group order.
+        let group = n.div_ceil(8).max(1);
+        let sb = sample_blocks(group, tiling.per_sample());
+        let parts: Vec<Vec<f32>> = dy
+            .par_chunks((group * per_out).max(1))
+            .zip(x.par_chunks((group * g.per_in()).max(1)))
+            .map(|(dyg, xg)| {
+                let mut du = vec![0.0f32; a * a * c * f];
+                let (mut v, mut z) = (Vec::new(), Vec::new());
+                let mut d = vec![0.0f32; M * M * RUN * f];
+                let mut tmp = vec![0.0f32; a * M * RUN * f];
+                for (dyc, xc) in dyg
+                    .chunks((sb * per_out).max(1))
+                    .zip(xg.chunks((sb * g.per_in()).max(1)))
+                {
+                    let tiles = tiling.input(&tr, xc, &mut v);
+                    z.resize(a * a * tiles * f, 0.0);
+                    let mut t0 = 0;
+                    while t0 < tiles {
+                        let run = RUN.min(tiles - t0);
+                        let len = run * f;
+                        for k in 0..run {
+                            let t = t0 + k;
+                            let (s, tt) = (t / tiling.per_sample(), t % tiling.per_sample());
+                            let (ty, tx) = (tt / tiling.tw, tt % tiling.tw);
+                            for i in 0..M {
+                                for j in 0..M {
+                                    let (oy, ox) = (ty * M + i, tx * M + j);
+                                    let dst = &mut d[(i * M + j) * len + k * f..][..f];
+                                    if oy < g.oh && ox < g.ow {
+                                        dst.copy_from_slice(
+                                            &dyc[s * per_out + (oy * g.ow + ox) * f..][..f],
+                                        );
+                                    } else {
+                                        dst.fill(0.0);
+                                    }
+                                }
+                            }
+                        }
+                        tr.grad_tile(&d, len, &mut tmp, &mut z[t0 * f..], tiles * f);
+                        t0 += run;
+                    }
+                    for e in 0..a * a {
+                        gemm_serial(
+                            c,
+                            tiles,
+                            f,
+                            Mat::rows_t(&v[e * tiles * c..][..tiles * c], c),
+                            Mat::rows(&z[e * tiles * f..][..tiles * f], f),
+                            &mut du[e * c * f..][..c * f],
+                            true,
+                        );
+                    }
+                }
+                du
+            })
+            .collect();
+        let mut du = vec![0.0f32; a * a * c * f];
+        for p in &parts {
+            du.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+        }
+        tr.kernel_grad(&du, c * f, dw);
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv::{Geom, Pad};
+    use super::super::Padding;
+    use super::*;
+
+    /// The transforms reproduce a direct 1-D correlation exactly in f64
+    /// terms: A'[(Gg) . (B'd)] = correlation of d with g.
+    #[test]
+    fn transforms_compute_a_correlation() {
+        for r in [3, 5] {
+            let tr = Transforms::new(r);
+            let a = tr.a;
+            let gk: Vec<f32> = (0..r).map(|i| 0.3 + i as f32 * 0.7).collect();
+            let d: Vec<f32> = (0..a).map(|i| 1.0 - i as f32 * 0.45).collect();
+            let gg: Vec<f32> = (0..a)
+                .map(|xi| (0..r).map(|k| tr.g[xi * r + k] * gk[k]).sum())
+                .collect();
+            let bd: Vec<f32> = (0..a)
+                .map(|xi| (0..a).map(|k| tr.bt[xi * a + k] * d[k]).sum())
+                .collect();
+            for i in 0..M {
+                let got: f32 = (0..a).map(|xi| tr.at[i * a + xi] * gg[xi] * bd[xi]).sum();
+                let want: f32 = (0..r).map(|k| gk[k] * d[i + k]).sum();
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "r {r} output {i}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    fn rnd(seed: &mut u32) -> f32 {
+        *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (*seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    }
+
+    /// Forward, input gradient and kernel gradient against the im2col
+    /// path, for both kernel sizes, both paddings and odd output sizes.
+    #[test]
+    fn matches_the_im2col_path() {
+        let mut seed = 11u32;
+        for (hwc, k, pad, filters, n) in [
+            ([14, 14, 32], 5, Padding::Same, 64, 3),
+            ([9, 7, 16], 3, Padding::Same, 24, 2),
+            ([11, 10, 16], 5, Padding::Valid, 16, 2),
+            ([8, 9, 20], 3, Padding::Valid, 32, 13),
+        ] {
+            let g = Geom::new(hwc, [k, k], [1, 1], [1, 1], Pad::Keras(pad)).unwrap();
+            assert_eq!(applies(&g, filters, 1), k == 5);
+            let x: Vec<f32> = (0..n * g.per_in()).map(|_| rnd(&mut seed)).collect();
+            let w: Vec<f32> = (0..k * k * g.c * filters).map(|_| rnd(&mut seed)).collect();
+            let per_out = g.oh * g.ow * filters;
+            let dy: Vec<f32> = (0..n * per_out).map(|_| rnd(&mut seed)).collect();
+            let close = |what: &str, got: &[f32], want: &[f32]| {
+                assert_eq!(got.len(), want.len());
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 2e-5 * scale.max(1.0),
+                        "{hwc:?} k{k} {what} at {i}: {a} vs {b}"
+                    );
+                }
+            };
+
+            let mut y = vec![0.0f32; n * per_out];
+            forward(&g, &x, &w, filters, &mut y, &|_| {});
+            let mut want = vec![0.0f32; n * per_out];
+            g.conv_then_im2col(&x, &w, filters, 1, &mut want, &|_| {});
+            close("forward", &y, &want);
+
+            let mut dw = vec![0.0f32; w.len()];
+            let dx = backward(&g, &x, &w, filters, &dy, Some(&mut dw), true).unwrap();
+            let mut want_dw = vec![0.0f32; w.len()];
+            let want_dx = g
+                .conv_backward_im2col(&x, &w, filters, 1, &dy, Some(&mut want_dw), true)
+                .unwrap();
+            close("input gradient", &dx, &want_dx);
+            close("kernel gradient", &dw, &want_dw);
+        }
+    }
+}
