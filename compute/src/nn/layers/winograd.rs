@@ -29,6 +29,24 @@ use rayon::prelude::*;
 /// Outputs per tile side.
 const M: usize = 2;
 
+thread_local! {
+    /// Each thread's transform buffers, kept between calls: they run to
+    /// megabytes, and allocating them afresh cost a zero-fill every time.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Runs `f` with this thread's two scratch buffers (fresh ones if they are
+/// in use further up the stack).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let [a, b] = &mut *bufs;
+            f(a, b)
+        }
+        Err(_) => f(&mut Vec::new(), &mut Vec::new()),
+    })
+}
+
 /// Whether the Winograd path runs for this layer: 5x5 kernels only.
 ///
 /// For 3x3 kernels the transforms are as accurate as im2col (largest error
@@ -204,6 +222,8 @@ impl Transforms {
     #[inline(always)]
     fn input_tile_any(&self, d: &[f32], c: usize, tmp: &mut [f32], v: &mut [f32], stride: usize) {
         let a = self.a;
+        // One row of B'd at a time, straight into its row of B'dB, so the
+        // intermediate stays in L1.
         for xi in 0..a {
             let mut first = true;
             for row in 0..a {
@@ -213,12 +233,10 @@ impl Transforms {
                 }
                 for col in 0..a {
                     let src = &d[(row * a + col) * c..][..c];
-                    mix(&mut tmp[(xi * a + col) * c..][..c], first, b, src);
+                    mix(&mut tmp[col * c..][..c], first, b, src);
                 }
                 first = false;
             }
-        }
-        for xi in 0..a {
             for nu in 0..a {
                 let dst = &mut v[(xi * a + nu) * stride..][..c];
                 let mut first = true;
@@ -227,7 +245,7 @@ impl Transforms {
                     if b == 0.0 {
                         continue;
                     }
-                    mix(dst, first, b, &tmp[(xi * a + col) * c..][..c]);
+                    mix(dst, first, b, &tmp[col * c..][..c]);
                     first = false;
                 }
             }
@@ -442,7 +460,7 @@ impl Tiling<'_> {
         let tiles = samples * self.per_sample();
         v.resize(a * a * tiles * c, 0.0);
         let mut d = vec![0.0f32; a * a * RUN * c];
-        let mut tmp = vec![0.0f32; a * a * RUN * c];
+        let mut tmp = vec![0.0f32; a * RUN * c];
         let mut t0 = 0;
         while t0 < tiles {
             let run = RUN.min(tiles - t0);
@@ -490,9 +508,8 @@ fn run_forward(
     let (a, c, f) = (tr.a, g.c, filters);
     y.par_chunks_mut((sb * per_out).max(1))
         .zip(x.par_chunks((sb * g.per_in()).max(1)))
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(v, m), (yc, xc)| {
+        .for_each(|(yc, xc)| {
+            with_scratch(|v, m| {
                 let tiles = tiling.input(tr, xc, v);
                 m.resize(a * a * tiles * f, 0.0);
                 for e in 0..a * a {
@@ -536,8 +553,8 @@ fn run_forward(
                     t0 += run;
                 }
                 then(yc);
-            },
-        );
+            })
+        });
 }
 
 /// The geometry whose forward pass is this layer's input gradient: the
@@ -606,54 +623,55 @@ pub(crate) fn backward(
             .par_chunks((group * per_out).max(1))
             .zip(x.par_chunks((group * g.per_in()).max(1)))
             .map(|(dyg, xg)| {
-                let mut du = vec![0.0f32; a * a * c * f];
-                let (mut v, mut z) = (Vec::new(), Vec::new());
-                let mut d = vec![0.0f32; M * M * RUN * f];
-                let mut tmp = vec![0.0f32; a * M * RUN * f];
-                for (dyc, xc) in dyg
-                    .chunks((sb * per_out).max(1))
-                    .zip(xg.chunks((sb * g.per_in()).max(1)))
-                {
-                    let tiles = tiling.input(&tr, xc, &mut v);
-                    z.resize(a * a * tiles * f, 0.0);
-                    let mut t0 = 0;
-                    while t0 < tiles {
-                        let run = RUN.min(tiles - t0);
-                        let len = run * f;
-                        for k in 0..run {
-                            let t = t0 + k;
-                            let (s, tt) = (t / tiling.per_sample(), t % tiling.per_sample());
-                            let (ty, tx) = (tt / tiling.tw, tt % tiling.tw);
-                            for i in 0..M {
-                                for j in 0..M {
-                                    let (oy, ox) = (ty * M + i, tx * M + j);
-                                    let dst = &mut d[(i * M + j) * len + k * f..][..f];
-                                    if oy < g.oh && ox < g.ow {
-                                        dst.copy_from_slice(
-                                            &dyc[s * per_out + (oy * g.ow + ox) * f..][..f],
-                                        );
-                                    } else {
-                                        dst.fill(0.0);
+                with_scratch(|v, z| {
+                    let mut du = vec![0.0f32; a * a * c * f];
+                    let mut d = vec![0.0f32; M * M * RUN * f];
+                    let mut tmp = vec![0.0f32; a * M * RUN * f];
+                    for (dyc, xc) in dyg
+                        .chunks((sb * per_out).max(1))
+                        .zip(xg.chunks((sb * g.per_in()).max(1)))
+                    {
+                        let tiles = tiling.input(&tr, xc, v);
+                        z.resize(a * a * tiles * f, 0.0);
+                        let mut t0 = 0;
+                        while t0 < tiles {
+                            let run = RUN.min(tiles - t0);
+                            let len = run * f;
+                            for k in 0..run {
+                                let t = t0 + k;
+                                let (s, tt) = (t / tiling.per_sample(), t % tiling.per_sample());
+                                let (ty, tx) = (tt / tiling.tw, tt % tiling.tw);
+                                for i in 0..M {
+                                    for j in 0..M {
+                                        let (oy, ox) = (ty * M + i, tx * M + j);
+                                        let dst = &mut d[(i * M + j) * len + k * f..][..f];
+                                        if oy < g.oh && ox < g.ow {
+                                            dst.copy_from_slice(
+                                                &dyc[s * per_out + (oy * g.ow + ox) * f..][..f],
+                                            );
+                                        } else {
+                                            dst.fill(0.0);
+                                        }
                                     }
                                 }
                             }
+                            tr.grad_tile(&d, len, &mut tmp, &mut z[t0 * f..], tiles * f);
+                            t0 += run;
                         }
-                        tr.grad_tile(&d, len, &mut tmp, &mut z[t0 * f..], tiles * f);
-                        t0 += run;
+                        for e in 0..a * a {
+                            gemm_serial(
+                                c,
+                                tiles,
+                                f,
+                                Mat::rows_t(&v[e * tiles * c..][..tiles * c], c),
+                                Mat::rows(&z[e * tiles * f..][..tiles * f], f),
+                                &mut du[e * c * f..][..c * f],
+                                true,
+                            );
+                        }
                     }
-                    for e in 0..a * a {
-                        gemm_serial(
-                            c,
-                            tiles,
-                            f,
-                            Mat::rows_t(&v[e * tiles * c..][..tiles * c], c),
-                            Mat::rows(&z[e * tiles * f..][..tiles * f], f),
-                            &mut du[e * c * f..][..c * f],
-                            true,
-                        );
-                    }
-                }
-                du
+                    du
+                })
             })
             .collect();
         let mut du = vec![0.0f32; a * a * c * f];
