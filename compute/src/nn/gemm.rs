@@ -54,7 +54,9 @@ unsafe impl Sync for SendPtr {}
 
 /// Work below which splitting costs more than it gains (multiply-adds).
 const MIN_TASK_WORK: usize = 1 << 24;
-const MAX_TASKS: usize = 8;
+/// Fewest output rows (or columns) per task: each task packs the other
+/// operand again, which a thinner block would not repay.
+const MIN_BLOCK: usize = 128;
 
 /// `C = A * B` (or `C += A * B` when `accumulate`), with `C` row-major
 /// `m x n` and contiguous.
@@ -109,7 +111,9 @@ fn gemm_impl(
     b.check(k, n);
     let beta = if accumulate { 1.0 } else { 0.0 };
     let tasks = if parallel {
-        (m * n * k / MIN_TASK_WORK).clamp(1, MAX_TASKS)
+        // As many tasks as the work repays, so a machine with many cores
+        // uses them all; the split still follows the shapes alone.
+        (m * n * k / MIN_TASK_WORK).min(m.max(n) / MIN_BLOCK).max(1)
     } else {
         1
     };

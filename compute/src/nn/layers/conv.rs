@@ -428,11 +428,15 @@ impl Geom {
         let per_in = self.per_in();
         let per_out = self.oh * self.ow * filters;
         let n = dy.len() / per_out.max(1);
-        // Eight groups of samples (fewer for small batches), each summing its
-        // own kernel gradient, added in group order: the order depends only
-        // on the batch and the layer, never on the number of threads.
+        // Groups of whole blocks of samples, each summing its own kernel
+        // gradient, added in group order: the order depends only on the
+        // batch and the layer, never on the number of threads. One group
+        // per block, so every core has work, unless the groups' partial
+        // gradients would pass PARTIALS_BUDGET.
         let cs = self.chunk_samples_backward(kd);
-        let group = n.div_ceil(8).max(1);
+        let chunks = n.div_ceil(cs);
+        let ngroups = chunks.min(partials_allowed(kd * filters)).max(1);
+        let group = cs * chunks.div_ceil(ngroups);
         let ngroups = n.div_ceil(group);
         let want_dw = dw.is_some();
         let work = |gi: usize, mut dxg: Option<&mut [f32]>| -> Vec<f32> {
@@ -514,6 +518,15 @@ impl Geom {
         }
         dx
     }
+}
+
+/// Bytes the per-group partial kernel gradients of one backward pass may
+/// take together.
+const PARTIALS_BUDGET: usize = 64 << 20;
+
+/// How many partial kernel gradients of `floats` each fit the budget.
+pub(crate) fn partials_allowed(floats: usize) -> usize {
+    (PARTIALS_BUDGET / (floats * 4).max(1)).max(1)
 }
 
 /// The spatial view of an input: (h, w, c), with 1-D inputs as h = 1.

@@ -407,7 +407,7 @@ const RUN: usize = 16;
 /// at speed, few enough for the block's transforms to stay in cache.
 const BLOCK_TILES: usize = 512;
 
-/// Where one block's tiles come from: samples `s0..s1` of the batch.
+/// Samples per block of work, out of a batch of `n`.
 fn sample_blocks(n: usize, tiles_per_sample: usize) -> usize {
     (BLOCK_TILES / tiles_per_sample.max(1)).clamp(1, n.max(1))
 }
@@ -616,9 +616,14 @@ pub(crate) fn backward(
         let tiling = Tiling::new(g);
         let per_out = g.oh * g.ow * f;
         let n = dy.len() / per_out.max(1);
-        // Eight groups of samples, summed in group order.
-        let group = n.div_ceil(8).max(1);
-        let sb = sample_blocks(group, tiling.per_sample());
+        // Groups of whole blocks of samples, summed in group order; one
+        // group per block unless their partial sums would pass the budget.
+        let sb = sample_blocks(n, tiling.per_sample());
+        let blocks = n.div_ceil(sb);
+        let ngroups = blocks
+            .min(super::conv::partials_allowed(a * a * c * f))
+            .max(1);
+        let group = sb * blocks.div_ceil(ngroups);
         let parts: Vec<Vec<f32>> = dy
             .par_chunks((group * per_out).max(1))
             .zip(x.par_chunks((group * g.per_in()).max(1)))
