@@ -76,8 +76,12 @@ struct Transforms {
     a: usize,
     /// A' (M x a): tile position to output.
     at: Vec<f32>,
+    /// A (a x M), for the output gradient.
+    a_cols: Vec<f32>,
     /// G (a x r): kernel to tile position.
     g: Vec<f32>,
+    /// G' (r x a), for the kernel gradient.
+    gt: Vec<f32>,
     /// B' (a x a): input tile to tile position.
     bt: Vec<f32>,
 }
@@ -85,7 +89,8 @@ struct Transforms {
 impl Transforms {
     fn new(r: usize) -> Transforms {
         let a = M + r - 1;
-        let points: Vec<f64> = [0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0][..a - 1].to_vec();
+        // Enough points for r <= 5.
+        let points: Vec<f64> = [0.0, 1.0, -1.0, 2.0, -2.0][..a - 1].to_vec();
         let mut at = vec![0.0f64; M * a];
         let mut g = vec![0.0f64; a * r];
         let mut bt = vec![0.0f64; a * a];
@@ -113,84 +118,40 @@ impl Transforms {
         for (i, c) in poly(&points).into_iter().enumerate() {
             bt[(a - 1) * a + i] = c;
         }
-        let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        let transpose = |v: &[f64], rows: usize, cols: usize| -> Vec<f32> {
+            (0..cols * rows)
+                .map(|i| v[(i % rows) * cols + i / rows] as f32)
+                .collect()
+        };
         Transforms {
             r,
             a,
-            at: f32s(at),
-            g: f32s(g),
-            bt: f32s(bt),
+            at: f32s(&at),
+            a_cols: transpose(&at, M, a),
+            g: f32s(&g),
+            gt: transpose(&g, a, r),
+            bt: f32s(&bt),
         }
     }
 
     /// U[e][c][f] = (G k[.., .., c, f] G')[e] for an HWIO kernel `k` with
     /// `ci` inputs and `co` outputs; e = row * a + column of the tile.
     fn kernel(&self, k: &[f32], ci: usize, co: usize) -> Vec<f32> {
-        let (a, r) = (self.a, self.r);
         let per = ci * co;
-        // First G along the kernel's rows, then along its columns.
-        let mut half = vec![0.0f32; a * r * per];
-        for xi in 0..a {
-            for ky in 0..r {
-                let gv = self.g[xi * r + ky];
-                if gv == 0.0 {
-                    continue;
-                }
-                for kx in 0..r {
-                    let src = &k[(ky * r + kx) * per..][..per];
-                    let dst = &mut half[(xi * r + kx) * per..][..per];
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
-                }
-            }
-        }
-        let mut u = vec![0.0f32; a * a * per];
-        for xi in 0..a {
-            for nu in 0..a {
-                let dst = &mut u[(xi * a + nu) * per..][..per];
-                for kx in 0..r {
-                    let gv = self.g[nu * r + kx];
-                    if gv == 0.0 {
-                        continue;
-                    }
-                    let src = &half[(xi * r + kx) * per..][..per];
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
-                }
-            }
-        }
+        let mut u = vec![0.0f32; self.a * self.a * per];
+        let mut tmp = vec![0.0f32; self.r * per];
+        let g = Side::new(&self.g, self.a, self.r);
+        sandwich(g, (k, per), (&mut u, per), per, false, &mut tmp);
         u
     }
 
-    /// The kernel gradient from the tile-position sums dU:
-    /// dk[.., .., c, f] = G' dU[.., c, f] G.
+    /// Adds the kernel gradient from the tile-position sums dU:
+    /// dk[.., .., c, f] += G' dU[.., c, f] G.
     fn kernel_grad(&self, du: &[f32], per: usize, dk: &mut [f32]) {
-        let (a, r) = (self.a, self.r);
-        let mut half = vec![0.0f32; r * a * per];
-        for ky in 0..r {
-            for xi in 0..a {
-                let gv = self.g[xi * r + ky];
-                if gv == 0.0 {
-                    continue;
-                }
-                for nu in 0..a {
-                    let src = &du[(xi * a + nu) * per..][..per];
-                    let dst = &mut half[(ky * a + nu) * per..][..per];
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
-                }
-            }
-        }
-        for ky in 0..r {
-            for kx in 0..r {
-                let dst = &mut dk[(ky * r + kx) * per..][..per];
-                for nu in 0..a {
-                    let gv = self.g[nu * r + kx];
-                    if gv == 0.0 {
-                        continue;
-                    }
-                    let src = &half[(ky * a + nu) * per..][..per];
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += gv * s);
-                }
-            }
-        }
+        let mut tmp = vec![0.0f32; self.a * per];
+        let gt = Side::new(&self.gt, self.r, self.a);
+        sandwich(gt, (du, per), (dk, per), per, true, &mut tmp);
     }
 
     /// B'dB for a run of input tiles: `d` holds, for each of the a x a
@@ -198,179 +159,115 @@ impl Transforms {
     /// input); position e of the result goes to `v[e * stride ..][..c]`.
     /// Transforming a run of tiles at once keeps the inner loops long.
     fn input_tile(&self, d: &[f32], c: usize, tmp: &mut [f32], v: &mut [f32], stride: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was just detected on this CPU.
-            return unsafe { self.input_tile_avx2(d, c, tmp, v, stride) };
-        }
-        self.input_tile_any(d, c, tmp, v, stride)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn input_tile_avx2(
-        &self,
-        d: &[f32],
-        c: usize,
-        tmp: &mut [f32],
-        v: &mut [f32],
-        stride: usize,
-    ) {
-        self.input_tile_any(d, c, tmp, v, stride)
-    }
-
-    #[inline(always)]
-    fn input_tile_any(&self, d: &[f32], c: usize, tmp: &mut [f32], v: &mut [f32], stride: usize) {
-        let a = self.a;
-        // One row of B'd at a time, straight into its row of B'dB, so the
-        // intermediate stays in L1.
-        for xi in 0..a {
-            let mut first = true;
-            for row in 0..a {
-                let b = self.bt[xi * a + row];
-                if b == 0.0 {
-                    continue;
-                }
-                for col in 0..a {
-                    let src = &d[(row * a + col) * c..][..c];
-                    mix(&mut tmp[col * c..][..c], first, b, src);
-                }
-                first = false;
-            }
-            for nu in 0..a {
-                let dst = &mut v[(xi * a + nu) * stride..][..c];
-                let mut first = true;
-                for col in 0..a {
-                    let b = self.bt[nu * a + col];
-                    if b == 0.0 {
-                        continue;
-                    }
-                    mix(dst, first, b, &tmp[col * c..][..c]);
-                    first = false;
-                }
-            }
-        }
+        let bt = Side::new(&self.bt, self.a, self.a);
+        sandwich(bt, (d, c), (v, stride), c, false, tmp);
     }
 
     /// A dY A' for a run of 2x2 blocks of output gradients (`f` values for
     /// each of the M x M positions: the run's blocks' filters, zeros past
     /// the output's edge); position e goes to `z[e * stride ..][..f]`.
     fn grad_tile(&self, dy: &[f32], f: usize, tmp: &mut [f32], z: &mut [f32], stride: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was just detected on this CPU.
-            return unsafe { self.grad_tile_avx2(dy, f, tmp, z, stride) };
-        }
-        self.grad_tile_any(dy, f, tmp, z, stride)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn grad_tile_avx2(
-        &self,
-        dy: &[f32],
-        f: usize,
-        tmp: &mut [f32],
-        z: &mut [f32],
-        stride: usize,
-    ) {
-        self.grad_tile_any(dy, f, tmp, z, stride)
-    }
-
-    #[inline(always)]
-    fn grad_tile_any(&self, dy: &[f32], f: usize, tmp: &mut [f32], z: &mut [f32], stride: usize) {
-        let a = self.a;
-        for xi in 0..a {
-            let mut first = true;
-            for i in 0..M {
-                let b = self.at[i * a + xi];
-                if b == 0.0 {
-                    continue;
-                }
-                for j in 0..M {
-                    let src = &dy[(i * M + j) * f..][..f];
-                    mix(&mut tmp[(xi * M + j) * f..][..f], first, b, src);
-                }
-                first = false;
-            }
-        }
-        for xi in 0..a {
-            for nu in 0..a {
-                let dst = &mut z[(xi * a + nu) * stride..][..f];
-                let mut first = true;
-                for j in 0..M {
-                    let b = self.at[j * a + nu];
-                    if b == 0.0 {
-                        continue;
-                    }
-                    mix(dst, first, b, &tmp[(xi * M + j) * f..][..f]);
-                    first = false;
-                }
-            }
-        }
+        let a = Side::new(&self.a_cols, self.a, M);
+        sandwich(a, (dy, f), (z, stride), f, false, tmp);
     }
 
     /// A'MA for a run of tiles: `m` holds the run's products for position e
     /// at `m[e * stride ..][..f]`; the 2x2 outputs go to `out`, `f` values
     /// for each of the M x M positions.
     fn output_tile(&self, m: &[f32], f: usize, stride: usize, tmp: &mut [f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was just detected on this CPU.
-            return unsafe { self.output_tile_avx2(m, f, stride, tmp, out) };
-        }
-        self.output_tile_any(m, f, stride, tmp, out)
+        let at = Side::new(&self.at, M, self.a);
+        sandwich(at, (m, stride), (out, f), f, false, tmp);
     }
+}
 
+/// One side of a transform: a `rows x cols` matrix, row-major.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    m: &'a [f32],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Side<'a> {
+    fn new(m: &'a [f32], rows: usize, cols: usize) -> Side<'a> {
+        debug_assert_eq!(m.len(), rows * cols);
+        Side { m, rows, cols }
+    }
+}
+
+/// Every transform here: Y = L X L' over a grid of vectors. `x` is a
+/// `cols x cols` grid of `len`-long vectors, vector (i, j) starting at
+/// `x.0[(i * cols + j) * x.1]`; Y is the `rows x rows` grid written (or,
+/// with `add`, added) with vector (i, j) at `y.0[(i * rows + j) * y.1]`.
+/// One row of LX at a time, in `tmp` (`cols * len` long), so the
+/// intermediate stays in L1. Zero entries of L are skipped; each output
+/// sums its terms in index order.
+fn sandwich(
+    l: Side<'_>,
+    x: (&[f32], usize),
+    y: (&mut [f32], usize),
+    len: usize,
+    add: bool,
+    tmp: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn output_tile_avx2(
-        &self,
-        m: &[f32],
-        f: usize,
-        stride: usize,
-        tmp: &mut [f32],
-        out: &mut [f32],
-    ) {
-        self.output_tile_any(m, f, stride, tmp, out)
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected on this CPU.
+        return unsafe { sandwich_avx2(l, x, y, len, add, tmp) };
     }
+    sandwich_any(l, x, y, len, add, tmp)
+}
 
-    #[inline(always)]
-    fn output_tile_any(
-        &self,
-        m: &[f32],
-        f: usize,
-        stride: usize,
-        tmp: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let a = self.a;
-        for i in 0..M {
-            let mut first = true;
-            for xi in 0..a {
-                let b = self.at[i * a + xi];
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sandwich_avx2(
+    l: Side<'_>,
+    x: (&[f32], usize),
+    y: (&mut [f32], usize),
+    len: usize,
+    add: bool,
+    tmp: &mut [f32],
+) {
+    sandwich_any(l, x, y, len, add, tmp)
+}
+
+#[inline(always)]
+fn sandwich_any(
+    l: Side<'_>,
+    (x, xs): (&[f32], usize),
+    (y, ys): (&mut [f32], usize),
+    len: usize,
+    add: bool,
+    tmp: &mut [f32],
+) {
+    let (p, q) = (l.rows, l.cols);
+    for i in 0..p {
+        let mut first = true;
+        for k in 0..q {
+            let b = l.m[i * q + k];
+            if b == 0.0 {
+                continue;
+            }
+            for j in 0..q {
+                mix(
+                    &mut tmp[j * len..][..len],
+                    first,
+                    b,
+                    &x[(k * q + j) * xs..][..len],
+                );
+            }
+            first = false;
+        }
+        for jj in 0..p {
+            let dst = &mut y[(i * p + jj) * ys..][..len];
+            let mut first = !add;
+            for j in 0..q {
+                let b = l.m[jj * q + j];
                 if b == 0.0 {
                     continue;
                 }
-                for nu in 0..a {
-                    let src = &m[(xi * a + nu) * stride..][..f];
-                    mix(&mut tmp[(i * a + nu) * f..][..f], first, b, src);
-                }
+                mix(dst, first, b, &tmp[j * len..][..len]);
                 first = false;
-            }
-        }
-        for i in 0..M {
-            for j in 0..M {
-                let dst = &mut out[(i * M + j) * f..][..f];
-                let mut first = true;
-                for nu in 0..a {
-                    let b = self.at[j * a + nu];
-                    if b == 0.0 {
-                        continue;
-                    }
-                    mix(dst, first, b, &tmp[(i * a + nu) * f..][..f]);
-                    first = false;
-                }
             }
         }
     }
@@ -523,7 +420,7 @@ fn run_forward(
                         false,
                     );
                 }
-                let mut tmp = vec![0.0f32; M * a * RUN * f];
+                let mut tmp = vec![0.0f32; a * RUN * f];
                 let mut out = vec![0.0f32; M * M * RUN * f];
                 let mut t0 = 0;
                 while t0 < tiles {
@@ -631,7 +528,7 @@ pub(crate) fn backward(
                 with_scratch(|v, z| {
                     let mut du = vec![0.0f32; a * a * c * f];
                     let mut d = vec![0.0f32; M * M * RUN * f];
-                    let mut tmp = vec![0.0f32; a * M * RUN * f];
+                    let mut tmp = vec![0.0f32; M * RUN * f];
                     for (dyc, xc) in dyg
                         .chunks((sb * per_out).max(1))
                         .zip(xg.chunks((sb * g.per_in()).max(1)))
