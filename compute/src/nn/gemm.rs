@@ -47,11 +47,6 @@ impl<'a> Mat<'a> {
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of C's elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// Work below which splitting costs more than it gains (multiply-adds).
 const MIN_TASK_WORK: usize = 1 << 24;
 /// Fewest output rows (or columns) per task: each task packs the other
@@ -118,60 +113,27 @@ fn gemm_impl(
         1
     };
     if transposed_output_is_cheaper(m, n, a, b) {
-        return via_transposed_output(m, k, n, a, b, c, accumulate, tasks);
-    }
-    // SAFETY (all calls below): the views were bounds-checked above and each
-    // call covers a sub-block of them; C blocks are disjoint.
-    if tasks == 1 {
-        unsafe {
-            call(
-                m,
-                k,
-                n,
-                a.data.as_ptr(),
-                a,
-                b.data.as_ptr(),
-                b,
-                beta,
-                Out::rows(c.as_mut_ptr(), n),
-            )
+        // Column j of C is row j of `t`.
+        let mut t = vec![0.0f32; m * n];
+        let out = Out {
+            ptr: t.as_mut_ptr(),
+            rs: 1,
+            cs: m,
         };
+        // SAFETY: the views were bounds-checked above; `out` covers `t`.
+        unsafe { split(m, k, n, a, b, 0.0, tasks, out) };
+        c.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            let col = t[i..].iter().step_by(m);
+            if accumulate {
+                row.iter_mut().zip(col).for_each(|(c, t)| *c += t);
+            } else {
+                row.iter_mut().zip(col).for_each(|(c, t)| *c = *t);
+            }
+        });
         return;
     }
-    if m >= n {
-        let block = m.div_ceil(tasks).next_multiple_of(16);
-        c.par_chunks_mut(block * n)
-            .enumerate()
-            .for_each(|(bi, cb)| {
-                let rows = cb.len() / n;
-                let ap = a.data[bi * block * a.rs..].as_ptr();
-                unsafe {
-                    call(
-                        rows,
-                        k,
-                        n,
-                        ap,
-                        a,
-                        b.data.as_ptr(),
-                        b,
-                        beta,
-                        Out::rows(cb.as_mut_ptr(), n),
-                    )
-                };
-            });
-    } else {
-        let block = n.div_ceil(tasks).next_multiple_of(16);
-        let blocks = n.div_ceil(block);
-        let cp = SendPtr(c.as_mut_ptr());
-        let cp = &cp;
-        (0..blocks).into_par_iter().for_each(|bj| {
-            let j0 = bj * block;
-            let cols = block.min(n - j0);
-            let bp = b.data[j0 * b.cs..].as_ptr();
-            let out = Out::rows(unsafe { cp.0.add(j0) }, n);
-            unsafe { call(m, k, cols, a.data.as_ptr(), a, bp, b, beta, out) };
-        });
-    }
+    // SAFETY: the views were bounds-checked above; `out` covers `c`.
+    unsafe { split(m, k, n, a, b, beta, tasks, Out::rows(c.as_mut_ptr(), n)) };
 }
 
 /// Where a kernel call writes: element (i, j) at `ptr[i * rs + j * cs]`.
@@ -182,10 +144,81 @@ struct Out {
     cs: usize,
 }
 
+// SAFETY: the tasks sharing an `Out` write disjoint blocks of it.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
 impl Out {
     fn rows(ptr: *mut f32, ld: usize) -> Out {
         Out { ptr, rs: ld, cs: 1 }
     }
+
+    /// The block from element (i, j) on.
+    unsafe fn at(self, i: usize, j: usize) -> Out {
+        Out {
+            ptr: self.ptr.add(i * self.rs + j * self.cs),
+            ..self
+        }
+    }
+}
+
+/// `tasks` kernel calls on blocks of C's rows (when C is tall) or columns,
+/// in parallel; one call on the calling thread when `tasks` is 1.
+///
+/// # Safety
+/// The views must hold `m x k` and `k x n` elements and `out` must address
+/// `m x n` writable ones, apart from both.
+#[allow(clippy::too_many_arguments)]
+unsafe fn split(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+    tasks: usize,
+    out: Out,
+) {
+    if tasks == 1 {
+        return call(m, k, n, a.data.as_ptr(), a, b.data.as_ptr(), b, beta, out);
+    }
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let block = len.div_ceil(tasks).next_multiple_of(16);
+    (0..len.div_ceil(block)).into_par_iter().for_each(|bi| {
+        let first = bi * block;
+        let size = block.min(len - first);
+        // SAFETY: each block is a disjoint part of the caller's views.
+        unsafe {
+            if by_rows {
+                let ap = a.data[first * a.rs..].as_ptr();
+                call(
+                    size,
+                    k,
+                    n,
+                    ap,
+                    a,
+                    b.data.as_ptr(),
+                    b,
+                    beta,
+                    out.at(first, 0),
+                );
+            } else {
+                let bp = b.data[first * b.cs..].as_ptr();
+                call(
+                    m,
+                    k,
+                    size,
+                    a.data.as_ptr(),
+                    a,
+                    bp,
+                    b,
+                    beta,
+                    out.at(0, first),
+                );
+            }
+        }
+    });
 }
 
 /// The kernels read their left operand fastest when it is stored by
@@ -199,48 +232,6 @@ impl Out {
 /// batch 100 (100 x 512 x 3136) that halves the time.
 fn transposed_output_is_cheaper(m: usize, n: usize, a: Mat<'_>, b: Mat<'_>) -> bool {
     b.rs == 1 && b.cs != 1 && a.cs == 1 && m * 4 <= n && m * n >= 1 << 16
-}
-
-#[allow(clippy::too_many_arguments)]
-fn via_transposed_output(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: Mat<'_>,
-    b: Mat<'_>,
-    c: &mut [f32],
-    accumulate: bool,
-    tasks: usize,
-) {
-    // Column j of C is row j of `t`.
-    let mut t = vec![0.0f32; m * n];
-    let block = n.div_ceil(tasks).next_multiple_of(16);
-    t.par_chunks_mut(block * m)
-        .enumerate()
-        .for_each(|(bj, tb)| {
-            let j0 = bj * block;
-            let cols = tb.len() / m;
-            let bp = b.data[j0 * b.cs..].as_ptr();
-            let out = Out {
-                ptr: tb.as_mut_ptr(),
-                rs: 1,
-                cs: m,
-            };
-            // SAFETY: the views were bounds-checked by the caller; each
-            // task writes its own columns of C, held in its own rows of t.
-            unsafe { call(m, k, cols, a.data.as_ptr(), a, bp, b, 0.0, out) };
-        });
-    c.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        if accumulate {
-            row.iter_mut()
-                .zip(t[i..].iter().step_by(m))
-                .for_each(|(c, t)| *c += t);
-        } else {
-            row.iter_mut()
-                .zip(t[i..].iter().step_by(m))
-                .for_each(|(c, t)| *c = *t);
-        }
-    });
 }
 
 /// Longest stretch of the inner dimension one kernel call sums. The `gemm`
