@@ -428,15 +428,8 @@ impl Geom {
         let per_in = self.per_in();
         let per_out = self.oh * self.ow * filters;
         let n = dy.len() / per_out.max(1);
-        // Groups of whole blocks of samples, each summing its own kernel
-        // gradient, added in group order: the order depends only on the
-        // batch and the layer, never on the number of threads. One group
-        // per block, so every core has work, unless the groups' partial
-        // gradients would pass PARTIALS_BUDGET.
         let cs = self.chunk_samples_backward(kd);
-        let chunks = n.div_ceil(cs);
-        let ngroups = chunks.min(partials_allowed(kd * filters)).max(1);
-        let group = cs * chunks.div_ceil(ngroups);
+        let group = group_samples(n, cs, kd * filters);
         let ngroups = n.div_ceil(group);
         let want_dw = dw.is_some();
         let work = |gi: usize, mut dxg: Option<&mut [f32]>| -> Vec<f32> {
@@ -524,9 +517,16 @@ impl Geom {
 /// take together.
 const PARTIALS_BUDGET: usize = 64 << 20;
 
-/// How many partial kernel gradients of `floats` each fit the budget.
-pub(crate) fn partials_allowed(floats: usize) -> usize {
-    (PARTIALS_BUDGET / (floats * 4).max(1)).max(1)
+/// Samples per group of a backward pass that sums one partial kernel
+/// gradient (`partial` floats) per group and adds them in group order:
+/// whole blocks of `block` samples, one block per group so every core has
+/// work, unless the partials together would pass [`PARTIALS_BUDGET`]. The
+/// grouping depends only on the batch and the layer, never on the number
+/// of threads.
+pub(crate) fn group_samples(n: usize, block: usize, partial: usize) -> usize {
+    let blocks = n.div_ceil(block);
+    let allowed = (PARTIALS_BUDGET / (partial * 4).max(1)).max(1);
+    (block * blocks.div_ceil(blocks.min(allowed).max(1))).max(1)
 }
 
 /// The spatial view of an input: (h, w, c), with 1-D inputs as h = 1.

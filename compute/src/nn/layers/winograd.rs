@@ -513,14 +513,8 @@ pub(crate) fn backward(
         let tiling = Tiling::new(g);
         let per_out = g.oh * g.ow * f;
         let n = dy.len() / per_out.max(1);
-        // Groups of whole blocks of samples, summed in group order; one
-        // group per block unless their partial sums would pass the budget.
         let sb = sample_blocks(n, tiling.per_sample());
-        let blocks = n.div_ceil(sb);
-        let ngroups = blocks
-            .min(super::conv::partials_allowed(a * a * c * f))
-            .max(1);
-        let group = sb * blocks.div_ceil(ngroups);
+        let group = super::conv::group_samples(n, sb, a * a * c * f);
         let parts: Vec<Vec<f32>> = dy
             .par_chunks((group * per_out).max(1))
             .zip(x.par_chunks((group * g.per_in()).max(1)))
