@@ -22,14 +22,14 @@ mod servers;
 mod train;
 
 use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 // Every request allocates and frees small buffers on both async workers
 // (frames, QUIC stream state, sled views); glibc's malloc took about 13%
 // of the namenode's and the clients' CPU in `bench namenode`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(

@@ -228,21 +228,17 @@ async fn heartbeats_go_to_the_lifeline_port() {
     })
     .await;
     let nn = c.namenode.as_ref().unwrap();
-    // The main port drops every heartbeat: the lifeline still carries them.
-    nn.faults().add(Rule {
+    let drop_heartbeats = || Rule {
         direction: Direction::Incoming,
         peer: None,
         kind: Some("Heartbeat"),
         fault: Fault::Drop,
-    });
+    };
+    // The main port drops every heartbeat: the lifeline still carries them.
+    nn.faults().add(drop_heartbeats());
     all_stay_live(&c, 5, "heartbeats dropped on the main port only").await;
     // The check can fail: with the lifeline dropping them too, nodes die.
-    nn.lifeline_faults().add(Rule {
-        direction: Direction::Incoming,
-        peer: None,
-        kind: Some("Heartbeat"),
-        fault: Fault::Drop,
-    });
+    nn.lifeline_faults().add(drop_heartbeats());
     let client = c.client();
     wait_for(Duration::from_secs(20), "the datanodes to be dead", || {
         let client = client.clone();
