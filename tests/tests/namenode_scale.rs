@@ -52,6 +52,8 @@ fn the_namenode_benchmark_runs_every_phase_and_reports_its_figures() {
         "stat_per_s",
         "create_per_s",
         "namenode_heartbeat_p99_ms_storm",
+        "heartbeat_p99_ms_cold",
+        "heartbeat_p99_ms_storm",
     ] {
         let v = f[key].as_f64().unwrap_or_else(|| panic!("{key} in {f}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
