@@ -71,6 +71,9 @@ const CHUNK_SIZE: u64 = 64 << 20;
 /// lost, restart.
 const PHASES: usize = 5;
 
+/// The phases as the figures' keys name them, in order.
+const PHASE_NAMES: [&str; PHASES] = ["cold", "storm", "clients_alone", "rereplicating", "restart"];
+
 /// One simulated datanode.
 struct Sim {
     id: NodeId,
@@ -610,14 +613,34 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// p50, p99, max and count of the heartbeats in `phase` (all phases if
 /// none), leaving out those that opened a connection unless `connecting`.
 fn latency(shared: &Shared, phase: Option<u8>, connecting: bool) -> (f64, f64, f64, usize) {
-    let mut v: Vec<f64> = shared
-        .latencies
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .filter(|(ph, _, fresh)| phase.is_none_or(|p| p == *ph) && (connecting || !fresh))
-        .map(|(_, ms, _)| *ms)
-        .collect();
+    spread(
+        shared
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(ph, _, fresh)| phase.is_none_or(|p| p == *ph) && (connecting || !fresh))
+            .map(|(_, ms, _)| *ms)
+            .collect(),
+    )
+}
+
+/// p50, p99, max and count of the first heartbeats' connecting in `phase`.
+fn connecting(shared: &Shared, phase: u8) -> (f64, f64, f64, usize) {
+    spread(
+        shared
+            .connects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(ph, _)| *ph == phase)
+            .map(|(_, ms)| *ms)
+            .collect(),
+    )
+}
+
+/// p50, p99, max and count of round trips (ms).
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64, usize) {
     v.sort_by(f64::total_cmp);
     (
         percentile(&v, 0.5),
@@ -888,26 +911,15 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
     let phases: Vec<(f64, f64, f64, usize)> = (0..PHASES as u8)
         .map(|p| latency(&shared, Some(p), true))
         .collect();
-    // The same on connections already open: what the namenode's load
-    // adds, without the handshakes of a thousand nodes connecting at once.
-    let open: Vec<(f64, f64, f64, usize)> = (0..PHASES as u8)
-        .map(|p| latency(&shared, Some(p), false))
-        .collect();
+    // The cold start and the restart again on connections already open
+    // (what the namenode's load adds, without the handshakes of a thousand
+    // nodes connecting at once), and those handshakes alone.
+    let (cold, restart) = (0, PHASES as u8 - 1);
+    let open = [cold, restart].map(|p| latency(&shared, Some(p), false));
     let connects = n - latency(&shared, None, false).3;
-    let connect_p99 = |phase: u8| {
-        let mut v: Vec<f64> = shared
-            .connects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(ph, _)| *ph == phase)
-            .map(|(_, ms)| *ms)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        percentile(&v, 0.99)
-    };
-    let (connect_cold, connect_restart) = (connect_p99(0), connect_p99(4));
-    let figures = serde_json::json!({
+    let (connect_cold, connect_restart) =
+        (connecting(&shared, cold).1, connecting(&shared, restart).1);
+    let mut figures = serde_json::json!({
         "datanodes": a.datanodes,
         "chunks": a.chunks,
         "replication": a.replication,
@@ -926,23 +938,9 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "heartbeat_p99_ms": p99,
         "heartbeat_max_ms": max,
         "heartbeats": n,
-        "heartbeat_p99_ms_cold": phases[0].1,
-        "heartbeat_max_ms_cold": phases[0].2,
-        "heartbeat_p99_ms_storm": phases[1].1,
-        "heartbeat_max_ms_storm": phases[1].2,
-        "heartbeat_p99_ms_clients_alone": phases[2].1,
-        "heartbeat_max_ms_clients_alone": phases[2].2,
-        "heartbeat_p99_ms_rereplicating": phases[3].1,
-        "heartbeat_max_ms_rereplicating": phases[3].2,
-        "heartbeat_p99_ms_restart": phases[4].1,
-        "heartbeat_max_ms_restart": phases[4].2,
         "heartbeat_connects": connects,
         "heartbeat_connect_p99_ms_cold": connect_cold,
         "heartbeat_connect_p99_ms_restart": connect_restart,
-        "heartbeat_p99_ms_cold_open": open[0].1,
-        "heartbeat_max_ms_cold_open": open[0].2,
-        "heartbeat_p99_ms_restart_open": open[4].1,
-        "heartbeat_max_ms_restart_open": open[4].2,
         "heartbeat_errors": failed.iter().sum::<u64>(),
         "heartbeat_errors_by_phase": failed,
         "namenode_heartbeat_p99_ms_cold": bucket_p99_ms(&[], &served_cold),
@@ -966,6 +964,20 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
         "rereplicated": rereplicated,
         "rereplicate_s": rereplicate_s,
     });
+    if let Some(keys) = figures.as_object_mut() {
+        let per_phase = PHASE_NAMES
+            .iter()
+            .zip(&phases)
+            .map(|(name, p)| (name.to_string(), p))
+            .chain(
+                [("cold_open", &open[0]), ("restart_open", &open[1])]
+                    .map(|(name, p)| (name.to_string(), p)),
+            );
+        for (name, (_, p99, max, _)) in per_phase {
+            keys.insert(format!("heartbeat_p99_ms_{name}"), (*p99).into());
+            keys.insert(format!("heartbeat_max_ms_{name}"), (*max).into());
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&figures)?);
     } else {
@@ -1013,7 +1025,7 @@ pub async fn run(a: BenchNamenode) -> Result<()> {
              took p99 {connect_cold:.1} ms in the cold start, {connect_restart:.1} ms across the \
              restart): p99 (max) in the cold start {:.1} ms ({:.1}), across the restart {:.1} ms \
              ({:.1})",
-            open[0].1, open[0].2, open[4].1, open[4].2
+            open[0].1, open[0].2, open[1].1, open[1].2
         );
         println!(
             "heartbeats as the namenode handled them (p99, to its histogram's buckets): cold start \
