@@ -22,6 +22,8 @@ use rand::seq::SliceRandom;
 use roaring::RoaringTreemap;
 use rustc_hash::FxHashMap as HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct NodeEntry {
@@ -103,6 +105,31 @@ impl ChunkHealth {
     }
 }
 
+/// Safe mode's two counts, published as they change so that deciding safe
+/// mode (in every reply to a datanode) never waits for the map's lock,
+/// which reports hold for most of a cold start.
+#[derive(Debug, Default)]
+pub struct Census {
+    chunks: AtomicU64,
+    missing: AtomicU64,
+}
+
+impl Census {
+    /// Committed chunks with no live good replica, and all committed
+    /// chunks, as of the map's last change.
+    pub fn unreported(&self) -> (usize, usize) {
+        let total = self.chunks.load(Ordering::Relaxed) as usize;
+        // Read apart from `chunks`, so it may lead it by a change.
+        let missing = self.missing.load(Ordering::Relaxed) as usize;
+        (missing.min(total), total)
+    }
+
+    fn publish(&self, counts: &ChunkHealth) {
+        self.missing.store(counts.missing, Ordering::Relaxed);
+        self.chunks.store(counts.chunks, Ordering::Relaxed);
+    }
+}
+
 /// A full report taken in batches.
 #[derive(Default)]
 pub struct ReportProgress {
@@ -116,6 +143,7 @@ pub struct Cluster {
     slots: HashMap<NodeId, Slot>,
     pub(crate) chunks: ChunkMap,
     counts: ChunkHealth,
+    census: Arc<Census>,
     pub(crate) queue: ReplicationQueue,
     /// Whether changes queue chunks for replication. Off while the map is
     /// rebuilt from reports after a start: a chunk seen with one replica
@@ -136,11 +164,17 @@ impl Cluster {
             slots: HashMap::default(),
             chunks: ChunkMap::default(),
             counts: ChunkHealth::default(),
+            census: Arc::default(),
             queue: ReplicationQueue::default(),
             queueing: true,
             dead_timeout,
             last_report: Instant::now(),
         }
+    }
+
+    /// Safe mode's counts, readable without the map's lock.
+    pub fn census(&self) -> Arc<Census> {
+        self.census.clone()
     }
 
     pub(crate) fn slot(&self, node: NodeId) -> Option<Slot> {
@@ -483,6 +517,7 @@ impl Cluster {
             }
             self.queue.forget(id);
             self.counts.shift(before, Health::Gone);
+            self.census.publish(&self.counts);
         }
         for (slot, ids) in per_node {
             if let Some(n) = self.nodes.get_mut(slot as usize) {
@@ -628,12 +663,6 @@ impl Cluster {
         self.nodes.iter().map(|n| n.commands.len()).sum()
     }
 
-    /// Committed chunks with no live good replica, and all committed
-    /// chunks: what safe mode waits on.
-    pub fn unreported(&self) -> (usize, usize) {
-        (self.counts.missing as usize, self.counts.chunks as usize)
-    }
-
     /// Live nodes silent past the dead timeout.
     pub fn silent_nodes(&self) -> Vec<NodeId> {
         self.nodes
@@ -739,6 +768,7 @@ impl Cluster {
     fn settle_with(&mut self, id: ChunkId, before: Health, tally: Option<Tally>) {
         let after = health_of(tally);
         self.counts.shift(before, after);
+        self.census.publish(&self.counts);
         let Some(t) = tally.filter(|_| self.queueing) else {
             return;
         };

@@ -6,9 +6,10 @@
 //! behind it is late, and one late past the dead timeout declares a healthy
 //! node dead and starts a storm of copies. Here the heartbeat's packets,
 //! connection and handler run on one thread that is idle almost always, so
-//! the kernel runs it as soon as a heartbeat arrives; the handler holds the
-//! cluster lock for microseconds (reports hand it on every few hundred
-//! chunks).
+//! the kernel runs it as soon as a heartbeat arrives. A heartbeat that
+//! finds the cluster lock taken (reports hand it on every few hundred
+//! chunks) waits for it on a blocking thread, never on this one, which
+//! goes on reading packets and finishing other nodes' handshakes.
 
 use crate::service::{heartbeat, request_name, respond, StartError};
 use crate::state::State;
@@ -128,7 +129,7 @@ impl Service for LifelineService {
         match req {
             NameRequest::Heartbeat(r) => {
                 let caller = stream.caller.clone();
-                respond(stream, heartbeat(&self.state, &caller, r)).await
+                respond(stream, heartbeat(self.state.clone(), &caller, r).await).await
             }
             other => {
                 let e = WireError::new(

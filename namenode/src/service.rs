@@ -79,6 +79,7 @@ impl Namenode {
         let state = Arc::new(State {
             cfg,
             ns,
+            census: cluster.census(),
             cluster: parking_lot::Mutex::new(cluster),
             reporting: tokio::sync::Mutex::new(()),
             started: Instant::now(),
@@ -270,7 +271,7 @@ impl Service for NameService {
                 s.wait_loaded().await;
                 respond(stream, register(s.clone(), c, r).await).await
             }
-            NameRequest::Heartbeat(r) => respond(stream, heartbeat(s, c, r)).await,
+            NameRequest::Heartbeat(r) => respond(stream, heartbeat(s.clone(), c, r).await).await,
             NameRequest::ReportTurn(r) => {
                 s.wait_loaded().await;
                 respond(stream, report_turn(s, c, r).await).await
@@ -1007,11 +1008,29 @@ async fn register(s: Arc<State>, caller: &Principal, r: Register) -> Res<NodeRep
     Ok(s.node_reply(cmds))
 }
 
-pub(crate) fn heartbeat(s: &State, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
+/// Takes a heartbeat at once when the map is free, else on a blocking
+/// thread: waiting there for the map's lock (which reports hold for most
+/// of a cold start) leaves the thread reading packets (the lifeline's only
+/// one) free to answer other nodes and finish their handshakes meanwhile.
+pub(crate) async fn heartbeat(s: Arc<State>, caller: &Principal, r: Heartbeat) -> Res<NodeReply> {
     check_datanode(caller, r.node, "heartbeat")?;
-    Ok(match s.heartbeat(r) {
+    let r = match s.heartbeat_if_free(r) {
+        Ok(cmds) => return Ok(s.node_reply(cmds)),
+        Err(r) => r,
+    };
+    let node = r.node;
+    let waited = tokio::task::spawn_blocking(move || match s.heartbeat(r) {
         Some(cmds) => s.node_reply(cmds),
         None => s.busy_reply(),
+    });
+    waited.await.map_err(|e| {
+        WireError::new(
+            ErrorCode::Internal,
+            format!(
+                "the namenode failed taking the heartbeat of {node} ({e}); its next heartbeat \
+                 is taken as usual"
+            ),
+        )
     })
 }
 

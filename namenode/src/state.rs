@@ -86,6 +86,8 @@ pub(crate) struct State {
     /// Fair on demand: a long report hands the lock to waiting
     /// heartbeats between its batches.
     pub cluster: parking_lot::Mutex<Cluster>,
+    /// The map's counts that safe mode reads, without its lock.
+    pub census: Arc<crate::cluster::Census>,
     /// One report reconciled at a time, off the async workers: a storm of
     /// reports queues here instead of taking every thread.
     pub reporting: tokio::sync::Mutex<()>,
@@ -156,6 +158,20 @@ impl State {
         }
     }
 
+    /// Records a heartbeat if the map is free this instant: its commands
+    /// (`Reregister` for a node it does not know); the heartbeat back if
+    /// the map is taken.
+    pub fn heartbeat_if_free(&self, hb: Heartbeat) -> Result<Vec<DatanodeCommand>, Heartbeat> {
+        match self.cluster.try_lock() {
+            Some(mut c) => {
+                self.apply_late_beats(&mut c);
+                Ok(c.heartbeat(hb)
+                    .unwrap_or_else(|| vec![DatanodeCommand::Reregister]))
+            }
+            None => Err(hb),
+        }
+    }
+
     /// Records a heartbeat: its commands, or (`None`) none if the map was
     /// busy for longer than [`HEARTBEAT_WAIT`], the heartbeat then counted
     /// by the next holder; `Some(Reregister)` for a node it does not know.
@@ -194,7 +210,7 @@ impl State {
         if !*self.loaded.borrow() {
             return Some(format!(
                 "namenode is in safe mode: loading its chunk map ({} chunks so far)",
-                self.cluster().chunk_count()
+                self.census.unreported().1
             ));
         }
         let started = safe.since?;
@@ -205,7 +221,7 @@ impl State {
                     .into(),
             );
         }
-        let (missing, total) = self.cluster().unreported();
+        let (missing, total) = self.census.unreported();
         let reported = total - missing;
         let share = if total == 0 {
             1.0
@@ -408,13 +424,24 @@ mod tests {
         holding.recv().unwrap();
         let beat = crate::replication::tests::beat(node.0);
         let t = Instant::now();
-        let reply = heartbeat(&s, &Principal::new(Role::Datanode(node)), beat).unwrap();
+        let reply = heartbeat(s.clone(), &Principal::new(Role::Datanode(node)), beat)
+            .await
+            .unwrap();
         let took = t.elapsed();
         assert!(
             took < Duration::from_millis(500),
             "answered without waiting for the map: {took:?}"
         );
         assert!(reply.commands.is_empty(), "{:?}", reply.commands);
+        // Every reply to a datanode says whether safe mode is on; deciding
+        // it reads published counts, not the map the job holds.
+        let t = Instant::now();
+        assert_eq!(s.safe_mode(), None, "no chunks: nothing to wait for");
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "safe mode decided without waiting for the map: {took:?}"
+        );
         tokio::task::spawn_blocking(move || job.join().unwrap())
             .await
             .unwrap();
