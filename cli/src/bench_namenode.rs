@@ -423,6 +423,10 @@ async fn heartbeats(
     // Spread the nodes over the interval, as real ones drift apart.
     tokio::time::sleep(every.mul_f64(me as f64 / sims.len() as f64)).await;
     let mut tick = tokio::time::interval(every);
+    // A round that ran long (a registration waits for the chunk map to
+    // load) is followed by a whole interval, as a datanode sleeps one
+    // after each round, not by a burst of the rounds missed.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Where the last heartbeat was answered: one to anywhere else, or
     // after a failure, opens a connection first.
     let mut connected: Option<SocketAddr> = None;
@@ -435,6 +439,7 @@ async fn heartbeats(
         if sim.reregister.swap(false, Ordering::Relaxed) {
             match register(&sim, addr).await {
                 Ok(cmds) => {
+                    tick.reset_after(first_heartbeat_after(every));
                     obey(&sims, &shared, addr, cmds).await;
                     if sim.paged() {
                         // The report waits for its turn beside heartbeats.

@@ -35,6 +35,7 @@ pub(crate) async fn run(node: Arc<Node>) {
     let mut warned: Option<Option<ErrorCode>> = None;
     let mut lifeline = Lifeline::default();
     loop {
+        let was_registered = registered;
         if last_sweep.is_none_or(|t| t.elapsed() >= TRASH_SWEEP) {
             last_sweep = Some(Instant::now());
             let store = node.store.clone();
@@ -134,7 +135,12 @@ pub(crate) async fn run(node: Arc<Node>) {
                 registered = false;
             }
         }
-        tokio::time::sleep(node.cfg.heartbeat).await;
+        let wait = if registered && !was_registered {
+            quern_proto::msg::first_heartbeat_after(node.cfg.heartbeat)
+        } else {
+            node.cfg.heartbeat
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -455,6 +455,16 @@ pub struct Register {
     pub report_follows: bool,
 }
 
+/// How long a datanode waits after registering before its first
+/// heartbeat: a random point from half an interval to one and a half.
+/// A namenode answers many registrations in the same instant (when its
+/// chunk map has loaded after a start); were each node then to wait one
+/// interval, they would all heartbeat, and open their connections to the
+/// lifeline, in one burst, every interval after.
+pub fn first_heartbeat_after(interval: std::time::Duration) -> std::time::Duration {
+    interval.mul_f64(rand::random_range(0.5..1.5))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub node: NodeId,
@@ -869,3 +879,27 @@ rpcs!(DataRequest {
     TrainRing(TrainRing) -> (),
     TrainState(TrainState) -> TrainStateHeader,
 });
+
+#[cfg(test)]
+mod tests {
+    use super::first_heartbeat_after;
+    use std::time::Duration;
+
+    #[test]
+    fn nodes_registered_together_spread_their_first_heartbeats_over_an_interval() {
+        let every = Duration::from_secs(3);
+        let firsts: Vec<Duration> = (0..1000).map(|_| first_heartbeat_after(every)).collect();
+        let (min, max) = (firsts.iter().min().unwrap(), firsts.iter().max().unwrap());
+        assert!(
+            *min >= every / 2 && *max < every * 3 / 2,
+            "{min:?}..{max:?}"
+        );
+        // A thousand nodes answered in one instant: no tenth of the
+        // interval gets more than a fifth of them.
+        let mut per_tenth = [0usize; 10];
+        for f in &firsts {
+            per_tenth[((f.as_secs_f64() / every.as_secs_f64() - 0.5) * 10.0) as usize] += 1;
+        }
+        assert!(per_tenth.iter().all(|&n| n < 200), "{per_tenth:?}");
+    }
+}
