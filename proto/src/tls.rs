@@ -232,6 +232,12 @@ pub struct Identity {
     /// `None` only for a client that presents no certificate (which every
     /// quern server refuses; kept so that refusal can be tested).
     pub cert: Option<(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
+    /// Session tickets of every server endpoint built from this identity
+    /// (and its clones): a client that connected to one (a datanode
+    /// registering at the namenode) resumes its session at the other (the
+    /// namenode's lifeline) without a certificate signed and two verified
+    /// again. No other server can read them.
+    tickets: Arc<std::sync::OnceLock<Arc<dyn rustls::server::ProducesTickets>>>,
 }
 
 impl Identity {
@@ -245,6 +251,7 @@ impl Identity {
         Ok(Identity {
             ca: ca_certs,
             cert: Some((certs, Arc::new(key))),
+            tickets: Arc::default(),
         })
     }
 
@@ -258,6 +265,7 @@ impl Identity {
         Ok(Identity {
             ca: parse(ca_pem)?,
             cert: Some((parse(cert_pem)?, Arc::new(key))),
+            tickets: Arc::default(),
         })
     }
 
@@ -277,6 +285,7 @@ impl Identity {
         Identity {
             ca: self.ca,
             cert: None,
+            tickets: Arc::default(),
         }
     }
 
@@ -307,6 +316,13 @@ impl Identity {
             .with_single_cert(certs.clone(), key.clone_key())
             .map_err(tls_err)?;
         cfg.alpn_protocols = vec![crate::ALPN.to_vec()];
+        cfg.ticketer = match self.tickets.get() {
+            Some(t) => t.clone(),
+            None => {
+                let made = rustls::crypto::ring::Ticketer::new().map_err(tls_err)?;
+                self.tickets.get_or_init(|| made).clone()
+            }
+        };
         Ok(cfg)
     }
 

@@ -234,3 +234,65 @@ async fn a_restarted_server_resets_old_connections_at_once() {
     client.forget(addr);
     client.connection(addr).await.unwrap();
 }
+
+/// A server that reports who each connection it accepts comes from, as
+/// the client's certificate chain on it says.
+fn report_clients(
+    identity: &quern_proto::tls::Identity,
+) -> (
+    std::sync::Arc<Endpoint>,
+    tokio::sync::mpsc::UnboundedReceiver<Option<quern_proto::Principal>>,
+) {
+    let server = std::sync::Arc::new(
+        Endpoint::server(identity, "127.0.0.1:0".parse().unwrap(), Tuning::tuned()).unwrap(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let accepting = server.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            if let Ok(conn) = incoming.await {
+                let who = conn
+                    .peer_identity()
+                    .and_then(|any| {
+                        any.downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
+                            .ok()
+                    })
+                    .and_then(|chain| quern_proto::Principal::from_cert(chain.first()?).ok());
+                let _ = tx.send(who);
+                tokio::spawn(async move { conn.closed().await });
+            }
+        }
+    });
+    (server, rx)
+}
+
+/// The namenode's lifeline shares its session tickets with the main
+/// endpoint, so a datanode that registered resumes its TLS session there
+/// (no certificate signed or verified again; in `bench namenode` the
+/// lifeline thread's ECDSA work is gone). What a resumed session must
+/// still give the server is who the client is, from the ticket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_at_the_lifeline_still_names_its_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: ClusterFiles = init_cluster_dir(dir.path()).unwrap();
+    let namenode = files.namenode_identity().unwrap();
+    let (main, mut main_seen) = report_clients(&namenode);
+    let (lifeline, mut lifeline_seen) = report_clients(&namenode);
+    // Another server of the cluster, which cannot read those tickets.
+    let (other, mut other_seen) = report_clients(&files.namenode_identity().unwrap());
+    let admin = files.admin_identity().unwrap();
+    let client = Endpoint::client(&admin, Tuning::tuned()).unwrap();
+    let me = Some(admin.principal().unwrap());
+    client.connection(main.local_addr().unwrap()).await.unwrap();
+    assert_eq!(main_seen.recv().await, Some(me.clone()));
+    // The server's tickets come just after the handshake.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (server, seen) in [(&lifeline, &mut lifeline_seen), (&other, &mut other_seen)] {
+        let (_, them) = client
+            .connection(server.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(them.role, quern_proto::Role::Namenode);
+        assert_eq!(seen.recv().await, Some(me.clone()));
+    }
+}
