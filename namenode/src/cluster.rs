@@ -516,8 +516,7 @@ impl Cluster {
                 }
             }
             self.queue.forget(id);
-            self.counts.shift(before, Health::Gone);
-            self.census.publish(&self.counts);
+            self.count(before, Health::Gone);
         }
         for (slot, ids) in per_node {
             if let Some(n) = self.nodes.get_mut(slot as usize) {
@@ -765,10 +764,16 @@ impl Cluster {
         self.settle_with(id, before, tally);
     }
 
-    fn settle_with(&mut self, id: ChunkId, before: Health, tally: Option<Tally>) {
-        let after = health_of(tally);
+    /// Moves a chunk between the health counts, and publishes them for
+    /// safe mode.
+    fn count(&mut self, before: Health, after: Health) {
         self.counts.shift(before, after);
         self.census.publish(&self.counts);
+    }
+
+    fn settle_with(&mut self, id: ChunkId, before: Health, tally: Option<Tally>) {
+        let after = health_of(tally);
+        self.count(before, after);
         let Some(t) = tally.filter(|_| self.queueing) else {
             return;
         };

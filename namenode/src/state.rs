@@ -163,13 +163,16 @@ impl State {
     /// the map is taken.
     pub fn heartbeat_if_free(&self, hb: Heartbeat) -> Result<Vec<DatanodeCommand>, Heartbeat> {
         match self.cluster.try_lock() {
-            Some(mut c) => {
-                self.apply_late_beats(&mut c);
-                Ok(c.heartbeat(hb)
-                    .unwrap_or_else(|| vec![DatanodeCommand::Reregister]))
-            }
+            Some(mut c) => Ok(self.beat(&mut c, hb)),
             None => Err(hb),
         }
+    }
+
+    /// A heartbeat taken with the map held, after those that came late.
+    fn beat(&self, c: &mut Cluster, hb: Heartbeat) -> Vec<DatanodeCommand> {
+        self.apply_late_beats(c);
+        c.heartbeat(hb)
+            .unwrap_or_else(|| vec![DatanodeCommand::Reregister])
     }
 
     /// Records a heartbeat: its commands, or (`None`) none if the map was
@@ -178,13 +181,7 @@ impl State {
     pub fn heartbeat(&self, hb: Heartbeat) -> Option<Vec<DatanodeCommand>> {
         let came = Instant::now();
         match self.cluster.try_lock_for(HEARTBEAT_WAIT) {
-            Some(mut c) => {
-                self.apply_late_beats(&mut c);
-                Some(
-                    c.heartbeat(hb)
-                        .unwrap_or_else(|| vec![DatanodeCommand::Reregister]),
-                )
-            }
+            Some(mut c) => Some(self.beat(&mut c, hb)),
             None => {
                 lock(&self.late_beats).push((came, hb));
                 None

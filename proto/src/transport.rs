@@ -213,7 +213,9 @@ impl From<NodeAddr> for Peer {
 }
 
 /// The verified identity behind a connection's peer certificate.
-fn peer_principal(conn: &quinn::Connection) -> Result<Principal> {
+/// Who the peer of `conn` is, by the certificate it presented (from the
+/// session ticket when the session was resumed).
+pub fn peer_principal(conn: &quinn::Connection) -> Result<Principal> {
     let any = conn
         .peer_identity()
         .ok_or_else(|| Error::Tls("the peer presented no certificate".into()))?;

@@ -251,14 +251,7 @@ fn report_clients(
     tokio::spawn(async move {
         while let Some(incoming) = accepting.accept().await {
             if let Ok(conn) = incoming.await {
-                let who = conn
-                    .peer_identity()
-                    .and_then(|any| {
-                        any.downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
-                            .ok()
-                    })
-                    .and_then(|chain| quern_proto::Principal::from_cert(chain.first()?).ok());
-                let _ = tx.send(who);
+                let _ = tx.send(quern_proto::transport::peer_principal(&conn).ok());
                 tokio::spawn(async move { conn.closed().await });
             }
         }
