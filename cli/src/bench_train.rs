@@ -134,12 +134,13 @@ async fn measure(
         let s = &run.summary;
         let label = format!("--plan {plan} --sync {sync}");
         println!(
-            "3 datanodes, {label:<26}: {:>7.0} samples/s ({:.2} x one process) on {} worker{}, {} per step per worker, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
+            "3 datanodes, {label:<26}: {:>7.0} samples/s ({:.2} x one process) on {} worker{}, {} per step per worker{}, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
             s.samples_per_sec,
             s.samples_per_sec / single,
             s.workers,
             if s.workers == 1 { "" } else { "s" },
             format_size(s.step_bytes_per_iteration / s.workers.max(1) as u64),
+            crate::train::through_memory(s),
             s.wait_share * 100.0,
             s.dataset_bytes_over_network,
             s.iterations,

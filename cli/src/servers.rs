@@ -171,6 +171,10 @@ pub struct DatanodeArgs {
     /// machine's memory].
     #[arg(long, value_name = "BYTES", value_parser = quern_proto::size::parse_size)]
     pub job_memory: Option<u64>,
+    /// Send training rings' partial sums to workers on this host through
+    /// their connections, not shared memory.
+    #[arg(long)]
+    pub no_ring_shared_memory: bool,
     /// Serve /metrics here (beyond loopback it needs --http-token-file).
     #[arg(long)]
     pub http: Option<SocketAddr>,
@@ -311,6 +315,7 @@ pub async fn datanode(a: DatanodeArgs) -> Result<()> {
     if let Some(m) = a.job_memory {
         cfg.job_memory = m;
     }
+    cfg.ring_shared_memory = !a.no_ring_shared_memory;
     if let Some(h) = a.http {
         cfg.http = Some(a.http_token.config(h)?);
     }

@@ -312,7 +312,7 @@ pub async fn run_training(
     }
     let s = &outcome.summary;
     eprintln!(
-        "trained {} iterations ({} samples) in {:.1} s: {:.0} samples/s on {} workers; {} on the wire per step, {} per worker ({:.0}% of step time not computing); dataset bytes over the network: {}{}",
+        "trained {} iterations ({} samples) in {:.1} s: {:.0} samples/s on {} workers; {} moved per step, {} per worker{} ({:.0}% of step time not computing); dataset bytes over the network: {}{}",
         s.iterations,
         s.samples,
         s.wall_s,
@@ -320,6 +320,7 @@ pub async fn run_training(
         s.workers,
         quern_proto::size::format_size(s.step_bytes_per_iteration),
         quern_proto::size::format_size(s.step_bytes_per_iteration / s.workers.max(1) as u64),
+        through_memory(s),
         s.wait_share * 100.0,
         s.dataset_bytes_over_network,
         if s.workers_lost > 0 {
@@ -562,5 +563,18 @@ pub fn print_scores(s: &Scores, names: Option<&[String]>) {
             line.push_str(&format!("{v:>6}"));
         }
         println!("{line}");
+    }
+}
+
+/// How much of a run's step traffic went through shared memory between
+/// workers on one host rather than over connections, when any did.
+pub(crate) fn through_memory(s: &quern_client::TrainSummary) -> String {
+    let moved = s.step_bytes.max(1) as f64;
+    match s.ring_shared_bytes {
+        0 => String::new(),
+        shared => format!(
+            " ({:.0}% through shared memory)",
+            shared as f64 / moved * 100.0
+        ),
     }
 }

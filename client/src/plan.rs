@@ -45,12 +45,15 @@ impl std::fmt::Display for Plan {
     }
 }
 
-/// Bandwidth assumed between processes on one host (loopback QUIC, all of
-/// the host's workers together: they share its cores for encryption; three
-/// datanodes on a 2-core host move ring sums at about 0.5 GB/s) and
-/// between hosts (gigabit Ethernet, each host its own link), in bytes per
-/// second.
+/// Bandwidth assumed between the coordinator and workers on its host
+/// (loopback QUIC, all of the host's workers together: they share its
+/// cores for encryption; three datanodes on a 2-core host moved ring sums
+/// at about 0.5 GB/s this way), between workers of one host summing
+/// around a ring (through shared memory: a write and a read of each piece,
+/// on cores the workers share), and between hosts (gigabit Ethernet, each
+/// host its own link), in bytes per second.
 pub const LOOPBACK_BYTES_PER_S: f64 = 0.5e9;
+pub const SHARED_MEMORY_BYTES_PER_S: f64 = 4.0e9;
 pub const NETWORK_BYTES_PER_S: f64 = 117.0e6;
 /// Fixed cost of one request to one worker (framing, scheduling).
 pub const REQUEST_OVERHEAD_S: f64 = 0.5e-3;
@@ -98,6 +101,15 @@ fn link(workers: &[IpAddr]) -> f64 {
     }
 }
 
+/// The ring's rate: through shared memory when every worker is on one
+/// host, else bounded by the hosts' links.
+fn ring_link(workers: &[IpAddr]) -> f64 {
+    match workers.split_first() {
+        Some((first, rest)) if rest.iter().all(|a| a == first) => SHARED_MEMORY_BYTES_PER_S,
+        _ => NETWORK_BYTES_PER_S,
+    }
+}
+
 /// Bytes each worker sends around the ring in one step: 2 (n - 1) / n of
 /// the gradient.
 pub fn ring_bytes_per_worker(params: usize, workers: usize) -> f64 {
@@ -122,7 +134,7 @@ pub fn estimate(i: &PlanInputs) -> Estimate {
     let bw = link(&i.workers);
     let exchange = 8.0 * i.params as f64;
     let compute = i.step_flops / i.host_flops_per_s.max(1.0);
-    let ring = busiest * ring_bytes_per_worker(i.params, n) / bw;
+    let ring = busiest * ring_bytes_per_worker(i.params, n) / ring_link(&i.workers);
     let hops = (2 * (n - 1) + n) as f64 * REQUEST_OVERHEAD_S;
     let distributed_s = compute / hosts as f64 + ring + hops;
     let local_s = compute
@@ -170,13 +182,18 @@ pub fn decide(requested: Plan, i: &PlanInputs) -> Decision {
     let reason = format!(
         "estimated {:.0} ms/step on one worker vs {:.0} ms/step on {workers} workers \
          over {} host{} ({:.1} MB of gradient sums sent per worker per step around the ring, \
-         at {:.0} MB/s)",
+         at {:.0} MB/s{})",
         e.local_s * 1e3,
         e.distributed_s * 1e3,
         e.hosts,
         if e.hosts == 1 { "" } else { "s" },
         ring_bytes_per_worker(i.params, workers) / 1e6,
-        link(&i.workers) / 1e6
+        ring_link(&i.workers) / 1e6,
+        if e.hosts == 1 {
+            " through shared memory"
+        } else {
+            ""
+        }
     );
     Decision {
         plan,

@@ -112,6 +112,9 @@ pub struct TrainSummary {
     pub step_bytes: u64,
     /// The part of `step_bytes` the workers sent each other around the ring.
     pub ring_bytes: u64,
+    /// The part of `ring_bytes` that went through shared memory between
+    /// workers on one host, not through their connections.
+    pub ring_shared_bytes: u64,
     pub step_bytes_per_iteration: u64,
     /// Share of step time not spent computing on the slowest worker.
     pub wait_share: f64,
@@ -878,6 +881,7 @@ impl Client {
                     slowest = slowest.max(r.compute_us);
                     summary.step_bytes += bytes + r.ring_bytes;
                     summary.ring_bytes += r.ring_bytes;
+                    summary.ring_shared_bytes += r.ring_shared_bytes;
                 }
                 let job_err = |e: quern_compute::train::TrainError| Error::Job(e.to_string());
                 let stats: StepStats = if local_rounds {

@@ -621,6 +621,9 @@ pub struct StepResult {
     /// Bytes this worker sent around the ring in the step.
     #[serde(default)]
     pub ring_bytes: u64,
+    /// Of which it wrote to shared memory for a worker on the same host.
+    #[serde(default)]
+    pub ring_shared_bytes: u64,
 }
 
 /// A worker's state for the life of a job: the model and its decoded,
@@ -857,6 +860,7 @@ impl Worker {
             compute_us: started.elapsed().as_micros() as u64,
             stats,
             ring_bytes: 0,
+            ring_shared_bytes: 0,
         })
     }
 
@@ -927,6 +931,7 @@ impl Worker {
             compute_us: started.elapsed().as_micros() as u64,
             stats: g.stats,
             ring_bytes: 0,
+            ring_shared_bytes: 0,
         })
     }
 

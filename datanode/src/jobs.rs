@@ -3,7 +3,9 @@
 //! request handlers (`train`) admit and use jobs; the sweeper frees those
 //! whose coordinator went silent. It depends on nothing else of the node.
 
+use crate::shared_ring::{Inbound, Outbound};
 use quern_compute::train::Worker;
+use quern_proto::msg::SharedRing;
 use quern_proto::size::format_size;
 use quern_proto::transport::ServerStream;
 use quern_proto::{ErrorCode, Principal, WireError};
@@ -50,12 +52,27 @@ pub(crate) struct Job {
     /// Ring streams from the previous worker, by step round: whichever of
     /// the stream and this node's step comes first waits for the other.
     inbox: Mutex<HashMap<u64, Inbox>>,
+    /// Where this worker writes the pieces it sends round the ring, when
+    /// the next worker shares its host: made at the first ring step, taken
+    /// by each step's ring and put back when it ends well.
+    pub(crate) outbound: Mutex<Option<Outbound>>,
+    /// The previous worker's last offer of a region, and the region mapped
+    /// (none when it could not be: another host, say), so that an offer
+    /// repeated every step is tried once.
+    pub(crate) inbound: Mutex<Option<(SharedRing, Option<Arc<Inbound>>)>>,
+}
+
+/// A ring stream from the previous worker, with its region when the two
+/// share a host.
+pub(crate) struct RingIn {
+    pub(crate) stream: ServerStream,
+    pub(crate) shared: Option<Arc<Inbound>>,
 }
 
 /// One round's meeting point between a ring stream and the step.
 struct Inbox {
-    tx: Option<oneshot::Sender<ServerStream>>,
-    rx: Option<oneshot::Receiver<ServerStream>>,
+    tx: Option<oneshot::Sender<RingIn>>,
+    rx: Option<oneshot::Receiver<RingIn>>,
 }
 
 impl Inbox {
@@ -72,17 +89,17 @@ impl Job {
     /// Hands the previous worker's ring stream for `round` to the step
     /// that waits for it (now or when it starts); gives it back when the
     /// round already has one or its step is gone.
-    pub(crate) fn deliver(&self, round: u64, stream: ServerStream) -> Option<ServerStream> {
+    pub(crate) fn deliver(&self, round: u64, ring: RingIn) -> Option<RingIn> {
         let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
         match inbox.entry(round).or_insert_with(Inbox::new).tx.take() {
-            Some(tx) => tx.send(stream).err(),
-            None => Some(stream),
+            Some(tx) => tx.send(ring).err(),
+            None => Some(ring),
         }
     }
 
     /// Where the step of `round` receives its ring stream. Rounds before it
     /// were given up: their streams are dropped, which ends them.
-    pub(crate) fn ring_stream(&self, round: u64) -> oneshot::Receiver<ServerStream> {
+    pub(crate) fn ring_stream(&self, round: u64) -> oneshot::Receiver<RingIn> {
         let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
         inbox.retain(|&r, _| r >= round);
         match inbox.entry(round).or_insert_with(Inbox::new).rx.take() {
@@ -225,6 +242,8 @@ impl Jobs {
                     busy: AtomicUsize::new(0),
                     bytes: AtomicU64::new(0),
                     inbox: Mutex::new(HashMap::new()),
+                    outbound: Mutex::new(None),
+                    inbound: Mutex::new(None),
                 });
                 jobs.insert(id, j.clone());
                 j

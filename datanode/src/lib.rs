@@ -7,6 +7,7 @@ mod metrics;
 mod node;
 mod scrub;
 mod service;
+mod shared_ring;
 mod store;
 mod tasks;
 mod train;

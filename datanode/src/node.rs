@@ -85,6 +85,10 @@ pub struct DatanodeConfig {
     pub report_page: usize,
     /// Where `/metrics` is served; `None`: not at all.
     pub http: Option<quern_web::HttpConfig>,
+    /// Whether ring pieces between training workers on this host go
+    /// through shared memory (offered and accepted) rather than the
+    /// connection.
+    pub ring_shared_memory: bool,
 }
 
 impl DatanodeConfig {
@@ -103,6 +107,7 @@ impl DatanodeConfig {
             tuning: Tuning::tuned(),
             report_page: quern_proto::msg::REPORT_PAGE,
             http: None,
+            ring_shared_memory: true,
         }
     }
 }

@@ -12,8 +12,9 @@
 //! Jobs are admitted against a memory budget, charged with the bytes their
 //! decoded records take.
 
-use crate::jobs::{internal, owned};
+use crate::jobs::{internal, owned, Job, RingIn};
 use crate::node::Node;
+use crate::shared_ring::{self, Inbound, Outbound};
 use crate::tasks::{fetch_remote, read_local};
 use quern_compute::nn::BatchSync;
 use quern_compute::ops;
@@ -180,6 +181,7 @@ async fn run_step(
             let (tx, parts) = tokio::sync::mpsc::unbounded_channel();
             let task = tokio::spawn(all_reduce(
                 node.clone(),
+                job.clone(),
                 req.job,
                 r.clone(),
                 job.ring_stream(r.round),
@@ -250,13 +252,16 @@ async fn run_step(
             // A coordinator that gave up on the step stops its stream: the
             // ring stops waiting for the other workers then.
             let stopped = stream.stopped();
-            (total, r.ring_bytes) = tokio::select! {
+            let sent;
+            (total, sent) = tokio::select! {
                 done = &mut task.0 => done.map_err(internal)??,
                 () = stopped => return Err(WireError::new(
                     ErrorCode::Protocol,
                     format!("{}: the coordinator gave up on round {round}", node.describe()),
                 )),
             };
+            r.ring_bytes = sent.bytes;
+            r.ring_shared_bytes = sent.shared;
         }
         let describe = node.describe();
         let mut w = held.worker.lock().map_err(internal)?;
@@ -276,7 +281,7 @@ async fn run_step(
 }
 
 /// The ring task of one step; stopped when the step ends early.
-struct RingTask(tokio::task::JoinHandle<Result<(Vec<f32>, u64), WireError>>);
+struct RingTask(tokio::task::JoinHandle<Result<(Vec<f32>, RingSent), WireError>>);
 
 impl Drop for RingTask {
     fn drop(&mut self) {
@@ -286,17 +291,21 @@ impl Drop for RingTask {
 
 /// This worker's turns of the ring, bucket by bucket as the backward pass
 /// hands them over: sends partial sums to the next worker, adds (then
-/// copies) what the previous one sends. Returns the whole gradient's total
-/// and the bytes sent (what it receives, another worker counts as sent).
+/// copies) what the previous one sends. Pieces go through shared memory
+/// where the neighbour shares this host ([`crate::shared_ring`]). Returns
+/// the whole gradient's total and the bytes sent (what it receives,
+/// another worker counts as sent).
+#[allow(clippy::too_many_arguments)]
 async fn all_reduce(
     node: Arc<Node>,
+    held: Arc<Job>,
     job: u64,
     ring: Ring,
-    inbox: tokio::sync::oneshot::Receiver<ServerStream>,
+    inbox: tokio::sync::oneshot::Receiver<RingIn>,
     buckets: Vec<std::ops::Range<usize>>,
     mut parts: tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<f32>)>,
     wait: std::time::Duration,
-) -> Result<(Vec<f32>, u64), WireError> {
+) -> Result<(Vec<f32>, RingSent), WireError> {
     let n = ring.peers.len();
     let pos = ring.position as usize;
     if pos >= n {
@@ -316,25 +325,45 @@ async fn all_reduce(
             ),
         )
     };
+    let mut region = if node.cfg.ring_shared_memory {
+        outbound(&held, sent_per_round(&buckets, pos, n))
+    } else {
+        None
+    };
+    let request = TrainRing {
+        job,
+        round: ring.round,
+        from: ring.position,
+        shared: region.as_ref().map(|r| r.offer().clone()),
+    };
     let mut out = node
         .endpoint
-        .request(
-            next,
-            TrainRing {
-                job,
-                round: ring.round,
-                from: ring.position,
-            },
-        )
+        .request_within(next, request, wait)
         .await
         .map_err(|e| lost(next, &e))?;
-    let mut inc = match tokio::time::timeout(wait, inbox).await {
+    let RingIn {
+        stream: mut inc,
+        shared: inbound,
+    } = match tokio::time::timeout(wait, inbox).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return Err(lost(prev, &"its stream was replaced")),
         Err(_) => return Err(lost(prev, &format!("sent nothing within {wait:?}"))),
     };
+    // Answered before waiting for the next worker's answer: every worker
+    // asks first, so no one waits on a worker that waits on it.
+    let joined = RingJoined {
+        shared: inbound.is_some(),
+    };
+    inc.reply_header(&Ok(joined))
+        .await
+        .map_err(|e| lost(prev, &e))?;
+    let joined: RingJoined = out.reply().await.map_err(|e| lost(next, &e))?;
+    let mut via_memory = region.as_mut().filter(|_| joined.shared);
     let mut total = vec![0.0f32; buckets.iter().map(|b| b.end).max().unwrap_or(0)];
-    let mut bytes = 0u64;
+    let mut sent = RingSent::default();
+    // Offsets in the regions: this worker's writes, and the previous
+    // worker's as this one reads them, in the same order.
+    let (mut write_at, mut read_at) = (0u64, 0u64);
     for (b, range) in buckets.iter().enumerate() {
         let Some((got, mut values)) = parts.recv().await else {
             // The computation failed; the step reports why.
@@ -352,33 +381,145 @@ async fn all_reduce(
         }
         let segs = ring::segments(values.len(), n);
         for turn in ring::turns(pos, n) {
-            let piece = bytes::Bytes::from(f32s_to_le(&values[segs[turn.send].clone()]));
-            let want = segs[turn.recv].len() as u64 * 4;
-            bytes += piece.len() as u64;
-            let (sent, arrived) = tokio::join!(
+            let outgoing = &values[segs[turn.send].clone()];
+            let len = outgoing.len() as u64 * 4;
+            let piece = match via_memory.as_deref_mut() {
+                Some(region) => {
+                    region.write(write_at, outgoing).map_err(internal)?;
+                    sent.shared += len;
+                    bytes::Bytes::copy_from_slice(&write_at.to_le_bytes())
+                }
+                None => bytes::Bytes::from(f32s_to_le(outgoing)),
+            };
+            write_at += len;
+            sent.bytes += len;
+            let incoming = segs[turn.recv].clone();
+            let want = match inbound {
+                Some(_) => 8,
+                None => incoming.len() as u64 * 4,
+            };
+            let (done, arrived) = tokio::join!(
                 out.send_piece_waiting(piece, wait),
                 inc.recv_body_waiting(want, wait)
             );
-            sent.map_err(|e| lost(next, &e))?;
+            done.map_err(|e| lost(next, &e))?;
             let arrived = arrived.map_err(|e| lost(prev, &e))?;
-            let arrived = f32s_from_le(&arrived).map_err(|e| lost(prev, &e))?;
-            let mine = &mut values[segs[turn.recv].clone()];
-            if turn.add {
-                ring::add_arrived(mine, &arrived);
-            } else {
-                mine.copy_from_slice(&arrived);
+            let mine = &mut values[incoming];
+            match &inbound {
+                Some(region) => {
+                    let at = <[u8; 8]>::try_from(&arrived[..])
+                        .map(u64::from_le_bytes)
+                        .map_err(|_| lost(prev, &"a shared piece's offset is not 8 bytes"))?;
+                    if at != read_at {
+                        return Err(lost(
+                            prev,
+                            &format!("a shared piece at offset {at} where {read_at} was due"),
+                        ));
+                    }
+                    let src = region.piece(at, mine.len()).map_err(|e| lost(prev, &e))?;
+                    if turn.add {
+                        shared_ring::add_from(mine, src);
+                    } else {
+                        shared_ring::copy_from(mine, src);
+                    }
+                }
+                None => {
+                    let arrived = f32s_from_le(&arrived).map_err(|e| lost(prev, &e))?;
+                    if turn.add {
+                        ring::add_arrived(mine, &arrived);
+                    } else {
+                        mine.copy_from_slice(&arrived);
+                    }
+                }
             }
+            read_at += mine.len() as u64 * 4;
         }
         total[range.clone()].copy_from_slice(&values);
     }
     out.finish().map_err(|e| lost(next, &e))?;
-    let _ = inc.reply::<()>(&Ok(())).await;
-    out.reply::<()>().await.map_err(|e| lost(next, &e))?;
-    Ok((total, bytes))
+    // Everything the previous worker wrote has been read: it may reuse
+    // its region from the next step on.
+    let _ = inc.send_piece(bytes::Bytes::from_static(&[1])).await;
+    inc.finish();
+    out.recv_body_waiting(1, wait)
+        .await
+        .map_err(|e| lost(next, &e))?;
+    if let Some(region) = region {
+        *held.outbound.lock().map_err(internal)? = Some(region);
+    }
+    Ok((total, sent))
+}
+
+/// Bytes a ring worker sends in one step.
+#[derive(Debug, Default, Clone, Copy)]
+struct RingSent {
+    bytes: u64,
+    /// Of which written to shared memory for the next worker to read.
+    shared: u64,
+}
+
+/// Bytes worker `pos` of `n` sends in one step: the segments of its
+/// turns, bucket by bucket.
+fn sent_per_round(buckets: &[std::ops::Range<usize>], pos: usize, n: usize) -> u64 {
+    buckets
+        .iter()
+        .map(|b| {
+            let segs = ring::segments(b.len(), n);
+            ring::turns(pos, n)
+                .iter()
+                .map(|t| segs[t.send].len() as u64 * 4)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// The job's region for `len` bytes of pieces: the one of the last step,
+/// or a new one; none where shared memory cannot be had.
+fn outbound(job: &Job, len: u64) -> Option<Outbound> {
+    let kept = job.outbound.lock().ok()?.take();
+    if let Some(region) = kept.filter(|r| r.offer().len == len) {
+        return Some(region);
+    }
+    match Outbound::create(len) {
+        Ok(region) => Some(region),
+        Err(e) => {
+            tracing::debug!("ring pieces through the connection: no shared memory: {e}");
+            None
+        }
+    }
+}
+
+/// The previous worker's region as `offer` names it, mapped once per
+/// offer; none when it cannot be (another host, another user).
+fn inbound(node: &Node, job: &Job, from: u32, offer: &SharedRing) -> Option<Arc<Inbound>> {
+    let mut last = job.inbound.lock().ok()?;
+    if let Some((o, mapped)) = last.as_ref() {
+        if o == offer {
+            return mapped.clone();
+        }
+    }
+    let mapped = match Inbound::attach(offer) {
+        Ok(region) => {
+            tracing::info!(
+                "{}: ring pieces from worker {from} through shared memory",
+                node.describe()
+            );
+            Some(Arc::new(region))
+        }
+        Err(e) => {
+            tracing::info!(
+                "{}: ring pieces from worker {from} through the connection: {e}",
+                node.describe()
+            );
+            None
+        }
+    };
+    *last = Some((offer.clone(), mapped.clone()));
+    mapped
 }
 
 /// A ring stream from the previous worker: handed to this node's step of
-/// the same round, which reads it and answers.
+/// the same round, which answers and reads it.
 pub(crate) async fn ring_in(node: &Arc<Node>, req: TrainRing, mut stream: ServerStream) {
     if !matches!(stream.caller.role, quern_proto::Role::Datanode(_)) {
         let e = WireError::new(
@@ -389,17 +530,21 @@ pub(crate) async fn ring_in(node: &Arc<Node>, req: TrainRing, mut stream: Server
                 stream.caller
             ),
         );
-        let _ = stream.reply::<()>(&Err(e)).await;
+        let _ = stream.reply::<RingJoined>(&Err(e)).await;
         return;
     }
     let job = match node.jobs.find(&node.describe(), req.job) {
         Ok(j) => j,
         Err(e) => {
-            let _ = stream.reply::<()>(&Err(e)).await;
+            let _ = stream.reply::<RingJoined>(&Err(e)).await;
             return;
         }
     };
-    if let Some(mut stream) = job.deliver(req.round, stream) {
+    let shared = match &req.shared {
+        Some(offer) if node.cfg.ring_shared_memory => inbound(node, &job, req.from, offer),
+        _ => None,
+    };
+    if let Some(mut taken) = job.deliver(req.round, RingIn { stream, shared }) {
         let e = WireError::new(
             ErrorCode::InvalidArgument,
             format!(
@@ -410,7 +555,7 @@ pub(crate) async fn ring_in(node: &Arc<Node>, req: TrainRing, mut stream: Server
                 req.from
             ),
         );
-        let _ = stream.reply::<()>(&Err(e)).await;
+        let _ = taken.stream.reply::<RingJoined>(&Err(e)).await;
     }
 }
 

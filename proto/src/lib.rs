@@ -27,7 +27,7 @@ pub use token::{Access, ChunkToken, KeyRing, TokenKey};
 
 /// Protocol number every request stream starts with; a peer speaking
 /// another number is refused with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// ALPN token negotiated by every quern QUIC connection.
 pub const ALPN: &[u8] = b"quern";

@@ -797,14 +797,40 @@ pub struct Ring {
 }
 
 /// From one worker of a ring to the next: the partial sums of a step's
-/// gradient, as raw little-endian f32 pieces in the order of the ring's
-/// turns (`quern_compute::ring::turns`). Only datanodes may send it. The
-/// receiver answers `()` once it has read them all.
+/// gradient, in the order of the ring's turns
+/// (`quern_compute::ring::turns`). Only datanodes may send it. The
+/// receiver answers [`RingJoined`] at once, saying whether it reads the
+/// sender's shared memory; then each turn's piece follows, as raw
+/// little-endian f32 values or, through shared memory, as the 8-byte
+/// little-endian offset in the region where the sender wrote them. The
+/// receiver sends one byte once it has read them all.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainRing {
     pub job: u64,
     pub round: u64,
     pub from: u32,
+    /// The sender's region for this job's pieces, when it offers one.
+    pub shared: Option<SharedRing>,
+}
+
+/// A region of memory the sender of a ring writes its pieces into, for a
+/// receiver on the same host to read instead of taking them through the
+/// connection: a sealed memfd, named by its `/proc/PID/fd/N` path. The
+/// receiver maps it read-only and proves it is the sender's by the nonce
+/// written at its start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedRing {
+    pub path: String,
+    pub nonce: [u8; 16],
+    /// Bytes of pieces the region holds (after its header).
+    pub len: u64,
+}
+
+/// A ring receiver's first answer: whether the pieces come through the
+/// sender's shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingJoined {
+    pub shared: bool,
 }
 
 /// The parameters and optimizer state a worker holds for a job, after
@@ -877,7 +903,7 @@ rpcs!(DataRequest {
     TrainStep(TrainStep) -> TrainStepMsg,
     TrainClose(TrainClose) -> (),
     TrainRenew(TrainRenew) -> TrainRenewed,
-    TrainRing(TrainRing) -> (),
+    TrainRing(TrainRing) -> RingJoined,
     TrainState(TrainState) -> TrainStateHeader,
 });
 

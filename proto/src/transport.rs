@@ -630,6 +630,13 @@ impl RequestStream {
         recv_body(&mut self.recv, len, self.peer, self.kind, self.idle, None).await
     }
 
+    /// [`RequestStream::recv_body`] for a body the server sends only after
+    /// something else has happened (the next worker of a ring finishing
+    /// its turns): pieces may be up to `wait` apart.
+    pub async fn recv_body_waiting(&mut self, len: u64, wait: Duration) -> Result<bytes::Bytes> {
+        recv_body(&mut self.recv, len, self.peer, self.kind, wait, None).await
+    }
+
     /// [`RequestStream::recv_body`], telling `progress` each piece's
     /// arrival (for hedged reads).
     pub async fn recv_body_watched(

@@ -46,6 +46,8 @@ pub struct Options {
     pub http_token: Option<String>,
     /// Where the namenode serves heartbeats (its default if unset).
     pub lifeline: Option<SocketAddr>,
+    /// Datanodes (by index) whose training rings never use shared memory.
+    pub ring_memory_off: Vec<usize>,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             http_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             http_token: None,
             lifeline: None,
+            ring_memory_off: Vec::new(),
         }
     }
 }
@@ -195,6 +198,7 @@ impl TestCluster {
             cfg.job_memory = m;
         }
         cfg.http = Some(self.opts.http_config());
+        cfg.ring_shared_memory = !self.opts.ring_memory_off.contains(&i);
         let dn = Datanode::start(cfg, &self.datanode_identity(i))
             .await
             .expect("datanode");

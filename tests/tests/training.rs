@@ -122,7 +122,7 @@ fn tiny_bn_model() -> Model {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_training_follows_the_one_process_algorithm() {
-    follows_the_one_process_algorithm(tiny_model()).await;
+    follows_the_one_process_algorithm(tiny_model(), Options::default()).await;
 }
 
 /// A gradient large enough to go round the ring in several buckets, each
@@ -130,6 +130,23 @@ async fn distributed_training_follows_the_one_process_algorithm() {
 /// equals the one-process replay bit for bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gradient_summed_in_buckets_during_backward_equals_the_replay() {
+    follows_the_one_process_algorithm(bucketed_mlp(), Options::default()).await;
+}
+
+/// A datanode that takes ring pieces only through its connections (shared
+/// memory refused: another user, a container) sits in a ring whose other
+/// link still goes through memory; the sums are the same, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_partly_through_shared_memory_equals_the_replay() {
+    let opts = Options {
+        ring_memory_off: vec![1],
+        ..Options::default()
+    };
+    follows_the_one_process_algorithm(bucketed_mlp(), opts).await;
+}
+
+/// The MLP fixture widened so its gradient spans several ring buckets.
+fn bucketed_mlp() -> Model {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/keras/mlp.json");
     let mut j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -144,13 +161,13 @@ async fn a_gradient_summed_in_buckets_during_backward_equals_the_replay() {
         .collect();
     let buckets = quern_compute::ring::buckets(&ranges, quern_compute::ring::BUCKET_VALUES);
     assert!(buckets.len() >= 2, "{buckets:?}");
-    follows_the_one_process_algorithm(model).await;
+    model
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_normalization_trains_as_its_one_process_replay() {
     let model = tiny_bn_model();
-    let params = follows_the_one_process_algorithm(model.clone()).await;
+    let params = follows_the_one_process_algorithm(model.clone(), Options::default()).await;
     // The moving statistics moved with the global batch's statistics.
     let mm = model
         .param_specs()
@@ -167,8 +184,9 @@ async fn batch_normalization_trains_as_its_one_process_replay() {
 
 /// Trains `model` on an in-process cluster and replays the run in one
 /// process; returns the final weights.
-async fn follows_the_one_process_algorithm(model: Model) -> Vec<f32> {
-    let c = TestCluster::start(Options::default()).await;
+async fn follows_the_one_process_algorithm(model: Model, cluster: Options) -> Vec<f32> {
+    let memory_off = cluster.ring_memory_off.len();
+    let c = TestCluster::start(cluster).await;
     let client = c.client();
     let mut ds = dataset(&client, 500, 3).await;
     let opts = options(&model, 7);
@@ -187,6 +205,18 @@ async fn follows_the_one_process_algorithm(model: Model) -> Vec<f32> {
     // (the star sent every worker the parameters and took its gradient).
     let (n, grad) = (shards.len() as u64, 4 * model.param_count() as u64);
     assert_eq!(run.summary.ring_bytes, 20 * 2 * (n - 1) * grad);
+    // The datanodes share this host: every link between two that take
+    // shared memory carries its pieces through it, the others through the
+    // connection.
+    let (ring, shared) = (run.summary.ring_bytes, run.summary.ring_shared_bytes);
+    if memory_off == 0 {
+        assert_eq!(shared, ring, "every piece through shared memory");
+    } else {
+        assert!(
+            shared > 0 && shared < ring / 2,
+            "{shared} of {ring} ring bytes through shared memory"
+        );
+    }
     let coordinator = (run.summary.step_bytes - run.summary.ring_bytes) / 20;
     assert!(
         coordinator < grad * n,
