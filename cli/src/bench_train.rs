@@ -55,7 +55,7 @@ pub async fn run(b: BenchTrain<'_>) -> Result<()> {
     let single = tokio::task::spawn_blocking({
         let model = model.clone();
         let batch = b.batch as usize;
-        move || bench_train_step(&model, batch, 10, None)
+        move || bench_train_step(&model, batch, 30, None)
     })
     .await??;
     println!(
@@ -134,9 +134,11 @@ async fn measure(
         let s = &run.summary;
         let label = format!("--plan {plan} --sync {sync}");
         println!(
-            "3 datanodes, {label:<26}: {:>7.0} samples/s ({:.2} x one process) on {} worker{}, {} per step per worker{}, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
+            "3 datanodes, {label:<26}: {:>7.0} samples/s ({:.2} x one process; after the first round {:.0}, {:.2} x) on {} worker{}, {} per step per worker{}, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
             s.samples_per_sec,
             s.samples_per_sec / single,
+            s.settled_samples_per_sec,
+            s.settled_samples_per_sec / single,
             s.workers,
             if s.workers == 1 { "" } else { "s" },
             format_size(s.step_bytes_per_iteration / s.workers.max(1) as u64),

@@ -116,6 +116,9 @@ pub struct TrainSummary {
     /// workers on one host, not through their connections.
     pub ring_shared_bytes: u64,
     pub step_bytes_per_iteration: u64,
+    /// `samples_per_sec` over every round but the first, which also seeds
+    /// the workers and warms their buffers (0 with a single round).
+    pub settled_samples_per_sec: f64,
     /// Share of step time not spent computing on the slowest worker.
     pub wait_share: f64,
     pub workers_lost: usize,
@@ -658,6 +661,8 @@ impl Client {
         // Rounds stay well inside the RPC timeout, measured as they go.
         let mut step_secs = 0.0f64;
         let (mut wait_us, mut step_us) = (0u128, 0u128);
+        // The first round's time and examples, left out of the settled rate.
+        let mut first_round: Option<(u128, u64)> = None;
         let mut window = (Instant::now(), 0u64);
         for epoch in 0..opts.epochs {
             let epoch_start = Instant::now();
@@ -903,6 +908,7 @@ impl Client {
                 let took = t.elapsed().as_micros();
                 step_secs = took as f64 / 1e6 / round as f64;
                 step_us += took;
+                first_round.get_or_insert((took, stats.count));
                 wait_us += took.saturating_sub(u128::from(slowest));
                 e_loss += stats.loss * stats.count as f64;
                 e_correct += (stats.accuracy * stats.count as f64).round() as u64;
@@ -977,6 +983,12 @@ impl Client {
         };
         summary.workers = workers.len();
         summary.step_bytes_per_iteration = summary.step_bytes / iteration.max(1);
+        summary.settled_samples_per_sec = match first_round {
+            Some((us, n)) if step_us > us => {
+                (summary.samples - n) as f64 / ((step_us - us) as f64 / 1e6)
+            }
+            _ => 0.0,
+        };
         summary.wait_share = if step_us > 0 {
             wait_us as f64 / step_us as f64
         } else {

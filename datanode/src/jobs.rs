@@ -56,6 +56,11 @@ pub(crate) struct Job {
     /// the next worker shares its host: made at the first ring step, taken
     /// by each step's ring and put back when it ends well.
     pub(crate) outbound: Mutex<Option<Outbound>>,
+    /// The size of that region, charged with the job's memory.
+    pub(crate) region_bytes: AtomicU64,
+    /// The next worker that declined the region (another host, say): not
+    /// offered one again.
+    pub(crate) declined_by: Mutex<Option<quern_proto::NodeId>>,
     /// The previous worker's last offer of a region, and the region mapped
     /// (none when it could not be: another host, say), so that an offer
     /// repeated every step is tried once.
@@ -243,6 +248,8 @@ impl Jobs {
                     bytes: AtomicU64::new(0),
                     inbox: Mutex::new(HashMap::new()),
                     outbound: Mutex::new(None),
+                    region_bytes: AtomicU64::new(0),
+                    declined_by: Mutex::new(None),
                     inbound: Mutex::new(None),
                 });
                 jobs.insert(id, j.clone());

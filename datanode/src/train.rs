@@ -218,9 +218,12 @@ async fn run_step(
                 format!("{describe}: training step failed: {e}"),
             )
         })?;
-        // The batch buffers and a --sync K optimizer grow at the first
-        // steps: charge what the worker really holds.
-        job.bytes.fetch_max(w.memory_bytes(), Ordering::SeqCst);
+        // The batch buffers, a --sync K optimizer and the ring's shared
+        // region come at the first steps: charge what the worker really
+        // holds.
+        let region = job.region_bytes.load(Ordering::SeqCst);
+        job.bytes
+            .fetch_max(w.memory_bytes() + region, Ordering::SeqCst);
         drop(w);
         drop(busy);
         Ok::<_, WireError>(r)
@@ -325,7 +328,8 @@ async fn all_reduce(
             ),
         )
     };
-    let mut region = if node.cfg.ring_shared_memory {
+    let declined = *held.declined_by.lock().map_err(internal)? == Some(next.id);
+    let mut region = if node.cfg.ring_shared_memory && !declined {
         outbound(&held, sent_per_round(&buckets, pos, n))
     } else {
         None
@@ -358,7 +362,16 @@ async fn all_reduce(
         .await
         .map_err(|e| lost(prev, &e))?;
     let joined: RingJoined = out.reply().await.map_err(|e| lost(next, &e))?;
-    let mut via_memory = region.as_mut().filter(|_| joined.shared);
+    match &region {
+        Some(r) if joined.shared => held.region_bytes.store(r.offer().len, Ordering::SeqCst),
+        Some(_) => {
+            // Neither kept nor charged for a neighbour that cannot read it.
+            region = None;
+            *held.declined_by.lock().map_err(internal)? = Some(next.id);
+        }
+        None => {}
+    }
+    let mut via_memory = region.as_mut();
     let mut total = vec![0.0f32; buckets.iter().map(|b| b.end).max().unwrap_or(0)];
     let mut sent = RingSent::default();
     // Offsets in the regions: this worker's writes, and the previous

@@ -145,6 +145,60 @@ async fn a_ring_partly_through_shared_memory_equals_the_replay() {
     follows_the_one_process_algorithm(bucketed_mlp(), opts).await;
 }
 
+/// The shared memory a worker writes its ring pieces into counts against
+/// its datanode's job memory budget: the same job charges the datanodes
+/// together what every worker sends in a step, 2 (n - 1) gradients, more
+/// than when their rings go through the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_ring_memory_is_charged_to_the_job() {
+    let model = bucketed_mlp();
+    let through_memory = charged_mid_job(&model, Vec::new()).await;
+    let through_streams = charged_mid_job(&model, vec![0, 1, 2]).await;
+    let grad = 4 * model.param_count() as u64;
+    let extra = through_memory.saturating_sub(through_streams);
+    let want = 2 * (3 - 1) * grad;
+    assert!(
+        extra.abs_diff(want) < want / 50,
+        "{through_memory} bytes charged with shared memory, {through_streams} without: \
+         {extra} more, not the {want} of the regions"
+    );
+}
+
+/// The job bytes all datanodes report while a 3-worker job is past its
+/// fifth step.
+async fn charged_mid_job(model: &Model, ring_memory_off: Vec<usize>) -> u64 {
+    let c = TestCluster::start(Options {
+        ring_memory_off,
+        ..Options::default()
+    })
+    .await;
+    let client = c.client();
+    let ds = dataset(&client, 600, 9).await;
+    let opts = TrainOptions {
+        max_iter: Some(10_000),
+        epochs: 10_000,
+        ..options(model, 3)
+    };
+    let job = train_past_step_5(&client, ds, opts).await;
+    // Until two reports a few heartbeats apart give the same three charges.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = Vec::new();
+    let total = loop {
+        let usage = job_usage(&client).await;
+        if usage.len() == 3 && usage.iter().all(|&(j, b)| j == 1 && b > 0) && usage == last {
+            break usage.iter().map(|&(_, b)| b).sum();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job charges never settled: {usage:?}"
+        );
+        last = usage;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    };
+    job.abort();
+    total
+}
+
 /// The MLP fixture widened so its gradient spans several ring buckets.
 fn bucketed_mlp() -> Model {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/keras/mlp.json");
