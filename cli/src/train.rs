@@ -573,7 +573,7 @@ pub(crate) fn through_memory(s: &quern_client::TrainSummary) -> String {
     match s.ring_shared_bytes {
         0 => String::new(),
         shared => format!(
-            " ({:.0}% through shared memory)",
+            ", {:.0}% through shared memory",
             shared as f64 / moved * 100.0
         ),
     }
