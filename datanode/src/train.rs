@@ -255,14 +255,21 @@ async fn run_step(
             // A coordinator that gave up on the step stops its stream: the
             // ring stops waiting for the other workers then.
             let stopped = stream.stopped();
-            let sent;
-            (total, sent) = tokio::select! {
+            let (sums, sent) = tokio::select! {
                 done = &mut task.0 => done.map_err(internal)??,
                 () = stopped => return Err(WireError::new(
                     ErrorCode::Protocol,
                     format!("{}: the coordinator gave up on round {round}", node.describe()),
                 )),
             };
+            // The step's own gradient, sent round already, takes the sums:
+            // no second gradient-sized buffer to zero each step.
+            for (range, values) in sums {
+                total
+                    .get_mut(range.clone())
+                    .ok_or_else(|| internal(format!("ring bucket {range:?} past the gradient")))?
+                    .copy_from_slice(&values);
+            }
             r.ring_bytes = sent.bytes;
             r.ring_shared_bytes = sent.shared;
         }
@@ -284,7 +291,11 @@ async fn run_step(
 }
 
 /// The ring task of one step; stopped when the step ends early.
-struct RingTask(tokio::task::JoinHandle<Result<(Vec<f32>, RingSent), WireError>>);
+struct RingTask(tokio::task::JoinHandle<Result<(RingSums, RingSent), WireError>>);
+
+/// The ring's totals, bucket by bucket: each bucket's range of the
+/// gradient and its values.
+type RingSums = Vec<(std::ops::Range<usize>, Vec<f32>)>;
 
 impl Drop for RingTask {
     fn drop(&mut self) {
@@ -296,7 +307,7 @@ impl Drop for RingTask {
 /// hands them over: sends partial sums to the next worker, adds (then
 /// copies) what the previous one sends. Pieces go through shared memory
 /// where the neighbour shares this host ([`crate::shared_ring`]). Returns
-/// the whole gradient's total and the bytes sent (what it receives,
+/// the totals bucket by bucket and the bytes sent (what it receives,
 /// another worker counts as sent).
 #[allow(clippy::too_many_arguments)]
 async fn all_reduce(
@@ -308,7 +319,7 @@ async fn all_reduce(
     buckets: Vec<std::ops::Range<usize>>,
     mut parts: tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<f32>)>,
     wait: std::time::Duration,
-) -> Result<(Vec<f32>, RingSent), WireError> {
+) -> Result<(RingSums, RingSent), WireError> {
     let n = ring.peers.len();
     let pos = ring.position as usize;
     if pos >= n {
@@ -372,7 +383,7 @@ async fn all_reduce(
         None => {}
     }
     let mut via_memory = region.as_mut();
-    let mut total = vec![0.0f32; buckets.iter().map(|b| b.end).max().unwrap_or(0)];
+    let mut sums = Vec::with_capacity(buckets.len());
     let mut sent = RingSent::default();
     // Offsets in the regions: this worker's writes, and the previous
     // worker's as this one reads them, in the same order.
@@ -447,7 +458,7 @@ async fn all_reduce(
             }
             read_at += mine.len() as u64 * 4;
         }
-        total[range.clone()].copy_from_slice(&values);
+        sums.push((range.clone(), values));
     }
     out.finish().map_err(|e| lost(next, &e))?;
     // Everything the previous worker wrote has been read: it may reuse
@@ -460,7 +471,7 @@ async fn all_reduce(
     if let Some(region) = region {
         *held.outbound.lock().map_err(internal)? = Some(region);
     }
-    Ok((total, sent))
+    Ok((sums, sent))
 }
 
 /// Bytes a ring worker sends in one step.
