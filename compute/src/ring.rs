@@ -60,11 +60,18 @@ pub fn turns(position: usize, n: usize) -> Vec<Turn> {
     reduce.chain(gather).collect()
 }
 
-/// Adds the arriving partial sum into this worker's values (IEEE addition
-/// commutes exactly, so this is the partial sum plus this worker's part).
-pub fn add_arrived(mine: &mut [f32], arrived: &[f32]) {
-    for (m, a) in mine.iter_mut().zip(arrived) {
-        *m += *a;
+/// Takes a piece that arrived (little-endian f32, from the connection or
+/// a neighbour's shared memory) into this worker's values: added in a
+/// reduce-scatter turn (IEEE addition commutes exactly, so this is the
+/// partial sum plus this worker's part), copied in an all-gather one.
+pub fn take_arrived(mine: &mut [f32], arrived: &[u8], add: bool) {
+    let arrived = arrived
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if add {
+        mine.iter_mut().zip(arrived).for_each(|(m, a)| *m += a);
+    } else {
+        mine.iter_mut().zip(arrived).for_each(|(m, a)| *m = a);
     }
 }
 
@@ -192,11 +199,8 @@ mod tests {
                 let from = (p + n - 1) % n;
                 assert_eq!(plans[from][t].send, turn.recv, "worker {p} turn {t}");
                 let seg = segs[turn.recv].clone();
-                if turn.add {
-                    add_arrived(&mut bufs[p][seg], &sent[from]);
-                } else {
-                    bufs[p][seg].copy_from_slice(&sent[from]);
-                }
+                let arrived = crate::train::f32s_to_le(&sent[from]);
+                take_arrived(&mut bufs[p][seg], &arrived, turn.add);
             }
         }
         bufs

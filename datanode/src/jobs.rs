@@ -52,19 +52,28 @@ pub(crate) struct Job {
     /// Ring streams from the previous worker, by step round: whichever of
     /// the stream and this node's step comes first waits for the other.
     inbox: Mutex<HashMap<u64, Inbox>>,
-    /// Where this worker writes the pieces it sends round the ring, when
-    /// the next worker shares its host: made at the first ring step, taken
-    /// by each step's ring and put back when it ends well.
-    pub(crate) outbound: Mutex<Option<Outbound>>,
-    /// The size of that region, charged with the job's memory.
-    pub(crate) region_bytes: AtomicU64,
-    /// The next worker that declined the region (another host, say): not
-    /// offered one again.
-    pub(crate) declined_by: Mutex<Option<quern_proto::NodeId>>,
+    /// This worker's side of the ring's shared memory.
+    pub(crate) ring_out: Mutex<RingOut>,
     /// The previous worker's last offer of a region, and the region mapped
     /// (none when it could not be: another host, say), so that an offer
     /// repeated every step is tried once.
     pub(crate) inbound: Mutex<Option<(SharedRing, Option<Arc<Inbound>>)>>,
+}
+
+/// What a worker keeps of the shared memory it offers the next worker of
+/// its ring.
+#[derive(Default)]
+pub(crate) struct RingOut {
+    /// Where it writes the pieces it sends when the next worker shares its
+    /// host: made at the first ring step, taken by each step's ring and
+    /// put back when it ends well.
+    pub(crate) region: Option<Outbound>,
+    /// The region's size once the next worker accepted it, charged with
+    /// the job's memory.
+    pub(crate) charged: u64,
+    /// The next worker that declined a region (another host, say): not
+    /// offered one again.
+    pub(crate) declined_by: Option<quern_proto::NodeId>,
 }
 
 /// A ring stream from the previous worker, with its region when the two
@@ -247,9 +256,7 @@ impl Jobs {
                     busy: AtomicUsize::new(0),
                     bytes: AtomicU64::new(0),
                     inbox: Mutex::new(HashMap::new()),
-                    outbound: Mutex::new(None),
-                    region_bytes: AtomicU64::new(0),
-                    declined_by: Mutex::new(None),
+                    ring_out: Mutex::default(),
                     inbound: Mutex::new(None),
                 });
                 jobs.insert(id, j.clone());

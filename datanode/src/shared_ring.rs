@@ -126,20 +126,6 @@ impl Inbound {
     }
 }
 
-/// Adds little-endian f32 `bytes` into `mine`.
-pub(crate) fn add_from(mine: &mut [f32], bytes: &[u8]) {
-    for (m, b) in mine.iter_mut().zip(bytes.chunks_exact(4)) {
-        *m += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-}
-
-/// Overwrites `mine` with little-endian f32 `bytes`.
-pub(crate) fn copy_from(mine: &mut [f32], bytes: &[u8]) {
-    for (m, b) in mine.iter_mut().zip(bytes.chunks_exact(4)) {
-        *m = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-}
-
 /// The byte range of `values` f32 values at `at`, if inside `len`.
 fn span(at: u64, values: usize, len: u64) -> Result<std::ops::Range<usize>, String> {
     let bytes = values as u64 * 4;
@@ -229,6 +215,7 @@ fn fd_path(file: &File) -> String {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+    use quern_compute::ring::take_arrived;
 
     #[test]
     fn a_receiver_reads_what_the_sender_wrote() {
@@ -236,9 +223,9 @@ mod tests {
         out.write(8, &[1.5, -2.0, 3.25]).unwrap();
         let inb = Inbound::attach(out.offer()).unwrap();
         let mut mine = [10.0f32, 20.0, 30.0];
-        add_from(&mut mine, inb.piece(8, 3).unwrap());
+        take_arrived(&mut mine, inb.piece(8, 3).unwrap(), true);
         assert_eq!(mine, [11.5, 18.0, 33.25]);
-        copy_from(&mut mine, inb.piece(8, 3).unwrap());
+        take_arrived(&mut mine, inb.piece(8, 3).unwrap(), false);
         assert_eq!(mine, [1.5, -2.0, 3.25]);
     }
 

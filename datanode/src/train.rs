@@ -14,7 +14,7 @@
 
 use crate::jobs::{internal, owned, Job, RingIn};
 use crate::node::Node;
-use crate::shared_ring::{self, Inbound, Outbound};
+use crate::shared_ring::{Inbound, Outbound};
 use crate::tasks::{fetch_remote, read_local};
 use quern_compute::nn::BatchSync;
 use quern_compute::ops;
@@ -221,7 +221,7 @@ async fn run_step(
         // The batch buffers, a --sync K optimizer and the ring's shared
         // region come at the first steps: charge what the worker really
         // holds.
-        let region = job.region_bytes.load(Ordering::SeqCst);
+        let region = job.ring_out.lock().map_or(0, |o| o.charged);
         job.bytes
             .fetch_max(w.memory_bytes() + region, Ordering::SeqCst);
         drop(w);
@@ -339,12 +339,7 @@ async fn all_reduce(
             ),
         )
     };
-    let declined = *held.declined_by.lock().map_err(internal)? == Some(next.id);
-    let mut region = if node.cfg.ring_shared_memory && !declined {
-        outbound(&held, sent_per_round(&buckets, pos, n))
-    } else {
-        None
-    };
+    let mut region = outbound(&node, &held, next.id, sent_per_round(&buckets, pos, n));
     let request = TrainRing {
         job,
         round: ring.round,
@@ -373,14 +368,15 @@ async fn all_reduce(
         .await
         .map_err(|e| lost(prev, &e))?;
     let joined: RingJoined = out.reply().await.map_err(|e| lost(next, &e))?;
-    match &region {
-        Some(r) if joined.shared => held.region_bytes.store(r.offer().len, Ordering::SeqCst),
-        Some(_) => {
+    if let Some(r) = &region {
+        let mut kept = held.ring_out.lock().map_err(internal)?;
+        if joined.shared {
+            kept.charged = r.offer().len;
+        } else {
             // Neither kept nor charged for a neighbour that cannot read it.
+            kept.declined_by = Some(next.id);
             region = None;
-            *held.declined_by.lock().map_err(internal)? = Some(next.id);
         }
-        None => {}
     }
     let mut via_memory = region.as_mut();
     let mut sums = Vec::with_capacity(buckets.len());
@@ -429,7 +425,7 @@ async fn all_reduce(
             done.map_err(|e| lost(next, &e))?;
             let arrived = arrived.map_err(|e| lost(prev, &e))?;
             let mine = &mut values[incoming];
-            match &inbound {
+            let src = match &inbound {
                 Some(region) => {
                     let at = <[u8; 8]>::try_from(&arrived[..])
                         .map(u64::from_le_bytes)
@@ -440,22 +436,11 @@ async fn all_reduce(
                             &format!("a shared piece at offset {at} where {read_at} was due"),
                         ));
                     }
-                    let src = region.piece(at, mine.len()).map_err(|e| lost(prev, &e))?;
-                    if turn.add {
-                        shared_ring::add_from(mine, src);
-                    } else {
-                        shared_ring::copy_from(mine, src);
-                    }
+                    region.piece(at, mine.len()).map_err(|e| lost(prev, &e))?
                 }
-                None => {
-                    let arrived = f32s_from_le(&arrived).map_err(|e| lost(prev, &e))?;
-                    if turn.add {
-                        ring::add_arrived(mine, &arrived);
-                    } else {
-                        mine.copy_from_slice(&arrived);
-                    }
-                }
-            }
+                None => &arrived[..],
+            };
+            ring::take_arrived(mine, src, turn.add);
             read_at += mine.len() as u64 * 4;
         }
         sums.push((range.clone(), values));
@@ -468,8 +453,8 @@ async fn all_reduce(
     out.recv_body_waiting(1, wait)
         .await
         .map_err(|e| lost(next, &e))?;
-    if let Some(region) = region {
-        *held.outbound.lock().map_err(internal)? = Some(region);
+    if region.is_some() {
+        held.ring_out.lock().map_err(internal)?.region = region;
     }
     Ok((sums, sent))
 }
@@ -497,10 +482,20 @@ fn sent_per_round(buckets: &[std::ops::Range<usize>], pos: usize, n: usize) -> u
         .sum()
 }
 
-/// The job's region for `len` bytes of pieces: the one of the last step,
-/// or a new one; none where shared memory cannot be had.
-fn outbound(job: &Job, len: u64) -> Option<Outbound> {
-    let kept = job.outbound.lock().ok()?.take();
+/// The job's region for `len` bytes of pieces to `next`: the one of the
+/// last step, or a new one; none where shared memory is turned off or
+/// cannot be had, or `next` declined it.
+fn outbound(node: &Node, job: &Job, next: quern_proto::NodeId, len: u64) -> Option<Outbound> {
+    if !node.cfg.ring_shared_memory {
+        return None;
+    }
+    let kept = {
+        let mut out = job.ring_out.lock().ok()?;
+        if out.declined_by == Some(next) {
+            return None;
+        }
+        out.region.take()
+    };
     if let Some(region) = kept.filter(|r| r.offer().len == len) {
         return Some(region);
     }
