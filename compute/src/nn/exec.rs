@@ -293,6 +293,7 @@ impl Exec<'_> {
                     },
                 )
             };
+            super::buffers::hand_back(y);
             for (d, &pi) in dw.iter().zip(&layer.params) {
                 let s = &self.specs[pi];
                 if s.trainable {

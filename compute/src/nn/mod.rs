@@ -12,6 +12,7 @@
 
 mod activation;
 mod bench;
+mod buffers;
 mod compile;
 mod config;
 mod error;

@@ -672,7 +672,13 @@ impl Op for Conv {
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let g = self.geom(&cx.ins[0]).expect("shapes checked at build");
-        let mut y = vec![0.0f32; cx.n * size(cx.out)];
+        let len = cx.n * size(cx.out);
+        let mut y = if self.is_depthwise(&g) {
+            vec![0.0f32; len]
+        } else {
+            // Every path of `conv_then` writes every value.
+            crate::nn::buffers::overwritten(len)
+        };
         let bias = self.w.use_bias.then(|| cx.w[1]);
         if self.is_depthwise(&g) {
             self.depthwise(&g).forward(xs[0], cx.w[0], &mut y);
@@ -722,6 +728,7 @@ impl Op for Conv {
                 b.need[0],
             )
         };
+        crate::nn::buffers::hand_back(b.dy);
         vec![dx]
     }
 
@@ -1249,5 +1256,52 @@ impl Geom {
     ) -> Option<Vec<f32>> {
         debug_assert_eq!(dy.len(), n * self.oh * self.ow * filters);
         self.conv_backward(&[], w, filters, 1, dy, None, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Padding;
+    use super::*;
+
+    /// Every path of the forward convolution writes every output value, so
+    /// a buffer from an earlier step can take the output unzeroed: one
+    /// full of NaN gives the bits a zeroed one gives.
+    #[test]
+    fn the_forward_pass_writes_every_output_value() {
+        let mut seed = 3u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        // Pointwise, Winograd, the direct kernel, im2col, im2col in groups,
+        // strided and dilated.
+        for (hwc, k, strides, dil, filters, groups, pad) in [
+            ([6, 5, 8], 1, 1, 1, 12, 1, Padding::Valid),
+            ([9, 7, 16], 5, 1, 1, 16, 1, Padding::Same),
+            ([11, 9, 1], 5, 1, 1, 32, 1, Padding::Same),
+            ([8, 8, 6], 3, 1, 1, 10, 1, Padding::Same),
+            ([8, 7, 6], 3, 1, 1, 9, 3, Padding::Valid),
+            ([9, 9, 4], 3, 2, 1, 8, 1, Padding::Same),
+            ([10, 9, 4], 3, 1, 2, 8, 1, Padding::Valid),
+        ] {
+            let g = Geom::new(hwc, [k, k], [strides, strides], [dil, dil], Pad::Keras(pad))
+                .expect("a valid geometry");
+            let n = 3;
+            let x: Vec<f32> = (0..n * g.per_in()).map(|_| rnd()).collect();
+            let w: Vec<f32> = (0..k * k * hwc[2] / groups * filters)
+                .map(|_| rnd())
+                .collect();
+            let len = n * g.oh * g.ow * filters;
+            let mut zeroed = vec![0.0f32; len];
+            g.conv_then(&x, &w, filters, groups, &mut zeroed, &|_| {});
+            let mut stale = vec![f32::NAN; len];
+            g.conv_then(&x, &w, filters, groups, &mut stale, &|_| {});
+            let same = stale
+                .iter()
+                .zip(&zeroed)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{hwc:?} k{k} s{strides} d{dil} groups {groups}");
+        }
     }
 }

@@ -113,13 +113,16 @@ impl Op for Pool {
         let per_out = g.oh * g.ow * g.c;
         let c = g.c;
         let n = cx.n;
+        // Each sample's output is set before it is computed, on the
+        // thread that computes it.
+        let mut y = crate::nn::buffers::overwritten(n * per_out);
         if self.max {
-            let mut y = vec![f32::NEG_INFINITY; n * per_out];
             let mut arg = vec![0u32; n * per_out];
             y.par_chunks_mut(per_out.max(1))
                 .zip(arg.par_chunks_mut(per_out.max(1)))
                 .zip(xs[0].par_chunks(per_in.max(1)))
                 .for_each(|((ys, args), src)| {
+                    ys.fill(f32::NEG_INFINITY);
                     for oy in 0..g.oh {
                         for ox in 0..g.ow {
                             let o = (oy * g.ow + ox) * c;
@@ -149,10 +152,10 @@ impl Op for Pool {
                 });
             (y, saved(Argmax(arg)))
         } else {
-            let mut y = vec![0.0f32; n * per_out];
             y.par_chunks_mut(per_out.max(1))
                 .zip(xs[0].par_chunks(per_in.max(1)))
                 .for_each(|(ys, src)| {
+                    ys.fill(0.0);
                     for oy in 0..g.oh {
                         for ox in 0..g.ow {
                             let o = (oy * g.ow + ox) * c;
@@ -183,7 +186,9 @@ impl Op for Pool {
         let per_in = g.per_in();
         let per_out = g.oh * g.ow * g.c;
         let c = g.c;
-        let mut dx = vec![0.0f32; cx.n * per_in];
+        // Zeroed a sample at a time, on the thread that then adds into it,
+        // while it is in that core's cache.
+        let mut dx = crate::nn::buffers::overwritten(cx.n * per_in);
         if self.max {
             let Some(Argmax(arg)) = get_saved::<Argmax>(b.saved) else {
                 unreachable!("max pooling always records its argmax")
@@ -194,6 +199,7 @@ impl Op for Pool {
                         .zip(arg.par_chunks(per_out.max(1))),
                 )
                 .for_each(|(dst, (d, a))| {
+                    dst.fill(0.0);
                     for (d, a) in d.iter().zip(a) {
                         dst[*a as usize] += d;
                     }
@@ -202,6 +208,7 @@ impl Op for Pool {
             dx.par_chunks_mut(per_in.max(1))
                 .zip(b.dy.par_chunks(per_out.max(1)))
                 .for_each(|(dst, d)| {
+                    dst.fill(0.0);
                     for oy in 0..g.oh {
                         for ox in 0..g.ow {
                             let o = (oy * g.ow + ox) * c;
@@ -295,7 +302,8 @@ impl Op for Global {
         let c = *cx.ins[0].last().unwrap_or(&1);
         let per = size(&cx.ins[0]);
         let positions = per / c.max(1);
-        let mut dx = vec![0.0f32; cx.n * per];
+        // Every value is set below, a sample at a time.
+        let mut dx = crate::nn::buffers::overwritten(cx.n * per);
         if self.max {
             let Some(Argmax(arg)) = get_saved::<Argmax>(b.saved) else {
                 unreachable!("global max pooling always records its argmax")
@@ -303,6 +311,7 @@ impl Op for Global {
             dx.par_chunks_mut(per.max(1))
                 .zip(b.dy.par_chunks(c.max(1)).zip(arg.par_chunks(c.max(1))))
                 .for_each(|(dst, (d, a))| {
+                    dst.fill(0.0);
                     for (d, a) in d.iter().zip(a) {
                         dst[*a as usize] += d;
                     }

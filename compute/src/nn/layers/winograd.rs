@@ -158,9 +158,9 @@ impl Transforms {
     /// positions, `c` values (the run's tiles' channels, zeros outside the
     /// input); position e of the result goes to `v[e * stride ..][..c]`.
     /// Transforming a run of tiles at once keeps the inner loops long.
-    fn input_tile(&self, d: &[f32], c: usize, tmp: &mut [f32], v: &mut [f32], stride: usize) {
+    fn input_tile(&self, d: (&[f32], usize), c: usize, tmp: &mut [f32], v: (&mut [f32], usize)) {
         let bt = Side::new(&self.bt, self.a, self.a);
-        sandwich(bt, (d, c), (v, stride), c, false, tmp);
+        sandwich(bt, d, v, c, false, tmp);
     }
 
     /// A dY A' for a run of 2x2 blocks of output gradients (`f` values for
@@ -199,9 +199,8 @@ impl<'a> Side<'a> {
 /// `cols x cols` grid of `len`-long vectors, vector (i, j) starting at
 /// `x.0[(i * cols + j) * x.1]`; Y is the `rows x rows` grid written (or,
 /// with `add`, added) with vector (i, j) at `y.0[(i * rows + j) * y.1]`.
-/// One row of LX at a time, in `tmp` (`cols * len` long), so the
-/// intermediate stays in L1. Zero entries of L are skipped; each output
-/// sums its terms in index order.
+/// Zero entries of L are skipped; each output sums its terms in index
+/// order, whichever path runs, so every path gives the same bits.
 fn sandwich(
     l: Side<'_>,
     x: (&[f32], usize),
@@ -210,27 +209,34 @@ fn sandwich(
     add: bool,
     tmp: &mut [f32],
 ) {
+    let (yv, ys) = y;
+    #[allow(unused_mut)]
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected on this CPU.
-        return unsafe { sandwich_avx2(l, x, y, len, add, tmp) };
+    {
+        let m = (l.m, l.rows, l.cols);
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was just detected on this CPU.
+            done = unsafe { super::winograd_lanes::sandwich_512(m, x, (&mut *yv, ys), len, add) };
+        } else if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: AVX was just detected on this CPU.
+            done = unsafe { super::winograd_lanes::sandwich_256(m, x, (&mut *yv, ys), len, add) };
+        }
     }
-    sandwich_any(l, x, y, len, add, tmp)
+    if done < len {
+        sandwich_any(
+            l,
+            (&x.0[done..], x.1),
+            (&mut yv[done..], ys),
+            len - done,
+            add,
+            tmp,
+        );
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sandwich_avx2(
-    l: Side<'_>,
-    x: (&[f32], usize),
-    y: (&mut [f32], usize),
-    len: usize,
-    add: bool,
-    tmp: &mut [f32],
-) {
-    sandwich_any(l, x, y, len, add, tmp)
-}
-
+/// The transform on whole `len`-long rows, one row of LX at a time in
+/// `tmp` (`cols * len` long): any shape, any length.
 #[inline(always)]
 fn sandwich_any(
     l: Side<'_>,
@@ -312,6 +318,15 @@ fn sample_blocks(n: usize, tiles_per_sample: usize) -> usize {
     (BLOCK_TILES / tiles_per_sample.max(1)).clamp(1, n.max(1))
 }
 
+/// The distance between the planes of a block's tile positions (one per
+/// position, `n` values each): one cache line more than `n`, so the
+/// transforms' 36 streams, a plane apart, do not land in the same L1 set
+/// (block sizes are multiples of 4 KiB, and a plane distance of one
+/// missed L1 at every read).
+fn plane(n: usize) -> usize {
+    n + 16
+}
+
 struct Tiling<'g> {
     g: &'g Geom,
     th: usize,
@@ -358,8 +373,9 @@ impl Tiling<'_> {
         let (a, c) = (tr.a, g.c);
         let samples = xs.len() / g.per_in().max(1);
         let tiles = samples * self.per_sample();
-        v.resize(a * a * tiles * c, 0.0);
-        let mut d = vec![0.0f32; a * a * RUN * c];
+        v.resize(a * a * plane(tiles * c), 0.0);
+        let ds = plane(RUN * c);
+        let mut d = vec![0.0f32; a * a * ds];
         let mut tmp = vec![0.0f32; a * RUN * c];
         let mut t0 = 0;
         while t0 < tiles {
@@ -369,9 +385,10 @@ impl Tiling<'_> {
                 let t = t0 + k;
                 let (s, tt) = (t / self.per_sample(), t % self.per_sample());
                 let x = &xs[s * g.per_in()..][..g.per_in()];
-                self.gather(x, tt, a, &mut d[k * c..], len);
+                self.gather(x, tt, a, &mut d[k * c..], ds);
             }
-            tr.input_tile(&d, len, &mut tmp, &mut v[t0 * c..], tiles * c);
+            let v = (&mut v[t0 * c..], plane(tiles * c));
+            tr.input_tile((&d, ds), len, &mut tmp, v);
             t0 += run;
         }
         tiles
@@ -411,15 +428,15 @@ fn run_forward(
         .for_each(|(yc, xc)| {
             with_scratch(|v, m| {
                 let tiles = tiling.input(tr, xc, v);
-                m.resize(a * a * tiles * f, 0.0);
+                m.resize(a * a * plane(tiles * f), 0.0);
                 for e in 0..a * a {
                     gemm_serial(
                         tiles,
                         c,
                         f,
-                        Mat::rows(&v[e * tiles * c..][..tiles * c], c),
+                        Mat::rows(&v[e * plane(tiles * c)..][..tiles * c], c),
                         Mat::rows(&u[e * c * f..][..c * f], f),
-                        &mut m[e * tiles * f..][..tiles * f],
+                        &mut m[e * plane(tiles * f)..][..tiles * f],
                         false,
                     );
                 }
@@ -429,7 +446,7 @@ fn run_forward(
                 while t0 < tiles {
                     let run = RUN.min(tiles - t0);
                     let len = run * f;
-                    tr.output_tile(&m[t0 * f..], len, tiles * f, &mut tmp, &mut out);
+                    tr.output_tile(&m[t0 * f..], len, plane(tiles * f), &mut tmp, &mut out);
                     for k in 0..run {
                         let t = t0 + k;
                         let (s, tt) = (t / tiling.per_sample(), t % tiling.per_sample());
@@ -508,7 +525,8 @@ pub(crate) fn backward(
         let gi = input_grad_geom(g, f);
         let u = tr.kernel(&flipped, f, c);
         let n = dy.len() / (g.oh * g.ow * f).max(1);
-        let mut dx = vec![0.0f32; n * g.per_in()];
+        // Every input pixel is written.
+        let mut dx = crate::nn::buffers::overwritten(n * g.per_in());
         run_forward(&gi, &tr, &u, dy, c, &mut dx, &|_| {});
         dx
     });
@@ -531,7 +549,7 @@ pub(crate) fn backward(
                         .zip(xg.chunks((sb * g.per_in()).max(1)))
                     {
                         let tiles = tiling.input(&tr, xc, v);
-                        z.resize(a * a * tiles * f, 0.0);
+                        z.resize(a * a * plane(tiles * f), 0.0);
                         let mut t0 = 0;
                         while t0 < tiles {
                             let run = RUN.min(tiles - t0);
@@ -554,7 +572,7 @@ pub(crate) fn backward(
                                     }
                                 }
                             }
-                            tr.grad_tile(&d, len, &mut tmp, &mut z[t0 * f..], tiles * f);
+                            tr.grad_tile(&d, len, &mut tmp, &mut z[t0 * f..], plane(tiles * f));
                             t0 += run;
                         }
                         for e in 0..a * a {
@@ -562,8 +580,8 @@ pub(crate) fn backward(
                                 c,
                                 tiles,
                                 f,
-                                Mat::rows_t(&v[e * tiles * c..][..tiles * c], c),
-                                Mat::rows(&z[e * tiles * f..][..tiles * f], f),
+                                Mat::rows_t(&v[e * plane(tiles * c)..][..tiles * c], c),
+                                Mat::rows(&z[e * plane(tiles * f)..][..tiles * f], f),
                                 &mut du[e * c * f..][..c * f],
                                 true,
                             );
@@ -610,6 +628,51 @@ mod tests {
                     (got - want).abs() < 1e-4,
                     "r {r} output {i}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    /// The lane-blocked transforms (the CPU's widest vectors) give the
+    /// bits of the plain row-by-row loop, for every transform of both
+    /// kernel sizes, odd lengths, zeros of both signs, written or added.
+    #[test]
+    fn blocked_transforms_give_the_same_bits() {
+        let mut seed = 5u32;
+        for r in [3, 5] {
+            let tr = Transforms::new(r);
+            let (a, m) = (tr.a, M);
+            let sides = [
+                (&tr.g, a, r),
+                (&tr.gt, r, a),
+                (&tr.bt, a, a),
+                (&tr.at, m, a),
+                (&tr.a_cols, a, m),
+            ];
+            for (mat, rows, cols) in sides {
+                let l = Side::new(mat, rows, cols);
+                for len in [1, 15, 16, 17, 48, 77] {
+                    for add in [false, true] {
+                        let (xs, ys) = (len + 3, len + 5);
+                        let x: Vec<f32> = (0..cols * cols * xs)
+                            .map(|i| match i % 11 {
+                                0 => 0.0,
+                                1 => -0.0,
+                                _ => rnd(&mut seed) * 1e3,
+                            })
+                            .collect();
+                        let y0: Vec<f32> = (0..rows * rows * ys).map(|_| rnd(&mut seed)).collect();
+                        let mut tmp = vec![0.0f32; cols * len];
+                        let mut want = y0.clone();
+                        sandwich_any(l, (&x, xs), (&mut want, ys), len, add, &mut tmp);
+                        let mut got = y0.clone();
+                        sandwich(l, (&x, xs), (&mut got, ys), len, add, &mut tmp);
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(g, w)| g.to_bits() == w.to_bits());
+                        assert!(same, "r {r}, {rows}x{cols}, len {len}, add {add}");
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,105 @@
+//! Large activation and gradient buffers kept from one training step for
+//! the next.
+//!
+//! A step allocates the same shapes every time. Allocated afresh, each
+//! buffer is zero-filled by one thread before the kernel that overwrites
+//! it runs (the seed CNN's first convolution spent 0.9 of its 2 ms forward
+//! pass there). Layers hand back the buffers they are done with; a layer
+//! that writes every value of its output takes one of the same length,
+//! with whatever it held, and one that needs zeros fills each block in
+//! parallel, right before writing it.
+
+use std::sync::Mutex;
+
+/// Buffers shorter than this are left to the allocator: zeroing them costs
+/// little, and the pool stays short.
+const SMALLEST: usize = 1 << 16;
+
+/// Most buffers kept, and most values in them: a few steps' worth of the
+/// largest layers, not a second copy of a model's activations.
+const MOST_BUFFERS: usize = 16;
+const MOST_VALUES: usize = 1 << 25;
+
+static POOL: Pool = Pool(Mutex::new(Vec::new()));
+
+/// A buffer of `len` values whose every value the caller writes before
+/// reading it: one handed back earlier (holding its old values) or, if
+/// none fits, a new zeroed one.
+pub(crate) fn overwritten(len: usize) -> Vec<f32> {
+    POOL.take(len)
+}
+
+/// Hands back a buffer no longer used, for [`overwritten`] to give out.
+pub(crate) fn hand_back(buf: Vec<f32>) {
+    POOL.keep(buf)
+}
+
+struct Pool(Mutex<Vec<Vec<f32>>>);
+
+impl Pool {
+    fn take(&self, len: usize) -> Vec<f32> {
+        if len >= SMALLEST {
+            if let Ok(mut pool) = self.0.lock() {
+                if let Some(i) = pool.iter().rposition(|b| b.len() == len) {
+                    return pool.swap_remove(i);
+                }
+            }
+        }
+        vec![0.0; len]
+    }
+
+    /// Keeps `buf`, dropping the oldest buffers to stay within bounds.
+    fn keep(&self, buf: Vec<f32>) {
+        if buf.len() < SMALLEST || buf.len() > MOST_VALUES {
+            return;
+        }
+        let Ok(mut pool) = self.0.lock() else { return };
+        let mut held: usize = pool.iter().map(Vec::len).sum();
+        while !pool.is_empty() && (pool.len() >= MOST_BUFFERS || held + buf.len() > MOST_VALUES) {
+            held -= pool.remove(0).len();
+        }
+        pool.push(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_handed_back_is_given_out_again_for_its_length_only() {
+        let pool = Pool(Mutex::new(Vec::new()));
+        let len = SMALLEST + 5;
+        let mut b = pool.take(len);
+        assert!(b.iter().all(|&v| v == 0.0), "a new buffer is zeroed");
+        b[7] = 3.5;
+        let at = b.as_ptr();
+        pool.keep(b);
+        assert_eq!(pool.take(len + 1).len(), len + 1);
+        let again = pool.take(len);
+        assert_eq!(again.as_ptr(), at, "the same memory, not a new allocation");
+        assert_eq!(again[7], 3.5, "its old values, not zeroed");
+        assert!(pool.take(len).iter().all(|&v| v == 0.0), "given out once");
+        pool.keep(vec![1.0; 10]);
+        assert!(
+            pool.take(10).iter().all(|&v| v == 0.0),
+            "small ones are not kept"
+        );
+    }
+
+    #[test]
+    fn the_pool_keeps_the_newest_within_its_bounds() {
+        let pool = Pool(Mutex::new(Vec::new()));
+        for i in 0..MOST_BUFFERS + 3 {
+            pool.keep(vec![i as f32; SMALLEST]);
+        }
+        let held = pool
+            .0
+            .lock()
+            .map(|p| p.iter().map(|b| b[0] as usize).collect::<Vec<_>>());
+        assert_eq!(held.ok(), Some((3..MOST_BUFFERS + 3).collect::<Vec<_>>()));
+        pool.keep(vec![0.0; MOST_VALUES - SMALLEST]);
+        let values: usize = pool.0.lock().map_or(0, |p| p.iter().map(Vec::len).sum());
+        assert!(values <= MOST_VALUES, "{values} values held");
+    }
+}
