@@ -664,13 +664,33 @@ mod tests {
                         let mut tmp = vec![0.0f32; cols * len];
                         let mut want = y0.clone();
                         sandwich_any(l, (&x, xs), (&mut want, ys), len, add, &mut tmp);
+                        let same = |got: &[f32]| {
+                            got.iter()
+                                .zip(&want)
+                                .all(|(g, w)| g.to_bits() == w.to_bits())
+                        };
                         let mut got = y0.clone();
                         sandwich(l, (&x, xs), (&mut got, ys), len, add, &mut tmp);
-                        let same = got
-                            .iter()
-                            .zip(&want)
-                            .all(|(g, w)| g.to_bits() == w.to_bits());
-                        assert!(same, "r {r}, {rows}x{cols}, len {len}, add {add}");
+                        assert!(same(&got), "r {r}, {rows}x{cols}, len {len}, add {add}");
+                        // The AVX path too, on a CPU that would take AVX-512.
+                        #[cfg(target_arch = "x86_64")]
+                        if std::arch::is_x86_feature_detected!("avx") {
+                            let mut got = y0.clone();
+                            let m = (l.m, rows, cols);
+                            // SAFETY: AVX was just detected on this CPU.
+                            let done = unsafe {
+                                super::super::winograd_lanes::sandwich_256(
+                                    m,
+                                    (&x, xs),
+                                    (&mut got, ys),
+                                    len,
+                                    add,
+                                )
+                            };
+                            let rest = (&mut got[done..], ys);
+                            sandwich_any(l, (&x[done..], xs), rest, len - done, add, &mut tmp);
+                            assert!(same(&got), "AVX: r {r}, {rows}x{cols}, len {len}");
+                        }
                     }
                 }
             }
