@@ -187,8 +187,10 @@ impl Exec<'_> {
         let g = self.graph;
         let req = self.requires_grad();
         let mut first_call = vec![usize::MAX; g.layers.len()];
+        let mut calls = vec![0usize; g.layers.len()];
         for (ci, c) in g.calls.iter().enumerate().rev() {
             first_call[c.layer] = ci;
+            calls[c.layer] += 1;
         }
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; g.shapes.len()];
         grads[g.output] = Some(dy);
@@ -204,7 +206,7 @@ impl Exec<'_> {
                 &mut grads,
                 &req,
                 (dy_is_preact && Some(ci) == last_call, sync),
-                grad,
+                (grad, calls[layer_index] == 1),
             );
             if first_call[layer_index] == ci {
                 finished(layer_index, grad);
@@ -225,7 +227,7 @@ impl Exec<'_> {
         grads: &mut [Option<Vec<f32>>],
         req: &[bool],
         (skip_act, sync): (bool, Option<&dyn BatchSync>),
-        grad: &mut [f32],
+        (grad, only_call): (&mut [f32], bool),
     ) {
         let g = self.graph;
         {
@@ -245,15 +247,30 @@ impl Exec<'_> {
                 tape.vals[call.output] = None;
                 return;
             }
-            let mut dw: Vec<Vec<f32>> = if trains {
-                layer
+            // A layer called once whose weights all train writes its
+            // gradients straight into the step's (zero until then); one
+            // called again, or with statistics among its weights, into
+            // zeroed buffers added after.
+            let ranges: Vec<std::ops::Range<usize>> = layer
+                .params
+                .iter()
+                .map(|&pi| self.specs[pi].offset..self.specs[pi].offset + self.specs[pi].len)
+                .collect();
+            let all_train = layer.params.iter().all(|&pi| self.specs[pi].trainable);
+            let direct = if trains && only_call && all_train {
+                disjoint_parts(grad, &ranges)
+            } else {
+                None
+            };
+            let mut own: Vec<Vec<f32>> = match (&direct, trains) {
+                (None, true) => layer
                     .decls
                     .iter()
                     .map(|d| vec![0.0; d.shape.iter().product()])
-                    .collect()
-            } else {
-                Vec::new()
+                    .collect(),
+                _ => Vec::new(),
             };
+            let added = direct.is_none();
             let ins: Vec<Vec<usize>> = call.inputs.iter().map(|&t| g.shapes[t].clone()).collect();
             let w = self.weights(call.layer, params);
             let y = tape.vals[call.output].take().unwrap_or_default();
@@ -280,6 +297,10 @@ impl Exec<'_> {
                     noise: None,
                     sync,
                 };
+                let mut dw: Vec<&mut [f32]> = match direct {
+                    Some(parts) => parts,
+                    None => own.iter_mut().map(|v| v.as_mut_slice()).collect(),
+                };
                 layer.op.backward(
                     &cx,
                     Back {
@@ -294,13 +315,15 @@ impl Exec<'_> {
                 )
             };
             super::buffers::hand_back(y);
-            for (d, &pi) in dw.iter().zip(&layer.params) {
-                let s = &self.specs[pi];
-                if s.trainable {
-                    grad[s.offset..s.offset + s.len]
-                        .iter_mut()
-                        .zip(d)
-                        .for_each(|(g, v)| *g += v);
+            if added {
+                for (d, &pi) in own.iter().zip(&layer.params) {
+                    let s = &self.specs[pi];
+                    if s.trainable {
+                        grad[s.offset..s.offset + s.len]
+                            .iter_mut()
+                            .zip(d)
+                            .for_each(|(g, v)| *g += v);
+                    }
                 }
             }
             for ((&t, dx), &needed) in call.inputs.iter().zip(dxs).zip(&need) {
@@ -317,4 +340,29 @@ impl Exec<'_> {
             }
         }
     }
+}
+
+/// Disjoint parts of `buf`, one per range and in their order; None where
+/// ranges overlap or pass its end.
+fn disjoint_parts<'b>(
+    buf: &'b mut [f32],
+    ranges: &[std::ops::Range<usize>],
+) -> Option<Vec<&'b mut [f32]>> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| ranges[i].start);
+    let mut parts: Vec<Option<&'b mut [f32]>> = (0..ranges.len()).map(|_| None).collect();
+    let (mut rest, mut at) = (buf, 0usize);
+    for i in order {
+        let r = &ranges[i];
+        let skip = r.start.checked_sub(at)?;
+        if r.end < r.start || r.end - at > rest.len() {
+            return None;
+        }
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+        let (part, tail) = tail.split_at_mut(r.len());
+        parts[i] = Some(part);
+        rest = tail;
+        at = r.end;
+    }
+    parts.into_iter().collect()
 }

@@ -1080,11 +1080,11 @@ impl Op for Separable {
                 self.filters,
                 Mat::rows_t(mid, mid_c),
                 Mat::rows(&b.dy, self.filters),
-                &mut b.dw[1],
+                b.dw[1],
                 false,
             );
             if self.depth.w.use_bias {
-                column_sums(&b.dy, self.filters, &mut b.dw[2]);
+                column_sums(&b.dy, self.filters, b.dw[2]);
             }
         }
         let mut dmid = vec![0.0f32; rows * mid_c];
@@ -1097,11 +1097,7 @@ impl Op for Separable {
             &mut dmid,
             false,
         );
-        let dk = if want_dw {
-            Some(b.dw[0].as_mut_slice())
-        } else {
-            None
-        };
+        let dk = if want_dw { Some(&mut *b.dw[0]) } else { None };
         vec![d.backward(b.xs[0], cx.w[0], &dmid, dk, b.need[0])]
     }
 

@@ -206,7 +206,8 @@ impl Op for Dense {
             );
         }
         let dx = b.need[0].then(|| {
-            let mut dx = vec![0.0f32; rows * fin];
+            // The GEMM writes every value.
+            let mut dx = crate::nn::buffers::overwritten(rows * fin);
             gemm(
                 rows,
                 self.units,

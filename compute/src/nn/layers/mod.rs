@@ -139,7 +139,7 @@ impl KernelBias {
 /// the bias's, which gets the column sums of `dy` (rows of `width`). None
 /// when the layer does not train.
 pub(crate) fn kernel_grad<'a>(
-    dw: &'a mut [Vec<f32>],
+    dw: &'a mut [&mut [f32]],
     dy: &[f32],
     width: usize,
 ) -> Option<&'a mut [f32]> {
@@ -256,8 +256,10 @@ pub(crate) struct Back<'a> {
     pub dy: Vec<f32>,
     /// Which inputs need a gradient.
     pub need: &'a [bool],
-    /// One zeroed buffer per weight when the layer trains, else empty.
-    pub dw: &'a mut [Vec<f32>],
+    /// One buffer per weight when the layer trains, else empty: zeroed,
+    /// so a layer may add its gradient or write it (the layer's part of
+    /// the step's gradient itself, where nothing else adds to it).
+    pub dw: &'a mut [&'a mut [f32]],
     /// The fused final activation was already differentiated (softmax
     /// with cross-entropy).
     pub skip_act: bool,

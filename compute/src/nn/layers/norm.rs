@@ -158,12 +158,12 @@ impl BatchNorm {
 
     /// Adds gamma's gradient (the sums of dy * xhat) and beta's (the sums
     /// of dy) to the layer's weight gradients.
-    fn add_affine_grads(&self, dw: &mut [Vec<f32>], sum_dy: &[f64], sum_dy_xhat: &[f64]) {
+    fn add_affine_grads(&self, dw: &mut [&mut [f32]], sum_dy: &[f64], sum_dy_xhat: &[f64]) {
         if self.scale {
-            add_sums(&mut dw[0], sum_dy_xhat);
+            add_sums(dw[0], sum_dy_xhat);
         }
         if self.center {
-            add_sums(&mut dw[self.scale as usize], sum_dy);
+            add_sums(dw[self.scale as usize], sum_dy);
         }
     }
 }
@@ -559,10 +559,10 @@ impl Op for LayerNorm {
                 }
             });
             if self.has_gamma() {
-                add_sums(&mut b.dw[0], &sum_dy_h);
+                add_sums(b.dw[0], &sum_dy_h);
             }
             if self.has_beta() {
-                add_sums(&mut b.dw[self.has_gamma() as usize], &row_sums(dy, rows, c));
+                add_sums(b.dw[self.has_gamma() as usize], &row_sums(dy, rows, c));
             }
         }
         let dx = b.need[0].then(|| {
@@ -651,7 +651,7 @@ impl Op for LayerScale {
                     acc[j] += (b.dy[r * c + j] * x[r * c + j]) as f64;
                 }
             });
-            add_sums(&mut b.dw[0], &s);
+            add_sums(b.dw[0], &s);
         }
         let dx = b.need[0].then(|| {
             let g = cx.w[0];
