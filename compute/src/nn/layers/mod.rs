@@ -411,8 +411,22 @@ pub(crate) fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
     }
     out.par_chunks_mut(LINE).enumerate().for_each(|(i, part)| {
         let lo = i * LINE;
-        for row in m.chunks_exact(cols) {
-            part.iter_mut().zip(&row[lo..]).for_each(|(o, v)| *o += v);
+        if part.len() == LINE && lo + LINE <= cols {
+            // The sums stay in a register through the rows, not in `out`
+            // (a load and a store per row).
+            let mut acc = [0.0f32; LINE];
+            acc.copy_from_slice(part);
+            for row in m.chunks_exact(cols) {
+                let row = &row[lo..lo + LINE];
+                for v in 0..LINE {
+                    acc[v] += row[v];
+                }
+            }
+            part.copy_from_slice(&acc);
+        } else {
+            for row in m.chunks_exact(cols) {
+                part.iter_mut().zip(&row[lo..]).for_each(|(o, v)| *o += v);
+            }
         }
     });
 }
