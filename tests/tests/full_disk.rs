@@ -78,10 +78,12 @@ async fn a_full_disk_fails_writes_cleanly_and_takes_nothing_until_space_returns(
     let small = c.datanodes[2].as_ref().unwrap().id();
     // Filled behind the namenode's back: it still counts 24 MiB free there,
     // and the empty node is the first choice for the next chunk, which no
-    // longer fits.
-    std::fs::write(disk.0.join("filler"), vec![1u8; 21 << 20]).unwrap();
-
+    // longer fits. Everything is made ready first, so the write follows the
+    // filler at once: a heartbeat in between (every 2 s) would tell the
+    // namenode the truth, and the node would never be chosen.
     let data = random_bytes(32 << 20, 7);
+    let filler = vec![1u8; 21 << 20];
+    std::fs::write(disk.0.join("filler"), filler).unwrap();
     put(&client, "/a", &data).await;
     assert_eq!(client.read_all("/a").await.unwrap(), data);
     wait_for(
