@@ -251,26 +251,27 @@ impl Exec<'_> {
             // gradients straight into the step's (zero until then); one
             // called again, or with statistics among its weights, into
             // zeroed buffers added after.
-            let ranges: Vec<std::ops::Range<usize>> = layer
-                .params
-                .iter()
-                .map(|&pi| self.specs[pi].offset..self.specs[pi].offset + self.specs[pi].len)
-                .collect();
             let all_train = layer.params.iter().all(|&pi| self.specs[pi].trainable);
             let direct = if trains && only_call && all_train {
+                let ranges: Vec<std::ops::Range<usize>> = layer
+                    .params
+                    .iter()
+                    .map(|&pi| self.specs[pi].offset..self.specs[pi].offset + self.specs[pi].len)
+                    .collect();
                 disjoint_parts(grad, &ranges)
             } else {
                 None
             };
-            let mut own: Vec<Vec<f32>> = match (&direct, trains) {
-                (None, true) => layer
+            // Empty when the layer does not train or writes in place.
+            let mut own: Vec<Vec<f32>> = if trains && direct.is_none() {
+                layer
                     .decls
                     .iter()
                     .map(|d| vec![0.0; d.shape.iter().product()])
-                    .collect(),
-                _ => Vec::new(),
+                    .collect()
+            } else {
+                Vec::new()
             };
-            let added = direct.is_none();
             let ins: Vec<Vec<usize>> = call.inputs.iter().map(|&t| g.shapes[t].clone()).collect();
             let w = self.weights(call.layer, params);
             let y = tape.vals[call.output].take().unwrap_or_default();
@@ -315,15 +316,13 @@ impl Exec<'_> {
                 )
             };
             super::buffers::hand_back(y);
-            if added {
-                for (d, &pi) in own.iter().zip(&layer.params) {
-                    let s = &self.specs[pi];
-                    if s.trainable {
-                        grad[s.offset..s.offset + s.len]
-                            .iter_mut()
-                            .zip(d)
-                            .for_each(|(g, v)| *g += v);
-                    }
+            for (d, &pi) in own.iter().zip(&layer.params) {
+                let s = &self.specs[pi];
+                if s.trainable {
+                    grad[s.offset..s.offset + s.len]
+                        .iter_mut()
+                        .zip(d)
+                        .for_each(|(g, v)| *g += v);
                 }
             }
             for ((&t, dx), &needed) in call.inputs.iter().zip(dxs).zip(&need) {

@@ -356,11 +356,7 @@ mod tests {
     /// columns and transposed) against the definition, storing and adding.
     #[test]
     fn every_layout_and_split_matches_the_definition() {
-        let mut seed = 7u32;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut rnd = crate::nn::rng::test_values(7);
         // (m, k, n): small; tall (row split); wide with B by columns (the
         // transposed-output path); long inner dimension (K blocks).
         for (m, k, n) in [(3, 5, 4), (700, 90, 300), (48, 600, 1500), (20, 1300, 30)] {

@@ -52,3 +52,14 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// Test data in [-0.5, 0.5) from a seed: a 32-bit linear congruential
+/// generator, the same values on every machine.
+#[cfg(test)]
+pub(crate) fn test_values(seed: u32) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    }
+}

@@ -673,14 +673,15 @@ impl Op for Conv {
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let g = self.geom(&cx.ins[0]).expect("shapes checked at build");
         let len = cx.n * size(cx.out);
-        let mut y = if self.is_depthwise(&g) {
+        let depthwise = self.is_depthwise(&g);
+        let mut y = if depthwise {
             vec![0.0f32; len]
         } else {
             // Every path of `conv_then` writes every value.
             crate::nn::buffers::overwritten(len)
         };
         let bias = self.w.use_bias.then(|| cx.w[1]);
-        if self.is_depthwise(&g) {
+        if depthwise {
             self.depthwise(&g).forward(xs[0], cx.w[0], &mut y);
         } else if !self.act.needs_input() {
             // Bias and activation on each block as the GEMM finishes it.
@@ -1265,11 +1266,7 @@ mod tests {
     /// full of NaN gives the bits a zeroed one gives.
     #[test]
     fn the_forward_pass_writes_every_output_value() {
-        let mut seed = 3u32;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut rnd = crate::nn::rng::test_values(3);
         // Pointwise, Winograd, the direct kernel, im2col, im2col in groups,
         // strided and dilated.
         for (hwc, k, strides, dil, filters, groups, pad) in [

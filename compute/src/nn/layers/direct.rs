@@ -215,11 +215,7 @@ mod tests {
         if !cpu_has_avx2_fma() {
             return;
         }
-        let mut seed = 1u32;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut rnd = crate::nn::rng::test_values(1);
         for (hwc, k, s, d, pad, filters) in [
             ([28, 28, 1], [5, 5], [1, 1], [1, 1], Padding::Same, 32),
             ([32, 32, 3], [3, 3], [2, 2], [1, 1], Padding::Same, 16),

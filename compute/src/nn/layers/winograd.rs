@@ -237,7 +237,6 @@ fn sandwich(
 
 /// The transform on whole `len`-long rows, one row of LX at a time in
 /// `tmp` (`cols * len` long): any shape, any length.
-#[inline(always)]
 fn sandwich_any(
     l: Side<'_>,
     (x, xs): (&[f32], usize),
@@ -637,7 +636,7 @@ mod tests {
     /// kernel sizes, odd lengths, zeros of both signs, written or added.
     #[test]
     fn blocked_transforms_give_the_same_bits() {
-        let mut seed = 5u32;
+        let mut rnd = crate::nn::rng::test_values(5);
         for r in [3, 5] {
             let tr = Transforms::new(r);
             let (a, m) = (tr.a, M);
@@ -657,10 +656,10 @@ mod tests {
                             .map(|i| match i % 11 {
                                 0 => 0.0,
                                 1 => -0.0,
-                                _ => rnd(&mut seed) * 1e3,
+                                _ => rnd() * 1e3,
                             })
                             .collect();
-                        let y0: Vec<f32> = (0..rows * rows * ys).map(|_| rnd(&mut seed)).collect();
+                        let y0: Vec<f32> = (0..rows * rows * ys).map(|_| rnd()).collect();
                         let mut tmp = vec![0.0f32; cols * len];
                         let mut want = y0.clone();
                         sandwich_any(l, (&x, xs), (&mut want, ys), len, add, &mut tmp);
@@ -697,16 +696,11 @@ mod tests {
         }
     }
 
-    fn rnd(seed: &mut u32) -> f32 {
-        *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        (*seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-    }
-
     /// Forward, input gradient and kernel gradient against the im2col
     /// path, for both kernel sizes, both paddings and odd output sizes.
     #[test]
     fn matches_the_im2col_path() {
-        let mut seed = 11u32;
+        let mut rnd = crate::nn::rng::test_values(11);
         for (hwc, k, pad, filters, n) in [
             ([14, 14, 32], 5, Padding::Same, 64, 3),
             ([9, 7, 16], 3, Padding::Same, 24, 2),
@@ -715,10 +709,10 @@ mod tests {
         ] {
             let g = Geom::new(hwc, [k, k], [1, 1], [1, 1], Pad::Keras(pad)).unwrap();
             assert_eq!(applies(&g, filters, 1), k == 5);
-            let x: Vec<f32> = (0..n * g.per_in()).map(|_| rnd(&mut seed)).collect();
-            let w: Vec<f32> = (0..k * k * g.c * filters).map(|_| rnd(&mut seed)).collect();
+            let x: Vec<f32> = (0..n * g.per_in()).map(|_| rnd()).collect();
+            let w: Vec<f32> = (0..k * k * g.c * filters).map(|_| rnd()).collect();
             let per_out = g.oh * g.ow * filters;
-            let dy: Vec<f32> = (0..n * per_out).map(|_| rnd(&mut seed)).collect();
+            let dy: Vec<f32> = (0..n * per_out).map(|_| rnd()).collect();
             let close = |what: &str, got: &[f32], want: &[f32]| {
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
