@@ -1,9 +1,9 @@
 //! `quern bench train`: distributed training throughput against the same
 //! model trained in one process, on the same machine in the same run, with
-//! `--sync 1` (exact minibatch SGD), `--sync K` (local steps + model
-//! averaging), `--plan local` and `--plan auto`: samples/s, bytes per step
-//! per worker, time not computing, and test accuracy after the same number
-//! of iterations.
+//! `--sync 1` (exact minibatch SGD) on all three workers and on two,
+//! `--sync K` (local steps + model averaging), `--plan local` and
+//! `--plan auto`: samples/s, bytes per step per worker, time not
+//! computing, and test accuracy after the same number of iterations.
 
 use crate::cluster::{self, UpArgs};
 use anyhow::{Context, Result};
@@ -88,13 +88,16 @@ async fn measure(
     let mut ds = client.open_dataset("/bench/train").await?;
     let test = client.open_dataset("/bench/test").await?;
     use quern_client::Plan;
+    // Two of the three as well: on a host with fewer cores than
+    // datanodes a third worker adds ring traffic and no compute.
     let runs = [
-        (Plan::Distributed, 1),
-        (Plan::Distributed, b.sync),
-        (Plan::Local, 1),
-        (Plan::Auto, 1),
+        (Plan::Distributed, 1, None),
+        (Plan::Distributed, 1, Some(2)),
+        (Plan::Distributed, b.sync, None),
+        (Plan::Local, 1, None),
+        (Plan::Auto, 1, None),
     ];
-    for (plan, sync) in runs {
+    for (plan, sync, workers) in runs {
         let opts = TrainOptions {
             objective: Default::default(),
             shuffle: true,
@@ -113,6 +116,7 @@ async fn measure(
             display: 0,
             sync,
             plan,
+            workers,
         };
         let mut why = String::new();
         let run = client
@@ -132,9 +136,12 @@ async fn measure(
             )
             .await?;
         let s = &run.summary;
-        let label = format!("--plan {plan} --sync {sync}");
+        let label = match workers {
+            Some(n) => format!("--plan {plan} --sync {sync} --workers {n}"),
+            None => format!("--plan {plan} --sync {sync}"),
+        };
         println!(
-            "3 datanodes, {label:<26}: {:>7.0} samples/s ({:.2} x one process; after the first round {:.0}, {:.2} x) on {} worker{}, {} per step per worker{}, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
+            "3 datanodes, {label:<38}: {:>7.0} samples/s ({:.2} x one process; after the first round {:.0}, {:.2} x) on {} worker{}, {} per step per worker{}, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
             s.samples_per_sec,
             s.samples_per_sec / single,
             s.settled_samples_per_sec,

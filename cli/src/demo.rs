@@ -34,6 +34,9 @@ pub struct DemoArgs {
     /// auto, local or distributed: see `quern train --help`.
     #[arg(long, default_value = "auto")]
     plan: quern_client::Plan,
+    /// Workers of the distributed plan: see `quern train --help`.
+    #[arg(long)]
+    workers: Option<usize>,
     /// Where Debian's dataset-fashion-mnist puts the files.
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     fashion: PathBuf,
@@ -163,6 +166,7 @@ async fn demo(
         display: 50,
         sync: a.sync,
         plan: a.plan,
+        workers: a.workers,
         out: "/models/seed_cnn".into(),
         force: true,
         plot: a.plot.clone(),

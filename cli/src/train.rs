@@ -78,6 +78,12 @@ pub struct TrainArgs {
     /// faster; the estimate and the reason are printed at the start).
     #[arg(long, default_value = "auto")]
     pub plan: Plan,
+    /// Workers of the distributed plan (2 up to the live datanodes; by
+    /// default every holder of the data under `distributed`, the
+    /// estimate's choice under `auto`). Datanodes sharing a host's cores
+    /// add ring traffic and no compute.
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Checkpoint directory in quern (model.json, weights.npz, log.jsonl, train.json).
     #[arg(long)]
     pub out: String,
@@ -279,6 +285,7 @@ pub async fn run_training(
         sync: a.sync,
         objective,
         plan: a.plan,
+        workers: a.workers,
     };
     let mut bar: Option<ProgressBar> = None;
     let tty = std::io::stderr().is_terminal();

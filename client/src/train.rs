@@ -10,7 +10,7 @@
 use crate::dataset::Dataset;
 use crate::history::{model_name, Reporter};
 use crate::job::JobOptions;
-use crate::plan::{self, Decision, Plan, PlanInputs};
+use crate::plan::{self, Decision, Plan, PlanInputs, WorkerSet};
 use crate::scheduler::Scheduler;
 use crate::{Client, Error, Result};
 use quern_compute::nn::{Optimizer, OptimizerConfig};
@@ -51,6 +51,10 @@ pub struct TrainOptions {
     /// One worker keeping the parameters, every holder a worker, or
     /// whichever is estimated faster.
     pub plan: Plan,
+    /// The distributed plan's number of workers (at least 2, at most the
+    /// live datanodes); None: every holder when the plan is named, the
+    /// estimate's choice under `auto`.
+    pub workers: Option<usize>,
 }
 
 /// What happens during a job, as it happens.
@@ -138,6 +142,33 @@ struct WorkerState {
     /// Indices into the job's chunk list, in order.
     chunks: Vec<usize>,
     records: u64,
+}
+
+/// Adds chunk `i` to `node`'s share, making it a worker if it is not.
+fn give(workers: &mut Vec<WorkerState>, node: NodeAddr, i: usize) {
+    match workers.iter_mut().find(|w| w.node.id == node.id) {
+        Some(w) => w.chunks.push(i),
+        None => workers.push(WorkerState {
+            node,
+            chunks: vec![i],
+            records: 0,
+        }),
+    }
+}
+
+/// Every chunk of dataset `dir` on a worker, as `sched` places them.
+fn place(sched: &mut Scheduler, chunks: &[Chunk], dir: &str) -> Result<Vec<WorkerState>> {
+    let placed = sched.assign_all(&chunks.iter().map(|c| c.holders.clone()).collect::<Vec<_>>());
+    let mut workers = Vec::new();
+    for (i, a) in placed.iter().enumerate() {
+        let a = a.ok_or_else(|| {
+            Error::Job(format!(
+                "chunk {i} of {dir} has no live datanode to train on"
+            ))
+        })?;
+        give(&mut workers, a.node, i);
+    }
+    Ok(workers)
 }
 
 /// Accounts for a worker that loaded its chunks.
@@ -540,29 +571,12 @@ impl Client {
         }
         let live: Vec<NodeAddr> = self.live_datanodes().await?;
         let mut sched = Scheduler::new(live);
-        let plan = sched.assign_all(&chunks.iter().map(|c| c.holders.clone()).collect::<Vec<_>>());
-        let mut workers: Vec<WorkerState> = Vec::new();
-        for (i, a) in plan.iter().enumerate() {
-            let a = a.ok_or_else(|| {
-                Error::Job(format!(
-                    "chunk {i} of {} has no live datanode to train on",
-                    ds.dir
-                ))
-            })?;
-            match workers.iter_mut().find(|w| w.node.id == a.node.id) {
-                Some(w) => w.chunks.push(i),
-                None => workers.push(WorkerState {
-                    node: a.node,
-                    chunks: vec![i],
-                    records: 0,
-                }),
-            }
-        }
+        let mut workers = place(&mut sched, &chunks, &ds.dir)?;
         let model = quern_compute::nn::Model::from_keras_json(&opts.model_json)
             .map_err(|e| Error::Job(format!("the job's model: {e}")))?;
         let decision = self
-            .plan(opts, &model, &chunks, &mut workers, ds.manifest.records)
-            .await;
+            .plan(opts, &model, &chunks, &mut workers, &mut sched, ds)
+            .await?;
         emit(TrainEvent::Planned(decision.clone()), &mut events);
         let mut local_plan = decision.plan == Plan::Local;
         let job = lease.job;
@@ -1003,15 +1017,65 @@ impl Client {
     }
 
     /// Resolves the job's plan; on the local plan, `workers` becomes the
-    /// one live node holding the most chunks, with every chunk.
+    /// one live node holding the most chunks, with every chunk; on a
+    /// distributed plan of fewer workers than holders, the chosen nodes
+    /// share the chunks (and `sched` knows only them).
     async fn plan(
         &self,
         opts: &TrainOptions,
         model: &quern_compute::nn::Model,
         chunks: &[Chunk],
         workers: &mut Vec<WorkerState>,
-        records: u64,
-    ) -> Decision {
+        sched: &mut Scheduler,
+        ds: &Dataset,
+    ) -> Result<Decision> {
+        let records = ds.manifest.records;
+        // Holders first (in the order the chunks placed them), then live
+        // nodes holding nothing, which would fetch what they train on.
+        let mut candidates: Vec<NodeAddr> = workers.iter().map(|w| w.node).collect();
+        for n in sched.live() {
+            if !candidates.iter().any(|c| c.id == n.id) {
+                candidates.push(*n);
+            }
+        }
+        let holders = workers.len();
+        // One worker is the local plan; more need a distributed one, and
+        // no more than the live datanodes.
+        let requested = match (opts.plan, opts.workers) {
+            (Plan::Local, Some(n)) if n != 1 => {
+                return Err(Error::Job(format!(
+                    "--workers {n} with --plan local: the local plan runs on one worker; \
+                     use --plan distributed or auto"
+                )))
+            }
+            (Plan::Auto, Some(1)) => Plan::Local,
+            (plan, Some(n)) if plan != Plan::Local && (n < 2 || n > candidates.len()) => {
+                let live = candidates.len();
+                let range = if live < 2 {
+                    format!("needs 2 live datanodes or more, and {live} is live")
+                } else {
+                    format!(
+                        "takes 2 to {live} workers here ({live} live datanodes, \
+                         {holders} holding the data)"
+                    )
+                };
+                return Err(Error::Job(format!(
+                    "--workers {n}: a distributed plan {range}; --workers 1 is --plan local"
+                )));
+            }
+            (plan, _) => plan,
+        };
+        let chunk_holders: Vec<Vec<usize>> = chunks
+            .iter()
+            .map(|c| {
+                (0..candidates.len())
+                    .filter(|&k| c.holders.contains(&candidates[k]))
+                    .collect()
+            })
+            .collect();
+        let sizes: Vec<u64> = chunks.iter().map(|c| c.meta.size).collect();
+        let hosts: Vec<std::net::IpAddr> = candidates.iter().map(|n| n.addr.ip()).collect();
+        let set = |k: usize| plan::pick_workers(&hosts, &chunk_holders, &sizes, k);
         let holds = |n: &NodeAddr| chunks.iter().filter(|c| c.holders.contains(n)).count();
         let best = workers
             .iter()
@@ -1024,7 +1088,7 @@ impl Client {
                 .map(|c| c.meta.size)
                 .sum()
         });
-        let decision = match plan::settled(opts.plan, workers.len()) {
+        let decision = match plan::settled(requested, holders, opts.workers) {
             Some(d) => d,
             None => {
                 // What one host sustains: this machine's sgemm rate, at the
@@ -1035,25 +1099,37 @@ impl Client {
                     * 1e9
                     * STEP_SHARE_OF_SGEMM;
                 let steps_per_epoch = records.div_ceil(opts.batch.max(1)).max(1);
-                plan::decide(
-                    opts.plan,
-                    &PlanInputs {
-                        step_flops: model.flops_per_sample().1 * opts.batch as f64,
-                        params: model.param_count(),
-                        workers: workers.iter().map(|w| w.node.addr.ip()).collect(),
-                        host_flops_per_s: rate,
+                let counts = match opts.workers {
+                    Some(n) => n..=n,
+                    None => 2..=holders,
+                };
+                plan::decide(&PlanInputs {
+                    step_flops: model.flops_per_sample().1 * opts.batch as f64,
+                    params: model.param_count(),
+                    local: WorkerSet {
+                        workers: best.map(|b| b.addr.ip()).into_iter().collect(),
                         fetch_bytes,
-                        iterations: opts
-                            .max_iter
-                            .unwrap_or(u64::MAX)
-                            .min(steps_per_epoch * opts.epochs),
-                        round: if opts.display > 0 {
-                            opts.display
-                        } else {
-                            steps_per_epoch
-                        },
                     },
-                )
+                    distributed: counts
+                        .map(|k| {
+                            let (chosen, fetch_bytes) = set(k);
+                            WorkerSet {
+                                workers: chosen.iter().map(|&c| hosts[c]).collect(),
+                                fetch_bytes,
+                            }
+                        })
+                        .collect(),
+                    host_flops_per_s: rate,
+                    iterations: opts
+                        .max_iter
+                        .unwrap_or(u64::MAX)
+                        .min(steps_per_epoch * opts.epochs),
+                    round: if opts.display > 0 {
+                        opts.display
+                    } else {
+                        steps_per_epoch
+                    },
+                })
             }
         };
         if decision.plan == Plan::Local {
@@ -1064,8 +1140,39 @@ impl Client {
                     records: 0,
                 }];
             }
+        } else if decision.workers != holders {
+            let (chosen, _) = set(decision.workers);
+            if chunks.len() < decision.workers {
+                return Err(Error::Job(format!(
+                    "--workers {}: {} has {} chunk{}, and a worker trains on one or more",
+                    decision.workers,
+                    ds.dir,
+                    chunks.len(),
+                    if chunks.len() == 1 { "" } else { "s" }
+                )));
+            }
+            let nodes: Vec<NodeAddr> = chosen.iter().map(|&c| candidates[c]).collect();
+            *sched = Scheduler::new(nodes.clone());
+            *workers = place(sched, chunks, &ds.dir)?;
+            // A chosen node holding none of the data takes half the
+            // busiest worker's chunks and fetches them.
+            for node in nodes {
+                if workers.iter().any(|w| w.node.id == node.id) {
+                    continue;
+                }
+                let Some(busiest) = workers.iter_mut().max_by_key(|w| w.chunks.len()) else {
+                    break;
+                };
+                let keep = busiest.chunks.len() - busiest.chunks.len() / 2;
+                let moved = busiest.chunks.split_off(keep);
+                workers.push(WorkerState {
+                    node,
+                    chunks: moved,
+                    records: 0,
+                });
+            }
         }
-        decision
+        Ok(decision)
     }
 
     async fn open_worker(
@@ -1258,14 +1365,7 @@ impl Client {
                 Some((_, v)) => v.push(i),
                 None => opens.push((a.node, vec![i])),
             }
-            match workers.iter_mut().find(|w| w.node.id == a.node.id) {
-                Some(w) => w.chunks.push(i),
-                None => workers.push(WorkerState {
-                    node: a.node,
-                    chunks: vec![i],
-                    records: 0,
-                }),
-            }
+            give(workers, a.node, i);
         }
         Ok(opens)
     }

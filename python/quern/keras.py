@@ -59,7 +59,7 @@ class Estimator:
     or ``loss`` override them) define the job. ``epochs`` or ``max_iter``
     bound it; every ``display`` iterations a progress line is printed as
     Keras's fit log does (``progress="tqdm"`` draws a bar, ``None`` is
-    silent). ``plan``, ``sync`` and ``seed`` are ``quern train``'s. Data
+    silent). ``plan``, ``sync``, ``workers`` and ``seed`` are ``quern train``'s. Data
     given as arrays is stored as a temporary dataset under ``tmp_dir`` and
     removed afterwards; data given as a dataset path stays put, and
     ``scale`` (``"none"``, ``"minmax"``, ``"standard"``) scales it by its
@@ -77,6 +77,7 @@ class Estimator:
         loss: Any = None,
         plan: str = "auto",
         sync: int = 1,
+        workers: Optional[int] = None,
         seed: Optional[int] = None,
         scale: str = "none",
         shuffle: bool = True,
@@ -95,6 +96,7 @@ class Estimator:
         self.loss = loss
         self.plan = plan
         self.sync = sync
+        self.workers = workers
         self.seed = seed if seed is not None else secrets.randbits(32)
         self.scale = scale
         self.shuffle = shuffle
@@ -191,6 +193,7 @@ class Estimator:
                 self.shuffle,
                 val_path,
                 show,
+                self.workers,
             )
             show.close()
         finally:

@@ -325,7 +325,7 @@ impl Client {
     /// KeyboardInterrupt. Returns (events, summary, scaler) as JSON and the
     /// trained parameters.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (dataset, model_json, init, batch, epochs, max_iter, display, plan, sync, seed, scale, shuffle, validation=None, on_event=None))]
+    #[pyo3(signature = (dataset, model_json, init, batch, epochs, max_iter, display, plan, sync, seed, scale, shuffle, validation=None, on_event=None, workers=None))]
     fn train<'py>(
         &self,
         py: Python<'py>,
@@ -343,6 +343,7 @@ impl Client {
         shuffle: bool,
         validation: Option<String>,
         on_event: Option<PyObject>,
+        workers: Option<usize>,
     ) -> PyResult<(String, String, String, Bound<'py, PyBytes>)> {
         let (model, objective, optimizer) = keras_model(&model_json)?;
         let init = f32s("initial weights", init)?;
@@ -372,6 +373,7 @@ impl Client {
             sync,
             objective,
             plan: plan.parse().map_err(PyValueError::new_err)?,
+            workers,
         };
         let rt = runtime()?;
         let (tx, rx) = std::sync::mpsc::channel::<String>();

@@ -48,6 +48,7 @@ fn options(model: &Model, seed: u64) -> TrainOptions {
         objective: Default::default(),
         shuffle: true,
         plan: Plan::Distributed,
+        workers: None,
         model_json: model.keras_json().to_string(),
         init: model.init_params(seed).into_vec(),
         optimizer: OptimizerConfig::from(Sgd {
@@ -122,7 +123,7 @@ fn tiny_bn_model() -> Model {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_training_follows_the_one_process_algorithm() {
-    follows_the_one_process_algorithm(tiny_model(), Options::default()).await;
+    follows_the_one_process_algorithm(tiny_model(), Options::default(), None).await;
 }
 
 /// A gradient large enough to go round the ring in several buckets, each
@@ -130,7 +131,7 @@ async fn distributed_training_follows_the_one_process_algorithm() {
 /// equals the one-process replay bit for bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gradient_summed_in_buckets_during_backward_equals_the_replay() {
-    follows_the_one_process_algorithm(bucketed_mlp(), Options::default()).await;
+    follows_the_one_process_algorithm(bucketed_mlp(), Options::default(), None).await;
 }
 
 /// A datanode that takes ring pieces only through its connections (shared
@@ -142,7 +143,7 @@ async fn a_ring_partly_through_shared_memory_equals_the_replay() {
         ring_memory_off: vec![1],
         ..Options::default()
     };
-    follows_the_one_process_algorithm(bucketed_mlp(), opts).await;
+    follows_the_one_process_algorithm(bucketed_mlp(), opts, None).await;
 }
 
 /// The shared memory a worker writes its ring pieces into counts against
@@ -221,7 +222,7 @@ fn bucketed_mlp() -> Model {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_normalization_trains_as_its_one_process_replay() {
     let model = tiny_bn_model();
-    let params = follows_the_one_process_algorithm(model.clone(), Options::default()).await;
+    let params = follows_the_one_process_algorithm(model.clone(), Options::default(), None).await;
     // The moving statistics moved with the global batch's statistics.
     let mm = model
         .param_specs()
@@ -238,12 +239,62 @@ async fn batch_normalization_trains_as_its_one_process_replay() {
 
 /// Trains `model` on an in-process cluster and replays the run in one
 /// process; returns the final weights.
-async fn follows_the_one_process_algorithm(model: Model, cluster: Options) -> Vec<f32> {
+/// `--workers 2` on three datanodes: two of them share every chunk (any
+/// two hold a replica of each, at replication 2), sum around a ring of two,
+/// and the result is still the replay's with the same shards, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_three_datanodes_train_as_their_replay() {
+    follows_the_one_process_algorithm(tiny_model(), Options::default(), Some(2)).await;
+}
+
+/// A number of workers the cluster cannot give, or with the one-worker
+/// plan, is refused before any datanode loads a record, naming the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_number_of_workers_is_refused_clearly() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let mut ds = dataset(&client, 200, 3).await;
+    let model = tiny_model();
+    for (plan, n, want) in [
+        (
+            Plan::Distributed,
+            5,
+            "--workers 5: a distributed plan takes 2 to 3 workers",
+        ),
+        (
+            Plan::Distributed,
+            1,
+            "--workers 1: a distributed plan takes 2 to 3 workers",
+        ),
+        (Plan::Local, 2, "--workers 2 with --plan local"),
+    ] {
+        let opts = TrainOptions {
+            plan,
+            workers: Some(n),
+            ..options(&model, 7)
+        };
+        let Err(e) = client.train(&mut ds, None, &opts, |_| {}).await else {
+            panic!("{plan} with --workers {n} was not refused");
+        };
+        let e = e.to_string();
+        assert!(e.contains(want), "{want:?} missing: {e}");
+    }
+    assert!(no_jobs_left(&client).await, "nothing opened");
+}
+
+async fn follows_the_one_process_algorithm(
+    model: Model,
+    cluster: Options,
+    workers: Option<usize>,
+) -> Vec<f32> {
     let memory_off = cluster.ring_memory_off.len();
     let c = TestCluster::start(cluster).await;
     let client = c.client();
     let mut ds = dataset(&client, 500, 3).await;
-    let opts = options(&model, 7);
+    let opts = TrainOptions {
+        workers,
+        ..options(&model, 7)
+    };
     let run = client
         .train(&mut ds, None, &opts, |_| {})
         .await
@@ -253,6 +304,20 @@ async fn follows_the_one_process_algorithm(model: Model, cluster: Options) -> Ve
     assert_eq!(run.summary.dataset_bytes_over_network, 0, "data stays put");
     let shards = started_shards(&run.events);
     assert!(shards.len() >= 2, "work spread over datanodes: {shards:?}");
+    let TrainEvent::Planned(d) = &run.events[0] else {
+        panic!("first event is Planned: {:?}", run.events[0]);
+    };
+    assert_eq!(d.workers, shards.len(), "{d:?}");
+    if let Some(n) = workers {
+        assert_eq!(shards.len(), n, "the workers asked for: {shards:?}");
+        let mut all: Vec<usize> = shards.concat();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..13).collect::<Vec<_>>(),
+            "each of the 13 chunks once"
+        );
+    }
     // The gradients went round the ring, each of its 2 (n - 1) segments
     // per worker once, and the parameters stayed on the workers: after the
     // seed, the coordinator's links carry less than one copy per worker

@@ -150,6 +150,14 @@ fn train_then_score_a_fashion_mnist_slice() {
         "{}",
         train.stderr
     );
+    // Of the distributed sets it weighed, two workers on the one host
+    // send less around the ring than three, and compute as fast.
+    assert!(
+        train.stderr.contains("ms/step on 2 workers over 1 host")
+            && train.stderr.contains("ms/step on 3 workers"),
+        "{}",
+        train.stderr
+    );
     let summary: serde_json::Value = serde_json::from_str(&train.stdout).unwrap();
     assert_eq!(summary["iterations"], 400);
     assert_eq!(summary["dataset_bytes_over_network"], 0);
@@ -450,6 +458,13 @@ fn bad_flags_and_models_are_refused_clearly() {
             vec!["/no/w.npz"],
         ),
         (vec!["--data", "/small"], vec!["784", "64"]),
+        (
+            vec!["--data", "/d", "--workers", "3"],
+            vec![
+                "--workers 3",
+                "needs 2 live datanodes or more, and 1 is live",
+            ],
+        ),
     ];
     for (extra, wants) in cases {
         let mut args: Vec<&str> = base.to_vec();

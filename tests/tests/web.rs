@@ -253,6 +253,7 @@ async fn a_training_job_is_in_the_history_with_its_curve() {
         objective: Default::default(),
         shuffle: true,
         plan: Plan::Distributed,
+        workers: None,
         model_json: m.keras_json().to_string(),
         init: m.init_params(3).into_vec(),
         optimizer: OptimizerConfig::from(Sgd {
