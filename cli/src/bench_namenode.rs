@@ -488,6 +488,7 @@ async fn heartbeats(
                     full: false,
                     jobs: 0,
                     job_bytes: 0,
+                    gflops: 0.0,
                 },
             )
             .await;

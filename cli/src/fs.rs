@@ -345,7 +345,7 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                     println!("{s}");
                 }
                 println!(
-                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>20} {:>5} {:>16} {:>9}",
+                    "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>20} {:>5} {:>16} {:>7} {:>9}",
                     "ADDRESS",
                     "ID",
                     "STATE",
@@ -357,13 +357,14 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                     "LAST SCRUB",
                     "BAD",
                     "JOBS",
+                    "GFLOP/S",
                     "LAST HB"
                 );
                 for d in &r.datanodes {
                     // Training jobs held in memory, and how much they hold.
                     let jobs = format!("{} ({})", d.jobs, format_size(d.job_bytes));
                     println!(
-                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>20} {:>5} {:>16} {:>8.1}s",
+                        "{:<22} {:<18} {:<5} {:>12} {:>12} {:>12} {:>7} {:>10} {:>20} {:>5} {:>16} {:>7.0} {:>8.1}s",
                         d.node.addr.to_string(),
                         d.node.id.to_string(),
                         match d.state {
@@ -384,6 +385,8 @@ pub async fn run(cmd: FsCommand, config: Option<&Path>) -> Result<i32> {
                         ),
                         d.scrub.errors,
                         jobs,
+                        // sgemm, measured when the node started.
+                        d.gflops,
                         d.since_heartbeat_secs
                     );
                 }

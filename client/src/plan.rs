@@ -59,11 +59,14 @@ pub const NETWORK_BYTES_PER_S: f64 = 117.0e6;
 /// Fixed cost of one request to one worker (framing, scheduling).
 pub const REQUEST_OVERHEAD_S: f64 = 0.5e-3;
 
-/// A set of workers the estimate weighs: the hosts they are on, and the
-/// dataset bytes none of them holds, which they fetch when the job opens.
+/// A set of workers the estimate weighs: the hosts they are on, the
+/// training rate each sustains, and the dataset bytes none of them holds,
+/// which they fetch when the job opens.
 #[derive(Debug, Clone)]
 pub struct WorkerSet {
     pub workers: Vec<IpAddr>,
+    /// Training FLOP/s of each worker's host (as its node measured it).
+    pub flops_per_s: Vec<f64>,
     pub fetch_bytes: u64,
 }
 
@@ -77,8 +80,6 @@ pub struct PlanInputs {
     pub local: WorkerSet,
     /// The distributed plan's candidate sets of workers, two or more each.
     pub distributed: Vec<WorkerSet>,
-    /// Training rate one host sustains, in FLOP/s.
-    pub host_flops_per_s: f64,
     pub iterations: u64,
     /// Steps the local plan's worker takes between parameter exchanges.
     pub round: u64,
@@ -139,8 +140,13 @@ fn distinct_hosts(workers: &[IpAddr]) -> Vec<IpAddr> {
     hosts
 }
 
-fn compute_s(i: &PlanInputs) -> f64 {
-    i.step_flops / i.host_flops_per_s.max(1.0)
+/// The slowest worker's rate: the step waits for it.
+fn slowest(set: &WorkerSet) -> f64 {
+    set.flops_per_s
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .clamp(1.0, f64::MAX)
 }
 
 /// The dataset bytes a set fetches, spread over the job's steps.
@@ -152,14 +158,15 @@ fn fetch_s(i: &PlanInputs, set: &WorkerSet) -> f64 {
 /// round.
 fn local_step_s(i: &PlanInputs) -> f64 {
     let exchange = 8.0 * i.params as f64;
-    compute_s(i)
+    i.step_flops / slowest(&i.local)
         + (exchange / link(&i.local.workers) + REQUEST_OVERHEAD_S) / i.round.max(1) as f64
         + fetch_s(i, &i.local)
 }
 
 /// Workers on one host share its cores, so only distinct hosts add
-/// compute; the ring costs each host its workers' sends, all hosts at
-/// once, plus a request per worker and a hop per turn.
+/// compute, each an equal share at the pace of the slowest; the ring
+/// costs each host its workers' sends, all hosts at once, plus a request
+/// per worker and a hop per turn.
 fn distributed_step_s(i: &PlanInputs, set: &WorkerSet) -> f64 {
     let hosts = distinct_hosts(&set.workers);
     let busiest = hosts
@@ -170,7 +177,7 @@ fn distributed_step_s(i: &PlanInputs, set: &WorkerSet) -> f64 {
     let n = set.workers.len().max(1);
     let ring = busiest * ring_bytes_per_worker(i.params, n) / ring_link(&set.workers);
     let hops = (2 * (n - 1) + n) as f64 * REQUEST_OVERHEAD_S;
-    compute_s(i) / hosts.len().max(1) as f64 + ring + hops + fetch_s(i, set)
+    i.step_flops / hosts.len().max(1) as f64 / slowest(set) + ring + hops + fetch_s(i, set)
 }
 
 /// Seconds per step on one worker and on the fastest distributed set
@@ -242,15 +249,18 @@ pub fn decide(i: &PlanInputs) -> Decision {
         .filter(|(n, _)| *n != e.workers)
         .map(|(n, s)| format!("{:.0} ms/step on {n} workers", s * 1e3))
         .collect();
-    let set = i
-        .distributed
-        .iter()
-        .find(|s| s.workers.len() == e.workers)
-        .map_or(&[][..], |s| &s.workers[..]);
+    let chosen = i.distributed.iter().find(|s| s.workers.len() == e.workers);
+    let set = chosen.map_or(&[][..], |s| &s.workers[..]);
+    let rates = format!(
+        "steps at {:.0} GFLOP/s on the local worker, {:.0} on the slowest distributed one, \
+         from the nodes' measured sgemm",
+        slowest(&i.local) / 1e9,
+        chosen.map_or(0.0, slowest) / 1e9
+    );
     let reason = format!(
         "estimated {:.0} ms/step on one worker vs {:.0} ms/step on {} workers \
          over {} host{} ({:.1} MB of gradient sums sent per worker per step around the ring, \
-         at {:.0} MB/s{}){}",
+         at {:.0} MB/s{}){}; {rates}",
         e.local_s * 1e3,
         e.distributed_s * 1e3,
         e.workers,
@@ -339,6 +349,7 @@ mod tests {
         let addrs: Vec<IpAddr> = workers.iter().map(|a| a.parse().unwrap()).collect();
         let set = |k: usize| WorkerSet {
             workers: addrs[..k].to_vec(),
+            flops_per_s: vec![100e9; k],
             fetch_bytes: 0,
         };
         PlanInputs {
@@ -346,7 +357,6 @@ mod tests {
             params,
             local: set(1),
             distributed: (2..=addrs.len()).map(set).collect(),
-            host_flops_per_s: 100e9,
             iterations: 600,
             round: 50,
         }
@@ -397,6 +407,29 @@ mod tests {
         let e = decide(&i).estimate.unwrap();
         assert_eq!(e.workers, 2, "{:?}", e.by_workers);
         assert!(e.by_workers[1].1 > three, "{:?}", e.by_workers);
+    }
+
+    #[test]
+    fn a_slow_host_paces_the_distributed_step_and_a_fast_one_trains_alone() {
+        // Compute-bound: three equal hosts beat one.
+        let mut i = inputs(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], 6_378);
+        assert_eq!(decide(&i).plan, Plan::Distributed);
+        // The local worker's node is five times as fast as the others:
+        // the ring waits for the slowest, so one fast node wins.
+        i.local.flops_per_s = vec![500e9];
+        let d = decide(&i);
+        assert_eq!(d.plan, Plan::Local, "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("steps at 500 GFLOP/s on the local worker, 100 on the slowest"),
+            "{}",
+            d.reason
+        );
+        // One slow host among three: two fast hosts without it win.
+        let mut i = inputs(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], 6_378);
+        i.distributed[1].flops_per_s[2] = 10e9;
+        let e = decide(&i).estimate.unwrap();
+        assert_eq!(e.workers, 2, "{:?}", e.by_workers);
     }
 
     #[test]

@@ -1091,13 +1091,37 @@ impl Client {
         let decision = match plan::settled(requested, holders, opts.workers) {
             Some(d) => d,
             None => {
-                // What one host sustains: this machine's sgemm rate, at the
-                // share of it a training step reaches.
-                let rate = tokio::task::spawn_blocking(quern_compute::nn::sgemm_ceiling_gflops)
-                    .await
-                    .unwrap_or(50.0)
-                    * 1e9
-                    * STEP_SHARE_OF_SGEMM;
+                // What each host sustains: the sgemm rate its datanodes
+                // measured (the fastest report of a host's nodes: they
+                // measure one machine, perhaps while sharing it), at the
+                // share of it a training step reaches; where no node of a
+                // host has reported yet, this machine's.
+                let reported = self.report().await?.datanodes;
+                let mut here: Option<f64> = None;
+                let mut rates = Vec::with_capacity(candidates.len());
+                for h in &hosts {
+                    let best_report = reported
+                        .iter()
+                        .filter(|d| d.node.addr.ip() == *h)
+                        .map(|d| d.gflops)
+                        .fold(0.0, f64::max);
+                    let g = if best_report > 0.0 {
+                        best_report
+                    } else {
+                        match here {
+                            Some(g) => g,
+                            None => {
+                                let g = tokio::task::spawn_blocking(
+                                    quern_compute::nn::quick_sgemm_gflops,
+                                )
+                                .await
+                                .unwrap_or(50.0);
+                                *here.get_or_insert(g)
+                            }
+                        }
+                    };
+                    rates.push(g * 1e9 * STEP_SHARE_OF_SGEMM);
+                }
                 let steps_per_epoch = records.div_ceil(opts.batch.max(1)).max(1);
                 let counts = match opts.workers {
                     Some(n) => n..=n,
@@ -1108,6 +1132,11 @@ impl Client {
                     params: model.param_count(),
                     local: WorkerSet {
                         workers: best.map(|b| b.addr.ip()).into_iter().collect(),
+                        flops_per_s: best
+                            .and_then(|b| candidates.iter().position(|c| c.id == b.id))
+                            .map(|k| rates[k])
+                            .into_iter()
+                            .collect(),
                         fetch_bytes,
                     },
                     distributed: counts
@@ -1115,11 +1144,11 @@ impl Client {
                             let (chosen, fetch_bytes) = set(k);
                             WorkerSet {
                                 workers: chosen.iter().map(|&c| hosts[c]).collect(),
+                                flops_per_s: chosen.iter().map(|&c| rates[c]).collect(),
                                 fetch_bytes,
                             }
                         })
                         .collect(),
-                    host_flops_per_s: rate,
                     iterations: opts
                         .max_iter
                         .unwrap_or(u64::MAX)

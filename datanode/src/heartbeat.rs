@@ -87,6 +87,7 @@ pub(crate) async fn run(node: Arc<Node>) {
                 full: node.is_full(),
                 jobs,
                 job_bytes,
+                gflops: node.gflops.get().copied().unwrap_or(0.0) as f32,
             };
             lifeline.send(&node, beat).await
         };

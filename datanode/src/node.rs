@@ -130,6 +130,8 @@ pub(crate) struct Node {
     /// finds room again. A full node takes no new chunks.
     pub full: std::sync::atomic::AtomicBool,
     pub metrics: crate::metrics::DatanodeMetrics,
+    /// This machine's sgemm rate, GFLOP/s, measured once at start.
+    pub gflops: std::sync::OnceLock<f64>,
 }
 
 /// Space a full node must have free again before it takes chunks: a

@@ -71,6 +71,7 @@ impl Datanode {
             scrub: Default::default(),
             full: Default::default(),
             metrics,
+            gflops: Default::default(),
         });
         crate::metrics::register_gauges(&node, endpoint.registry());
         tracing::info!(
@@ -97,6 +98,18 @@ impl Datanode {
         };
         tasks.spawn("requests", serve(endpoint, service));
         tasks.spawn("heartbeat", crate::heartbeat::run(node.clone()));
+        let timed = node.clone();
+        tasks.spawn("speed", async move {
+            // Some 20 ms of one core: the planner weighs nodes by it.
+            if let Ok(g) = tokio::task::spawn_blocking(quern_compute::nn::quick_sgemm_gflops).await
+            {
+                tracing::info!(
+                    gflops = format!("{g:.0}"),
+                    "measured this machine's sgemm rate"
+                );
+                let _ = timed.gflops.set(g);
+            }
+        });
         tasks.spawn("scrubber", crate::scrub::run(node.clone()));
         tasks.spawn("job sweeper", crate::jobs::sweeper(node.jobs.clone()));
         Ok(Datanode {

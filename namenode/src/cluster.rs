@@ -39,6 +39,8 @@ pub struct NodeEntry {
     /// Training jobs the node holds in memory, as of its last heartbeat.
     pub jobs: u64,
     pub job_bytes: u64,
+    /// The node's measured sgemm rate, GFLOP/s (0 until it reports one).
+    pub gflops: f64,
     pub last_heartbeat: Instant,
     /// Bytes placed on the node since its last heartbeat, so a burst of
     /// allocations spreads out before usage figures catch up.
@@ -290,6 +292,7 @@ impl Cluster {
                     full: false,
                     jobs: 0,
                     job_bytes: 0,
+                    gflops: 0.0,
                     last_heartbeat: Instant::now(),
                     placed_since_heartbeat: 0,
                     commands: Vec::new(),
@@ -601,6 +604,7 @@ impl Cluster {
         n.full = hb.full;
         n.jobs = hb.jobs;
         n.job_bytes = hb.job_bytes;
+        n.gflops = f64::from(hb.gflops);
         n.capacity = hb.capacity;
         n.available = hb.available;
         n.used = hb.used;
@@ -642,6 +646,7 @@ impl Cluster {
                 full: n.full,
                 jobs: n.jobs,
                 job_bytes: n.job_bytes,
+                gflops: n.gflops,
                 since_heartbeat_secs: n.last_heartbeat.elapsed().as_secs_f64(),
             })
             .collect();

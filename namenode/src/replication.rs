@@ -574,6 +574,7 @@ pub(crate) mod tests {
             full: false,
             jobs: 0,
             job_bytes: 0,
+            gflops: 0.0,
         }
     }
 

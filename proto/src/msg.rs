@@ -201,6 +201,8 @@ pub struct DatanodeReport {
     /// bytes (charged against the node's `--job-memory` budget).
     pub jobs: u64,
     pub job_bytes: u64,
+    /// The node's measured sgemm rate (see [`Heartbeat::gflops`]).
+    pub gflops: f64,
     pub since_heartbeat_secs: f64,
 }
 
@@ -480,6 +482,9 @@ pub struct Heartbeat {
     /// Training jobs held in memory and the bytes charged for them.
     pub jobs: u64,
     pub job_bytes: u64,
+    /// The node's sgemm rate on all its cores, GFLOP/s, measured when it
+    /// started (0 until then): what the training planner weighs it by.
+    pub gflops: f32,
 }
 
 /// A datanode whose full report is due asks for a turn to send it. The

@@ -91,6 +91,7 @@ async fn datanode_requests_need_the_datanodes_own_certificate() {
                 full: false,
                 jobs: 0,
                 job_bytes: 0,
+                gflops: 0.0,
             },
         )
         .await

@@ -247,6 +247,42 @@ async fn two_of_three_datanodes_train_as_their_replay() {
     follows_the_one_process_algorithm(tiny_model(), Options::default(), Some(2)).await;
 }
 
+/// Every datanode measures its sgemm rate as it starts and reports it with
+/// its heartbeats; the planner's reason says it weighed the nodes by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datanodes_report_the_speed_the_planner_weighs() {
+    let c = TestCluster::start(Options::default()).await;
+    let client = c.client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let nodes = client.report().await.unwrap().datanodes;
+        if nodes.len() == 3 && nodes.iter().all(|d| d.gflops > 1.0) {
+            break;
+        }
+        let speeds: Vec<f64> = nodes.iter().map(|d| d.gflops).collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "datanodes did not report their speed: {speeds:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut ds = dataset(&client, 200, 3).await;
+    let model = tiny_model();
+    let opts = TrainOptions {
+        plan: Plan::Auto,
+        ..options(&model, 7)
+    };
+    let run = client.train(&mut ds, None, &opts, |_| {}).await.unwrap();
+    let TrainEvent::Planned(d) = &run.events[0] else {
+        panic!("first event is Planned: {:?}", run.events[0]);
+    };
+    assert!(
+        d.reason.contains("from the nodes' measured sgemm"),
+        "{}",
+        d.reason
+    );
+}
+
 /// A number of workers the cluster cannot give, or with the one-worker
 /// plan, is refused before any datanode loads a record, naming the range.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,6 +406,15 @@ fn a_sigkilled_coordinators_jobs_are_freed_within_two_leases() {
     );
     let text = c.quern(&["report"]);
     assert!(text.stdout.contains("JOBS"), "{}", text.stdout);
+    // Each datanode measured its sgemm rate when it started and reports it
+    // with its heartbeats: the planner weighs the nodes by it.
+    assert!(text.stdout.contains("GFLOP/S"), "{}", text.stdout);
+    let r: serde_json::Value =
+        serde_json::from_str(&c.quern(&["report", "--json"]).stdout).expect("report --json");
+    for n in r["datanodes"].as_array().expect("datanodes") {
+        let g = n["gflops"].as_f64().expect("gflops in --json");
+        assert!(g > 1.0, "a datanode reports {g} GFLOP/s: {n}");
+    }
 
     child.kill().unwrap(); // SIGKILL: nothing is closed
     child.wait().unwrap();

@@ -37,7 +37,7 @@ pub use compile::{parse_optimizer, CompileSettings};
 pub use config::Problem;
 pub use error::{NnError, Result};
 pub use exec::DropoutRng;
-pub use gemm::{sgemm_ceiling_gflops, simd_level};
+pub use gemm::{quick_sgemm_gflops, sgemm_ceiling_gflops, simd_level};
 pub use init::{Distribution, FanMode, Init};
 pub use layers::{Padding, StatSums, SUPPORTED_LAYERS};
 pub use loss::{Loss, Target};
