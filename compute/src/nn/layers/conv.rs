@@ -407,6 +407,14 @@ impl Geom {
         if super::winograd::applies(self, filters, groups) {
             return super::winograd::backward(self, x, w, filters, dy, dw, need_dx);
         }
+        if super::direct::grad_applies(self, filters, groups) {
+            if let Some(dw) = dw {
+                super::direct::kernel_grad(self, x, dy, filters, dw);
+            }
+            return need_dx
+                .then(|| self.conv_backward_im2col(x, w, filters, groups, dy, None, true))
+                .flatten();
+        }
         self.conv_backward_im2col(x, w, filters, groups, dy, dw, need_dx)
     }
 
