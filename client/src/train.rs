@@ -772,6 +772,10 @@ impl Client {
                                 held.commit.clone()
                             },
                         }),
+                        host_workers: workers
+                            .iter()
+                            .filter(|o| o.node.addr.ip() == worker.node.addr.ip())
+                            .count() as u32,
                         params: Vec::new(),
                     };
                     let ring = hold.then(|| Ring {

@@ -483,6 +483,11 @@ pub struct StepRequest {
     /// with every request.
     #[serde(default)]
     pub hold: Option<Hold>,
+    /// Workers of this step on the worker's host, itself included: they
+    /// share its cores, so it computes on its share of them (0 or 1: on
+    /// all of them).
+    #[serde(default)]
+    pub host_workers: u32,
     /// Sent as raw bytes after the request frame: the parameters, or with
     /// `hold.seed` the parameters followed by the optimizer's state.
     #[serde(skip)]
@@ -1226,6 +1231,7 @@ pub fn train_local(
                         seed: seeding.clone(),
                         commit: commit.clone(),
                     }),
+                    host_workers: 1,
                     params: if seeding.is_some() {
                         seed_values.clone()
                     } else {

@@ -204,6 +204,7 @@ async fn run_step(
     let mut task = tokio::task::spawn_blocking(move || {
         request.params = f32s_from_le(&raw)
             .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("parameters: {e}")))?;
+        let pool = job.pool(request.host_workers);
         let mut w = job.worker.lock().map_err(internal)?;
         let sync = link.as_ref().map(|l| l as &dyn BatchSync);
         let mut send = |b: usize, values: &[f32]| {
@@ -212,7 +213,13 @@ async fn run_step(
                 let _ = tx.send((b, values.to_vec()));
             }
         };
-        let r = w.step_streamed(request, sync, &mut send).map_err(|e| {
+        let worker: &mut Worker = &mut w;
+        let run = move || worker.step_streamed(request, sync, &mut send);
+        let r = match pool {
+            Some(p) => p.install(run),
+            None => run(),
+        };
+        let r = r.map_err(|e| {
             WireError::new(
                 ErrorCode::InvalidArgument,
                 format!("{describe}: training step failed: {e}"),
