@@ -267,6 +267,25 @@ impl Geom {
         self.conv_then(x, w, filters, groups, y, &|_| {});
     }
 
+    /// [`conv_then`](Self::conv_then) in a training step: what the
+    /// backward pass would otherwise compute again (a Winograd layer's
+    /// input transforms) is kept for it.
+    pub(crate) fn conv_then_keeping(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        filters: usize,
+        groups: usize,
+        y: &mut [f32],
+        then: &(dyn Fn(&mut [f32]) + Sync),
+    ) -> Option<super::winograd::InputTransforms> {
+        if super::winograd::applies(self, filters, groups) {
+            return super::winograd::forward(self, x, w, filters, y, then, true);
+        }
+        self.conv_then(x, w, filters, groups, y, then);
+        None
+    }
+
     /// [`conv`](Self::conv), running `then` on each block of finished
     /// output rows while the block is still in cache (the bias and the
     /// activation).
@@ -294,7 +313,7 @@ impl Geom {
             return;
         }
         if super::winograd::applies(self, filters, groups) {
-            super::winograd::forward(self, x, w, filters, y, then);
+            super::winograd::forward(self, x, w, filters, y, then, false);
             return;
         }
         let per_out = self.oh * self.ow * filters;
@@ -375,6 +394,23 @@ impl Geom {
         dw: Option<&mut [f32]>,
         need_dx: bool,
     ) -> Option<Vec<f32>> {
+        self.conv_backward_kept(x, w, filters, groups, dy, dw, need_dx, None)
+    }
+
+    /// [`conv_backward`](Self::conv_backward) with what the forward pass
+    /// kept, if anything.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv_backward_kept(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        filters: usize,
+        groups: usize,
+        dy: &[f32],
+        dw: Option<&mut [f32]>,
+        need_dx: bool,
+        kept: Option<&super::winograd::InputTransforms>,
+    ) -> Option<Vec<f32>> {
         let per_out = self.oh * self.ow * filters;
         let n = dy.len() / per_out.max(1);
         if groups == 1 && self.is_pointwise() {
@@ -405,7 +441,7 @@ impl Geom {
             });
         }
         if super::winograd::applies(self, filters, groups) {
-            return super::winograd::backward(self, x, w, filters, dy, dw, need_dx);
+            return super::winograd::backward(self, x, w, filters, dy, dw, need_dx, kept);
         }
         if super::direct::grad_applies(self, filters, groups) {
             if let Some(dw) = dw {
@@ -703,8 +739,13 @@ impl Op for Conv {
                 }
                 act.apply_serial(block, filters);
             };
-            g.conv_then(xs[0], cx.w[0], self.filters, self.groups, &mut y, &then);
-            return (y, None);
+            if !cx.train {
+                g.conv_then(xs[0], cx.w[0], self.filters, self.groups, &mut y, &then);
+                return (y, None);
+            }
+            let kept =
+                g.conv_then_keeping(xs[0], cx.w[0], self.filters, self.groups, &mut y, &then);
+            return (y, kept.and_then(super::saved));
         } else {
             g.conv(xs[0], cx.w[0], self.filters, self.groups, &mut y);
         }
@@ -727,7 +768,7 @@ impl Op for Conv {
             self.depthwise(&g)
                 .backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0])
         } else {
-            g.conv_backward(
+            g.conv_backward_kept(
                 b.xs[0],
                 cx.w[0],
                 self.filters,
@@ -735,6 +776,7 @@ impl Op for Conv {
                 &b.dy,
                 dk,
                 b.need[0],
+                super::get_saved::<super::winograd::InputTransforms>(b.saved),
             )
         };
         crate::nn::buffers::hand_back(b.dy);

@@ -417,11 +417,17 @@ impl Tiling<'_> {
 
     /// Transforms of every tile of `xs` (whole samples): v[e][tile][c].
     fn input(&self, tr: &Transforms, xs: &[f32], v: &mut Vec<f32>) -> usize {
+        let tiles = xs.len() / self.g.per_in().max(1) * self.per_sample();
+        v.resize(tr.a * tr.a * plane(tiles * self.g.c), 0.0);
+        self.input_into(tr, xs, v)
+    }
+
+    /// [`Tiling::input`] into `v`, at least as long as the transforms.
+    fn input_into(&self, tr: &Transforms, xs: &[f32], v: &mut [f32]) -> usize {
         let g = self.g;
         let (a, c) = (tr.a, g.c);
         let samples = xs.len() / g.per_in().max(1);
         let tiles = samples * self.per_sample();
-        v.resize(a * a * plane(tiles * c), 0.0);
         let ds = plane(RUN * c);
         let mut d = vec![0.0f32; a * a * ds];
         let mut tmp = vec![0.0f32; a * RUN * c];
@@ -443,7 +449,26 @@ impl Tiling<'_> {
     }
 }
 
-/// `y = conv(x, w)`, calling `then` on each finished block of samples.
+/// A training step's input transforms, kept from the forward pass for the
+/// kernel gradient, which would otherwise make them again; handed back to
+/// the step's buffers when dropped.
+pub(crate) struct InputTransforms(Vec<f32>);
+
+impl Drop for InputTransforms {
+    fn drop(&mut self) {
+        crate::nn::buffers::hand_back(std::mem::take(&mut self.0));
+    }
+}
+
+/// Floats one block of `sb` samples' transforms take when kept: every
+/// block is given the room of a whole one, so block `b` starts at `b`
+/// times this.
+fn kept_block(g: &Geom, tr: &Transforms, sb: usize) -> usize {
+    tr.a * tr.a * plane(sb * Tiling::new(g).per_sample() * g.c)
+}
+
+/// `y = conv(x, w)`, calling `then` on each finished block of samples;
+/// with `keep`, the input's transforms are kept for the backward pass.
 pub(crate) fn forward(
     g: &Geom,
     x: &[f32],
@@ -451,31 +476,38 @@ pub(crate) fn forward(
     filters: usize,
     y: &mut [f32],
     then: &(dyn Fn(&mut [f32]) + Sync),
-) {
-    let tr = Transforms::new(g.kh);
+    keep: bool,
+) -> Option<InputTransforms> {
+    let tr = &Transforms::new(g.kh);
     let u = tr.kernel(w, g.c, filters);
-    run_forward(g, &tr, &u, x, filters, y, then);
-}
-
-fn run_forward(
-    g: &Geom,
-    tr: &Transforms,
-    u: &[f32],
-    x: &[f32],
-    filters: usize,
-    y: &mut [f32],
-    then: &(dyn Fn(&mut [f32]) + Sync),
-) {
     let tiling = Tiling::new(g);
     let per_out = g.oh * g.ow * filters;
     let n = y.len() / per_out.max(1);
     let sb = sample_blocks(n, tiling.per_sample());
     let (a, c, f) = (tr.a, g.c, filters);
+    let block = kept_block(g, tr, sb);
+    // Every value a backward pass reads is written below.
+    let mut kept = keep.then(|| crate::nn::buffers::overwritten(n.div_ceil(sb) * block));
+    let blocks: Vec<Option<&mut [f32]>> = match kept.as_mut() {
+        Some(k) => k.chunks_mut(block.max(1)).map(Some).collect(),
+        None => (0..n.div_ceil(sb)).map(|_| None).collect(),
+    };
     y.par_chunks_mut((sb * per_out).max(1))
         .zip(x.par_chunks((sb * g.per_in()).max(1)))
-        .for_each(|(yc, xc)| {
-            with_scratch(|v, m| {
-                let tiles = tiling.input(tr, xc, v);
+        .zip(blocks.into_par_iter())
+        .for_each(|((yc, xc), kb)| {
+            with_scratch(|scratch, m| {
+                let tiles;
+                let v: &[f32] = match kb {
+                    Some(k) => {
+                        tiles = tiling.input_into(tr, xc, k);
+                        k
+                    }
+                    None => {
+                        tiles = tiling.input(tr, xc, scratch);
+                        scratch
+                    }
+                };
                 m.resize(a * a * plane(tiles * f), 0.0);
                 for e in 0..a * a {
                     gemm_serial(
@@ -520,6 +552,7 @@ fn run_forward(
                 then(yc);
             })
         });
+    kept.map(InputTransforms)
 }
 
 /// The kernel gradient (added into `dw`) and, when asked, the input
@@ -528,6 +561,8 @@ fn run_forward(
 /// inputs times Z (dU = V'Z); the input gradient is the forward pass run
 /// backwards, dV = Z U' per position, then B dV B' per tile, each tile's
 /// 6x6 added into the input pixels it was read from, tiles in order.
+/// `kept`: the input's transforms, if the forward pass kept them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     g: &Geom,
     x: &[f32],
@@ -536,6 +571,7 @@ pub(crate) fn backward(
     dy: &[f32],
     dw: Option<&mut [f32]>,
     need_dx: bool,
+    kept: Option<&InputTransforms>,
 ) -> Option<Vec<f32>> {
     if dw.is_none() && !need_dx {
         return None;
@@ -547,6 +583,11 @@ pub(crate) fn backward(
     let n = dy.len() / per_out.max(1);
     let sb = sample_blocks(n, tiling.per_sample());
     let group = super::conv::group_samples(n, sb, a * a * c * f);
+    let block = kept_block(g, &tr, sb);
+    // Transforms kept by a forward pass over this same batch, or none.
+    let kept = kept
+        .map(|k| k.0.as_slice())
+        .filter(|k| k.len() == n.div_ceil(sb) * block);
     let u = need_dx.then(|| tr.kernel(w, c, f));
     let want_dw = dw.is_some();
     // Every input pixel is written: each block's part is zeroed first.
@@ -559,7 +600,8 @@ pub(crate) fn backward(
         .par_chunks((group * per_out).max(1))
         .zip(x.par_chunks((group * per_in).max(1)))
         .zip(dx_groups.into_par_iter())
-        .map(|((dyg, xg), mut dxg)| {
+        .enumerate()
+        .map(|(gi, ((dyg, xg), mut dxg))| {
             with_scratch(|v, z| {
                 let mut du = want_dw.then(|| vec![0.0f32; a * a * c * f]);
                 let mut d = vec![0.0f32; M * M * RUN * f];
@@ -599,7 +641,15 @@ pub(crate) fn backward(
                         t0 += run;
                     }
                     if let Some(du) = du.as_mut() {
-                        tiling.input(&tr, xc, v);
+                        // Groups are whole blocks: this is block
+                        // gi * group / sb + b of the batch.
+                        let v: &[f32] = match kept {
+                            Some(k) => &k[(gi * group / sb + b) * block..][..block],
+                            None => {
+                                tiling.input(&tr, xc, v);
+                                v
+                            }
+                        };
                         for e in 0..a * a {
                             gemm_serial(
                                 c,
@@ -793,13 +843,32 @@ mod tests {
             };
 
             let mut y = vec![0.0f32; n * per_out];
-            forward(&g, &x, &w, filters, &mut y, &|_| {});
+            assert!(forward(&g, &x, &w, filters, &mut y, &|_| {}, false).is_none());
             let mut want = vec![0.0f32; n * per_out];
             g.conv_then_im2col(&x, &w, filters, 1, &mut want, &|_| {});
             close("forward", &y, &want);
 
             let mut dw = vec![0.0f32; w.len()];
-            let dx = backward(&g, &x, &w, filters, &dy, Some(&mut dw), true).unwrap();
+            let dx = backward(&g, &x, &w, filters, &dy, Some(&mut dw), true, None).unwrap();
+            // The input transforms kept by a training forward pass give
+            // the same output and the same gradients, bit for bit.
+            let mut y_kept = vec![0.0f32; n * per_out];
+            let kept = forward(&g, &x, &w, filters, &mut y_kept, &|_| {}, true);
+            assert!(kept.is_some());
+            assert_eq!(y_kept, y);
+            let mut dw_kept = vec![0.0f32; w.len()];
+            let dx_kept = backward(
+                &g,
+                &x,
+                &w,
+                filters,
+                &dy,
+                Some(&mut dw_kept),
+                true,
+                kept.as_ref(),
+            );
+            assert_eq!(dx_kept.as_ref(), Some(&dx));
+            assert_eq!(dw_kept, dw);
             let mut want_dw = vec![0.0f32; w.len()];
             let want_dx = g
                 .conv_backward_im2col(&x, &w, filters, 1, &dy, Some(&mut want_dw), true)
