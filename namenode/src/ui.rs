@@ -176,7 +176,7 @@ async fn datanodes(Shared(s): S) -> Response {
         "<table id=\"datanodes\"><tr><th>Node</th><th>Address</th><th>State</th>\
          <th class=\"n\">Capacity</th><th class=\"n\">Used</th><th class=\"n\">Available</th>\
          <th class=\"n\">Chunks</th><th>Last heartbeat</th><th>Last scrubber pass</th>\
-         <th class=\"n\">Jobs</th></tr>",
+         <th class=\"n\">Jobs</th><th class=\"n\">sgemm GFLOP/s</th></tr>",
     );
     for d in &r.datanodes {
         let (state, class) = match d.state {
@@ -198,7 +198,7 @@ async fn datanodes(Shared(s): S) -> Response {
             "<tr data-addr=\"{addr}\" data-state=\"{state}\"><td><code>{id}</code></td>\
              <td>{addr}</td><td class=\"{class}\">{state}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td>\
-             <td>{}</td><td class=\"n\">{}</td></tr>",
+             <td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
             human_bytes(d.capacity),
             human_bytes(d.used),
             human_bytes(d.available),
@@ -206,6 +206,12 @@ async fn datanodes(Shared(s): S) -> Response {
             ago(d.since_heartbeat_secs),
             escape(&scrub),
             d.jobs,
+            // Measured when the node started; the training planner's speed.
+            if d.gflops > 0.0 {
+                format!("{:.0}", d.gflops)
+            } else {
+                "not yet".into()
+            },
             addr = d.node.addr,
             id = d.node.id,
         );

@@ -63,9 +63,29 @@ async fn every_page_shows_the_clusters_real_figures() {
         "{page}"
     );
 
+    // Each node's measured speed, once its heartbeats carry it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let r = client.report().await.unwrap();
+        if r.datanodes.iter().all(|d| d.gflops > 0.0) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no speed reported: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let (status, page) = get(web, "/datanodes").await;
     assert_eq!(status, 200);
+    assert!(page.contains("sgemm GFLOP/s"), "{page}");
     for d in &report.datanodes {
+        assert!(
+            page.contains(&format!("<td class=\"n\">{:.0}</td></tr>", d.gflops)),
+            "{} GFLOP/s for {} missing: {page}",
+            d.gflops,
+            d.node.addr
+        );
         assert!(
             page.contains(&format!(
                 "data-addr=\"{}\" data-state=\"live\"",
