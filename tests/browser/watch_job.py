@@ -14,13 +14,16 @@ import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 
 def points(driver):
-    lines = driver.find_elements(By.CSS_SELECTOR, "svg#loss polyline.train-loss")
-    return int(lines[0].get_attribute("data-points")) if lines else 0
+    # Read in one script: the page redraws its charts every second, and an
+    # element found by one call can be replaced before the next reads it.
+    return driver.execute_script(
+        "const l = document.querySelector('svg#loss polyline.train-loss');"
+        "return l ? Number(l.getAttribute('data-points')) : 0;"
+    )
 
 
 def main():
@@ -39,7 +42,10 @@ def main():
         before = points(driver)
         time.sleep(wait)
         after = points(driver)
-        state = driver.find_element(By.ID, "state").text
+        state = driver.execute_script(
+            "const s = document.getElementById('state');"
+            "return s ? s.innerText.trim() : '';"
+        )
         driver.save_screenshot(shot)
         print(json.dumps({"before": before, "after": after, "state": state}))
     finally:
