@@ -136,10 +136,10 @@ async fn measure(
             )
             .await?;
         let s = &run.summary;
-        let label = match workers {
-            Some(n) => format!("--plan {plan} --sync {sync} --workers {n}"),
-            None => format!("--plan {plan} --sync {sync}"),
-        };
+        let label = format!(
+            "--plan {plan} --sync {sync}{}",
+            workers.map_or(String::new(), |n| format!(" --workers {n}"))
+        );
         println!(
             "3 datanodes, {label:<38}: {:>7.0} samples/s ({:.2} x one process; after the first round {:.0}, {:.2} x) on {} worker{}, {} per step per worker{}, {:.0}% of round time not computing, dataset bytes over the network {}, test accuracy after {} iterations {:.4}{why}",
             s.samples_per_sec,

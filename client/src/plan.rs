@@ -300,29 +300,25 @@ pub fn pick_workers(
     chunk_sizes: &[u64],
     k: usize,
 ) -> (Vec<usize>, u64) {
-    let held = |c: usize| -> u64 {
+    // The bytes of the chunks whose holders pass `which`.
+    let bytes = |which: &dyn Fn(&[usize]) -> bool| -> u64 {
         chunk_holders
             .iter()
             .zip(chunk_sizes)
-            .filter(|(h, _)| h.contains(&c))
+            .filter(|(h, _)| which(h))
             .map(|(_, s)| s)
             .sum()
     };
     let mut chosen: Vec<usize> = Vec::new();
     while chosen.len() < k.min(candidates.len()) {
-        let covered = |c: usize| -> u64 {
-            chunk_holders
-                .iter()
-                .zip(chunk_sizes)
-                .filter(|(h, _)| h.contains(&c) && !h.iter().any(|x| chosen.contains(x)))
-                .map(|(_, s)| s)
-                .sum()
-        };
+        let none_chosen = |h: &[usize]| !h.iter().any(|x| chosen.contains(x));
         let next = (0..candidates.len())
             .filter(|c| !chosen.contains(c))
             .max_by_key(|&c| {
                 let new_host = !chosen.iter().any(|&x| candidates[x] == candidates[c]);
-                (new_host, covered(c), held(c), std::cmp::Reverse(c))
+                let covered = bytes(&|h| h.contains(&c) && none_chosen(h));
+                let held = bytes(&|h| h.contains(&c));
+                (new_host, covered, held, std::cmp::Reverse(c))
             });
         match next {
             Some(c) => chosen.push(c),
@@ -330,12 +326,7 @@ pub fn pick_workers(
         }
     }
     chosen.sort_unstable();
-    let missing = chunk_holders
-        .iter()
-        .zip(chunk_sizes)
-        .filter(|(h, _)| !h.iter().any(|x| chosen.contains(x)))
-        .map(|(_, s)| s)
-        .sum();
+    let missing = bytes(&|h| !h.iter().any(|x| chosen.contains(x)));
     (chosen, missing)
 }
 

@@ -1095,37 +1095,7 @@ impl Client {
         let decision = match plan::settled(requested, holders, opts.workers) {
             Some(d) => d,
             None => {
-                // What each host sustains: the sgemm rate its datanodes
-                // measured (the fastest report of a host's nodes: they
-                // measure one machine, perhaps while sharing it), at the
-                // share of it a training step reaches; where no node of a
-                // host has reported yet, this machine's.
-                let reported = self.report().await?.datanodes;
-                let mut here: Option<f64> = None;
-                let mut rates = Vec::with_capacity(candidates.len());
-                for h in &hosts {
-                    let best_report = reported
-                        .iter()
-                        .filter(|d| d.node.addr.ip() == *h)
-                        .map(|d| d.gflops)
-                        .fold(0.0, f64::max);
-                    let g = if best_report > 0.0 {
-                        best_report
-                    } else {
-                        match here {
-                            Some(g) => g,
-                            None => {
-                                let g = tokio::task::spawn_blocking(
-                                    quern_compute::nn::quick_sgemm_gflops,
-                                )
-                                .await
-                                .unwrap_or(50.0);
-                                *here.get_or_insert(g)
-                            }
-                        }
-                    };
-                    rates.push(g * 1e9 * STEP_SHARE_OF_SGEMM);
-                }
+                let rates = self.training_rates(&hosts).await?;
                 let steps_per_epoch = records.div_ceil(opts.batch.max(1)).max(1);
                 let counts = match opts.workers {
                     Some(n) => n..=n,
@@ -1174,7 +1144,6 @@ impl Client {
                 }];
             }
         } else if decision.workers != holders {
-            let (chosen, _) = set(decision.workers);
             if chunks.len() < decision.workers {
                 return Err(Error::Job(format!(
                     "--workers {}: {} has {} chunk{}, and a worker trains on one or more",
@@ -1184,6 +1153,7 @@ impl Client {
                     if chunks.len() == 1 { "" } else { "s" }
                 )));
             }
+            let (chosen, _) = set(decision.workers);
             let nodes: Vec<NodeAddr> = chosen.iter().map(|&c| candidates[c]).collect();
             *sched = Scheduler::new(nodes.clone());
             *workers = place(sched, chunks, &ds.dir)?;
@@ -1206,6 +1176,36 @@ impl Client {
             }
         }
         Ok(decision)
+    }
+
+    /// The training FLOP/s each of `hosts` sustains: the sgemm rate its
+    /// datanodes measured (the fastest report of a host's nodes: they
+    /// measure one machine, perhaps while sharing it), at the share of it a
+    /// training step reaches; where no node of a host has reported yet,
+    /// this machine's, measured once.
+    async fn training_rates(&self, hosts: &[std::net::IpAddr]) -> Result<Vec<f64>> {
+        let reported = self.report().await?.datanodes;
+        let mut here: Option<f64> = None;
+        let mut rates = Vec::with_capacity(hosts.len());
+        for h in hosts {
+            let mut g = reported
+                .iter()
+                .filter(|d| d.node.addr.ip() == *h)
+                .map(|d| d.gflops)
+                .fold(0.0, f64::max);
+            if g <= 0.0 {
+                if here.is_none() {
+                    here = Some(
+                        tokio::task::spawn_blocking(quern_compute::nn::quick_sgemm_gflops)
+                            .await
+                            .unwrap_or(50.0),
+                    );
+                }
+                g = here.unwrap_or(50.0);
+            }
+            rates.push(g * 1e9 * STEP_SHARE_OF_SGEMM);
+        }
+        Ok(rates)
     }
 
     async fn open_worker(

@@ -316,21 +316,7 @@ pub fn simd_level() -> &'static str {
 /// it on every core: the best of several 1024-cubed products (about half a
 /// second in all). The ceiling a training step's GFLOP/s is judged against.
 pub fn sgemm_ceiling_gflops() -> f64 {
-    const N: usize = 1024;
-    let a: Vec<f32> = (0..N * N).map(|i| (i % 13) as f32 * 0.01).collect();
-    let b: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.01).collect();
-    let mut c = vec![0.0f32; N * N];
-    let mut best = f64::INFINITY;
-    let start = std::time::Instant::now();
-    for i in 0.. {
-        let t = std::time::Instant::now();
-        gemm(N, N, N, Mat::rows(&a, N), Mat::rows(&b, N), &mut c, false);
-        best = best.min(t.elapsed().as_secs_f64());
-        if i >= 3 && start.elapsed().as_secs_f64() > 0.5 {
-            break;
-        }
-    }
-    2.0 * (N * N * N) as f64 / best / 1e9
+    product_gflops(1024, true, 4, 0.5)
 }
 
 /// A quick estimate of [`sgemm_ceiling_gflops`] that leaves the machine
@@ -339,18 +325,36 @@ pub fn sgemm_ceiling_gflops() -> f64 {
 /// Datanodes measure it when they start and report it in their heartbeats,
 /// for the planner to weigh each node's speed.
 pub fn quick_sgemm_gflops() -> f64 {
-    const N: usize = 384;
-    let a: Vec<f32> = (0..N * N).map(|i| (i % 13) as f32 * 0.01).collect();
-    let b: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.01).collect();
-    let mut c = vec![0.0f32; N * N];
-    let mut best = f64::INFINITY;
-    for _ in 0..8 {
-        let t = std::time::Instant::now();
-        gemm_serial(N, N, N, Mat::rows(&a, N), Mat::rows(&b, N), &mut c, false);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    2.0 * (N * N * N) as f64 / best.max(1e-9) / 1e9 * cores as f64
+    product_gflops(384, false, 8, 0.0) * cores as f64
+}
+
+/// GFLOP/s of the fastest of at least `runs` n-cubed products taking at
+/// least `secs` in all, on every core (`parallel`) or on this thread.
+fn product_gflops(n: usize, parallel: bool, runs: usize, secs: f64) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.01).collect();
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::INFINITY;
+    let start = std::time::Instant::now();
+    for i in 1.. {
+        let t = std::time::Instant::now();
+        gemm_impl(
+            n,
+            n,
+            n,
+            Mat::rows(&a, n),
+            Mat::rows(&b, n),
+            &mut c,
+            false,
+            parallel,
+        );
+        best = best.min(t.elapsed().as_secs_f64());
+        if i >= runs && start.elapsed().as_secs_f64() >= secs {
+            break;
+        }
+    }
+    2.0 * (n * n * n) as f64 / best.max(1e-9) / 1e9
 }
 
 #[cfg(test)]

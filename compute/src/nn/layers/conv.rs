@@ -264,31 +264,15 @@ impl Geom {
     /// `y = conv(x, w)` for an HWIO kernel with `groups` groups; `y` is
     /// overwritten.
     pub fn conv(&self, x: &[f32], w: &[f32], filters: usize, groups: usize, y: &mut [f32]) {
-        self.conv_then(x, w, filters, groups, y, &|_| {});
-    }
-
-    /// [`conv_then`](Self::conv_then) in a training step: what the
-    /// backward pass would otherwise compute again (a Winograd layer's
-    /// input transforms) is kept for it.
-    pub(crate) fn conv_then_keeping(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        filters: usize,
-        groups: usize,
-        y: &mut [f32],
-        then: &(dyn Fn(&mut [f32]) + Sync),
-    ) -> Option<super::winograd::InputTransforms> {
-        if super::winograd::applies(self, filters, groups) {
-            return super::winograd::forward(self, x, w, filters, y, then, true);
-        }
-        self.conv_then(x, w, filters, groups, y, then);
-        None
+        self.conv_then(x, w, filters, groups, y, &|_| {}, false);
     }
 
     /// [`conv`](Self::conv), running `then` on each block of finished
     /// output rows while the block is still in cache (the bias and the
-    /// activation).
+    /// activation). With `keep` (a training step), what the backward pass
+    /// would otherwise compute again (a Winograd layer's input transforms)
+    /// is returned for it.
+    #[allow(clippy::too_many_arguments)]
     pub fn conv_then(
         &self,
         x: &[f32],
@@ -297,7 +281,8 @@ impl Geom {
         groups: usize,
         y: &mut [f32],
         then: &(dyn Fn(&mut [f32]) + Sync),
-    ) {
+        keep: bool,
+    ) -> Option<super::winograd::InputTransforms> {
         if groups == 1 && self.is_pointwise() {
             let rows = y.len() / filters.max(1);
             crate::nn::gemm::gemm(
@@ -310,11 +295,10 @@ impl Geom {
                 false,
             );
             then(y);
-            return;
+            return None;
         }
         if super::winograd::applies(self, filters, groups) {
-            super::winograd::forward(self, x, w, filters, y, then, false);
-            return;
+            return super::winograd::forward(self, x, w, filters, y, then, keep);
         }
         let per_out = self.oh * self.ow * filters;
         if super::direct::applies(self, filters, groups) {
@@ -325,9 +309,10 @@ impl Geom {
                     super::direct::conv(self, xc, w, filters, yc);
                     then(yc);
                 });
-            return;
+            return None;
         }
         self.conv_then_im2col(x, w, filters, groups, y, then);
+        None
     }
 
     /// The general path: blocks of im2col columns times the kernel.
@@ -383,24 +368,9 @@ impl Geom {
     /// Kernel gradient (added into `dw` when given) and, when `need_dx`,
     /// the input gradient. Blocks of samples run in parallel; each block sums
     /// its kernel gradient in sample order and blocks are added in order.
+    /// `kept`: what the forward pass kept for it, if anything.
     #[allow(clippy::too_many_arguments)]
     pub fn conv_backward(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        filters: usize,
-        groups: usize,
-        dy: &[f32],
-        dw: Option<&mut [f32]>,
-        need_dx: bool,
-    ) -> Option<Vec<f32>> {
-        self.conv_backward_kept(x, w, filters, groups, dy, dw, need_dx, None)
-    }
-
-    /// [`conv_backward`](Self::conv_backward) with what the forward pass
-    /// kept, if anything.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn conv_backward_kept(
         &self,
         x: &[f32],
         w: &[f32],
@@ -739,12 +709,8 @@ impl Op for Conv {
                 }
                 act.apply_serial(block, filters);
             };
-            if !cx.train {
-                g.conv_then(xs[0], cx.w[0], self.filters, self.groups, &mut y, &then);
-                return (y, None);
-            }
-            let kept =
-                g.conv_then_keeping(xs[0], cx.w[0], self.filters, self.groups, &mut y, &then);
+            let (f, groups) = (self.filters, self.groups);
+            let kept = g.conv_then(xs[0], cx.w[0], f, groups, &mut y, &then, cx.train);
             return (y, kept.and_then(super::saved));
         } else {
             g.conv(xs[0], cx.w[0], self.filters, self.groups, &mut y);
@@ -768,7 +734,7 @@ impl Op for Conv {
             self.depthwise(&g)
                 .backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0])
         } else {
-            g.conv_backward_kept(
+            g.conv_backward(
                 b.xs[0],
                 cx.w[0],
                 self.filters,
@@ -1272,7 +1238,7 @@ impl Op for ConvTranspose {
         // Kernel gradient: the reference convolution's kernel gradient
         // with its input = dy and its output gradient = x.
         if let Some(dk) = dk {
-            g.conv_backward(&b.dy, cx.w[0], c, 1, b.xs[0], Some(dk), false);
+            g.conv_backward(&b.dy, cx.w[0], c, 1, b.xs[0], Some(dk), false, None);
         }
         let dx = b.need[0].then(|| {
             let mut dx = vec![0.0f32; cx.n * size(&cx.ins[0])];
@@ -1302,7 +1268,7 @@ impl Geom {
         n: usize,
     ) -> Option<Vec<f32>> {
         debug_assert_eq!(dy.len(), n * self.oh * self.ow * filters);
-        self.conv_backward(&[], w, filters, 1, dy, None, true)
+        self.conv_backward(&[], w, filters, 1, dy, None, true, None)
     }
 }
 
@@ -1337,9 +1303,9 @@ mod tests {
                 .collect();
             let len = n * g.oh * g.ow * filters;
             let mut zeroed = vec![0.0f32; len];
-            g.conv_then(&x, &w, filters, groups, &mut zeroed, &|_| {});
+            g.conv_then(&x, &w, filters, groups, &mut zeroed, &|_| {}, false);
             let mut stale = vec![f32::NAN; len];
-            g.conv_then(&x, &w, filters, groups, &mut stale, &|_| {});
+            g.conv_then(&x, &w, filters, groups, &mut stale, &|_| {}, false);
             let same = stale
                 .iter()
                 .zip(&zeroed)

@@ -460,6 +460,15 @@ impl Drop for InputTransforms {
     }
 }
 
+/// `buf` in parts of `len` for the tasks of a pass, or `count` Nones
+/// without one.
+fn parts_of(buf: Option<&mut Vec<f32>>, len: usize, count: usize) -> Vec<Option<&mut [f32]>> {
+    match buf {
+        Some(b) => b.chunks_mut(len.max(1)).map(Some).collect(),
+        None => (0..count).map(|_| None).collect(),
+    }
+}
+
 /// Floats one block of `sb` samples' transforms take when kept: every
 /// block is given the room of a whole one, so block `b` starts at `b`
 /// times this.
@@ -488,10 +497,7 @@ pub(crate) fn forward(
     let block = kept_block(g, tr, sb);
     // Every value a backward pass reads is written below.
     let mut kept = keep.then(|| crate::nn::buffers::overwritten(n.div_ceil(sb) * block));
-    let blocks: Vec<Option<&mut [f32]>> = match kept.as_mut() {
-        Some(k) => k.chunks_mut(block.max(1)).map(Some).collect(),
-        None => (0..n.div_ceil(sb)).map(|_| None).collect(),
-    };
+    let blocks = parts_of(kept.as_mut(), block, n.div_ceil(sb));
     y.par_chunks_mut((sb * per_out).max(1))
         .zip(x.par_chunks((sb * g.per_in()).max(1)))
         .zip(blocks.into_par_iter())
@@ -592,10 +598,7 @@ pub(crate) fn backward(
     let want_dw = dw.is_some();
     // Every input pixel is written: each block's part is zeroed first.
     let mut dx = need_dx.then(|| crate::nn::buffers::overwritten(n * per_in));
-    let dx_groups: Vec<Option<&mut [f32]>> = match dx.as_mut() {
-        Some(d) => d.chunks_mut((group * per_in).max(1)).map(Some).collect(),
-        None => (0..n.div_ceil(group.max(1))).map(|_| None).collect(),
-    };
+    let dx_groups = parts_of(dx.as_mut(), group * per_in, n.div_ceil(group.max(1)));
     let parts: Vec<Option<Vec<f32>>> = dy
         .par_chunks((group * per_out).max(1))
         .zip(x.par_chunks((group * per_in).max(1)))
