@@ -573,6 +573,7 @@ impl Held {
                     c.count,
                     &c.stats,
                 )?;
+                crate::nn::recycle(total);
                 self.version += 1;
                 Ok(())
             }
@@ -852,6 +853,7 @@ impl Worker {
                         self.model
                             .update_moving_stats(params.as_mut_slice(), &g.stats)?;
                     }
+                    crate::nn::recycle(g.grad);
                 }
                 self.local_opt = Some(opt);
                 params.into_vec()

@@ -285,7 +285,9 @@ async fn run_step(
         w.hold_total(iteration, total)
             .map_err(|e| WireError::new(ErrorCode::InvalidArgument, format!("{describe}: {e}")))?;
     }
-    let values = bytes::Bytes::from(f32s_to_le(&std::mem::take(&mut r.values)));
+    let sums = std::mem::take(&mut r.values);
+    let values = bytes::Bytes::from(f32s_to_le(&sums));
+    quern_compute::nn::recycle(sums);
     let result = ops::encode(&r).map_err(internal)?;
     Ok((
         TrainStepOutput {

@@ -82,7 +82,9 @@ pub fn bench_train_step(
         });
         let mut g = model.loss_and_grad_sum(&params, x.view(), &labels, dropout)?;
         g.grad.iter_mut().for_each(|v| *v *= inv);
-        opt.step(params.as_mut_slice(), &g.grad)
+        opt.step(params.as_mut_slice(), &g.grad)?;
+        g.recycle();
+        Ok(())
     };
     pool.install(|| -> Result<BenchReport> {
         step(0)?;

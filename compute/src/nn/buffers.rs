@@ -13,31 +13,63 @@ use std::sync::Mutex;
 
 /// Buffers shorter than this are left to the allocator: zeroing them costs
 /// little, and the pool stays short.
-const SMALLEST: usize = 1 << 16;
+const SMALLEST: usize = 1 << 14;
 
-/// Most buffers kept, and most values in them: a few steps' worth of the
-/// largest layers, not a second copy of a model's activations.
-const MOST_BUFFERS: usize = 16;
+/// Most buffers kept, and most values in them, per element type: a few
+/// steps' worth of the largest layers, not a second copy of a model's
+/// activations.
+const MOST_BUFFERS: usize = 64;
 const MOST_VALUES: usize = 1 << 25;
 
-static POOL: Pool = Pool(Mutex::new(Vec::new()));
+static VALUES: Pool<f32> = Pool(Mutex::new(Vec::new()));
+static INDICES: Pool<u32> = Pool(Mutex::new(Vec::new()));
 
 /// A buffer of `len` values whose every value the caller writes before
 /// reading it: one handed back earlier (holding its old values) or, if
 /// none fits, a new zeroed one.
 pub(crate) fn overwritten(len: usize) -> Vec<f32> {
-    POOL.take(len)
+    VALUES.take(len)
+}
+
+/// [`overwritten`] set to zero, for a caller that adds into it.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    let mut b = VALUES.take(len);
+    b.fill(0.0);
+    b
+}
+
+/// A copy of `x` in a kept buffer.
+pub(crate) fn copied(x: &[f32]) -> Vec<f32> {
+    let mut b = VALUES.take(x.len());
+    b.copy_from_slice(x);
+    b
 }
 
 /// Hands back a buffer no longer used, for [`overwritten`] to give out.
 pub(crate) fn hand_back(buf: Vec<f32>) {
-    POOL.keep(buf)
+    VALUES.keep(buf)
 }
 
-struct Pool(Mutex<Vec<Vec<f32>>>);
+/// Hands a step's gradient (or any large vector done with) to the next
+/// step, which would otherwise allocate and zero a new one.
+pub fn recycle(buf: Vec<f32>) {
+    hand_back(buf)
+}
 
-impl Pool {
-    fn take(&self, len: usize) -> Vec<f32> {
+/// [`overwritten`] for indices (max pooling's argmax).
+pub(crate) fn overwritten_indices(len: usize) -> Vec<u32> {
+    INDICES.take(len)
+}
+
+/// Hands back indices from [`overwritten_indices`].
+pub(crate) fn hand_back_indices(buf: Vec<u32>) {
+    INDICES.keep(buf)
+}
+
+struct Pool<T>(Mutex<Vec<Vec<T>>>);
+
+impl<T: Copy + Default> Pool<T> {
+    fn take(&self, len: usize) -> Vec<T> {
         if len >= SMALLEST {
             if let Ok(mut pool) = self.0.lock() {
                 if let Some(i) = pool.iter().rposition(|b| b.len() == len) {
@@ -45,11 +77,11 @@ impl Pool {
                 }
             }
         }
-        vec![0.0; len]
+        vec![T::default(); len]
     }
 
     /// Keeps `buf`, dropping the oldest buffers to stay within bounds.
-    fn keep(&self, buf: Vec<f32>) {
+    fn keep(&self, buf: Vec<T>) {
         if buf.len() < SMALLEST || buf.len() > MOST_VALUES {
             return;
         }
@@ -68,7 +100,7 @@ mod tests {
 
     #[test]
     fn a_buffer_handed_back_is_given_out_again_for_its_length_only() {
-        let pool = Pool(Mutex::new(Vec::new()));
+        let pool: Pool<f32> = Pool(Mutex::new(Vec::new()));
         let len = SMALLEST + 5;
         let mut b = pool.take(len);
         assert!(b.iter().all(|&v| v == 0.0), "a new buffer is zeroed");
@@ -89,7 +121,7 @@ mod tests {
 
     #[test]
     fn the_pool_keeps_the_newest_within_its_bounds() {
-        let pool = Pool(Mutex::new(Vec::new()));
+        let pool: Pool<f32> = Pool(Mutex::new(Vec::new()));
         for i in 0..MOST_BUFFERS + 3 {
             pool.keep(vec![i as f32; SMALLEST]);
         }

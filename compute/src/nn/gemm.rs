@@ -113,8 +113,12 @@ fn gemm_impl(
         1
     };
     if transposed_output_is_cheaper(m, n, a, b) {
-        // Column j of C is row j of `t`.
-        let mut t = vec![0.0f32; m * n];
+        // Column j of C is row j of `t`, every value of which the first
+        // block of the product writes (there is none when k is 0).
+        let mut t = match k {
+            0 => super::buffers::zeroed(m * n),
+            _ => super::buffers::overwritten(m * n),
+        };
         let out = Out {
             ptr: t.as_mut_ptr(),
             rs: 1,
@@ -130,6 +134,7 @@ fn gemm_impl(
                 row.iter_mut().zip(col).for_each(|(c, t)| *c = *t);
             }
         });
+        super::buffers::hand_back(t);
         return;
     }
     // SAFETY: the views were bounds-checked above; `out` covers `c`.

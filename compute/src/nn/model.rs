@@ -103,6 +103,14 @@ pub struct GradSum {
     pub stats: Vec<StatSums>,
 }
 
+impl GradSum {
+    /// Hands the gradient back for the next step's, instead of freeing
+    /// memory the next step would take again from the system.
+    pub fn recycle(self) {
+        super::buffers::recycle(self.grad);
+    }
+}
+
 /// Scoring counts for a labelled set; partial results [`merge`](Self::merge).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
@@ -876,7 +884,8 @@ impl Model {
                 target.len(per)
             )));
         }
-        let mut grad = vec![0.0f32; self.param_count];
+        // Kept from an earlier step when its owner recycled it.
+        let mut grad = super::buffers::zeroed(self.param_count);
         if n == 0 {
             ready(0..self.param_count, &grad);
             return Ok(GradSum {

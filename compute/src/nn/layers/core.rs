@@ -173,7 +173,11 @@ impl Op for Dense {
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let fin = cx.ins[0].last().copied().unwrap_or(1);
         let rows = xs[0].len() / fin.max(1);
-        let mut y = vec![0.0f32; rows * self.units];
+        // The GEMM writes every value, unless there is no input to sum.
+        let mut y = match fin {
+            0 => crate::nn::buffers::zeroed(rows * self.units),
+            _ => crate::nn::buffers::overwritten(rows * self.units),
+        };
         gemm(
             rows,
             fin,
@@ -399,6 +403,12 @@ pub(crate) enum Noisy {
 
 struct Mask(Vec<f32>);
 
+impl Drop for Mask {
+    fn drop(&mut self) {
+        crate::nn::buffers::hand_back(std::mem::take(&mut self.0));
+    }
+}
+
 /// Dropout's `noise_shape` (per sample): where it is 1 (or SpatialDropout's
 /// non-channel axes) one draw covers the whole axis.
 #[derive(Debug, Clone, PartialEq)]
@@ -493,10 +503,10 @@ impl Op for Noisy {
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let Some(noise) = cx.noise.filter(|_| cx.train && self.active()) else {
-            return (xs[0].to_vec(), None);
+            return (crate::nn::buffers::copied(xs[0]), None);
         };
         let per = size(cx.out).max(1);
-        let mut y = xs[0].to_vec();
+        let mut y = crate::nn::buffers::copied(xs[0]);
         match *self {
             Noisy::Dropout {
                 rate,
@@ -509,7 +519,8 @@ impl Op for Noisy {
                 };
                 let draws = size(&dims);
                 let index = (draws != per).then(|| noise_index(cx.out, &dims));
-                let mut mask = vec![0.0f32; y.len()];
+                // Every value is drawn below.
+                let mut mask = crate::nn::buffers::overwritten(y.len());
                 mask.par_chunks_mut(per).enumerate().for_each(|(i, m)| {
                     let mut rng =
                         SplitMix64::derive(noise.seed, noise.stream, noise.first_sample + i as u64);
@@ -539,7 +550,8 @@ impl Op for Noisy {
             }
             Noisy::GaussianDropout { rate } => {
                 let sd = (rate / (1.0 - rate)).sqrt();
-                let mut mask = vec![0.0f32; y.len()];
+                // Every value is drawn below.
+                let mut mask = crate::nn::buffers::overwritten(y.len());
                 mask.par_chunks_mut(per).enumerate().for_each(|(i, m)| {
                     let mut rng =
                         SplitMix64::derive(noise.seed, noise.stream, noise.first_sample + i as u64);

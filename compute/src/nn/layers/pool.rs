@@ -58,8 +58,15 @@ pub(crate) struct Pool {
     pad: super::Padding,
 }
 
-/// Index within the sample's input of each max-pooled output element.
+/// Index within the sample's input of each max-pooled output element;
+/// handed back to the step's buffers when dropped.
 struct Argmax(Vec<u32>);
+
+impl Drop for Argmax {
+    fn drop(&mut self) {
+        crate::nn::buffers::hand_back_indices(std::mem::take(&mut self.0));
+    }
+}
 
 impl Pool {
     fn geom(&self, shape: &[usize]) -> Result<Geom, String> {
@@ -117,12 +124,15 @@ impl Op for Pool {
         // thread that computes it.
         let mut y = crate::nn::buffers::overwritten(n * per_out);
         if self.max {
-            let mut arg = vec![0u32; n * per_out];
+            // Set per sample below, as `y` is: where no value beats minus
+            // infinity (NaNs), the gradient goes to the first input.
+            let mut arg = crate::nn::buffers::overwritten_indices(n * per_out);
             y.par_chunks_mut(per_out.max(1))
                 .zip(arg.par_chunks_mut(per_out.max(1)))
                 .zip(xs[0].par_chunks(per_in.max(1)))
                 .for_each(|((ys, args), src)| {
                     ys.fill(f32::NEG_INFINITY);
+                    args.fill(0);
                     for oy in 0..g.oh {
                         for ox in 0..g.ow {
                             let o = (oy * g.ow + ox) * c;
@@ -227,6 +237,7 @@ impl Op for Pool {
                     }
                 });
         }
+        crate::nn::buffers::hand_back(b.dy);
         vec![Some(dx)]
     }
 }
@@ -326,6 +337,7 @@ impl Op for Global {
                     }
                 });
         }
+        crate::nn::buffers::hand_back(b.dy);
         vec![Some(dx)]
     }
 }

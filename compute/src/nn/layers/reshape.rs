@@ -268,11 +268,12 @@ impl Op for Move {
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         if self.is_view() {
-            return (xs[0].to_vec(), None);
+            return (crate::nn::buffers::copied(xs[0]), None);
         }
         let map = self.map(&cx.ins[0], cx.out);
         let (pi, po) = (size(&cx.ins[0]).max(1), size(cx.out).max(1));
-        let mut y = vec![0.0f32; cx.n * po];
+        // Every value is set below.
+        let mut y = crate::nn::buffers::overwritten(cx.n * po);
         y.par_chunks_mut(po)
             .zip(xs[0].par_chunks(pi))
             .for_each(|(ys, x)| {
@@ -292,7 +293,7 @@ impl Op for Move {
         }
         let map = self.map(&cx.ins[0], cx.out);
         let (pi, po) = (size(&cx.ins[0]).max(1), size(cx.out).max(1));
-        let mut dx = vec![0.0f32; cx.n * pi];
+        let mut dx = crate::nn::buffers::zeroed(cx.n * pi);
         dx.par_chunks_mut(pi)
             .zip(b.dy.par_chunks(po))
             .for_each(|(d, g)| {
@@ -302,6 +303,7 @@ impl Op for Move {
                     }
                 }
             });
+        crate::nn::buffers::hand_back(b.dy);
         vec![Some(dx)]
     }
 }

@@ -148,7 +148,8 @@ impl Transforms {
     /// `ci` inputs and `co` outputs; e = row * a + column of the tile.
     fn kernel(&self, k: &[f32], ci: usize, co: usize) -> Vec<f32> {
         let per = ci * co;
-        let mut u = vec![0.0f32; self.a * self.a * per];
+        // Every value is written (the sandwich sets, it does not add).
+        let mut u = crate::nn::buffers::overwritten(self.a * self.a * per);
         let mut tmp = vec![0.0f32; self.r * per];
         let g = Side::new(&self.g, self.a, self.r);
         sandwich(g, (k, per), (&mut u, per), per, false, &mut tmp);
@@ -558,6 +559,7 @@ pub(crate) fn forward(
                 then(yc);
             })
         });
+    crate::nn::buffers::hand_back(u);
     kept.map(InputTransforms)
 }
 
@@ -606,7 +608,7 @@ pub(crate) fn backward(
         .enumerate()
         .map(|(gi, ((dyg, xg), mut dxg))| {
             with_scratch(|v, z| {
-                let mut du = want_dw.then(|| vec![0.0f32; a * a * c * f]);
+                let mut du = want_dw.then(|| crate::nn::buffers::zeroed(a * a * c * f));
                 let mut d = vec![0.0f32; M * M * RUN * f];
                 let mut tmp = vec![0.0f32; a * RUN * f.max(c)];
                 let ds = plane(RUN * c);
@@ -711,11 +713,16 @@ pub(crate) fn backward(
         })
         .collect();
     if let Some(dw) = dw {
-        let mut du = vec![0.0f32; a * a * c * f];
-        for p in parts.iter().flatten() {
-            du.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+        let mut du = crate::nn::buffers::zeroed(a * a * c * f);
+        for p in parts.into_iter().flatten() {
+            du.iter_mut().zip(&p).for_each(|(d, v)| *d += v);
+            crate::nn::buffers::hand_back(p);
         }
         tr.kernel_grad(&du, c * f, dw);
+        crate::nn::buffers::hand_back(du);
+    }
+    if let Some(u) = u {
+        crate::nn::buffers::hand_back(u);
     }
     dx
 }
