@@ -31,24 +31,6 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `purge_delay` option (its position in `mi_option_t`, which
-/// mimalloc keeps stable; the sys crate names no constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keeps freed memory mapped instead of returning it to the system. A
-/// training step frees and reallocates its activations every few tens of
-/// milliseconds; mimalloc's purges (on a 1 s timer and whenever it collects
-/// a thread's heap, whatever the delay) returned them, and the next step
-/// faulted them back in, zeroed by the kernel: `quern model bench` on the
-/// seed CNN took 3,200-3,800 page faults in 40 steps, and 460 without,
-/// whether it runs 40 steps or 80.
-/// The memory a process keeps is its peak, which a datanode's job memory
-/// budget already bounds.
-fn keep_freed_memory() {
-    // SAFETY: sets one integer option; mimalloc reads options atomically.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 #[derive(Parser)]
 #[command(
     name = "quern",
@@ -123,7 +105,6 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    keep_freed_memory();
     let cli = Cli::parse();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
