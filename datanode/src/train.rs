@@ -210,7 +210,7 @@ async fn run_step(
         let mut send = |b: usize, values: &[f32]| {
             if let Some(tx) = &buckets_out {
                 // A ring that stopped has said why; its error is reported.
-                let _ = tx.send((b, values.to_vec()));
+                let _ = tx.send((b, quern_compute::nn::copied(values)));
             }
         };
         let worker: &mut Worker = &mut w;
@@ -276,6 +276,7 @@ async fn run_step(
                     .get_mut(range.clone())
                     .ok_or_else(|| internal(format!("ring bucket {range:?} past the gradient")))?
                     .copy_from_slice(&values);
+                quern_compute::nn::recycle(values);
             }
             r.ring_bytes = sent.bytes;
             r.ring_shared_bytes = sent.shared;

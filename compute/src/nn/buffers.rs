@@ -38,8 +38,8 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     b
 }
 
-/// A copy of `x` in a kept buffer.
-pub(crate) fn copied(x: &[f32]) -> Vec<f32> {
+/// A copy of `x` in a kept buffer; [`recycle`] it when done.
+pub fn copied(x: &[f32]) -> Vec<f32> {
     let mut b = VALUES.take(x.len());
     b.copy_from_slice(x);
     b
@@ -69,11 +69,22 @@ pub(crate) fn hand_back_indices(buf: Vec<u32>) {
 struct Pool<T>(Mutex<Vec<Vec<T>>>);
 
 impl<T: Copy + Default> Pool<T> {
+    /// The newest buffer of `len` values, else the tightest one that
+    /// holds `len` in at most twice that (a worker's share of a batch
+    /// changes from step to step), else a new one.
     fn take(&self, len: usize) -> Vec<T> {
         if len >= SMALLEST {
             if let Ok(mut pool) = self.0.lock() {
-                if let Some(i) = pool.iter().rposition(|b| b.len() == len) {
-                    return pool.swap_remove(i);
+                let fits = |b: &Vec<T>| b.capacity() >= len && b.capacity() / 2 <= len;
+                let found = pool.iter().rposition(|b| b.len() == len).or_else(|| {
+                    (0..pool.len())
+                        .filter(|&i| fits(&pool[i]))
+                        .min_by_key(|&i| pool[i].capacity())
+                });
+                if let Some(i) = found {
+                    let mut b = pool.swap_remove(i);
+                    b.resize(len, T::default());
+                    return b;
                 }
             }
         }
@@ -82,13 +93,15 @@ impl<T: Copy + Default> Pool<T> {
 
     /// Keeps `buf`, dropping the oldest buffers to stay within bounds.
     fn keep(&self, buf: Vec<T>) {
-        if buf.len() < SMALLEST || buf.len() > MOST_VALUES {
+        if buf.len() < SMALLEST || buf.capacity() > MOST_VALUES {
             return;
         }
         let Ok(mut pool) = self.0.lock() else { return };
-        let mut held: usize = pool.iter().map(Vec::len).sum();
-        while !pool.is_empty() && (pool.len() >= MOST_BUFFERS || held + buf.len() > MOST_VALUES) {
-            held -= pool.remove(0).len();
+        let mut held: usize = pool.iter().map(Vec::capacity).sum();
+        while !pool.is_empty()
+            && (pool.len() >= MOST_BUFFERS || held + buf.capacity() > MOST_VALUES)
+        {
+            held -= pool.remove(0).capacity();
         }
         pool.push(buf);
     }
@@ -116,6 +129,29 @@ mod tests {
         assert!(
             pool.take(10).iter().all(|&v| v == 0.0),
             "small ones are not kept"
+        );
+    }
+
+    #[test]
+    fn a_shorter_request_takes_the_tightest_buffer_that_holds_it() {
+        let pool: Pool<f32> = Pool(Mutex::new(Vec::new()));
+        let (big, bigger) = (vec![1.0f32; 3 * SMALLEST], vec![2.0f32; 4 * SMALLEST]);
+        let (at_big, at_bigger) = (big.as_ptr(), bigger.as_ptr());
+        pool.keep(bigger);
+        pool.keep(big);
+        let b = pool.take(3 * SMALLEST - 7);
+        assert_eq!(b.len(), 3 * SMALLEST - 7);
+        assert_eq!(b.as_ptr(), at_big, "the tightest fit");
+        let small = pool.take(SMALLEST + 1);
+        assert_ne!(small.as_ptr(), at_bigger, "not one more than twice as long");
+        let mut c = pool.take(3 * SMALLEST + 2);
+        assert_eq!(c.as_ptr(), at_bigger);
+        assert_eq!(c.len(), 3 * SMALLEST + 2);
+        c.truncate(10);
+        pool.keep(c);
+        assert!(
+            pool.0.lock().map_or(true, |p| p.is_empty()),
+            "short by length, not kept"
         );
     }
 

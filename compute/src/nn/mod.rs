@@ -33,7 +33,7 @@ mod sync;
 
 pub use activation::Activation;
 pub use bench::{bench_train_step, BenchReport};
-pub use buffers::recycle;
+pub use buffers::{copied, recycle};
 pub use compile::{parse_optimizer, CompileSettings};
 pub use config::Problem;
 pub use error::{NnError, Result};
