@@ -223,6 +223,7 @@ impl Op for Dense {
             );
             dx
         });
+        crate::nn::buffers::hand_back(b.dy);
         vec![dx]
     }
 
