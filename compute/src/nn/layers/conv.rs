@@ -332,9 +332,8 @@ impl Geom {
         let cs = self.chunk_samples(kd);
         y.par_chunks_mut((cs * per_out).max(1))
             .zip(x.par_chunks((cs * self.per_in()).max(1)))
-            .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(col, tmp), (yc, xc)| {
+            .for_each(|(yc, xc)| {
+                crate::nn::buffers::with_columns(|col, tmp| {
                     let rows = yc.len() / filters.max(1);
                     col.resize(rows * kd, 0.0);
                     for g in 0..groups {
@@ -361,8 +360,8 @@ impl Geom {
                         }
                     }
                     then(yc);
-                },
-            );
+                })
+            });
     }
 
     /// Kernel gradient (added into `dw` when given) and, when `need_dx`,
@@ -397,7 +396,7 @@ impl Geom {
                 );
             }
             return need_dx.then(|| {
-                let mut dx = vec![0.0f32; rows * self.c];
+                let mut dx = crate::nn::buffers::zeroed(rows * self.c);
                 crate::nn::gemm::gemm(
                     rows,
                     filters,
@@ -450,63 +449,66 @@ impl Geom {
             let s0 = gi * group;
             let s1 = (s0 + group).min(n);
             let mut part = if want_dw {
-                vec![0.0f32; kd * filters]
+                crate::nn::buffers::zeroed(kd * filters)
             } else {
                 Vec::new()
             };
             let mut tmp = vec![0.0f32; if groups > 1 { kd * fg } else { 0 }];
-            let (mut col, mut dcol) = (Vec::new(), Vec::new());
-            let mut s = s0;
-            while s < s1 {
-                let e = (s + cs).min(s1);
-                let rows = (e - s) * self.oh * self.ow;
-                let dyc = &dy[s * per_out..e * per_out];
-                col.resize(rows * kd, 0.0);
-                for g in 0..groups {
-                    let dyg = Mat {
-                        data: &dyc[g * fg..],
-                        rs: filters,
-                        cs: 1,
-                    };
-                    if want_dw {
-                        let xs = &x[s * per_in..e * per_in];
-                        let colt = if self.thin(cg) {
-                            self.im2col_t(xs, &mut col, g * cg, cg);
-                            Mat::rows(&col, rows)
-                        } else {
-                            self.im2col(xs, &mut col, g * cg, cg);
-                            Mat::rows_t(&col, kd)
+            crate::nn::buffers::with_columns(|col, dcol| {
+                let mut s = s0;
+                while s < s1 {
+                    let e = (s + cs).min(s1);
+                    let rows = (e - s) * self.oh * self.ow;
+                    let dyc = &dy[s * per_out..e * per_out];
+                    col.resize(rows * kd, 0.0);
+                    for g in 0..groups {
+                        let dyg = Mat {
+                            data: &dyc[g * fg..],
+                            rs: filters,
+                            cs: 1,
                         };
-                        if groups == 1 {
-                            gemm_serial(kd, rows, fg, colt, dyg, &mut part, true);
-                        } else {
-                            gemm_serial(kd, rows, fg, colt, dyg, &mut tmp, false);
-                            for (pr, tr) in part.chunks_exact_mut(filters).zip(tmp.chunks_exact(fg))
-                            {
-                                pr[g * fg..(g + 1) * fg]
-                                    .iter_mut()
-                                    .zip(tr)
-                                    .for_each(|(p, t)| *p += t);
+                        if want_dw {
+                            let xs = &x[s * per_in..e * per_in];
+                            let colt = if self.thin(cg) {
+                                self.im2col_t(xs, col, g * cg, cg);
+                                Mat::rows(col, rows)
+                            } else {
+                                self.im2col(xs, col, g * cg, cg);
+                                Mat::rows_t(col, kd)
+                            };
+                            if groups == 1 {
+                                gemm_serial(kd, rows, fg, colt, dyg, &mut part, true);
+                            } else {
+                                gemm_serial(kd, rows, fg, colt, dyg, &mut tmp, false);
+                                for (pr, tr) in
+                                    part.chunks_exact_mut(filters).zip(tmp.chunks_exact(fg))
+                                {
+                                    pr[g * fg..(g + 1) * fg]
+                                        .iter_mut()
+                                        .zip(tr)
+                                        .for_each(|(p, t)| *p += t);
+                                }
                             }
                         }
+                        if let Some(dxg) = dxg.as_deref_mut() {
+                            dcol.resize(rows * kd, 0.0);
+                            let wt = Mat {
+                                data: &w[g * fg..],
+                                rs: 1,
+                                cs: filters,
+                            };
+                            gemm_serial(rows, fg, kd, dyg, wt, dcol, false);
+                            let off = (s - s0) * per_in;
+                            self.col2im(dcol, &mut dxg[off..off + (e - s) * per_in], g * cg, cg);
+                        }
                     }
-                    if let Some(dxg) = dxg.as_deref_mut() {
-                        dcol.resize(rows * kd, 0.0);
-                        let wt = Mat {
-                            data: &w[g * fg..],
-                            rs: 1,
-                            cs: filters,
-                        };
-                        gemm_serial(rows, fg, kd, dyg, wt, &mut dcol, false);
-                        let off = (s - s0) * per_in;
-                        self.col2im(&dcol, &mut dxg[off..off + (e - s) * per_in], g * cg, cg);
-                    }
+                    s = e;
                 }
-                s = e;
-            }
+            });
             part
         };
-        let mut dx = need_dx.then(|| vec![0.0f32; n * per_in]);
+        // Added into by col2im.
+        let mut dx = need_dx.then(|| crate::nn::buffers::zeroed(n * per_in));
         let parts: Vec<Vec<f32>> = match dx.as_mut() {
             Some(dx) => dx
                 .par_chunks_mut((group * per_in).max(1))
@@ -523,6 +525,7 @@ impl Geom {
                 dw.iter_mut().zip(p).for_each(|(d, v)| *d += v);
             }
         }
+        parts.into_iter().for_each(crate::nn::buffers::hand_back);
         dx
     }
 }
@@ -864,7 +867,7 @@ impl DepthwiseGeom {
             }
         }
         need_dx.then(|| {
-            let mut dx = vec![0.0f32; n * per_in];
+            let mut dx = crate::nn::buffers::zeroed(n * per_in);
             dx.par_chunks_mut(per_in.max(1))
                 .zip(dy.par_chunks(per_out.max(1)))
                 .for_each(|(dxs, ds)| {
@@ -975,7 +978,7 @@ impl Op for Depthwise {
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let d = self.geom(&cx.ins[0]).expect("shapes checked at build");
-        let mut y = vec![0.0f32; cx.n * size(cx.out)];
+        let mut y = crate::nn::buffers::zeroed(cx.n * size(cx.out));
         d.forward(xs[0], cx.w[0], &mut y);
         let width = d.g.c * self.mult;
         let s = finish_linear(&mut y, self.w.use_bias.then(|| cx.w[1]), width, self.act);
@@ -1059,9 +1062,9 @@ impl Op for Separable {
             .expect("shapes checked at build");
         let mid_c = d.g.c * self.depth.mult;
         let rows = cx.n * d.g.oh * d.g.ow;
-        let mut mid = vec![0.0f32; rows * mid_c];
+        let mut mid = crate::nn::buffers::zeroed(rows * mid_c);
         d.forward(xs[0], cx.w[0], &mut mid);
-        let mut y = vec![0.0f32; rows * self.filters];
+        let mut y = crate::nn::buffers::zeroed(rows * self.filters);
         crate::nn::gemm::gemm(
             rows,
             mid_c,
@@ -1104,7 +1107,7 @@ impl Op for Separable {
                 column_sums(&b.dy, self.filters, b.dw[2]);
             }
         }
-        let mut dmid = vec![0.0f32; rows * mid_c];
+        let mut dmid = crate::nn::buffers::zeroed(rows * mid_c);
         crate::nn::gemm::gemm(
             rows,
             self.filters,
@@ -1241,7 +1244,7 @@ impl Op for ConvTranspose {
             g.conv_backward(&b.dy, cx.w[0], c, 1, b.xs[0], Some(dk), false, None);
         }
         let dx = b.need[0].then(|| {
-            let mut dx = vec![0.0f32; cx.n * size(&cx.ins[0])];
+            let mut dx = crate::nn::buffers::zeroed(cx.n * size(&cx.ins[0]));
             g.conv(&b.dy, cx.w[0], c, 1, &mut dx);
             dx
         });

@@ -137,7 +137,9 @@ pub(crate) fn finish_linear(
             }
         });
     }
-    let keep = act.needs_input().then(|| PreAct(y.to_vec()));
+    let keep = act
+        .needs_input()
+        .then(|| PreAct(crate::nn::buffers::copied(y)));
     act.apply(y, width);
     keep.and_then(saved)
 }
@@ -246,7 +248,7 @@ impl Op for Act {
     }
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
-        let mut y = xs[0].to_vec();
+        let mut y = crate::nn::buffers::copied(xs[0]);
         self.0.apply(&mut y, *cx.out.last().unwrap_or(&1));
         (y, None)
     }
@@ -340,7 +342,7 @@ impl Op for PRelu {
         let a = self.alpha_shape(s);
         let per = size(s);
         let alpha = cx.w[0];
-        let mut y = xs[0].to_vec();
+        let mut y = crate::nn::buffers::copied(xs[0]);
         y.par_chunks_mut(per.max(1)).for_each(|row| {
             for (i, v) in row.iter_mut().enumerate() {
                 if *v < 0.0 {
@@ -613,7 +615,7 @@ impl Op for SoftmaxAxis {
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let (_, len, inner) = self.split(&cx.ins[0]).expect("shapes checked at build");
-        let mut y = xs[0].to_vec();
+        let mut y = crate::nn::buffers::copied(xs[0]);
         y.par_chunks_mut((len * inner).max(1)).for_each(|block| {
             for i in 0..inner {
                 let max = (0..len)

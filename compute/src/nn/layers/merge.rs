@@ -131,7 +131,7 @@ impl Op for Elementwise {
         let per = size(cx.out).max(1);
         let maps = broadcast_maps(cx.ins, cx.out);
         let pers: Vec<usize> = cx.ins.iter().map(|s| size(s).max(1)).collect();
-        let mut y = vec![0.0f32; cx.n * per];
+        let mut y = crate::nn::buffers::zeroed(cx.n * per);
         let track = matches!(self.kind, Kind::Maximum | Kind::Minimum);
         let mut win = vec![0u8; if track { y.len() } else { 0 }];
         let get = |i: usize, s: usize, p: usize| -> f32 {
@@ -226,7 +226,7 @@ impl Op for Elementwise {
                         }
                     }
                 };
-                let mut dx = vec![0.0f32; cx.n * pi];
+                let mut dx = crate::nn::buffers::zeroed(cx.n * pi);
                 dx.par_chunks_mut(pi)
                     .enumerate()
                     .for_each(|(s, dxs)| match &maps[i] {
@@ -308,7 +308,7 @@ impl Op for Concat {
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let (_, outer, inner) = self.split(cx.ins).expect("shapes checked at build");
         let total: usize = inner.iter().sum();
-        let mut y = vec![0.0f32; cx.n * outer * total];
+        let mut y = crate::nn::buffers::zeroed(cx.n * outer * total);
         y.par_chunks_mut(total.max(1))
             .enumerate()
             .for_each(|(r, row)| {
@@ -333,7 +333,7 @@ impl Op for Concat {
                 let o = start;
                 start += len;
                 b.need[i].then(|| {
-                    let mut dx = vec![0.0f32; rows * len];
+                    let mut dx = crate::nn::buffers::zeroed(rows * len);
                     dx.par_chunks_mut(len.max(1))
                         .enumerate()
                         .for_each(|(r, d)| {

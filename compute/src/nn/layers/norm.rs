@@ -193,7 +193,7 @@ impl Op for BatchNorm {
         let x = xs[0];
         let (rows, c) = rows_channels(x, &cx.ins[0]);
         let (gamma, beta, mm, mv) = self.split(cx.w);
-        let mut y = vec![0.0f32; x.len()];
+        let mut y = crate::nn::buffers::zeroed(x.len());
         if !(cx.train && cx.trainable) {
             // tf.nn.batch_normalization: x * inv + (beta - mean * inv).
             let inv: Vec<f32> = (0..c)
@@ -252,7 +252,7 @@ impl Op for BatchNorm {
             .map(|v| (1.0 / (*v + self.epsilon as f64).sqrt()) as f32)
             .collect();
         let meanf: Vec<f32> = mean.iter().map(|v| *v as f32).collect();
-        let mut xhat = vec![0.0f32; x.len()];
+        let mut xhat = crate::nn::buffers::zeroed(x.len());
         xhat.par_chunks_mut(c * 64)
             .zip(y.par_chunks_mut(c * 64))
             .zip(x.par_chunks(c * 64))
@@ -315,7 +315,7 @@ impl Op for BatchNorm {
                     let mean_dy: Vec<f32> = sums[..c].iter().map(|s| (*s / m) as f32).collect();
                     let mean_dyh: Vec<f32> = sums[c..].iter().map(|s| (*s / m) as f32).collect();
                     let scale: Vec<f32> = (0..c).map(|j| g(j) * t.rstd[j]).collect();
-                    let mut dx = vec![0.0f32; x.len()];
+                    let mut dx = crate::nn::buffers::zeroed(x.len());
                     dx.par_chunks_mut(c * 64)
                         .zip(dy.par_chunks(c * 64).zip(t.xhat.par_chunks(c * 64)))
                         .for_each(|(xb, (db, hb))| {
@@ -506,8 +506,8 @@ impl Op for LayerNorm {
         let rows = x.len() / c;
         let gamma = self.has_gamma().then(|| cx.w[0]);
         let beta = self.has_beta().then(|| cx.w[self.has_gamma() as usize]);
-        let mut y = vec![0.0f32; x.len()];
-        let mut xhat = vec![0.0f32; x.len()];
+        let mut y = crate::nn::buffers::zeroed(x.len());
+        let mut xhat = crate::nn::buffers::zeroed(x.len());
         let mut rstd = vec![0.0f32; rows];
         y.par_chunks_mut(c)
             .zip(xhat.par_chunks_mut(c))
@@ -566,7 +566,7 @@ impl Op for LayerNorm {
             }
         }
         let dx = b.need[0].then(|| {
-            let mut dx = vec![0.0f32; x.len()];
+            let mut dx = crate::nn::buffers::zeroed(x.len());
             dx.par_chunks_mut(c)
                 .zip(dy.par_chunks(c).zip(x.par_chunks(c)))
                 .zip(sv.xhat.par_chunks(c).zip(sv.rstd.par_iter()))
@@ -632,7 +632,7 @@ impl Op for LayerScale {
 
     fn forward(&self, cx: &Ctx<'_>, xs: &[&[f32]]) -> (Vec<f32>, Saved) {
         let g = cx.w[0];
-        let mut y = xs[0].to_vec();
+        let mut y = crate::nn::buffers::copied(xs[0]);
         y.par_chunks_mut(self.dim * 64).for_each(|b| {
             for r in b.chunks_exact_mut(self.dim) {
                 r.iter_mut().zip(g).for_each(|(v, g)| *v *= g);
