@@ -67,16 +67,17 @@ pub(crate) fn hand_back_indices(buf: Vec<u32>) {
 }
 
 thread_local! {
-    /// Each thread's two column buffers (im2col blocks), kept between
-    /// calls: a block runs to megabytes and comes again every step.
-    static COLUMNS: std::cell::RefCell<[Vec<f32>; 2]> =
+    /// Each thread's two scratch buffers (im2col column blocks, Winograd
+    /// transforms), kept between calls: they run to megabytes and are
+    /// needed again every step.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> =
         const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
-/// Runs `f` with this thread's two column buffers (fresh ones if they are
+/// Runs `f` with this thread's two scratch buffers (fresh ones if they are
 /// in use further up the stack). They hold whatever the last caller left.
-pub(crate) fn with_columns<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
-    COLUMNS.with(|cell| match cell.try_borrow_mut() {
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bufs) => {
             let [a, b] = &mut *bufs;
             f(a, b)

@@ -333,7 +333,7 @@ impl Geom {
         y.par_chunks_mut((cs * per_out).max(1))
             .zip(x.par_chunks((cs * self.per_in()).max(1)))
             .for_each(|(yc, xc)| {
-                crate::nn::buffers::with_columns(|col, tmp| {
+                crate::nn::buffers::with_scratch(|col, tmp| {
                     let rows = yc.len() / filters.max(1);
                     col.resize(rows * kd, 0.0);
                     for g in 0..groups {
@@ -454,7 +454,7 @@ impl Geom {
                 Vec::new()
             };
             let mut tmp = vec![0.0f32; if groups > 1 { kd * fg } else { 0 }];
-            crate::nn::buffers::with_columns(|col, dcol| {
+            crate::nn::buffers::with_scratch(|col, dcol| {
                 let mut s = s0;
                 while s < s1 {
                     let e = (s + cs).min(s1);

@@ -29,29 +29,12 @@
 //! number of threads.
 
 use super::conv::Geom;
+use crate::nn::buffers::with_scratch;
 use crate::nn::gemm::{gemm_serial, Mat};
 use rayon::prelude::*;
 
 /// Outputs per tile side.
 const M: usize = 2;
-
-thread_local! {
-    /// Each thread's transform buffers, kept between calls: they run to
-    /// megabytes, and allocating them afresh cost a zero-fill every time.
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
-}
-
-/// Runs `f` with this thread's two scratch buffers (fresh ones if they are
-/// in use further up the stack).
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut bufs) => {
-            let [a, b] = &mut *bufs;
-            f(a, b)
-        }
-        Err(_) => f(&mut Vec::new(), &mut Vec::new()),
-    })
-}
 
 /// Whether the Winograd path runs for this layer: 5x5 kernels only.
 ///
