@@ -320,107 +320,22 @@ unsafe fn sample_grad_256(
     filters: usize,
     part: &mut [f32],
 ) {
+    use std::arch::x86_64::__m256;
     let mut f0 = 0;
     while f0 < filters {
         if f0 + 16 <= filters {
-            grad_passes_256::<2, 6>(g, pad, x, taps, dy, filters, f0, part);
+            grad_passes::<__m256, 2, 6>(g, pad, x, taps, dy, filters, f0, part);
             f0 += 16;
         } else {
-            grad_passes_256::<1, 12>(g, pad, x, taps, dy, filters, f0, part);
+            grad_passes::<__m256, 1, 12>(g, pad, x, taps, dy, filters, f0, part);
             f0 += 8;
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn grad_passes_256<const V: usize, const T: usize>(
-    g: &Geom,
-    pad: &Padded,
-    x: &[f32],
-    taps: &[usize],
-    dy: &[f32],
-    filters: usize,
-    f0: usize,
-    part: &mut [f32],
-) {
-    let mut t0 = 0;
-    while t0 + T <= taps.len() {
-        grad_pass_256::<V, T>(
-            g,
-            pad,
-            x,
-            &taps[t0..t0 + T],
-            dy,
-            filters,
-            f0,
-            &mut part[t0 * filters..],
-        );
-        t0 += T;
-    }
-    while t0 < taps.len() {
-        grad_pass_256::<V, 1>(
-            g,
-            pad,
-            x,
-            &taps[t0..t0 + 1],
-            dy,
-            filters,
-            f0,
-            &mut part[t0 * filters..],
-        );
-        t0 += 1;
-    }
-}
-
-/// `T` taps' sums for the `V` vectors of filters from `f0`, over every
-/// output pixel in order, added into `part` (rows of `filters` per tap).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn grad_pass_256<const V: usize, const T: usize>(
-    g: &Geom,
-    pad: &Padded,
-    x: &[f32],
-    taps: &[usize],
-    dy: &[f32],
-    filters: usize,
-    f0: usize,
-    part: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(taps.len() == T && part.len() >= (T - 1) * filters + f0 + V * 8);
-    let (xp, dp) = (x.as_ptr(), dy.as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); V]; T];
-    for oy in 0..g.oh {
-        for ox in 0..g.ow {
-            let base = (oy * g.sh * pad.w + ox * g.sw) * g.c;
-            let d = dp.add((oy * g.ow + ox) * filters + f0);
-            let mut dv = [_mm256_setzero_ps(); V];
-            for (j, v) in dv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(d.add(j * 8));
-            }
-            for (t, sums) in acc.iter_mut().enumerate() {
-                let xv = _mm256_set1_ps(*xp.add(base + taps[t]));
-                for (a, v) in sums.iter_mut().zip(&dv) {
-                    *a = _mm256_fmadd_ps(xv, *v, *a);
-                }
-            }
-        }
-    }
-    for (t, sums) in acc.iter().enumerate() {
-        for (j, a) in sums.iter().enumerate() {
-            let p = part.as_mut_ptr().add(t * filters + f0 + j * 8);
-            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *a));
-        }
-    }
-}
-
-/// One sample's kernel gradient added into `part`: `T` taps by `V`
-/// vectors of sixteen filters a pass over the pixels, all sums in
-/// registers (at most 16 of the 32), then the leftover taps one a pass.
+/// One sample's kernel gradient added into `part` on AVX-512: `T` taps by
+/// `V` vectors of sixteen filters a pass over the pixels, all sums in
+/// registers (at most 16 of the 32).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn sample_grad_512(
@@ -432,71 +347,147 @@ unsafe fn sample_grad_512(
     filters: usize,
     part: &mut [f32],
 ) {
+    use std::arch::x86_64::__m512;
     match filters / 16 {
-        1 => grad_passes::<1, 16>(g, pad, x, taps, dy, part),
-        2 => grad_passes::<2, 8>(g, pad, x, taps, dy, part),
-        3 => grad_passes::<3, 5>(g, pad, x, taps, dy, part),
-        _ => grad_passes::<4, 4>(g, pad, x, taps, dy, part),
+        1 => grad_passes::<__m512, 1, 16>(g, pad, x, taps, dy, filters, 0, part),
+        2 => grad_passes::<__m512, 2, 8>(g, pad, x, taps, dy, filters, 0, part),
+        3 => grad_passes::<__m512, 3, 5>(g, pad, x, taps, dy, filters, 0, part),
+        _ => grad_passes::<__m512, 4, 4>(g, pad, x, taps, dy, filters, 0, part),
+    }
+}
+
+/// A vector of [`Lanes::N`] floats as the kernel gradient uses it. Every
+/// method is inlined into the `target_feature` function that calls the
+/// passes, so each width compiles to its own instructions.
+#[cfg(target_arch = "x86_64")]
+trait Lanes: Copy {
+    const N: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    /// `a * b + c`, rounded once.
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+    /// Adds the lanes into the `N` floats at `p`.
+    unsafe fn add_to(self, p: *mut f32);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m256 {
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        std::arch::x86_64::_mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add_to(self, p: *mut f32) {
+        use std::arch::x86_64::*;
+        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), self));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn grad_passes<const V: usize, const T: usize>(
+impl Lanes for std::arch::x86_64::__m512 {
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        std::arch::x86_64::_mm512_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add_to(self, p: *mut f32) {
+        use std::arch::x86_64::*;
+        _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), self));
+    }
+}
+
+/// The taps `T` at a time, then the leftover taps one a pass, for the `V`
+/// vectors of filters from `f0`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_passes<L: Lanes, const V: usize, const T: usize>(
     g: &Geom,
     pad: &Padded,
     x: &[f32],
     taps: &[usize],
     dy: &[f32],
+    filters: usize,
+    f0: usize,
     part: &mut [f32],
 ) {
     let mut t0 = 0;
     while t0 + T <= taps.len() {
-        grad_pass::<V, T>(g, pad, x, &taps[t0..t0 + T], dy, &mut part[t0 * V * 16..]);
+        let (t, p) = (&taps[t0..t0 + T], &mut part[t0 * filters..]);
+        grad_pass::<L, V, T>(g, pad, x, t, dy, filters, f0, p);
         t0 += T;
     }
     while t0 < taps.len() {
-        grad_pass::<V, 1>(g, pad, x, &taps[t0..t0 + 1], dy, &mut part[t0 * V * 16..]);
+        let (t, p) = (&taps[t0..t0 + 1], &mut part[t0 * filters..]);
+        grad_pass::<L, V, 1>(g, pad, x, t, dy, filters, f0, p);
         t0 += 1;
     }
 }
 
+/// `T` taps' sums for the `V` vectors of filters from `f0`, over every
+/// output pixel in order, added into `part` (rows of `filters` per tap).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn grad_pass<const V: usize, const T: usize>(
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_pass<L: Lanes, const V: usize, const T: usize>(
     g: &Geom,
     pad: &Padded,
     x: &[f32],
     taps: &[usize],
     dy: &[f32],
+    filters: usize,
+    f0: usize,
     part: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let filters = V * 16;
-    debug_assert!(taps.len() == T && part.len() >= T * filters);
+    debug_assert!(taps.len() == T && part.len() >= (T - 1) * filters + f0 + V * L::N);
     let (xp, dp) = (x.as_ptr(), dy.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); V]; T];
+    let mut acc = [[L::zero(); V]; T];
     for oy in 0..g.oh {
         for ox in 0..g.ow {
             let base = (oy * g.sh * pad.w + ox * g.sw) * g.c;
-            let d = dp.add((oy * g.ow + ox) * filters);
-            let mut dv = [_mm512_setzero_ps(); V];
+            let d = dp.add((oy * g.ow + ox) * filters + f0);
+            let mut dv = [L::zero(); V];
             for (j, v) in dv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(d.add(j * 16));
+                *v = L::load(d.add(j * L::N));
             }
             for (t, sums) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*xp.add(base + taps[t]));
+                let xv = L::splat(*xp.add(base + taps[t]));
                 for (a, v) in sums.iter_mut().zip(&dv) {
-                    *a = _mm512_fmadd_ps(xv, *v, *a);
+                    *a = L::fma(xv, *v, *a);
                 }
             }
         }
     }
     for (t, sums) in acc.iter().enumerate() {
         for (j, a) in sums.iter().enumerate() {
-            let p = part.as_mut_ptr().add(t * filters + j * 16);
-            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *a));
+            a.add_to(part.as_mut_ptr().add(t * filters + f0 + j * L::N));
         }
     }
 }
