@@ -112,7 +112,7 @@ async fn measure(
             batch: b.batch,
             max_iter: Some(b.iters),
             seed: 42,
-            scale: ScaleKind::Minmax,
+            scale: ScaleKind::Divide(255),
             display: 0,
             sync,
             plan,

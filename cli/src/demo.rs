@@ -140,7 +140,7 @@ async fn demo(
     );
     print_summary("stats job", &job);
     println!(
-        "== training {} ({} parameters): {} epoch(s), batch {}, SGD lr 0.01 momentum 0.9 Nesterov, min-max scaling",
+        "== training {} ({} parameters): {} epoch(s), batch {}, SGD lr 0.01 momentum 0.9 Nesterov, pixels / 255",
         model.name(),
         model.param_count(),
         a.epochs,
@@ -162,7 +162,7 @@ async fn demo(
         nesterov: true,
         seed: 42,
         no_shuffle: false,
-        scale: ScaleKind::Minmax,
+        scale: ScaleKind::Divide(255),
         display: 50,
         sync: a.sync,
         plan: a.plan,

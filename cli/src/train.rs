@@ -62,7 +62,9 @@ pub struct TrainArgs {
     /// a fresh random order (Keras's `fit(shuffle=False)`).
     #[arg(long)]
     pub no_shuffle: bool,
-    /// Feature scaling fitted on the training set's statistics.
+    /// Feature scaling: minmax or standard (fitted on the training set's
+    /// statistics), none, or 1/N (every feature divided by N: 1/255 is
+    /// Keras's recipe for 8-bit pixels).
     #[arg(long, default_value = "minmax")]
     pub scale: ScaleKind,
     /// Print progress every N iterations.

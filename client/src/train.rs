@@ -341,8 +341,8 @@ impl Client {
     /// The scaler a job uses: fitted on the dataset's statistics, which
     /// are computed by map tasks first when the manifest has none.
     pub async fn scaler_for(&self, ds: &mut Dataset, kind: ScaleKind) -> Result<Scaler> {
-        if kind == ScaleKind::None {
-            return Ok(Scaler::none());
+        if let Some(fixed) = Scaler::fixed(kind, ds.manifest.layout.features()) {
+            return Ok(fixed);
         }
         if ds.manifest.stats.is_none() {
             self.dataset_stats(ds, &JobOptions::default()).await?;

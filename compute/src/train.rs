@@ -35,15 +35,21 @@ pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 // ---------------------------------------------------------------- scaling
 
-/// How features are scaled before they reach the model.
+/// How features are scaled before they reach the model. Written as its
+/// command-line name (`minmax`, `standard`, `none`, `1/255`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(into = "String", try_from = "String")]
 pub enum ScaleKind {
     None,
     /// (x - min) / (max - min), as sklearn's MinMaxScaler.
     Minmax,
     /// (x - mean) / std, as sklearn's StandardScaler.
     Standard,
+    /// x / d for every feature, as Keras's image recipes (`x / 255.0`):
+    /// fixed, so it needs no statistics and keeps a pixel's meaning the
+    /// same in every position (min-max stretches a corner pixel that is
+    /// never bright to the full range).
+    Divide(u32),
 }
 
 impl std::str::FromStr for ScaleKind {
@@ -53,10 +59,38 @@ impl std::str::FromStr for ScaleKind {
             "none" => Ok(ScaleKind::None),
             "minmax" => Ok(ScaleKind::Minmax),
             "standard" => Ok(ScaleKind::Standard),
-            other => Err(format!(
-                "unknown scaling '{other}': use minmax, standard or none"
-            )),
+            other => match other.strip_prefix("1/").map(str::parse::<u32>) {
+                Some(Ok(d)) if d > 0 => Ok(ScaleKind::Divide(d)),
+                _ => Err(format!(
+                    "unknown scaling '{other}': use minmax, standard, none or 1/N (such as \
+                     1/255 for 8-bit pixels)"
+                )),
+            },
         }
+    }
+}
+
+impl std::fmt::Display for ScaleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScaleKind::None => f.write_str("none"),
+            ScaleKind::Minmax => f.write_str("minmax"),
+            ScaleKind::Standard => f.write_str("standard"),
+            ScaleKind::Divide(d) => write!(f, "1/{d}"),
+        }
+    }
+}
+
+impl From<ScaleKind> for String {
+    fn from(k: ScaleKind) -> String {
+        k.to_string()
+    }
+}
+
+impl TryFrom<String> for ScaleKind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
@@ -77,11 +111,28 @@ impl Scaler {
         }
     }
 
+    /// A scaler that needs no statistics (`none`, `1/N`) for records of
+    /// `features` features; None for the kinds fitted on statistics.
+    pub fn fixed(kind: ScaleKind, features: usize) -> Option<Scaler> {
+        match kind {
+            ScaleKind::None => Some(Scaler::none()),
+            ScaleKind::Divide(d) => Some(Scaler {
+                kind,
+                offset: vec![0.0; features],
+                factor: vec![1.0 / d as f32; features],
+            }),
+            ScaleKind::Minmax | ScaleKind::Standard => None,
+        }
+    }
+
     /// Fitted on the training set's statistics. A constant feature gets
     /// factor 1, as sklearn does, instead of a division by zero.
     pub fn fit(kind: ScaleKind, stats: &DatasetStats) -> Scaler {
+        if let Some(s) = Scaler::fixed(kind, stats.min.len()) {
+            return s;
+        }
         let (offset, factor) = match kind {
-            ScaleKind::None => (Vec::new(), Vec::new()),
+            ScaleKind::None | ScaleKind::Divide(_) => (Vec::new(), Vec::new()),
             ScaleKind::Minmax => stats
                 .min
                 .iter()
@@ -106,8 +157,16 @@ impl Scaler {
     }
 
     pub fn apply(&self, x: &mut [f32]) {
-        if self.kind == ScaleKind::None {
-            return;
+        match self.kind {
+            ScaleKind::None => return,
+            // Divided, not multiplied by the nearest float to 1/d: the
+            // same values as Keras's `x / 255.0`.
+            ScaleKind::Divide(d) => {
+                let d = d as f32;
+                x.iter_mut().for_each(|v| *v /= d);
+                return;
+            }
+            ScaleKind::Minmax | ScaleKind::Standard => {}
         }
         for ((v, o), f) in x.iter_mut().zip(&self.offset).zip(&self.factor) {
             *v = (*v - o) * f;
@@ -1347,6 +1406,39 @@ mod tests {
             first.as_slice(),
             "a new order each epoch"
         );
+    }
+
+    #[test]
+    fn pixels_divided_by_255_are_keras_values_in_every_position() {
+        let kind: ScaleKind = "1/255".parse().unwrap();
+        assert_eq!(kind, ScaleKind::Divide(255));
+        assert_eq!(kind.to_string(), "1/255");
+        // Written as its command-line name, so train.json and Python read it.
+        assert_eq!(serde_json::to_string(&kind).unwrap(), "\"1/255\"");
+        let back: ScaleKind = serde_json::from_str("\"minmax\"").unwrap();
+        assert_eq!(back, ScaleKind::Minmax);
+        for bad in ["1/0", "1/x", "2/255", "minmx"] {
+            let e = bad.parse::<ScaleKind>().unwrap_err();
+            assert!(e.contains(bad) && e.contains("1/255"), "{e}");
+        }
+        // A corner pixel never brighter than 16 keeps its meaning: min-max
+        // would stretch it to 1.0.
+        let stats = DatasetStats {
+            min: vec![0.0, 0.0],
+            max: vec![16.0, 255.0],
+            count: 1,
+            mean: vec![8.0, 100.0],
+            std: vec![1.0, 1.0],
+            label_counts: vec![1],
+        };
+        let s = Scaler::fit(kind, &stats);
+        let mut x: Vec<f32> = vec![16.0, 77.0];
+        s.apply(&mut x);
+        assert_eq!(x, vec![16.0f32 / 255.0, 77.0f32 / 255.0]);
+        let mut m = vec![16.0, 77.0];
+        Scaler::fit(ScaleKind::Minmax, &stats).apply(&mut m);
+        assert_eq!(m[0], 1.0);
+        assert!(Scaler::fixed(ScaleKind::Minmax, 2).is_none());
     }
 
     #[test]

@@ -212,7 +212,8 @@ _DTYPES = {"u8": "<u1", "uint8": "<u1", "u32": "<u4", "uint32": "<u4", "f32": "<
 class Scaler:
     """Feature scaling as quern's training applies it: ``(x - offset) * factor``
     per feature (sklearn's MinMaxScaler or StandardScaler), fitted on the
-    dataset statistics the datanodes computed."""
+    dataset statistics the datanodes computed, or ``x / d`` for ``"1/d"``
+    (``"1/255"``: Keras's recipe for 8-bit pixels)."""
 
     def __init__(self, kind: str, offset: np.ndarray, factor: np.ndarray) -> None:
         self.kind = kind
@@ -225,6 +226,10 @@ class Scaler:
         if self.kind == "none":
             return x.astype(np.float32)
         flat = x.reshape(len(x), -1).astype(np.float32)
+        if self.kind.startswith("1/"):
+            # Divided as quern divides (and Keras's `x / 255.0`), not
+            # multiplied by the nearest float to 1/d.
+            return (flat / np.float32(int(self.kind[2:]))).reshape(x.shape)
         if flat.shape[1] != self.offset.shape[0]:
             raise ValueError(
                 f"{flat.shape[1]} features per example, the scaler was fitted on {self.offset.shape[0]}"
@@ -314,8 +319,9 @@ class Dataset:
         return np.array(raw["x"]), np.array(raw["y"])
 
     def scaler(self, kind: str = "minmax") -> Scaler:
-        """The scaler quern's training fits (``"minmax"``, ``"standard"`` or
-        ``"none"``), from the distributed statistics: no data is pulled."""
+        """The scaler quern's training fits (``"minmax"``, ``"standard"``,
+        ``"none"`` or ``"1/255"``), from the distributed statistics: no data
+        is pulled."""
         s = json.loads(self.client._c.dataset_scaler(self.path, kind))
         return Scaler(
             s["kind"],

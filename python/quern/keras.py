@@ -63,7 +63,7 @@ class Estimator:
     given as arrays is stored as a temporary dataset under ``tmp_dir`` and
     removed afterwards; data given as a dataset path stays put, and
     ``scale`` (``"none"``, ``"minmax"``, ``"standard"``) scales it by its
-    distributed statistics."""
+    distributed statistics, or ``"1/255"`` divides it by 255."""
 
     def __init__(
         self,

@@ -47,6 +47,12 @@ def test_statistics_from_the_datanodes_equal_numpys(client):
     st = ds.scaler("standard").transform(x)
     np.testing.assert_allclose(st.mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(st.std(axis=0), 1.0, atol=1e-5)
+    # Keras's pixel recipe: the same values as x / 255 in every feature.
+    px = ds.scaler("1/255")
+    assert px.kind == "1/255"
+    np.testing.assert_array_equal(px.transform(x), x / np.float32(255))
+    with pytest.raises(ValueError, match="1/255"):
+        ds.scaler("1/0")
 
 
 def test_bad_arrays_are_refused_before_anything_is_stored(client):

@@ -128,6 +128,8 @@ fn train_then_score_a_fashion_mnist_slice() {
         "--momentum",
         "0.9",
         "--nesterov",
+        "--scale",
+        "1/255",
         "--display",
         "40",
         "--out",
@@ -176,6 +178,15 @@ fn train_then_score_a_fashion_mnist_slice() {
     ] {
         assert!(ls.stdout.contains(f), "{f} missing: {}", ls.stdout);
     }
+    // Keras's pixel recipe needs no statistics: none were computed, and
+    // scoring below divides as training did (raw 0..255 pixels would not
+    // score above chance with these weights).
+    let recipe = c.quern(&["cat", "/models/mlp/train.json"]);
+    ok(&recipe);
+    let recipe: serde_json::Value = serde_json::from_str(&recipe.stdout).unwrap();
+    assert_eq!(recipe["scaler"]["kind"], "1/255", "{recipe}");
+    let info = c.quern(&["dataset", "info", "/fashion/slice"]);
+    assert!(info.stdout.contains("not computed"), "{}", info.stdout);
     let log = c.quern(&["cat", "/models/mlp/log.jsonl"]);
     assert!(
         log.stdout
