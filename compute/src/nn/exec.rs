@@ -333,6 +333,7 @@ impl Exec<'_> {
                     None => dx,
                     Some(mut acc) => {
                         acc.iter_mut().zip(&dx).for_each(|(a, d)| *a += d);
+                        super::buffers::hand_back(dx);
                         acc
                     }
                 });

@@ -992,7 +992,9 @@ impl Op for Depthwise {
             unfinish_linear(self.act, b.saved, b.y, &mut b.dy, width);
         }
         let dk = kernel_grad(b.dw, &b.dy, width);
-        vec![d.backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0])]
+        let dx = d.backward(b.xs[0], cx.w[0], &b.dy, dk, b.need[0]);
+        crate::nn::buffers::hand_back(b.dy);
+        vec![dx]
     }
 
     fn activation(&self) -> Option<Activation> {
@@ -1016,6 +1018,12 @@ pub(crate) struct Separable {
 
 /// The depthwise output, input of the pointwise product.
 struct Mid(Vec<f32>, Saved);
+
+impl Drop for Mid {
+    fn drop(&mut self) {
+        crate::nn::buffers::hand_back(std::mem::take(&mut self.0));
+    }
+}
 
 impl Separable {
     fn parse(cfg: &Cfg<'_>) -> Parsed<Separable> {
@@ -1118,7 +1126,10 @@ impl Op for Separable {
             false,
         );
         let dk = if want_dw { Some(&mut *b.dw[0]) } else { None };
-        vec![d.backward(b.xs[0], cx.w[0], &dmid, dk, b.need[0])]
+        let dx = d.backward(b.xs[0], cx.w[0], &dmid, dk, b.need[0]);
+        crate::nn::buffers::hand_back(dmid);
+        crate::nn::buffers::hand_back(b.dy);
+        vec![dx]
     }
 
     fn activation(&self) -> Option<Activation> {
@@ -1248,6 +1259,7 @@ impl Op for ConvTranspose {
             g.conv(&b.dy, cx.w[0], c, 1, &mut dx);
             dx
         });
+        crate::nn::buffers::hand_back(b.dy);
         vec![dx]
     }
 

@@ -122,6 +122,12 @@ impl Dense {
 /// The pre-activation, when the activation's derivative needs it.
 struct PreAct(Vec<f32>);
 
+impl Drop for PreAct {
+    fn drop(&mut self) {
+        crate::nn::buffers::hand_back(std::mem::take(&mut self.0));
+    }
+}
+
 /// Adds the bias row to every row, then applies the activation; keeps the
 /// pre-activation when the backward pass will need it.
 pub(crate) fn finish_linear(

@@ -183,7 +183,7 @@ impl Op for Elementwise {
         let maps = broadcast_maps(cx.ins, cx.out);
         let k = b.xs.len();
         let winners = get_saved::<Winner>(b.saved);
-        (0..k)
+        let dxs = (0..k)
             .map(|i| {
                 if !b.need[i] {
                     return None;
@@ -242,7 +242,9 @@ impl Op for Elementwise {
                     });
                 Some(dx)
             })
-            .collect()
+            .collect();
+        crate::nn::buffers::hand_back(b.dy);
+        dxs
     }
 }
 
@@ -326,7 +328,7 @@ impl Op for Concat {
         let total: usize = inner.iter().sum();
         let rows = cx.n * outer;
         let mut start = 0;
-        inner
+        let dxs = inner
             .iter()
             .enumerate()
             .map(|(i, &len)| {
@@ -342,6 +344,8 @@ impl Op for Concat {
                     dx
                 })
             })
-            .collect()
+            .collect();
+        crate::nn::buffers::hand_back(b.dy);
+        dxs
     }
 }

@@ -121,6 +121,12 @@ struct BnTrain {
     rows: f64,
 }
 
+impl Drop for BnTrain {
+    fn drop(&mut self) {
+        crate::nn::buffers::hand_back(std::mem::take(&mut self.xhat));
+    }
+}
+
 impl BatchNorm {
     fn parse(cfg: &Cfg<'_>) -> Parsed<BatchNorm> {
         cfg.require_null(&["beta_constraint", "gamma_constraint"])?;
@@ -285,7 +291,7 @@ impl Op for BatchNorm {
         )
     }
 
-    fn backward(&self, cx: &Ctx<'_>, b: Back<'_>) -> Vec<Option<Vec<f32>>> {
+    fn backward(&self, cx: &Ctx<'_>, mut b: Back<'_>) -> Vec<Option<Vec<f32>>> {
         let x = b.xs[0];
         let (rows, c) = rows_channels(x, &cx.ins[0]);
         let (gamma, _, mm, mv) = self.split(cx.w);
@@ -315,22 +321,20 @@ impl Op for BatchNorm {
                     let mean_dy: Vec<f32> = sums[..c].iter().map(|s| (*s / m) as f32).collect();
                     let mean_dyh: Vec<f32> = sums[c..].iter().map(|s| (*s / m) as f32).collect();
                     let scale: Vec<f32> = (0..c).map(|j| g(j) * t.rstd[j]).collect();
-                    let mut dx = crate::nn::buffers::zeroed(x.len());
+                    // Written over dy: each value reads only its own dy.
+                    let mut dx = std::mem::take(&mut b.dy);
                     dx.par_chunks_mut(c * 64)
-                        .zip(dy.par_chunks(c * 64).zip(t.xhat.par_chunks(c * 64)))
-                        .for_each(|(xb, (db, hb))| {
-                            for ((xr, dr), hr) in xb
-                                .chunks_exact_mut(c)
-                                .zip(db.chunks_exact(c))
-                                .zip(hb.chunks_exact(c))
-                            {
+                        .zip(t.xhat.par_chunks(c * 64))
+                        .for_each(|(xb, hb)| {
+                            for (xr, hr) in xb.chunks_exact_mut(c).zip(hb.chunks_exact(c)) {
                                 for j in 0..c {
-                                    xr[j] = scale[j] * (dr[j] - mean_dy[j] - hr[j] * mean_dyh[j]);
+                                    xr[j] = scale[j] * (xr[j] - mean_dy[j] - hr[j] * mean_dyh[j]);
                                 }
                             }
                         });
                     dx
                 });
+                crate::nn::buffers::hand_back(b.dy);
                 vec![dx]
             }
             None => {
@@ -413,6 +417,12 @@ pub(crate) struct LayerNorm {
 struct LnSaved {
     xhat: Vec<f32>,
     rstd: Vec<f32>,
+}
+
+impl Drop for LnSaved {
+    fn drop(&mut self) {
+        crate::nn::buffers::hand_back(std::mem::take(&mut self.xhat));
+    }
 }
 
 impl LayerNorm {
@@ -594,6 +604,7 @@ impl Op for LayerNorm {
                 });
             dx
         });
+        crate::nn::buffers::hand_back(b.dy);
         vec![dx]
     }
 
