@@ -341,7 +341,7 @@ impl Client {
     /// The scaler a job uses: fitted on the dataset's statistics, which
     /// are computed by map tasks first when the manifest has none.
     pub async fn scaler_for(&self, ds: &mut Dataset, kind: ScaleKind) -> Result<Scaler> {
-        if let Some(fixed) = Scaler::fixed(kind, ds.manifest.layout.features()) {
+        if let Some(fixed) = Scaler::fixed(kind) {
             return Ok(fixed);
         }
         if ds.manifest.stats.is_none() {

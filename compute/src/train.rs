@@ -94,7 +94,8 @@ impl TryFrom<String> for ScaleKind {
     }
 }
 
-/// x' = (x - offset) * factor, per feature.
+/// x' = (x - offset) * factor, per feature, for the kinds fitted on
+/// statistics; `1/N` divides every feature and keeps no vectors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scaler {
     pub kind: ScaleKind,
@@ -111,26 +112,19 @@ impl Scaler {
         }
     }
 
-    /// A scaler that needs no statistics (`none`, `1/N`) for records of
-    /// `features` features; None for the kinds fitted on statistics.
-    pub fn fixed(kind: ScaleKind, features: usize) -> Option<Scaler> {
-        match kind {
-            ScaleKind::None => Some(Scaler::none()),
-            ScaleKind::Divide(d) => Some(Scaler {
-                kind,
-                offset: vec![0.0; features],
-                factor: vec![1.0 / d as f32; features],
-            }),
-            ScaleKind::Minmax | ScaleKind::Standard => None,
-        }
+    /// The scaler of a kind that needs no statistics (`none`, `1/N`);
+    /// None for the kinds fitted on them.
+    pub fn fixed(kind: ScaleKind) -> Option<Scaler> {
+        matches!(kind, ScaleKind::None | ScaleKind::Divide(_)).then(|| Scaler {
+            kind,
+            offset: Vec::new(),
+            factor: Vec::new(),
+        })
     }
 
     /// Fitted on the training set's statistics. A constant feature gets
     /// factor 1, as sklearn does, instead of a division by zero.
     pub fn fit(kind: ScaleKind, stats: &DatasetStats) -> Scaler {
-        if let Some(s) = Scaler::fixed(kind, stats.min.len()) {
-            return s;
-        }
         let (offset, factor) = match kind {
             ScaleKind::None | ScaleKind::Divide(_) => (Vec::new(), Vec::new()),
             ScaleKind::Minmax => stats
@@ -174,7 +168,7 @@ impl Scaler {
     }
 
     fn check(&self, features: usize) -> Result<()> {
-        if self.kind != ScaleKind::None
+        if matches!(self.kind, ScaleKind::Minmax | ScaleKind::Standard)
             && (self.offset.len() != features || self.factor.len() != features)
         {
             return Err(TrainError::Invalid(format!(
@@ -1438,7 +1432,7 @@ mod tests {
         let mut m = vec![16.0, 77.0];
         Scaler::fit(ScaleKind::Minmax, &stats).apply(&mut m);
         assert_eq!(m[0], 1.0);
-        assert!(Scaler::fixed(ScaleKind::Minmax, 2).is_none());
+        assert!(Scaler::fixed(ScaleKind::Minmax).is_none());
     }
 
     #[test]

@@ -237,6 +237,8 @@ class Scaler:
         return ((flat - self.offset) * self.factor).reshape(x.shape).astype(np.float32)
 
     def __repr__(self) -> str:
+        if self.kind.startswith("1/"):
+            return f"Scaler({self.kind!r})"
         return f"Scaler({self.kind!r}, {self.offset.shape[0]} features)"
 
 
